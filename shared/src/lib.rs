@@ -1,0 +1,16 @@
+//! What `pigeon-gateway` and `pigeon-relay` agree on, and nothing else.
+//!
+//! * [`ce`] — the CloudEvents conventions Pigeon uses: how `source` names a gateway and
+//!   its input, the `sequence` and `producerid` extensions that make re-sends detectable,
+//!   and the content types of the HTTP binding.
+//! * [`wire`] — the gateway↔relay protocol: the ingest path, headers, and the per-event
+//!   result document the relay answers with (see `docs/protocol.md`).
+//! * [`units`] — small config value types (`"30s"`, `"64MiB"`) both binaries parse the same way.
+//!
+//! This crate has no binary-only dependencies (no clap, rusqlite, HTTP stacks or cloud SDKs).
+
+pub mod ce;
+pub mod units;
+pub mod wire;
+
+pub use cloudevents;
