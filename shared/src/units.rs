@@ -76,7 +76,7 @@ impl fmt::Display for Duration {
             ("m", 60_000),
             ("s", 1_000),
         ] {
-            if ms != 0 && ms % per == 0 {
+            if ms != 0 && ms.is_multiple_of(per) {
                 return write!(f, "{}{unit}", ms / per);
             }
         }
@@ -127,7 +127,7 @@ impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
         for (unit, per) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-            if b != 0 && b % per == 0 {
+            if b != 0 && b.is_multiple_of(per) {
                 return write!(f, "{}{unit}", b / per);
             }
         }

@@ -1,0 +1,326 @@
+//! The gateway's configuration file (TOML).
+//!
+//! [`Config::from_toml`] parses and validates in one step; every error names the key and
+//! what is wrong with it. Unknown keys are errors, so a typo never silently falls back to
+//! a default. [`DEFAULT_CONFIG`] is the commented file `print-default-config` prints and
+//! the docs show; a test keeps it parseable.
+
+use std::path::{Path, PathBuf};
+
+use pigeon_shared::ce::GatewayId;
+use pigeon_shared::units::{ByteSize, Duration};
+use serde::Deserialize;
+
+use crate::sources::mqtt::MqttConfig;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub gateway: GatewaySection,
+    pub relay: RelayConfig,
+    #[serde(default)]
+    pub outbox: OutboxConfig,
+    /// Absent: no MQTT source.
+    pub mqtt: Option<MqttConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySection {
+    /// Names this gateway in event sources and at the relay.
+    pub id: GatewayId,
+    /// Where the outbox database (and later the file spool) lives.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// How long a graceful stop may take before in-flight work is abandoned (it stays in
+    /// the outbox and is sent after the next start).
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: Duration,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/pigeon")
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// How to reach the relay and how to batch uploads.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Base URL of the relay, e.g. `https://relay.example.com`; events go to `<url>/v1/events`.
+    pub url: String,
+    /// The bearer token the relay knows this gateway by.
+    pub token: Option<String>,
+    /// A file holding the token (first line; surrounding white space ignored).
+    pub token_file: Option<PathBuf>,
+    #[serde(default = "default_batch_max_events")]
+    pub batch_max_events: usize,
+    #[serde(default = "default_batch_max_bytes")]
+    pub batch_max_bytes: ByteSize,
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout: Duration,
+    #[serde(default = "default_backoff_initial")]
+    pub backoff_initial: Duration,
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max: Duration,
+    #[serde(default)]
+    pub compression: Compression,
+}
+
+fn default_batch_max_events() -> usize {
+    1000
+}
+fn default_batch_max_bytes() -> ByteSize {
+    ByteSize::mib(1)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_backoff_initial() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// Content-Encoding of upload bodies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    #[default]
+    Gzip,
+    None,
+}
+
+/// Outbox durability and batching.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// `full`: every commit survives a power cut (fsync of the WAL per transaction).
+    /// `normal`: survives a crash of the process but the last transactions may be lost
+    /// on power loss. Producers are acknowledged after the commit either way.
+    #[serde(default)]
+    pub synchronous: Synchronous,
+    /// The most records one transaction commits (group commit).
+    #[serde(default = "default_commit_max_records")]
+    pub commit_max_records: usize,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            synchronous: Synchronous::default(),
+            commit_max_records: default_commit_max_records(),
+        }
+    }
+}
+
+fn default_commit_max_records() -> usize {
+    4096
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    #[default]
+    Full,
+    Normal,
+}
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses and validates TOML text; `path` is only used in error messages.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        config
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                path: path.to_owned(),
+                key,
+                message,
+            })?;
+        Ok(config)
+    }
+
+    /// Checks what the types alone cannot, naming the key at fault.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let r = &self.relay;
+        match reqwest::Url::parse(&r.url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+            Ok(u) => {
+                return Err((
+                    "relay.url",
+                    format!(
+                        "{:?} must be an http:// or https:// URL with a host (got scheme {:?})",
+                        r.url,
+                        u.scheme()
+                    ),
+                ));
+            }
+            Err(e) => return Err(("relay.url", format!("{:?} is not a URL: {e}", r.url))),
+        }
+        match (&r.token, &r.token_file) {
+            (Some(_), Some(_)) => {
+                return Err((
+                    "relay.token",
+                    "set either token or token_file, not both".into(),
+                ));
+            }
+            (Some(t), None) if t.trim().is_empty() => {
+                return Err(("relay.token", "is empty".into()));
+            }
+            _ => {}
+        }
+        if r.batch_max_events == 0 || r.batch_max_events > 100_000 {
+            return Err((
+                "relay.batch_max_events",
+                "must be between 1 and 100000".into(),
+            ));
+        }
+        if r.batch_max_bytes.get() < 1024 {
+            return Err(("relay.batch_max_bytes", "must be at least 1KiB".into()));
+        }
+        if r.request_timeout.get().is_zero() {
+            return Err(("relay.request_timeout", "must be more than 0".into()));
+        }
+        if r.backoff_initial.get().is_zero() || r.backoff_initial > r.backoff_max {
+            return Err((
+                "relay.backoff_initial",
+                "must be more than 0 and at most relay.backoff_max".into(),
+            ));
+        }
+        if self.outbox.commit_max_records == 0 {
+            return Err(("outbox.commit_max_records", "must be at least 1".into()));
+        }
+        if let Some(mqtt) = &self.mqtt {
+            mqtt.validate()?;
+        }
+        Ok(())
+    }
+
+    /// The relay token, read from `token` or `token_file`. `None` when neither is set.
+    pub fn relay_token(&self) -> Result<Option<String>, String> {
+        match (&self.relay.token, &self.relay.token_file) {
+            (Some(t), _) => Ok(Some(t.trim().to_owned())),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    format!("relay.token_file: cannot read {}: {e}", path.display())
+                })?;
+                let token = text.lines().next().unwrap_or("").trim().to_owned();
+                if token.is_empty() {
+                    return Err(format!("relay.token_file: {} is empty", path.display()));
+                }
+                Ok(Some(token))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// The commented default configuration, as printed by `print-default-config`.
+pub const DEFAULT_CONFIG: &str = include_str!("default-config.toml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::from_toml(text, Path::new("gateway.toml")).map_err(|e| e.to_string())
+    }
+
+    const MINIMAL: &str = r#"
+        [gateway]
+        id = "pi-1"
+        [relay]
+        url = "http://127.0.0.1:8080"
+        token = "secret"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.gateway.id.as_str(), "pi-1");
+        assert_eq!(c.gateway.data_dir, PathBuf::from("/var/lib/pigeon"));
+        assert_eq!(c.relay.batch_max_events, 1000);
+        assert_eq!(c.outbox.synchronous, Synchronous::Full);
+        assert!(c.mqtt.is_none());
+        assert_eq!(c.relay_token().unwrap().as_deref(), Some("secret"));
+    }
+
+    #[test]
+    fn default_config_file_parses() {
+        let c = parse(DEFAULT_CONFIG).unwrap();
+        let mqtt = c.mqtt.expect("the default config shows an MQTT source");
+        assert!(!mqtt.subscriptions.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse(&format!("{MINIMAL}\nbatch_max_event = 3\n")).unwrap_err();
+        assert!(e.contains("batch_max_event"), "{e}");
+        let e = parse(&MINIMAL.replace("token =", "tokn =")).unwrap_err();
+        assert!(e.contains("tokn"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_and_values_are_named() {
+        let e = parse(&MINIMAL.replace("\"pi-1\"", "\"pi 1\"")).unwrap_err();
+        assert!(e.contains("invalid gateway id"), "{e}");
+        let e = parse(&MINIMAL.replace("http://127.0.0.1:8080", "127.0.0.1:8080")).unwrap_err();
+        assert!(e.contains("relay.url"), "{e}");
+        let e = parse(&MINIMAL.replace("http://", "ftp://")).unwrap_err();
+        assert!(e.contains("relay.url"), "{e}");
+        let e = parse(&format!("{MINIMAL}\nrequest_timeout = \"soon\"\n")).unwrap_err();
+        assert!(e.contains("is not a duration"), "{e}");
+        let e = parse(&format!("{MINIMAL}\nbatch_max_events = 0\n")).unwrap_err();
+        assert!(e.contains("relay.batch_max_events"), "{e}");
+        let e = parse(&format!("{MINIMAL}\ntoken_file = \"/x\"\n")).unwrap_err();
+        assert!(e.contains("not both"), "{e}");
+    }
+
+    #[test]
+    fn token_file_is_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "  s3cret \n").unwrap();
+        let text = MINIMAL.replace("token = \"secret\"", &format!("token_file = {:?}", path));
+        let c = parse(&text).unwrap();
+        assert_eq!(c.relay_token().unwrap().as_deref(), Some("s3cret"));
+        std::fs::write(&path, "\n").unwrap();
+        assert!(c.relay_token().unwrap_err().contains("is empty"));
+        std::fs::remove_file(&path).unwrap();
+        assert!(c.relay_token().unwrap_err().contains("cannot read"));
+    }
+}

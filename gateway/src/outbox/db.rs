@@ -1,0 +1,187 @@
+//! Opening the outbox database and migrating its schema.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+
+use super::OutboxError;
+use crate::config::Synchronous;
+
+/// File name of the outbox inside the data directory.
+pub const FILE_NAME: &str = "outbox.db";
+
+/// Numbered migrations; migration `i` brings `user_version` from `i` to `i + 1`.
+/// Never edit one that has shipped: append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: records, dead letters, MQTT delivery marks, metadata.
+    r#"
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+    CREATE TABLE records (
+        seq          INTEGER PRIMARY KEY,  -- the CloudEvent `sequence`
+        id           BLOB NOT NULL,        -- the CloudEvent `id` (UUIDv7, 16 bytes)
+        source       TEXT NOT NULL,
+        type         TEXT NOT NULL,
+        subject      TEXT,
+        time_us      INTEGER NOT NULL,     -- receive time, µs since the epoch
+        content_type TEXT,
+        data         BLOB NOT NULL
+    );
+    CREATE TABLE dead_letters (
+        seq          INTEGER PRIMARY KEY,
+        id           BLOB NOT NULL,
+        source       TEXT NOT NULL,
+        type         TEXT NOT NULL,
+        subject      TEXT,
+        time_us      INTEGER NOT NULL,
+        content_type TEXT,
+        data         BLOB NOT NULL,
+        reason       TEXT NOT NULL,
+        failed_at_us INTEGER NOT NULL
+    );
+    -- The last committed PUBLISH per MQTT session and packet id, to recognise re-deliveries.
+    CREATE TABLE mqtt_deliveries (
+        session TEXT NOT NULL,
+        pkid    INTEGER NOT NULL,
+        digest  BLOB NOT NULL,
+        PRIMARY KEY (session, pkid)
+    ) WITHOUT ROWID;
+    "#,
+];
+
+pub(crate) const META_PRODUCER_ID: &str = "producer_id";
+pub(crate) const META_NEXT_SEQ: &str = "next_seq";
+
+/// The path of the outbox database under `data_dir`.
+pub fn path_in(data_dir: &Path) -> PathBuf {
+    data_dir.join(FILE_NAME)
+}
+
+/// Opens (creating if needed) the outbox at `path` with the settings every connection
+/// needs. Run [`migrate`] once on the writer's connection before anything else.
+pub fn open(path: &Path, synchronous: Synchronous) -> Result<Connection, OutboxError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| OutboxError::DataDir {
+            path: dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    // WAL: readers (the uplink) never block the writer, and a commit appends to one file
+    // instead of rewriting pages in place — fewer writes on an SD card.
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        tracing::warn!(
+            mode,
+            "The outbox could not switch to WAL mode; it will be slower."
+        );
+    }
+    // FULL fsyncs the WAL at every commit, so an acknowledged record survives a power cut.
+    // NORMAL only survives a crash of the process. Group commit amortises the fsync.
+    let sync = match synchronous {
+        Synchronous::Full => "FULL",
+        Synchronous::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", sync)?;
+    // The uplink's reads and the writer's checkpoints may briefly contend.
+    conn.busy_timeout(Duration::from_secs(5))?;
+    // After a checkpoint, truncate the WAL back to this size so a burst does not leave a
+    // huge file behind on a small disk.
+    conn.pragma_update(None, "journal_size_limit", 16 * 1024 * 1024)?;
+    // A small page cache keeps the gateway's memory flat on a 1 GB Pi (negative = KiB).
+    conn.pragma_update(None, "cache_size", -1024)?;
+    Ok(conn)
+}
+
+/// Brings the schema up to date, each migration in its own transaction, and makes sure
+/// the producer id exists. Refuses a database from a newer version.
+pub fn migrate(conn: &mut Connection) -> Result<(), OutboxError> {
+    let known = MIGRATIONS.len() as i64;
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if found > known {
+        return Err(OutboxError::TooNew { found, known });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "Migrated the outbox schema.");
+    }
+    let producer = uuid::Uuid::new_v4().to_string();
+    conn.execute(
+        "INSERT OR IGNORE INTO meta (key, value) VALUES (?1, ?2)",
+        (META_PRODUCER_ID, &producer),
+    )?;
+    Ok(())
+}
+
+/// The producer id this outbox assigns sequences under.
+pub fn producer_id(conn: &Connection) -> Result<String, OutboxError> {
+    Ok(conn.query_row(
+        "SELECT value FROM meta WHERE key = ?1",
+        [META_PRODUCER_ID],
+        |r| r.get(0),
+    )?)
+}
+
+/// The next sequence to assign: one past the highest ever assigned.
+pub fn next_seq(conn: &Connection) -> Result<u64, OutboxError> {
+    let stored: Option<i64> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            [META_NEXT_SEQ],
+            |r| r.get(0),
+        )
+        .optional()?;
+    // Also look at the tables, in case meta lags behind (it never should).
+    let max: i64 = conn.query_row(
+        "SELECT max(coalesce((SELECT max(seq) FROM records), 0),
+                    coalesce((SELECT max(seq) FROM dead_letters), 0))",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(stored.unwrap_or(1).max(max + 1).max(1) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrates_once_and_keeps_the_producer_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = path_in(&dir.path().join("nested"));
+        let mut conn = open(&path, Synchronous::Full).unwrap();
+        migrate(&mut conn).unwrap();
+        let producer = producer_id(&conn).unwrap();
+        assert_eq!(next_seq(&conn).unwrap(), 1);
+        drop(conn);
+        let mut conn = open(&path, Synchronous::Full).unwrap();
+        migrate(&mut conn).unwrap();
+        assert_eq!(producer_id(&conn).unwrap(), producer);
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, MIGRATIONS.len() as i64);
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn refuses_a_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = path_in(dir.path());
+        let mut conn = open(&path, Synchronous::Normal).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        let e = migrate(&mut conn).unwrap_err();
+        assert!(matches!(e, OutboxError::TooNew { found: 99, .. }), "{e}");
+    }
+}

@@ -1,0 +1,83 @@
+//! The SQLite outbox: every record is committed here before its producer is
+//! acknowledged, and leaves only after the relay said it is durable.
+//!
+//! * [`db`] opens the database (WAL, synchronous level, limits) and runs migrations.
+//! * [`writer`] is the one writer: a dedicated thread fed by a bounded channel that
+//!   commits many records per transaction (group commit), assigns each its CloudEvent id
+//!   and `sequence` once, and settles records the relay answered for.
+//! * [`reader`] reads batches for the uplink on its own connection (WAL lets it read
+//!   while the writer writes).
+
+pub mod db;
+pub mod reader;
+pub mod writer;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+pub use reader::OutboxReader;
+pub use writer::{Appended, OutboxWriter};
+
+/// A record a source wants committed.
+#[derive(Debug, Clone)]
+pub struct NewRecord {
+    /// CloudEvent `source`, e.g. `/gateways/pi-1/mqtt`.
+    pub source: String,
+    pub event_type: String,
+    pub subject: Option<String>,
+    /// Receive time, microseconds since the Unix epoch.
+    pub time_us: i64,
+    /// `application/json` when `data` is a JSON document; otherwise binary data.
+    pub content_type: Option<String>,
+    pub data: Bytes,
+    /// Set for MQTT messages, to recognise a broker's re-delivery of a message that was
+    /// committed but whose acknowledgement was lost (a crash between commit and PUBACK).
+    pub delivery: Option<DeliveryMark>,
+}
+
+/// What identifies one MQTT delivery: the broker re-sends an unacknowledged message with
+/// the same packet id and the DUP flag set.
+#[derive(Debug, Clone)]
+pub struct DeliveryMark {
+    /// The MQTT session (client id) the packet id belongs to.
+    pub session: Arc<str>,
+    pub pkid: u16,
+    pub dup: bool,
+    /// SHA-256 of topic and payload, truncated to 16 bytes.
+    pub digest: [u8; 16],
+}
+
+/// A committed record, as the uplink reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub seq: u64,
+    pub id: uuid::Uuid,
+    pub source: String,
+    pub event_type: String,
+    pub subject: Option<String>,
+    pub time_us: i64,
+    pub content_type: Option<String>,
+    pub data: Vec<u8>,
+}
+
+/// An outbox operation that failed. Cloned to every waiter of a failed group commit.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum OutboxError {
+    #[error("outbox database error: {0}")]
+    Db(#[from] Arc<rusqlite::Error>),
+    #[error("cannot create the data directory {path}: {message}")]
+    DataDir { path: String, message: String },
+    #[error("the outbox writer has stopped")]
+    Closed,
+    #[error(
+        "the outbox was written by a newer pigeon-gateway (schema {found}, this one knows {known}); upgrade, or move the database aside"
+    )]
+    TooNew { found: i64, known: i64 },
+}
+
+impl From<rusqlite::Error> for OutboxError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Db(Arc::new(e))
+    }
+}

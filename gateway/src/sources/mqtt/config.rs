@@ -1,0 +1,175 @@
+//! `[mqtt]` configuration.
+
+use pigeon_shared::units::{ByteSize, Duration};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    #[serde(default = "default_host")]
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Fixed client id of the persistent session; default `pigeon-<gateway id>`.
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive: Duration,
+    /// Largest PUBLISH accepted from the broker.
+    #[serde(default = "default_max_packet_size")]
+    pub max_packet_size: ByteSize,
+    /// Messages received but not yet committed (and so not yet acknowledged). When full,
+    /// the gateway stops reading from the broker, which holds the rest.
+    #[serde(default = "default_max_pending")]
+    pub max_pending: usize,
+    /// Delay before reconnecting after the broker went away (doubles up to 30 s).
+    #[serde(default = "default_reconnect_delay")]
+    pub reconnect_delay: Duration,
+    pub subscriptions: Vec<Subscription>,
+}
+
+/// One topic filter and how its messages become events.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subscription {
+    pub filter: String,
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// The CloudEvent `type` of messages matching this filter.
+    #[serde(rename = "type")]
+    pub event_type: String,
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_port() -> u16 {
+    1883
+}
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_packet_size() -> ByteSize {
+    ByteSize::mib(1)
+}
+fn default_max_pending() -> usize {
+    10_000
+}
+fn default_reconnect_delay() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_qos() -> u8 {
+    1
+}
+
+impl MqttConfig {
+    pub(crate) fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.host.trim().is_empty() {
+            return Err(("mqtt.host", "is empty".into()));
+        }
+        if self.port == 0 {
+            return Err(("mqtt.port", "must be between 1 and 65535".into()));
+        }
+        if let Some(id) = &self.client_id
+            && (id.is_empty() || id.len() > 128)
+        {
+            return Err(("mqtt.client_id", "must be 1 to 128 characters".into()));
+        }
+        if self.username.is_none() && self.password.is_some() {
+            return Err(("mqtt.password", "is set but mqtt.username is not".into()));
+        }
+        let secs = self.keep_alive.get().as_secs();
+        if !(5..=65_535).contains(&secs) {
+            return Err(("mqtt.keep_alive", "must be between 5s and 65535s".into()));
+        }
+        if self.max_pending == 0 {
+            return Err(("mqtt.max_pending", "must be at least 1".into()));
+        }
+        if self.subscriptions.is_empty() {
+            return Err((
+                "mqtt.subscriptions",
+                "is empty: add at least one [[mqtt.subscriptions]] block, or remove [mqtt]".into(),
+            ));
+        }
+        for s in &self.subscriptions {
+            if !rumqttc::valid_filter(&s.filter) {
+                return Err((
+                    "mqtt.subscriptions.filter",
+                    format!("{:?} is not a valid MQTT topic filter", s.filter),
+                ));
+            }
+            if !matches!(s.qos, 1 | 2) {
+                return Err((
+                    "mqtt.subscriptions.qos",
+                    format!(
+                        "{} for {:?}: use 1 or 2 (QoS 0 cannot be acknowledged after commit, so it could lose data)",
+                        s.qos, s.filter
+                    ),
+                ));
+            }
+            if s.event_type.trim().is_empty() {
+                return Err((
+                    "mqtt.subscriptions.type",
+                    format!("is empty for {:?}", s.filter),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The subscription whose filter matches `topic` first, in configuration order.
+    pub fn subscription_for(&self, topic: &str) -> Option<&Subscription> {
+        self.subscriptions
+            .iter()
+            .find(|s| rumqttc::matches(topic, &s.filter))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<MqttConfig, String> {
+        let c: MqttConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        c.validate().map_err(|(k, m)| format!("{k}: {m}"))?;
+        Ok(c)
+    }
+
+    const TWO: &str = r#"
+        [[subscriptions]]
+        filter = "org/+/site/+/alarms/#"
+        qos = 2
+        type = "alarm"
+        [[subscriptions]]
+        filter = "org/#"
+        type = "reading"
+    "#;
+
+    #[test]
+    fn first_matching_subscription_wins() {
+        let c = parse(TWO).unwrap();
+        assert_eq!(c.subscriptions[1].qos, 1, "qos defaults to 1");
+        let sub = |t| c.subscription_for(t).map(|s| s.event_type.as_str());
+        assert_eq!(sub("org/contoso/site/berlin/alarms/smoke"), Some("alarm"));
+        assert_eq!(
+            sub("org/contoso/site/berlin/building/41/floor/3/room/4/sensors/climate"),
+            Some("reading")
+        );
+        assert_eq!(sub("other/x"), None);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = parse(&TWO.replace("qos = 2", "qos = 0")).unwrap_err();
+        assert!(e.starts_with("mqtt.subscriptions.qos"), "{e}");
+        let e = parse(&TWO.replace("org/#", "org/#/x")).unwrap_err();
+        assert!(e.starts_with("mqtt.subscriptions.filter"), "{e}");
+        let e = parse("subscriptions = []").unwrap_err();
+        assert!(e.starts_with("mqtt.subscriptions"), "{e}");
+        let e = parse(&format!("password = \"x\"\n{TWO}")).unwrap_err();
+        assert!(e.starts_with("mqtt.password"), "{e}");
+        let e = parse(&format!("port = 70000\n{TWO}")).unwrap_err();
+        assert!(e.contains("port"), "{e}");
+    }
+}

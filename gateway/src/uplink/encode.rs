@@ -1,0 +1,133 @@
+//! Outbox records → CloudEvents (cloudevents-sdk) → a batch-mode request body.
+
+use std::io::Write;
+
+use cloudevents::{EventBuilder, EventBuilderV10};
+use pigeon_shared::ce::{EXT_PRODUCER_ID, EXT_SEQUENCE, format_sequence};
+
+use crate::config::Compression;
+use crate::outbox::Record;
+
+/// The CloudEvent for one record.
+///
+/// `application/json` data travels as JSON (`data`); anything else as bytes
+/// (`data_base64`). A record marked JSON whose bytes do not parse (it cannot happen for
+/// records this gateway wrote, but the database is on an SD card) is sent as bytes.
+pub fn to_event(rec: &Record, producer_id: &str) -> Result<cloudevents::Event, String> {
+    let time = chrono::DateTime::from_timestamp_micros(rec.time_us)
+        .ok_or_else(|| format!("receive time {} µs is out of range", rec.time_us))?;
+    let mut b = EventBuilderV10::new()
+        .id(rec.id.to_string())
+        .source(rec.source.as_str())
+        .ty(rec.event_type.as_str())
+        .time(time)
+        .extension(EXT_SEQUENCE, format_sequence(rec.seq))
+        .extension(EXT_PRODUCER_ID, producer_id);
+    if let Some(s) = &rec.subject {
+        b = b.subject(s.as_str());
+    }
+    let ct = rec
+        .content_type
+        .as_deref()
+        .unwrap_or("application/octet-stream");
+    b = match ct {
+        "application/json" => match serde_json::from_slice::<serde_json::Value>(&rec.data) {
+            Ok(v) => b.data(ct, v),
+            Err(_) => b.data("application/octet-stream", rec.data.clone()),
+        },
+        _ => b.data(ct, rec.data.clone()),
+    };
+    b.build()
+        .map_err(|e| format!("cannot build a CloudEvent: {e}"))
+}
+
+/// Encodes `batch` as a CloudEvents batch (a JSON array), compressed as configured.
+/// If a record cannot be encoded, returns its sequence and the reason instead.
+pub fn encode_batch(
+    batch: &[Record],
+    producer_id: &str,
+    compression: Compression,
+) -> (Vec<u8>, Option<(u64, String)>) {
+    let mut events = Vec::with_capacity(batch.len());
+    for rec in batch {
+        match to_event(rec, producer_id) {
+            Ok(e) => events.push(e),
+            Err(reason) => return (Vec::new(), Some((rec.seq, reason))),
+        }
+    }
+    let body = match compression {
+        Compression::None => serde_json::to_vec(&events).map_err(|e| e.to_string()),
+        Compression::Gzip => {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            serde_json::to_writer(&mut gz, &events)
+                .map_err(|e| e.to_string())
+                .and_then(|()| gz.flush().map_err(|e| e.to_string()))
+                .and_then(|()| gz.finish().map_err(|e| e.to_string()))
+        }
+    };
+    match body {
+        Ok(b) => (b, None),
+        // Writing JSON into memory does not fail; if it ever did, blame the first record.
+        Err(e) => (Vec::new(), batch.first().map(|r| (r.seq, e))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn rec(seq: u64, ct: &str, data: &[u8]) -> Record {
+        Record {
+            seq,
+            id: uuid::Uuid::now_v7(),
+            source: "/gateways/pi-1/mqtt".into(),
+            event_type: "reading".into(),
+            subject: Some("org/a/b".into()),
+            time_us: 1_763_000_000_123_456,
+            content_type: Some(ct.into()),
+            data: data.to_vec(),
+        }
+    }
+
+    #[test]
+    fn batch_is_a_json_array_of_structured_events() {
+        let batch = [
+            rec(7, "application/json", br#"{"b":1,"a":[true,null]}"#),
+            rec(8, "application/octet-stream", b"\xff\x00raw"),
+        ];
+        let (body, bad) = encode_batch(&batch, "prod-1", Compression::Gzip);
+        assert!(bad.is_none());
+        let mut json = String::new();
+        flate2::read::GzDecoder::new(&body[..])
+            .read_to_string(&mut json)
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let e0 = &v[0];
+        assert_eq!(e0["specversion"], "1.0");
+        assert_eq!(e0["id"], batch[0].id.to_string());
+        assert_eq!(e0["source"], "/gateways/pi-1/mqtt");
+        assert_eq!(e0["subject"], "org/a/b");
+        assert_eq!(e0["sequence"], "00000000000000000007");
+        assert_eq!(e0["producerid"], "prod-1");
+        assert_eq!(e0["datacontenttype"], "application/json");
+        assert_eq!(e0["data"], serde_json::json!({"b": 1, "a": [true, null]}));
+        assert_eq!(e0["time"], "2025-11-13T02:13:20.123456Z");
+        // Key order of JSON data is kept.
+        assert!(json.find("\"b\":1").unwrap() < json.find("\"a\":[").unwrap());
+        let e1 = &v[1];
+        assert_eq!(e1["data_base64"], "/wByYXc=");
+        assert!(e1.get("data").is_none());
+        // And it parses back as CloudEvents.
+        let back: Vec<cloudevents::Event> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.len(), 2);
+    }
+
+    #[test]
+    fn corrupt_json_record_is_sent_as_bytes() {
+        let e = to_event(&rec(1, "application/json", b"{not json"), "p").unwrap();
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["datacontenttype"], "application/octet-stream");
+        assert!(v.get("data_base64").is_some());
+    }
+}

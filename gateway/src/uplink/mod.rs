@@ -1,0 +1,358 @@
+//! The uplink: drains the outbox to the relay.
+//!
+//! One batch at a time, in sequence order, over one kept-alive HTTP connection:
+//! read up to `batch_max_events` records, encode them as a gzip'd CloudEvents batch, POST,
+//! and settle by the relay's per-event results (delete the durable ones, dead-letter the
+//! rejected ones). Nothing leaves the outbox without a result from the relay.
+//!
+//! * 429, 5xx, 401/403, 415 and network errors: keep the batch, back off (exponential with
+//!   jitter, honouring `Retry-After`), try again.
+//! * 413: halve the batch; a single event that is still too large is dead-lettered.
+//! * 400 for the whole request: re-send the events one at a time, so the one the relay
+//!   cannot read is found and dead-lettered and the others flow on.
+
+mod backoff;
+mod encode;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use pigeon_shared::wire::{self, EventStatus, IngestResponse};
+use reqwest::header;
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+pub use backoff::Backoff;
+pub use encode::{encode_batch, to_event};
+
+use crate::config::{Compression, RelayConfig};
+use crate::outbox::{OutboxReader, OutboxWriter, Record};
+use crate::stats::Stats;
+
+/// How the relay answered one request.
+#[derive(Debug)]
+enum Answer {
+    Results(Vec<wire::EventResult>),
+    TooLarge(String),
+    Unreadable(String),
+    Retry {
+        after: Option<Duration>,
+        reason: String,
+        operator_must_act: bool,
+    },
+}
+
+pub struct Uplink {
+    config: RelayConfig,
+    url: reqwest::Url,
+    token: Option<String>,
+    client: reqwest::Client,
+    reader: Arc<OutboxReader>,
+    writer: OutboxWriter,
+    stats: Arc<Stats>,
+    producer_id: String,
+}
+
+impl Uplink {
+    pub fn new(
+        config: RelayConfig,
+        token: Option<String>,
+        reader: Arc<OutboxReader>,
+        writer: OutboxWriter,
+        stats: Arc<Stats>,
+        producer_id: String,
+    ) -> anyhow::Result<Self> {
+        let url = reqwest::Url::parse(&config.url)?.join(wire::INGEST_PATH)?;
+        let client = reqwest::Client::builder()
+            .timeout(config.request_timeout.get())
+            .connect_timeout(config.request_timeout.get().min(Duration::from_secs(10)))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_keepalive(Duration::from_secs(60))
+            .user_agent(concat!("pigeon-gateway/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            config,
+            url,
+            token,
+            client,
+            reader,
+            writer,
+            stats,
+            producer_id,
+        })
+    }
+
+    /// Runs until `shutdown` turns true. A request already sent is finished first (the
+    /// caller bounds that with the shutdown deadline).
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut cursor = 0u64;
+        let max_events = self.config.batch_max_events;
+        let mut limit = max_events;
+        let mut backoff = Backoff::new(
+            self.config.backoff_initial.get(),
+            self.config.backoff_max.get(),
+        );
+        let mut failing_since: Option<Instant> = None;
+        let mut failures = 0u64;
+        while !*shutdown.borrow() {
+            let batch = match self.read(cursor, limit).await {
+                Ok(b) => b,
+                Err(e) => {
+                    error!(error = %e, "Cannot read the outbox; retrying.");
+                    if sleep_or_shutdown(&mut shutdown, backoff.next_delay()).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let Some(first) = batch.first() else {
+                tokio::select! {
+                    _ = shutdown.changed() => {}
+                    _ = self.writer.committed() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+                continue;
+            };
+            // Every sequence below this one has had its result from the relay.
+            let settled_below = first.seq;
+            let last_seq = batch.last().map_or(cursor, |r| r.seq);
+            let answer = self.send(&batch, settled_below).await;
+            match answer {
+                Answer::Results(results) => {
+                    if let Some(since) = failing_since.take() {
+                        info!(after = ?since.elapsed(), failed_attempts = failures, "The relay is reachable again; delivering the backlog.");
+                    }
+                    failures = 0;
+                    backoff.reset();
+                    self.stats.relay_reachable.store(true, Ordering::Relaxed);
+                    self.settle(&batch, &results).await;
+                    cursor = last_seq;
+                    limit = (limit * 2).min(max_events);
+                }
+                Answer::TooLarge(msg) if batch.len() == 1 => {
+                    self.dead_letter(
+                        first,
+                        format!("the relay refused the event as too large: {msg}"),
+                    )
+                    .await;
+                    cursor = last_seq;
+                }
+                Answer::TooLarge(_) => {
+                    limit = (batch.len() / 2).max(1);
+                    debug!(
+                        limit,
+                        "The relay said the request was too large; sending smaller batches."
+                    );
+                }
+                Answer::Unreadable(msg) if batch.len() == 1 => {
+                    self.dead_letter(first, format!("the relay could not read the event: {msg}"))
+                        .await;
+                    cursor = last_seq;
+                }
+                Answer::Unreadable(msg) => {
+                    warn!(events = batch.len(), reason = %msg, "The relay could not read a batch; re-sending its events one by one to find the bad one.");
+                    limit = 1;
+                }
+                Answer::Retry {
+                    after,
+                    reason,
+                    operator_must_act,
+                } => {
+                    self.stats.relay_reachable.store(false, Ordering::Relaxed);
+                    self.stats.upload_failures.fetch_add(1, Ordering::Relaxed);
+                    failures += 1;
+                    // The relay's Retry-After wins (bounded, in case it is absurd).
+                    let delay = match after {
+                        Some(a) => a.min(Duration::from_secs(300)),
+                        None => backoff.next_delay(),
+                    };
+                    let first_failure = failing_since.is_none();
+                    failing_since.get_or_insert_with(Instant::now);
+                    if operator_must_act && (first_failure || failures.is_multiple_of(20)) {
+                        error!(relay = %self.url, reason = %reason, "The relay refuses this gateway; events stay in the outbox until this is fixed.");
+                    } else if first_failure || failures.is_multiple_of(20) {
+                        warn!(relay = %self.url, reason = %reason, retry_in = ?delay, "Cannot deliver to the relay; events stay in the outbox and will be retried.");
+                    } else {
+                        debug!(relay = %self.url, reason = %reason, retry_in = ?delay, "Delivery attempt failed.");
+                    }
+                    if sleep_or_shutdown(&mut shutdown, delay).await {
+                        break;
+                    }
+                }
+            }
+        }
+        debug!("The uplink stopped.");
+    }
+
+    async fn read(
+        &self,
+        cursor: u64,
+        limit: usize,
+    ) -> Result<Vec<Record>, crate::outbox::OutboxError> {
+        let reader = self.reader.clone();
+        let max_bytes = self.config.batch_max_bytes.get();
+        tokio::task::spawn_blocking(move || reader.read_after(cursor, limit, max_bytes))
+            .await
+            .unwrap_or_else(|_| Err(crate::outbox::OutboxError::Closed))
+    }
+
+    async fn send(&self, batch: &[Record], settled_below: u64) -> Answer {
+        let (body, bad) = encode_batch(batch, &self.producer_id, self.config.compression);
+        if let Some((seq, reason)) = bad {
+            // A record that cannot become a CloudEvent will never be accepted; set it
+            // aside so it does not block the ones behind it.
+            if let Some(rec) = batch.iter().find(|r| r.seq == seq) {
+                self.dead_letter(rec, reason).await;
+            }
+            return Answer::Retry {
+                after: Some(Duration::ZERO),
+                reason: "a record could not be encoded".into(),
+                operator_must_act: false,
+            };
+        }
+        let mut req = self
+            .client
+            .post(self.url.clone())
+            .header(header::CONTENT_TYPE, pigeon_shared::ce::CONTENT_TYPE_BATCH)
+            .header(wire::HEADER_SETTLED_BELOW, settled_below)
+            .header(wire::HEADER_PRODUCER_ID, &self.producer_id);
+        if self.config.compression == Compression::Gzip {
+            req = req.header(header::CONTENT_ENCODING, "gzip");
+        }
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        let len = body.len() as u64;
+        self.stats.upload_requests.fetch_add(1, Ordering::Relaxed);
+        let resp = match req.body(body).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                return Answer::Retry {
+                    after: None,
+                    reason: error_chain(&e),
+                    operator_must_act: false,
+                };
+            }
+        };
+        self.stats.bytes_sent.fetch_add(len, Ordering::Relaxed);
+        let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let text = resp.text().await.unwrap_or_default();
+        let message = || {
+            serde_json::from_str::<wire::ErrorBody>(&text)
+                .map(|b| b.error)
+                .unwrap_or_else(|_| text.chars().take(300).collect())
+        };
+        match status.as_u16() {
+            200..=299 => match serde_json::from_str::<IngestResponse>(&text) {
+                Ok(r) if r.results.len() == batch.len() => Answer::Results(r.results),
+                Ok(r) => Answer::Retry {
+                    after: None,
+                    reason: format!(
+                        "the relay answered {} results for {} events",
+                        r.results.len(),
+                        batch.len()
+                    ),
+                    operator_must_act: false,
+                },
+                Err(e) => Answer::Retry {
+                    after: None,
+                    reason: format!("the relay's answer is not an ingest result: {e}"),
+                    operator_must_act: false,
+                },
+            },
+            413 => Answer::TooLarge(message()),
+            400 => Answer::Unreadable(message()),
+            401 | 403 => Answer::Retry {
+                after: None,
+                reason: format!("HTTP {status}: {} (check relay.token)", message()),
+                operator_must_act: true,
+            },
+            415 => Answer::Retry {
+                after: None,
+                reason: format!("HTTP {status}: {}", message()),
+                operator_must_act: true,
+            },
+            _ => Answer::Retry {
+                after: retry_after,
+                reason: format!("HTTP {status}: {}", message()),
+                operator_must_act: false,
+            },
+        }
+    }
+
+    async fn settle(&self, batch: &[Record], results: &[wire::EventResult]) {
+        let mut delivered = Vec::with_capacity(batch.len());
+        let mut rejected = Vec::new();
+        for (rec, res) in batch.iter().zip(results) {
+            match res.status {
+                EventStatus::Accepted => delivered.push(rec.seq),
+                EventStatus::Duplicate => {
+                    self.stats.events_duplicate.fetch_add(1, Ordering::Relaxed);
+                    delivered.push(rec.seq);
+                }
+                EventStatus::Rejected => {
+                    let reason = res
+                        .reason
+                        .clone()
+                        .unwrap_or_else(|| "rejected by the relay".into());
+                    warn!(id = %rec.id, seq = rec.seq, subject = rec.subject.as_deref().unwrap_or(""), reason = %reason, "The relay rejected an event; it is kept in the dead-letter table.");
+                    rejected.push((rec.seq, reason));
+                }
+            }
+        }
+        self.stats
+            .events_delivered
+            .fetch_add(delivered.len() as u64, Ordering::Relaxed);
+        self.stats
+            .events_dead_lettered
+            .fetch_add(rejected.len() as u64, Ordering::Relaxed);
+        self.stats
+            .last_upload_unix
+            .store(chrono::Utc::now().timestamp() as u64, Ordering::Relaxed);
+        if let Err(e) = self.writer.settle(delivered, rejected).await {
+            // The relay has them; if they stay in the outbox they are re-sent after a
+            // restart and the relay recognises them as duplicates.
+            error!(error = %e, "Could not remove delivered events from the outbox.");
+        }
+    }
+
+    async fn dead_letter(&self, rec: &Record, reason: String) {
+        warn!(id = %rec.id, seq = rec.seq, reason = %reason, "Moving an event to the dead-letter table.");
+        self.stats
+            .events_dead_lettered
+            .fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.writer.settle(vec![], vec![(rec.seq, reason)]).await {
+            error!(error = %e, "Could not move an event to the dead-letter table.");
+        }
+    }
+}
+
+/// The error and its causes in one line ("error sending request: connection refused").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+        src = cause.source();
+    }
+    s
+}
+
+/// Sleeps for `d`; returns true if shutdown was requested meanwhile.
+async fn sleep_or_shutdown(shutdown: &mut watch::Receiver<bool>, d: Duration) -> bool {
+    tokio::select! {
+        _ = shutdown.changed() => true,
+        _ = tokio::time::sleep(d) => *shutdown.borrow(),
+    }
+}
