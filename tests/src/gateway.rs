@@ -1,0 +1,236 @@
+//! The real `pigeon-gateway` binary with a generated config.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::process::{Proc, gateway_bin};
+use crate::readings::READING_TYPE;
+use crate::{Mosquitto, TestDir, secs};
+
+/// How the gateway authenticates to the relay.
+#[derive(Debug, Clone)]
+pub enum Token {
+    /// `relay.token = "…"`
+    Inline(String),
+    /// `relay.token_file = "…"`: the harness writes the token to this file.
+    File(PathBuf, String),
+}
+
+/// One `[[mqtt.subscriptions]]` entry.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub filter: String,
+    pub qos: u8,
+    pub event_type: String,
+}
+
+/// What the harness writes into the gateway's TOML config.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub id: String,
+    pub relay_url: String,
+    pub token: Token,
+    pub mqtt_port: u16,
+    /// `mqtt.client_id`; `None` leaves the gateway's default (`pigeon-<id>`).
+    pub client_id: Option<String>,
+    pub subscriptions: Vec<Subscription>,
+}
+
+impl GatewayConfig {
+    /// Gateway `id` with `token`, pointed at the relay at `relay_url` and the broker on
+    /// 127.0.0.1:`mqtt_port`, subscribed to `org/#` at QoS 1 with type [`READING_TYPE`].
+    pub fn new(id: &str, token: &str, relay_url: &str, mqtt_port: u16) -> Self {
+        GatewayConfig {
+            id: id.to_string(),
+            relay_url: relay_url.to_string(),
+            token: Token::Inline(token.to_string()),
+            mqtt_port,
+            client_id: None,
+            subscriptions: vec![Subscription {
+                filter: "org/#".to_string(),
+                qos: 1,
+                event_type: READING_TYPE.to_string(),
+            }],
+        }
+    }
+
+    /// The MQTT client id the gateway connects with.
+    pub fn effective_client_id(&self) -> String {
+        self.client_id
+            .clone()
+            .unwrap_or_else(|| format!("pigeon-{}", self.id))
+    }
+
+    /// The config as a TOML table, with the outbox in `data_dir`. Tests may edit it
+    /// (e.g. add an unknown key) before writing it.
+    pub fn to_toml(&self, data_dir: &Path) -> toml::Table {
+        let mut gateway = toml::Table::new();
+        gateway.insert("id".into(), self.id.clone().into());
+        gateway.insert("data_dir".into(), data_dir.display().to_string().into());
+
+        let mut relay = toml::Table::new();
+        relay.insert("url".into(), self.relay_url.clone().into());
+        match &self.token {
+            Token::Inline(t) => {
+                relay.insert("token".into(), t.clone().into());
+            }
+            Token::File(path, _) => {
+                relay.insert("token_file".into(), path.display().to_string().into());
+            }
+        }
+
+        let mut mqtt = toml::Table::new();
+        mqtt.insert("host".into(), "127.0.0.1".into());
+        mqtt.insert("port".into(), i64::from(self.mqtt_port).into());
+        if let Some(c) = &self.client_id {
+            mqtt.insert("client_id".into(), c.clone().into());
+        }
+        let subs = self
+            .subscriptions
+            .iter()
+            .map(|s| {
+                let mut t = toml::Table::new();
+                t.insert("filter".into(), s.filter.clone().into());
+                t.insert("qos".into(), i64::from(s.qos).into());
+                t.insert("type".into(), s.event_type.clone().into());
+                toml::Value::Table(t)
+            })
+            .collect::<Vec<_>>();
+        mqtt.insert("subscriptions".into(), subs.into());
+
+        let mut root = toml::Table::new();
+        root.insert("gateway".into(), gateway.into());
+        root.insert("relay".into(), relay.into());
+        root.insert("mqtt".into(), mqtt.into());
+        root
+    }
+
+    /// Writes the config (and the token file, if any) to `path`.
+    pub fn write(&self, path: &Path, data_dir: &Path) {
+        if let Token::File(token_path, token) = &self.token {
+            std::fs::write(token_path, format!("{token}\n")).expect("write token file");
+        }
+        std::fs::write(path, self.to_toml(data_dir).to_string()).expect("write gateway config");
+    }
+}
+
+/// A `pigeon-gateway` process: its config and outbox directory survive restarts.
+pub struct Gateway {
+    proc: Proc,
+    config: GatewayConfig,
+    config_path: PathBuf,
+    data_dir: PathBuf,
+}
+
+impl Gateway {
+    /// Writes the config and starts the gateway, without waiting for anything.
+    pub fn start(dir: &TestDir, config: GatewayConfig) -> Gateway {
+        let label = format!("gateway-{}", config.id);
+        let config_path = dir.join(format!("{label}.toml"));
+        let data_dir = dir.join(&label);
+        config.write(&config_path, &data_dir);
+        let mut proc = Proc::new(&label, gateway_bin(), dir.log_file(&label))
+            .arg("--config")
+            .arg(&config_path);
+        if std::env::var_os("PIGEON_LOG").is_none() {
+            proc = proc.env("PIGEON_LOG", "info");
+        }
+        let mut gw = Gateway {
+            proc,
+            config,
+            config_path,
+            data_dir,
+        };
+        gw.proc.start();
+        gw
+    }
+
+    /// Starts the gateway and waits until the broker has logged its subscriptions, so that
+    /// nothing published afterwards can miss its (persistent) session.
+    pub async fn start_subscribed(
+        dir: &TestDir,
+        config: GatewayConfig,
+        mosquitto: &Mosquitto,
+    ) -> Gateway {
+        let mut gw = Gateway::start(dir, config);
+        gw.wait_subscribed(mosquitto).await;
+        gw
+    }
+
+    /// Waits until the broker has logged every configured subscription of this gateway.
+    pub async fn wait_subscribed(&mut self, mosquitto: &Mosquitto) {
+        let client_id = self.config.effective_client_id();
+        for s in &self.config.subscriptions {
+            mosquitto
+                .wait_for_subscription(&client_id, &s.filter, secs(30))
+                .await;
+        }
+        self.proc.assert_running();
+    }
+
+    pub fn config(&self) -> &GatewayConfig {
+        &self.config
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// The directory that holds the outbox database.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Total size of the files in the data directory (outbox database, WAL, spool).
+    pub fn data_dir_bytes(&self) -> u64 {
+        fn walk(p: &Path) -> u64 {
+            let Ok(entries) = std::fs::read_dir(p) else {
+                return 0;
+            };
+            entries
+                .flatten()
+                .map(|e| match e.file_type() {
+                    Ok(t) if t.is_dir() => walk(&e.path()),
+                    Ok(_) => e.metadata().map(|m| m.len()).unwrap_or(0),
+                    Err(_) => 0,
+                })
+                .sum()
+        }
+        walk(&self.data_dir)
+    }
+
+    pub fn proc(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+
+    /// SIGKILL: like a power cut, as far as the process is concerned.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// SIGTERM, and a clean exit (status 0) expected.
+    pub async fn stop(&mut self) {
+        self.proc.stop(secs(30)).await;
+    }
+
+    /// Starts the gateway again with the same config and outbox.
+    pub fn restart(&mut self) {
+        self.proc.start();
+    }
+
+    /// Rewrites the config (the gateway must not be running) and starts it with it.
+    pub fn restart_with(&mut self, config: GatewayConfig) {
+        assert!(
+            !self.proc.is_running(),
+            "stop the gateway before changing its config"
+        );
+        config.write(&self.config_path, &self.data_dir);
+        self.config = config;
+        self.proc.start();
+    }
+
+    /// Waits up to `timeout` for the gateway to exit by itself.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.proc.wait_exit(timeout).await
+    }
+}
