@@ -1,1 +1,132 @@
-//! placeholder
+//! `pigeon-relay`: receives CloudEvents from pigeon gateways over HTTP, and answers
+//! "durable" only once they are fsynced to the stream, each exactly once.
+//!
+//! How the modules fit:
+//!
+//! * [`config`] — the TOML configuration and its validation into a checked [`Config`];
+//! * [`auth`] — bearer tokens → gateway ids;
+//! * [`ingest`] — the CloudEvents HTTP binding (batch, structured, binary; gzip) and
+//!   Pigeon's per-event rules, as pure functions;
+//! * [`server`] — the axum routes: the ingest endpoint, `/live`, `/ready`, `/metrics`;
+//! * [`sink`] — the embedded stream sink: the deduplication index, the `.jsonl` stream
+//!   files, the checkpoint that makes the index survive restarts, and the single writer
+//!   thread that does group commits;
+//! * [`metrics`] — counters and histograms in the Prometheus text format.
+//!
+//! [`run`] ties them together. The protocol is documented in `docs/protocol.md`, the
+//! files in `docs/data-layout.md`, the configuration in `docs/configuration-relay.md`.
+
+pub mod auth;
+pub mod config;
+pub mod ingest;
+pub mod metrics;
+pub mod server;
+pub mod sink;
+
+use std::future::{Future, IntoFuture};
+use std::sync::Arc;
+
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+pub use config::{Config, ConfigError, RelayConfig};
+
+/// Why the relay could not start or keep serving.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("cannot prepare the data directory: {0}")]
+    DataDir(#[from] sink::RecoveryError),
+    #[error("the HTTP server failed: {0}")]
+    Serve(std::io::Error),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Runs the relay on `listener` until `shutdown` completes, then stops accepting
+/// connections, lets in-flight requests finish (for at most `shutdown_timeout`), writes
+/// the deduplication checkpoint and returns.
+///
+/// Startup recovers the deduplication index from the data dir before serving; failing
+/// that (for example an unwritable data dir) is an error.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RelayError> {
+    let metrics = Arc::new(metrics::Metrics::new());
+    let data_dir = config.data_dir.clone();
+    let sink_settings = config.sink;
+    let sink_metrics = metrics.clone();
+    let (sink, writer_thread) =
+        tokio::task::spawn_blocking(move || sink::start(&data_dir, sink_settings, sink_metrics))
+            .await
+            .map_err(|e| RelayError::Internal(format!("startup task failed: {e}")))??;
+    let ticker = sink.spawn_ticker(config.sink.checkpoint_interval);
+
+    if config.gateways.is_empty() {
+        if config.allow_unauthenticated {
+            tracing::warn!(
+                "No gateways are configured and unauthenticated ingest is allowed: anyone who can reach the relay can send events."
+            );
+        } else {
+            tracing::warn!(
+                "No gateways are configured, so every ingest request will be refused with 401; add [[gateways]] to the config."
+            );
+        }
+    } else if config.allow_unauthenticated {
+        tracing::warn!("Unauthenticated ingest is allowed: requests without a token are accepted.");
+    }
+
+    let state = Arc::new(server::AppState {
+        auth: auth::Authenticator::new(config.gateways.clone(), config.allow_unauthenticated),
+        sink: sink.clone(),
+        limits: config.limits,
+        retry_after: config.sink.retry_after,
+        metrics,
+        permits: Arc::new(Semaphore::new(config.limits.max_concurrent_requests)),
+    });
+    let app = server::router(state);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        // An error means the sender is gone, which only happens after it sent.
+        let _ = rx.wait_for(|&s| s).await;
+    };
+
+    let addr = listener.local_addr().map_err(RelayError::Serve)?;
+    let listener = listener.tap_io(|tcp| {
+        // Small request/response exchanges on kept-alive connections: no Nagle delays.
+        let _ = tcp.set_nodelay(true);
+    });
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), "The relay is listening.");
+
+    let serve = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let deadline = async {
+        stopped(stop_rx).await;
+        tracing::info!(
+            timeout_secs = config.shutdown_timeout.as_secs_f64(),
+            "Shutting down: no new connections; waiting for in-flight requests."
+        );
+        tokio::time::sleep(config.shutdown_timeout).await;
+    };
+    tokio::select! {
+        r = serve.into_future() => r.map_err(RelayError::Serve)?,
+        () = deadline => tracing::warn!(
+            "In-flight requests did not finish within the shutdown timeout; stopping anyway."
+        ),
+    }
+
+    sink.shutdown().await;
+    ticker.abort();
+    tokio::task::spawn_blocking(move || writer_thread.join())
+        .await
+        .map_err(|e| RelayError::Internal(format!("joining the sink writer failed: {e}")))?
+        .map_err(|_| RelayError::Internal("the sink writer thread panicked".to_owned()))?;
+    tracing::info!("The relay stopped.");
+    Ok(())
+}

@@ -1,0 +1,251 @@
+//! Counters and histograms on atomics, rendered in the Prometheus text format at `/metrics`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Status codes the ingest endpoint answers with, each with its own counter.
+const CODES: [u16; 10] = [200, 400, 401, 403, 404, 413, 415, 500, 503, 0];
+
+/// A histogram with fixed buckets (in seconds).
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+/// Buckets for latencies, from 100 µs to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = self.bounds.iter().position(|&b| secs <= b) {
+            self.counts[i].fetch_add(1, Relaxed);
+        }
+        self.sum_micros
+            .fetch_add(d.as_micros().min(u128::from(u64::MAX)) as u64, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            cumulative += c.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}");
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+/// Everything `/metrics` shows.
+#[derive(Debug)]
+pub struct Metrics {
+    requests: [AtomicU64; CODES.len()],
+    pub events_accepted: AtomicU64,
+    pub events_duplicate: AtomicU64,
+    pub events_rejected: AtomicU64,
+    pub requests_in_flight: AtomicU64,
+    pub request_seconds: Histogram,
+    pub sink_commit_seconds: Histogram,
+    pub sink_commits: AtomicU64,
+    pub sink_errors: AtomicU64,
+    pub stream_bytes_written: AtomicU64,
+    pub checkpoints_written: AtomicU64,
+    pub checkpoint_errors: AtomicU64,
+    pub dedup_producers: AtomicU64,
+    pub sink_healthy: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Self {
+            requests: Default::default(),
+            events_accepted: AtomicU64::new(0),
+            events_duplicate: AtomicU64::new(0),
+            events_rejected: AtomicU64::new(0),
+            requests_in_flight: AtomicU64::new(0),
+            request_seconds: Histogram::new(LATENCY_BUCKETS),
+            sink_commit_seconds: Histogram::new(LATENCY_BUCKETS),
+            sink_commits: AtomicU64::new(0),
+            sink_errors: AtomicU64::new(0),
+            stream_bytes_written: AtomicU64::new(0),
+            checkpoints_written: AtomicU64::new(0),
+            checkpoint_errors: AtomicU64::new(0),
+            dedup_producers: AtomicU64::new(0),
+            sink_healthy: AtomicBool::new(true),
+        }
+    }
+
+    /// Counts one answered ingest request.
+    pub fn count_request(&self, code: u16) {
+        let i = CODES
+            .iter()
+            .position(|&c| c == code)
+            .unwrap_or(CODES.len() - 1);
+        self.requests[i].fetch_add(1, Relaxed);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        };
+        let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+
+        let name = "pigeon_relay_ingest_requests_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Ingest requests answered, by HTTP status code."
+        );
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for (code, c) in CODES.iter().zip(&self.requests) {
+            let label = if *code == 0 {
+                "other".to_owned()
+            } else {
+                code.to_string()
+            };
+            let _ = writeln!(out, "{name}{{code=\"{label}\"}} {}", c.load(Relaxed));
+        }
+
+        let name = "pigeon_relay_ingest_events_total";
+        let _ = writeln!(out, "# HELP {name} Events received, by result.");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for (result, c) in [
+            ("accepted", &self.events_accepted),
+            ("duplicate", &self.events_duplicate),
+            ("rejected", &self.events_rejected),
+        ] {
+            let _ = writeln!(out, "{name}{{result=\"{result}\"}} {}", c.load(Relaxed));
+        }
+
+        gauge(
+            &mut out,
+            "pigeon_relay_ingest_requests_in_flight",
+            "Ingest requests being handled now.",
+            self.requests_in_flight.load(Relaxed),
+        );
+        self.request_seconds.render(
+            &mut out,
+            "pigeon_relay_ingest_request_seconds",
+            "Time from reading an ingest request's headers to the answer.",
+        );
+        self.sink_commit_seconds.render(
+            &mut out,
+            "pigeon_relay_sink_write_seconds",
+            "Time of one group commit of the stream sink: append, fsync, index update.",
+        );
+        counter(
+            &mut out,
+            "pigeon_relay_sink_commits_total",
+            "Group commits of the stream sink.",
+            self.sink_commits.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "pigeon_relay_sink_errors_total",
+            "Stream files whose append or fsync failed.",
+            self.sink_errors.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "pigeon_relay_stream_bytes_written_total",
+            "Bytes appended durably to stream files.",
+            self.stream_bytes_written.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "pigeon_relay_checkpoints_written_total",
+            "Deduplication checkpoints written.",
+            self.checkpoints_written.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "pigeon_relay_checkpoint_errors_total",
+            "Deduplication checkpoints that could not be written.",
+            self.checkpoint_errors.load(Relaxed),
+        );
+        gauge(
+            &mut out,
+            "pigeon_relay_dedup_producers",
+            "(gateway, producer) pairs in the deduplication index.",
+            self.dedup_producers.load(Relaxed),
+        );
+        gauge(
+            &mut out,
+            "pigeon_relay_sink_healthy",
+            "1 while the stream sink's last write succeeded, 0 after a failure.",
+            u64::from(self.sink_healthy.load(Relaxed)),
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::new();
+        m.count_request(200);
+        m.count_request(200);
+        m.count_request(413);
+        m.count_request(418);
+        m.events_accepted.fetch_add(20, Relaxed);
+        m.sink_commit_seconds.observe(Duration::from_micros(300));
+        m.sink_commit_seconds.observe(Duration::from_millis(20));
+        let text = m.render();
+        for expected in [
+            "pigeon_relay_ingest_requests_total{code=\"200\"} 2",
+            "pigeon_relay_ingest_requests_total{code=\"413\"} 1",
+            "pigeon_relay_ingest_requests_total{code=\"other\"} 1",
+            "pigeon_relay_ingest_events_total{result=\"accepted\"} 20",
+            "pigeon_relay_sink_write_seconds_bucket{le=\"0.00025\"} 0",
+            "pigeon_relay_sink_write_seconds_bucket{le=\"0.0005\"} 1",
+            "pigeon_relay_sink_write_seconds_bucket{le=\"0.025\"} 2",
+            "pigeon_relay_sink_write_seconds_bucket{le=\"+Inf\"} 2",
+            "pigeon_relay_sink_write_seconds_count 2",
+            "# TYPE pigeon_relay_stream_bytes_written_total counter",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+        // Every sample line is `name{labels} value` or `name value`.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let value = line.rsplit(' ').next().unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+        }
+    }
+}

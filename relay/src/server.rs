@@ -1,0 +1,418 @@
+//! The HTTP server: the ingest endpoint, `/live`, `/ready` and `/metrics`.
+//!
+//! The ingest handler is glue: it checks the concurrency limit and the token, reads the
+//! body within its limit, hands the bytes to [`crate::ingest`] (pure parsing and checks),
+//! gives the surviving events to the [sink writer](crate::sink::writer) and answers with
+//! the per-event results once they are durable.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::body::{Body, BodyDataStream, Bytes};
+use axum::extract::State;
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, EXPECT, RETRY_AFTER, WWW_AUTHENTICATE};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures_util::StreamExt;
+use pigeon_shared::ce::GatewayId;
+use pigeon_shared::wire::{self, ErrorBody, EventResult, EventStatus, IngestResponse};
+use tokio::sync::Semaphore;
+
+use crate::auth::{Authenticator, Principal};
+use crate::config::Limits;
+use crate::ingest::{self, CheckedEvent, Rejection, RequestError};
+use crate::metrics::Metrics;
+use crate::sink::{Outcome, Settle, SinkEvent, SinkHandle};
+
+/// Bodies larger than this (as received) are parsed on a blocking thread, so a 16 MiB
+/// batch does not stall the other connections on this worker.
+const PARSE_INLINE_MAX: usize = 256 * 1024;
+
+/// How long the relay keeps reading (and discarding) the body of a request it refuses,
+/// so that the client, still sending, gets to read the answer.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Retry-After when the concurrency limit is reached.
+const OVERLOAD_RETRY_AFTER_SECS: u64 = 1;
+
+/// What every handler shares.
+pub struct AppState {
+    pub auth: Authenticator,
+    pub sink: SinkHandle,
+    pub limits: Limits,
+    pub retry_after: Duration,
+    pub metrics: Arc<Metrics>,
+    pub permits: Arc<Semaphore>,
+}
+
+/// The relay's routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route(wire::INGEST_PATH, post(ingest))
+        .route("/live", get(live))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn live() -> &'static str {
+    "live\n"
+}
+
+async fn ready(State(st): State<Arc<AppState>>) -> Response {
+    if st.sink.healthy() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the stream sink is failing\n",
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        st.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Counts a request in flight for as long as it lives (also when the client goes away
+/// and the handler is dropped mid-way).
+struct InFlight<'a>(&'a Metrics);
+
+impl<'a> InFlight<'a> {
+    fn new(m: &'a Metrics) -> Self {
+        m.requests_in_flight.fetch_add(1, Relaxed);
+        Self(m)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.requests_in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+async fn ingest(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let _in_flight = InFlight::new(&st.metrics);
+    let response = handle_ingest(&st, &headers, body).await;
+    st.metrics.count_request(response.status().as_u16());
+    st.metrics.request_seconds.observe(started.elapsed());
+    response
+}
+
+/// A whole-request failure, answered with an [`ErrorBody`].
+struct Failure {
+    status: StatusCode,
+    message: String,
+    headers: Vec<(axum::http::HeaderName, HeaderValue)>,
+}
+
+impl Failure {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            headers: Vec::new(),
+        }
+    }
+
+    fn retry_after(mut self, secs: u64) -> Self {
+        self.headers.push((RETRY_AFTER, HeaderValue::from(secs)));
+        self
+    }
+}
+
+impl From<RequestError> for Failure {
+    fn from(e: RequestError) -> Self {
+        Failure::new(e.status(), e.to_string())
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let mut r = (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response();
+        for (k, v) in self.headers {
+            r.headers_mut().insert(k, v);
+        }
+        r
+    }
+}
+
+async fn handle_ingest(st: &AppState, headers: &HeaderMap, body: Body) -> Response {
+    // Checks on the headers alone: on failure, drain the body and answer.
+    let early = (|| {
+        let Ok(permit) = st.permits.clone().try_acquire_owned() else {
+            return Err(Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the relay is handling its maximum of {} concurrent requests; retry later",
+                    st.limits.max_concurrent_requests
+                ),
+            )
+            .retry_after(OVERLOAD_RETRY_AFTER_SECS));
+        };
+        let principal = st.auth.authenticate(headers).map_err(|e| {
+            let mut f = Failure::new(StatusCode::UNAUTHORIZED, e.to_string());
+            f.headers
+                .push((WWW_AUTHENTICATE, HeaderValue::from_static(e.challenge())));
+            f
+        })?;
+        let settled = ingest::settled_below(headers)?;
+        let encoding = ingest::content_encoding(headers)?;
+        let mode = ingest::detect_mode(headers)?;
+        let declared = headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > st.limits.max_request_bytes) {
+            return Err(too_large(st.limits.max_request_bytes));
+        }
+        Ok((permit, principal, settled, encoding, mode))
+    })();
+    let (_permit, principal, settled, encoding, mode) = match early {
+        Ok(v) => v,
+        Err(f) => {
+            drain(
+                headers,
+                body.into_data_stream(),
+                st.limits.max_request_bytes,
+            )
+            .await;
+            return f.into_response();
+        }
+    };
+
+    let raw = match read_body(body.into_data_stream(), st.limits.max_request_bytes).await {
+        Ok(b) => b,
+        Err(ReadError::TooLarge(rest)) => {
+            drain(headers, rest, st.limits.max_request_bytes).await;
+            return too_large(st.limits.max_request_bytes).into_response();
+        }
+        Err(ReadError::Failed(e)) => {
+            return Failure::new(
+                StatusCode::BAD_REQUEST,
+                format!("could not read the request body: {e}"),
+            )
+            .into_response();
+        }
+    };
+
+    // Decode, parse and check: CPU work, off the reactor when large.
+    let max_decompressed = st.limits.max_decompressed_bytes;
+    let max_event = st.limits.max_event_bytes;
+    let prepared = if raw.len() <= PARSE_INLINE_MAX {
+        prepare(
+            mode,
+            encoding,
+            headers,
+            &raw,
+            &principal,
+            max_decompressed,
+            max_event,
+        )
+    } else {
+        let headers = headers.clone();
+        let principal = principal.clone();
+        match tokio::task::spawn_blocking(move || {
+            prepare(
+                mode,
+                encoding,
+                &headers,
+                &raw,
+                &principal,
+                max_decompressed,
+                max_event,
+            )
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "Parsing a request failed unexpectedly.");
+                return Failure::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error while parsing the request",
+                )
+                .into_response();
+            }
+        }
+    };
+    let checked = match prepared {
+        Ok(c) => c,
+        Err(e) => return Failure::from(e).into_response(),
+    };
+
+    let settle = settled.and_then(|s| {
+        let gateway = match &principal {
+            Principal::Gateway(gw) => gw.clone(),
+            Principal::Anonymous => single_gateway(&checked)?,
+        };
+        Some(Settle {
+            gateway,
+            producer: s.producer,
+            below: s.below,
+        })
+    });
+
+    // Hand the good events to the sink, remembering where each result goes.
+    let mut results: Vec<EventResult> = Vec::with_capacity(checked.len());
+    let mut events: Vec<SinkEvent> = Vec::with_capacity(checked.len());
+    let mut slots: Vec<usize> = Vec::with_capacity(checked.len());
+    for c in checked {
+        match c {
+            Ok(ev) => {
+                slots.push(results.len());
+                results.push(EventResult {
+                    id: Some(ev.id),
+                    status: EventStatus::Accepted,
+                    reason: None,
+                });
+                events.push(SinkEvent {
+                    gateway: ev.gateway,
+                    producer: ev.producer,
+                    sequence: ev.sequence,
+                    line: ev.line,
+                });
+            }
+            Err(Rejection { id, reason }) => results.push(EventResult {
+                id,
+                status: EventStatus::Rejected,
+                reason: Some(reason),
+            }),
+        }
+    }
+    if !events.is_empty() || settle.is_some() {
+        match st.sink.write(events, settle).await {
+            Ok(outcomes) => {
+                for (slot, outcome) in slots.into_iter().zip(outcomes) {
+                    if outcome == Outcome::Duplicate {
+                        results[slot].status = EventStatus::Duplicate;
+                    }
+                }
+            }
+            Err(e) => {
+                return Failure::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+                    .retry_after(st.retry_after.as_secs().max(1))
+                    .into_response();
+            }
+        }
+    }
+
+    let response = IngestResponse::from_results(results);
+    let m = &st.metrics;
+    m.events_accepted.fetch_add(response.accepted, Relaxed);
+    m.events_duplicate.fetch_add(response.duplicates, Relaxed);
+    m.events_rejected.fetch_add(response.rejected, Relaxed);
+    (StatusCode::OK, Json(response)).into_response()
+}
+
+fn too_large(limit: u64) -> Failure {
+    Failure::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "the request body is larger than {limit} bytes (max_request_bytes); send smaller batches"
+        ),
+    )
+}
+
+/// Decodes, parses and checks a body: one result per event.
+fn prepare(
+    mode: ingest::Mode,
+    encoding: ingest::Encoding,
+    headers: &HeaderMap,
+    raw: &[u8],
+    principal: &Principal,
+    max_decompressed: u64,
+    max_event: u64,
+) -> Result<Vec<Result<CheckedEvent, Rejection>>, RequestError> {
+    let body = ingest::decode_body(encoding, raw, max_decompressed)?;
+    let events = ingest::parse_events(mode, headers, &body)?;
+    Ok(events
+        .into_iter()
+        .map(|e| e.and_then(|ev| ingest::check_event(&ev, principal, max_event)))
+        .collect())
+}
+
+/// The one gateway all accepted events of an anonymous request name, if there is one.
+fn single_gateway(checked: &[Result<CheckedEvent, Rejection>]) -> Option<GatewayId> {
+    let mut gws = checked
+        .iter()
+        .filter_map(|c| c.as_ref().ok())
+        .map(|c| &c.gateway);
+    let first = gws.next()?;
+    gws.all(|g| g == first).then(|| first.clone())
+}
+
+enum ReadError {
+    /// Over the limit; the rest of the body is still to be drained.
+    TooLarge(BodyDataStream),
+    Failed(String),
+}
+
+/// Reads the body, stopping once it exceeds `limit` bytes.
+async fn read_body(mut stream: BodyDataStream, limit: u64) -> Result<Bytes, ReadError> {
+    let mut first: Option<Bytes> = None;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut total: u64 = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ReadError::Failed(e.to_string()))?;
+        total += chunk.len() as u64;
+        if total > limit {
+            return Err(ReadError::TooLarge(stream));
+        }
+        // The common case is a single chunk: keep it without copying.
+        match first.take() {
+            None if buf.is_empty() => first = Some(chunk),
+            None => buf.extend_from_slice(&chunk),
+            Some(f) => {
+                buf.reserve(f.len() + chunk.len());
+                buf.extend_from_slice(&f);
+                buf.extend_from_slice(&chunk);
+            }
+        }
+    }
+    Ok(first.unwrap_or_else(|| Bytes::from(buf)))
+}
+
+/// Reads and discards what is left of a refused request's body (up to four times the
+/// request limit, for at most [`DRAIN_TIMEOUT`]), so the client reads the answer instead
+/// of a connection reset. Not when the client waits for `100 Continue`: it has not sent
+/// the body, and reading would ask it to.
+async fn drain(headers: &HeaderMap, mut stream: BodyDataStream, limit: u64) {
+    let expects_continue = headers
+        .get(EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+    if expects_continue {
+        return;
+    }
+    let cap = limit.saturating_mul(4);
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        let mut n: u64 = 0;
+        while let Some(Ok(chunk)) = stream.next().await {
+            n += chunk.len() as u64;
+            if n > cap {
+                break;
+            }
+        }
+    })
+    .await;
+}

@@ -1,0 +1,423 @@
+//! The stream files: `<data_dir>/stream/<gateway-id>/<YYYY-MM-DD>/<HH>.jsonl`, one
+//! structured CloudEvent per line, partitioned by the UTC hour in which the relay wrote it.
+//!
+//! [`StreamFiles`] owns the open file handles and the committed length of every file it
+//! knows. Files are append-only logs: only the current hour is written, so a finished hour
+//! is never reopened. Nothing here decides what to write; the [writer](super::writer) does.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use pigeon_shared::ce::GatewayId;
+
+/// The directory under the data dir that holds the stream.
+pub const STREAM_DIR: &str = "stream";
+/// The directory under the data dir reserved for file payloads.
+pub const OBJECTS_DIR: &str = "objects";
+/// The directory under the data dir that holds the deduplication checkpoint.
+pub const STATE_DIR: &str = "state";
+
+/// After this long without a write, a file's entry is dropped from the table (and so from
+/// the checkpoint): every checkpoint since has covered its final length.
+pub const FORGET_FILES_AFTER: Duration = Duration::from_secs(2 * 3600);
+
+/// Hours since the Unix epoch, the partition a line goes to.
+pub type HourIndex = i64;
+
+pub fn hour_index(t: DateTime<Utc>) -> HourIndex {
+    t.timestamp().div_euclid(3600)
+}
+
+/// The path of a stream file relative to the data dir, with `/` separators (also the key
+/// the checkpoint uses).
+pub fn relative_path(gateway: &GatewayId, hour: HourIndex) -> String {
+    let start = DateTime::<Utc>::from_timestamp(hour * 3600, 0).unwrap_or_default();
+    format!(
+        "{STREAM_DIR}/{gateway}/{}/{}.jsonl",
+        start.format("%Y-%m-%d"),
+        start.format("%H")
+    )
+}
+
+/// Makes `dir` (whose parent exists) if missing; a new directory's entry is made durable
+/// by syncing the parent. Returns whether it was created.
+pub fn ensure_dir(dir: &Path) -> io::Result<bool> {
+    match fs::create_dir(dir) {
+        Ok(()) => {
+            if let Some(parent) = dir.parent() {
+                sync_dir(parent)?;
+            }
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// fsyncs a directory, so entries created or renamed in it survive a power loss.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// The offset just after the last newline in the first `len` bytes of `file` (0 if none):
+/// where a torn final line starts.
+pub fn complete_prefix_len(file: &mut File, len: u64) -> io::Result<u64> {
+    const BLOCK: u64 = 64 * 1024;
+    let mut end = len;
+    let mut buf = vec![0u8; BLOCK as usize];
+    while end > 0 {
+        let start = end.saturating_sub(BLOCK);
+        let chunk = &mut buf[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(chunk)?;
+        if let Some(pos) = chunk.iter().rposition(|&b| b == b'\n') {
+            return Ok(start + pos as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
+}
+
+/// One stream file the relay knows.
+#[derive(Debug)]
+struct FileEntry {
+    /// Open while the file belongs to the current hour.
+    handle: Option<File>,
+    /// Bytes known to be complete lines and durable.
+    len: u64,
+    last_write: Instant,
+}
+
+/// The result of appending to one file.
+pub type AppendResult = io::Result<()>;
+
+/// Open stream files and the committed length of each.
+#[derive(Debug)]
+pub struct StreamFiles {
+    data_dir: PathBuf,
+    files: HashMap<String, FileEntry>,
+    /// The hour being written; never goes backwards, even if the clock does.
+    hour: HourIndex,
+}
+
+impl StreamFiles {
+    /// Starts with the file lengths recovery found.
+    pub fn new(data_dir: PathBuf, known: impl IntoIterator<Item = (String, u64)>) -> Self {
+        let now = Instant::now();
+        Self {
+            data_dir,
+            files: known
+                .into_iter()
+                .map(|(rel, len)| {
+                    (
+                        rel,
+                        FileEntry {
+                            handle: None,
+                            len,
+                            last_write: now,
+                        },
+                    )
+                })
+                .collect(),
+            hour: HourIndex::MIN,
+        }
+    }
+
+    /// Moves to the hour of `now` (if later) and closes the files of earlier hours.
+    /// Returns the hour to write to.
+    pub fn advance_hour(&mut self, now: DateTime<Utc>) -> HourIndex {
+        let h = hour_index(now);
+        if h > self.hour {
+            self.hour = h;
+            for entry in self.files.values_mut() {
+                entry.handle = None;
+            }
+        }
+        self.hour
+    }
+
+    /// Every known file and its committed length, for the checkpoint.
+    pub fn lengths(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.files.iter().map(|(k, e)| (k.as_str(), e.len))
+    }
+
+    /// Forgets closed files not written for [`FORGET_FILES_AFTER`]. Returns how many.
+    pub fn forget_idle(&mut self) -> usize {
+        let before = self.files.len();
+        self.files
+            .retain(|_, e| e.handle.is_some() || e.last_write.elapsed() < FORGET_FILES_AFTER);
+        before - self.files.len()
+    }
+
+    /// Opens `rel` for appending, creating directories and the file as needed (syncing
+    /// each new entry's parent), and cutting anything beyond the committed length.
+    fn open(&mut self, gateway: &GatewayId, rel: &str) -> io::Result<()> {
+        if self.files.get(rel).is_some_and(|e| e.handle.is_some()) {
+            return Ok(());
+        }
+        let path = self.data_dir.join(rel);
+        let date_dir = path
+            .parent()
+            .ok_or_else(|| io::Error::other("bad stream path"))?;
+        ensure_dir(&self.data_dir.join(STREAM_DIR).join(gateway.as_str()))?;
+        ensure_dir(date_dir)?;
+
+        let (file, len) = match OpenOptions::new()
+            .append(true)
+            .read(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(f) => {
+                sync_dir(date_dir)?;
+                (f, 0)
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let mut f = OpenOptions::new().append(true).read(true).open(&path)?;
+                let actual = f.metadata()?.len();
+                // Known: anything past the committed length is a failed, unacknowledged
+                // write. Unknown (an old hour, recovered and forgotten): its lines are in
+                // the index already; only a torn tail needs cutting.
+                let keep = match self.files.get(rel) {
+                    Some(e) => e.len.min(actual),
+                    None => complete_prefix_len(&mut f, actual)?,
+                };
+                if keep < actual {
+                    tracing::warn!(
+                        file = %path.display(),
+                        from = actual,
+                        to = keep,
+                        "Cut unacknowledged bytes off the end of a stream file."
+                    );
+                    f.set_len(keep)?;
+                    f.sync_all()?;
+                }
+                (f, keep)
+            }
+            Err(e) => return Err(e),
+        };
+        let entry = self.files.entry(rel.to_owned()).or_insert(FileEntry {
+            handle: None,
+            len,
+            last_write: Instant::now(),
+        });
+        entry.handle = Some(file);
+        entry.len = len;
+        Ok(())
+    }
+
+    /// Appends each buffer (complete lines) to its file and fsyncs every touched file.
+    ///
+    /// Returns one result per buffer. A file whose write or fsync failed is cut back to
+    /// its committed length and closed, so the next attempt starts clean.
+    pub fn append(&mut self, buffers: &[(GatewayId, String, Vec<u8>)]) -> Vec<AppendResult> {
+        let mut results: Vec<AppendResult> = Vec::with_capacity(buffers.len());
+        // Phase 1: open and write (into the page cache; fast).
+        for (gateway, rel, buf) in buffers {
+            let r = self.open(gateway, rel).and_then(|()| {
+                let entry = self
+                    .files
+                    .get_mut(rel)
+                    .ok_or_else(|| io::Error::other("stream file vanished from the table"))?;
+                let file = entry
+                    .handle
+                    .as_mut()
+                    .ok_or_else(|| io::Error::other("stream file is not open"))?;
+                file.write_all(buf)
+            });
+            results.push(r);
+        }
+        // Phase 2: one fsync per file, in parallel when there are several.
+        let to_sync: Vec<(usize, &File)> = buffers
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| results[*i].is_ok())
+            .filter_map(|(i, (_, rel, _))| {
+                self.files
+                    .get(rel)
+                    .and_then(|e| e.handle.as_ref())
+                    .map(|f| (i, f))
+            })
+            .collect();
+        for (i, r) in sync_files(&to_sync) {
+            results[i] = r;
+        }
+        // Phase 3: commit lengths, or roll back.
+        let now = Instant::now();
+        for ((_, rel, buf), r) in buffers.iter().zip(results.iter()) {
+            let Some(entry) = self.files.get_mut(rel) else {
+                continue;
+            };
+            match r {
+                Ok(()) => {
+                    entry.len += buf.len() as u64;
+                    entry.last_write = now;
+                }
+                Err(_) => {
+                    if let Some(f) = entry.handle.take() {
+                        let cut = f.set_len(entry.len).and_then(|()| f.sync_all());
+                        if let Err(e) = cut {
+                            tracing::error!(
+                                file = %rel,
+                                error = %e,
+                                "Could not cut a failed write off a stream file; it will be cut when the file is next opened."
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        results
+    }
+}
+
+/// fsyncs files, several at once when there is more than one (each fsync waits on the
+/// device, not the CPU).
+fn sync_files(files: &[(usize, &File)]) -> Vec<(usize, io::Result<()>)> {
+    const MAX_THREADS: usize = 8;
+    if files.len() <= 1 {
+        return files.iter().map(|&(i, f)| (i, f.sync_data())).collect();
+    }
+    let per_thread = files.len().div_ceil(MAX_THREADS);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = files
+            .chunks(per_thread)
+            .map(|chunk| {
+                s.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|&(i, f)| (i, f.sync_data()))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .zip(files.chunks(per_thread))
+            .flat_map(|(h, chunk)| match h.join() {
+                Ok(results) => results,
+                Err(_) => chunk
+                    .iter()
+                    .map(|&(i, _)| (i, Err(io::Error::other("fsync thread panicked"))))
+                    .collect(),
+            })
+            .collect()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gw(s: &str) -> GatewayId {
+        GatewayId::new(s).unwrap()
+    }
+
+    #[test]
+    fn paths_use_the_utc_hour() {
+        let t = DateTime::parse_from_rfc3339("2024-03-05T07:59:59.9+01:00")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(
+            relative_path(&gw("pi-1"), hour_index(t)),
+            "stream/pi-1/2024-03-05/06.jsonl"
+        );
+    }
+
+    #[test]
+    fn the_hour_never_goes_backwards() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = StreamFiles::new(dir.path().to_owned(), []);
+        let t1 = DateTime::parse_from_rfc3339("2024-03-05T10:00:00Z")
+            .unwrap()
+            .to_utc();
+        let t0 = DateTime::parse_from_rfc3339("2024-03-05T08:30:00Z")
+            .unwrap()
+            .to_utc();
+        let h = files.advance_hour(t1);
+        assert_eq!(files.advance_hour(t0), h);
+    }
+
+    #[test]
+    fn appends_create_directories_and_count_lengths() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join(STREAM_DIR)).unwrap();
+        let mut files = StreamFiles::new(dir.path().to_owned(), []);
+        let rel = relative_path(&gw("pi-1"), 475_000);
+        let rel2 = relative_path(&gw("pi-2"), 475_000);
+        let r = files.append(&[
+            (gw("pi-1"), rel.clone(), b"{\"a\":1}\n".to_vec()),
+            (gw("pi-2"), rel2.clone(), b"{\"b\":2}\n".to_vec()),
+        ]);
+        assert!(r.iter().all(Result::is_ok), "{r:?}");
+        let r = files.append(&[(gw("pi-1"), rel.clone(), b"{\"a\":3}\n".to_vec())]);
+        assert!(r[0].is_ok());
+        assert_eq!(
+            fs::read_to_string(dir.path().join(&rel)).unwrap(),
+            "{\"a\":1}\n{\"a\":3}\n"
+        );
+        let lengths: HashMap<_, _> = files.lengths().collect();
+        assert_eq!(lengths[rel.as_str()], 16);
+        assert_eq!(lengths[rel2.as_str()], 8);
+    }
+
+    #[test]
+    fn reopening_cuts_bytes_past_the_committed_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let rel = relative_path(&gw("pi-1"), 475_000);
+        let path = dir.path().join(&rel);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, b"{\"a\":1}\n{\"a\":2}\n{\"tor").unwrap();
+
+        // Known at 8 bytes: everything after is cut, complete or not.
+        let mut files = StreamFiles::new(dir.path().to_owned(), [(rel.clone(), 8)]);
+        files.append(&[(gw("pi-1"), rel.clone(), b"{\"a\":9}\n".to_vec())]);
+        assert_eq!(fs::read_to_string(&path).unwrap(), "{\"a\":1}\n{\"a\":9}\n");
+
+        // Unknown: only the torn tail is cut.
+        fs::write(&path, b"{\"a\":1}\n{\"a\":2}\n{\"tor").unwrap();
+        let mut files = StreamFiles::new(dir.path().to_owned(), []);
+        files.append(&[(gw("pi-1"), rel.clone(), b"{\"a\":9}\n".to_vec())]);
+        assert_eq!(
+            fs::read_to_string(&path).unwrap(),
+            "{\"a\":1}\n{\"a\":2}\n{\"a\":9}\n"
+        );
+    }
+
+    #[test]
+    fn complete_prefix_across_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let mut content = vec![b'x'; 70_000];
+        content[10] = b'\n';
+        content.extend_from_slice(b"tail");
+        fs::write(&path, &content).unwrap();
+        let mut f = File::open(&path).unwrap();
+        assert_eq!(
+            complete_prefix_len(&mut f, content.len() as u64).unwrap(),
+            11
+        );
+        fs::write(&path, b"no newline").unwrap();
+        let mut f = File::open(&path).unwrap();
+        assert_eq!(complete_prefix_len(&mut f, 10).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_failed_write_is_reported_per_file() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join(STREAM_DIR)).unwrap();
+        // A plain file where pi-2's directory should be.
+        fs::write(dir.path().join(STREAM_DIR).join("pi-2"), b"").unwrap();
+        let mut files = StreamFiles::new(dir.path().to_owned(), []);
+        let r = files.append(&[
+            (gw("pi-1"), relative_path(&gw("pi-1"), 1), b"1\n".to_vec()),
+            (gw("pi-2"), relative_path(&gw("pi-2"), 1), b"2\n".to_vec()),
+        ]);
+        assert!(r[0].is_ok());
+        assert!(r[1].is_err());
+    }
+}

@@ -1,0 +1,551 @@
+//! The sink writer: one thread that owns the stream files and the deduplication index.
+//!
+//! HTTP handlers send it [`WriteRequest`]s over a bounded channel and wait for the reply.
+//! The thread takes everything waiting (a *group*), and for the whole group at once:
+//!
+//! 1. applies settled-below promises and checks each event against the index (and so
+//!    against the rest of the group), marking duplicates;
+//! 2. appends the new events' lines, one buffer per stream file, and fsyncs each touched
+//!    file once (in parallel when several);
+//! 3. keeps the index entries of what reached the disk and forgets the rest;
+//! 4. replies to every request of the group.
+//!
+//! Because the check, the write and the index update happen on this one thread, two
+//! requests carrying the same event can never both write it. Group commit is what makes
+//! the throughput: one fsync covers every request that arrived while the last one ran.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use pigeon_shared::ce::GatewayId;
+use tokio::sync::{mpsc, oneshot};
+
+use super::checkpoint::{Checkpoint, RecoveryError, recover};
+use super::dedup::DedupIndex;
+use super::stream::{STATE_DIR, StreamFiles, relative_path};
+use crate::config::SinkSettings;
+use crate::metrics::Metrics;
+
+/// Most requests in one group commit.
+const MAX_GROUP_REQUESTS: usize = 4096;
+/// Most bytes of lines in one group commit.
+const MAX_GROUP_BYTES: usize = 64 << 20;
+
+/// One event to store.
+#[derive(Debug, Clone)]
+pub struct SinkEvent {
+    pub gateway: GatewayId,
+    pub producer: String,
+    pub sequence: u64,
+    /// The structured JSON of the event, without a newline.
+    pub line: Vec<u8>,
+}
+
+/// A gateway's promise never to send sequences below `below` under `producer` again.
+#[derive(Debug, Clone)]
+pub struct Settle {
+    pub gateway: GatewayId,
+    pub producer: String,
+    pub below: u64,
+}
+
+/// What the sink did with one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Written and fsynced by this request.
+    Accepted,
+    /// Written durably before; not written again.
+    Duplicate,
+}
+
+/// Why the sink did not store a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SinkError {
+    #[error("the stream sink cannot write: {0}")]
+    Unavailable(String),
+    #[error("the relay is shutting down")]
+    ShuttingDown,
+}
+
+struct WriteRequest {
+    events: Vec<SinkEvent>,
+    settle: Option<Settle>,
+    reply: oneshot::Sender<Result<Vec<Outcome>, SinkError>>,
+}
+
+enum Command {
+    Write(WriteRequest),
+    /// Wakes the writer to write a due checkpoint.
+    Tick,
+    /// Finish what is queued before this, write the checkpoint, stop.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// The async side's handle on the sink writer.
+#[derive(Clone)]
+pub struct SinkHandle {
+    tx: mpsc::Sender<Command>,
+    metrics: Arc<Metrics>,
+}
+
+impl SinkHandle {
+    /// Stores events (and applies a settled-below promise) durably; one outcome per event.
+    /// Waits for room in the queue when the writer is behind.
+    pub async fn write(
+        &self,
+        events: Vec<SinkEvent>,
+        settle: Option<Settle>,
+    ) -> Result<Vec<Outcome>, SinkError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::Write(WriteRequest {
+                events,
+                settle,
+                reply,
+            }))
+            .await
+            .map_err(|_| SinkError::ShuttingDown)?;
+        answer.await.map_err(|_| SinkError::ShuttingDown)?
+    }
+
+    /// Whether the writer is running and its last write succeeded.
+    pub fn healthy(&self) -> bool {
+        !self.tx.is_closed() && self.metrics.sink_healthy.load(Relaxed)
+    }
+
+    /// Asks the writer to finish the queued requests, write its checkpoint and stop.
+    pub async fn shutdown(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Command::Shutdown(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+
+    /// Sends a tick every `every` so a due checkpoint is written while idle.
+    pub fn spawn_ticker(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(every);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                match tx.try_send(Command::Tick) {
+                    Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
+                    Err(mpsc::error::TrySendError::Closed(_)) => break,
+                }
+            }
+        })
+    }
+}
+
+/// Recovers the data dir, writes a first checkpoint (proving the state dir is writable)
+/// and starts the writer thread.
+pub fn start(
+    data_dir: &Path,
+    settings: SinkSettings,
+    metrics: Arc<Metrics>,
+) -> Result<(SinkHandle, std::thread::JoinHandle<()>), RecoveryError> {
+    let started = Instant::now();
+    let rec = recover(data_dir)?;
+    tracing::info!(
+        data_dir = %data_dir.display(),
+        from_checkpoint = rec.from_checkpoint,
+        files_scanned = rec.files_scanned,
+        lines_scanned = rec.lines_scanned,
+        torn_bytes_cut = rec.torn_bytes_cut,
+        producers = rec.index.producer_count(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "Recovered the deduplication index."
+    );
+    let mut writer = Writer {
+        state_dir: data_dir.join(STATE_DIR),
+        files: StreamFiles::new(data_dir.to_owned(), rec.files),
+        index: rec.index,
+        metrics: metrics.clone(),
+        dirty: false,
+        last_checkpoint: Instant::now(),
+        checkpoint_interval: settings.checkpoint_interval,
+    };
+    writer.checkpoint().map_err(|source| RecoveryError::Io {
+        path: writer.state_dir.clone(),
+        source,
+    })?;
+    let (tx, rx) = mpsc::channel(settings.queue_depth);
+    let thread = std::thread::Builder::new()
+        .name("pigeon-sink".to_owned())
+        .spawn(move || writer.run(rx))
+        .map_err(|source| RecoveryError::Io {
+            path: PathBuf::from("(sink writer thread)"),
+            source,
+        })?;
+    Ok((SinkHandle { tx, metrics }, thread))
+}
+
+struct Writer {
+    state_dir: PathBuf,
+    files: StreamFiles,
+    index: DedupIndex,
+    metrics: Arc<Metrics>,
+    /// Whether the index or file table changed since the last checkpoint.
+    dirty: bool,
+    last_checkpoint: Instant,
+    checkpoint_interval: Duration,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut stop: Option<Option<oneshot::Sender<()>>> = None;
+        let mut group = Vec::new();
+        while stop.is_none() {
+            let Some(mut next) = rx.blocking_recv() else {
+                stop = Some(None);
+                break;
+            };
+            let mut bytes = 0;
+            loop {
+                match next {
+                    Command::Write(w) => {
+                        bytes += w.events.iter().map(|e| e.line.len() + 1).sum::<usize>();
+                        group.push(w);
+                    }
+                    Command::Tick => {}
+                    Command::Shutdown(done) => {
+                        stop = Some(Some(done));
+                        break;
+                    }
+                }
+                if group.len() >= MAX_GROUP_REQUESTS || bytes >= MAX_GROUP_BYTES {
+                    break;
+                }
+                match rx.try_recv() {
+                    Ok(c) => next = c,
+                    Err(_) => break,
+                }
+            }
+            if !group.is_empty() {
+                self.commit(std::mem::take(&mut group));
+            }
+            if self.files.forget_idle() > 0 {
+                self.dirty = true;
+            }
+            if self.dirty && self.last_checkpoint.elapsed() >= self.checkpoint_interval {
+                self.checkpoint_logged();
+            }
+        }
+        // Queued requests behind the shutdown get an error when `rx` is dropped.
+        drop(rx);
+        if self.dirty {
+            self.checkpoint_logged();
+        }
+        tracing::info!("The sink writer stopped.");
+        if let Some(Some(done)) = stop {
+            let _ = done.send(());
+        }
+    }
+
+    fn checkpoint(&mut self) -> std::io::Result<()> {
+        let cp = Checkpoint::capture(&self.index, self.files.lengths());
+        self.last_checkpoint = Instant::now();
+        cp.store(&self.state_dir)?;
+        self.dirty = false;
+        self.metrics.checkpoints_written.fetch_add(1, Relaxed);
+        self.metrics
+            .dedup_producers
+            .store(self.index.producer_count() as u64, Relaxed);
+        Ok(())
+    }
+
+    fn checkpoint_logged(&mut self) {
+        if let Err(e) = self.checkpoint() {
+            self.metrics.checkpoint_errors.fetch_add(1, Relaxed);
+            tracing::error!(
+                dir = %self.state_dir.display(),
+                error = %e,
+                "Could not write the deduplication checkpoint; a restart will re-read more of the stream."
+            );
+        }
+    }
+
+    fn commit(&mut self, group: Vec<WriteRequest>) {
+        let started = Instant::now();
+        let hour = self.files.advance_hour(Utc::now());
+
+        // 1. Dedup against the index (which includes this group's earlier events).
+        let mut buffers: Vec<(GatewayId, String, Vec<u8>)> = Vec::new();
+        let mut buffer_of: HashMap<GatewayId, usize> = HashMap::new();
+        let mut inserted: Vec<(usize, usize, usize)> = Vec::new();
+        let mut outcomes: Vec<Vec<Outcome>> = Vec::with_capacity(group.len());
+        for (ri, req) in group.iter().enumerate() {
+            if let Some(s) = &req.settle
+                && self.index.settle(s.gateway.as_str(), &s.producer, s.below)
+            {
+                self.dirty = true;
+            }
+            let mut out = Vec::with_capacity(req.events.len());
+            for (ei, ev) in req.events.iter().enumerate() {
+                if self
+                    .index
+                    .insert(ev.gateway.as_str(), &ev.producer, ev.sequence)
+                {
+                    let bi = match buffer_of.get(&ev.gateway) {
+                        Some(&bi) => bi,
+                        None => {
+                            buffers.push((
+                                ev.gateway.clone(),
+                                relative_path(&ev.gateway, hour),
+                                Vec::new(),
+                            ));
+                            buffer_of.insert(ev.gateway.clone(), buffers.len() - 1);
+                            buffers.len() - 1
+                        }
+                    };
+                    let buf = &mut buffers[bi].2;
+                    buf.extend_from_slice(&ev.line);
+                    buf.push(b'\n');
+                    inserted.push((ri, ei, bi));
+                    out.push(Outcome::Accepted);
+                } else {
+                    out.push(Outcome::Duplicate);
+                }
+            }
+            outcomes.push(out);
+        }
+
+        // 2. Append and fsync.
+        let results = if buffers.is_empty() {
+            Vec::new()
+        } else {
+            self.files.append(&buffers)
+        };
+
+        // 3. Keep what is durable, forget what is not.
+        for &(ri, ei, bi) in &inserted {
+            let ev = &group[ri].events[ei];
+            if results[bi].is_err() {
+                self.index
+                    .remove(ev.gateway.as_str(), &ev.producer, ev.sequence);
+            }
+        }
+        for req in &group {
+            for ev in &req.events {
+                self.index.compact(ev.gateway.as_str(), &ev.producer);
+            }
+        }
+        let mut written = 0u64;
+        let mut failures = Vec::new();
+        for ((_, rel, buf), r) in buffers.iter().zip(&results) {
+            match r {
+                Ok(()) => written += buf.len() as u64,
+                Err(e) => failures.push(format!("{rel}: {e}")),
+            }
+        }
+        if !inserted.is_empty() {
+            self.dirty = true;
+        }
+        let m = &self.metrics;
+        m.stream_bytes_written.fetch_add(written, Relaxed);
+        m.sink_commits.fetch_add(1, Relaxed);
+        m.sink_commit_seconds.observe(started.elapsed());
+        if failures.is_empty() {
+            if !buffers.is_empty() {
+                m.sink_healthy.store(true, Relaxed);
+            }
+        } else {
+            m.sink_errors.fetch_add(failures.len() as u64, Relaxed);
+            m.sink_healthy.store(false, Relaxed);
+            tracing::error!(
+                failed_files = failures.len(),
+                first_error = %failures[0],
+                "Could not write to the stream; the affected requests are answered 503 and their gateways keep the events."
+            );
+        }
+
+        // 4. Reply. A request fails if any of its events, accepted or duplicate, belongs
+        // to a file that failed: a duplicate may be of an event written earlier in this
+        // same group, which is durable only if that write was.
+        for (req, out) in group.into_iter().zip(outcomes) {
+            let failed = req.events.iter().find_map(|ev| {
+                let bi = *buffer_of.get(&ev.gateway)?;
+                results[bi].as_ref().err().map(|e| (bi, e))
+            });
+            let answer = match failed {
+                None => Ok(out),
+                Some((bi, e)) => Err(SinkError::Unavailable(format!("{}: {e}", buffers[bi].1))),
+            };
+            let _ = req.reply.send(answer);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pigeon_shared::ce::format_sequence;
+
+    fn settings() -> SinkSettings {
+        SinkSettings {
+            checkpoint_interval: Duration::from_millis(10),
+            queue_depth: 64,
+            retry_after: Duration::from_secs(1),
+        }
+    }
+
+    fn ev(gw: &str, producer: &str, seq: u64) -> SinkEvent {
+        SinkEvent {
+            gateway: GatewayId::new(gw).unwrap(),
+            producer: producer.to_owned(),
+            sequence: seq,
+            line: format!(
+                "{{\"id\":\"{seq}\",\"producerid\":\"{producer}\",\"sequence\":\"{}\"}}",
+                format_sequence(seq)
+            )
+            .into_bytes(),
+        }
+    }
+
+    fn stream_lines(dir: &Path) -> Vec<String> {
+        let mut lines = Vec::new();
+        let mut stack = vec![dir.join("stream")];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    let text = std::fs::read_to_string(&p).unwrap();
+                    lines.extend(text.lines().map(str::to_owned));
+                }
+            }
+        }
+        lines.sort();
+        lines
+    }
+
+    #[tokio::test]
+    async fn duplicates_within_a_request_and_across_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, thread) = start(dir.path(), settings(), Arc::new(Metrics::new())).unwrap();
+        let out = sink
+            .write(
+                vec![ev("pi-1", "p", 1), ev("pi-1", "p", 2), ev("pi-1", "p", 1)],
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            out,
+            [Outcome::Accepted, Outcome::Accepted, Outcome::Duplicate]
+        );
+        let out = sink
+            .write(vec![ev("pi-1", "p", 2), ev("pi-1", "p", 3)], None)
+            .await
+            .unwrap();
+        assert_eq!(out, [Outcome::Duplicate, Outcome::Accepted]);
+        assert_eq!(stream_lines(dir.path()).len(), 3);
+        sink.shutdown().await;
+        thread.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_with_the_same_events_write_them_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, thread) = start(dir.path(), settings(), Arc::new(Metrics::new())).unwrap();
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let sink = sink.clone();
+                tokio::spawn(async move {
+                    sink.write((0..50).map(|s| ev("pi-1", "p", s)).collect(), None)
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut accepted = 0;
+        for t in tasks {
+            accepted += t
+                .await
+                .unwrap()
+                .iter()
+                .filter(|o| **o == Outcome::Accepted)
+                .count();
+        }
+        assert_eq!(accepted, 50);
+        assert_eq!(stream_lines(dir.path()).len(), 50);
+        sink.shutdown().await;
+        thread.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn settled_below_makes_old_sequences_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, thread) = start(dir.path(), settings(), Arc::new(Metrics::new())).unwrap();
+        let settle = Settle {
+            gateway: GatewayId::new("pi-1").unwrap(),
+            producer: "p".to_owned(),
+            below: 100,
+        };
+        let out = sink
+            .write(
+                vec![ev("pi-1", "p", 99), ev("pi-1", "p", 100)],
+                Some(settle),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out, [Outcome::Duplicate, Outcome::Accepted]);
+        // Another gateway's producer with the same id is not affected.
+        let out = sink.write(vec![ev("pi-2", "p", 99)], None).await.unwrap();
+        assert_eq!(out, [Outcome::Accepted]);
+        sink.shutdown().await;
+        thread.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_index_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, thread) = start(dir.path(), settings(), Arc::new(Metrics::new())).unwrap();
+        sink.write((0..10).map(|s| ev("pi-1", "p", s)).collect(), None)
+            .await
+            .unwrap();
+        sink.shutdown().await;
+        thread.join().unwrap();
+
+        let (sink, thread) = start(dir.path(), settings(), Arc::new(Metrics::new())).unwrap();
+        let out = sink
+            .write(vec![ev("pi-1", "p", 9), ev("pi-1", "p", 10)], None)
+            .await
+            .unwrap();
+        assert_eq!(out, [Outcome::Duplicate, Outcome::Accepted]);
+        sink.shutdown().await;
+        thread.join().unwrap();
+        assert_eq!(stream_lines(dir.path()).len(), 11);
+    }
+
+    #[tokio::test]
+    async fn a_failing_file_fails_its_requests_and_forgets_their_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let (sink, thread) = start(dir.path(), settings(), metrics.clone()).unwrap();
+        // pi-2's directory cannot be created: a plain file is in the way.
+        std::fs::write(dir.path().join("stream").join("pi-2"), b"").unwrap();
+        let err = sink
+            .write(vec![ev("pi-2", "p", 1)], None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SinkError::Unavailable(_)), "{err:?}");
+        assert!(!sink.healthy());
+        // pi-1 still works, and the sink is healthy again after a good write.
+        let out = sink.write(vec![ev("pi-1", "p", 1)], None).await.unwrap();
+        assert_eq!(out, [Outcome::Accepted]);
+        assert!(sink.healthy());
+        // Once the obstacle is gone, pi-2's event is accepted, not a duplicate.
+        std::fs::remove_file(dir.path().join("stream").join("pi-2")).unwrap();
+        let out = sink.write(vec![ev("pi-2", "p", 1)], None).await.unwrap();
+        assert_eq!(out, [Outcome::Accepted]);
+        sink.shutdown().await;
+        thread.join().unwrap();
+    }
+}
