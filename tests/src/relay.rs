@@ -151,6 +151,20 @@ impl Relay {
         http_get(self.port, path).await
     }
 
+    /// The value of one sample on `GET /metrics` (Prometheus text), e.g.
+    /// `pigeon_relay_ingest_requests_total{code="401"}`; `None` if it is not there.
+    pub async fn metric(&self, sample: &str) -> Result<Option<f64>, String> {
+        let (code, body) = self.get("/metrics").await?;
+        if code != 200 {
+            return Err(format!("GET /metrics answered {code}"));
+        }
+        Ok(body.lines().find_map(|l| {
+            l.strip_prefix(sample)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        }))
+    }
+
     /// Polls the stream until every number in `expected` is there under `data.<field>`;
     /// panics after `timeout`, naming what is still missing. Returns the stream as read.
     pub async fn wait_for_readings(

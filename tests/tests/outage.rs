@@ -2,7 +2,6 @@
 //! the broker into its outbox and delivers them, exactly once, when the relay lets it.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use pigeon_e2e::{
     MosquittoOptions, Pipeline, Publisher, PublisherOptions, Stream, TOKEN, Token,
@@ -112,9 +111,19 @@ async fn wrong_token_loses_nothing_and_the_right_one_delivers_everything_once() 
     let expected: BTreeSet<u64> = report.acked;
     wait_for_gateway_acks(&p, 0, COUNT as usize).await;
 
-    // Absence cannot be polled for: give the gateway a few upload attempts (its first
-    // retries come within a second) and check the relay let none of them in.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The gateway tries, and the relay refuses it (more than once: it retries).
+    let refused = r#"pigeon_relay_ingest_requests_total{code="401"}"#;
+    wait_until(
+        "the relay to refuse the gateway twice",
+        secs(30),
+        || async {
+            match p.relay.metric(refused).await? {
+                Some(n) if n >= 2.0 => Ok(()),
+                other => Err(format!("{refused} is {other:?}")),
+            }
+        },
+    )
+    .await;
     let stream = p.relay.read_stream();
     assert!(
         stream.is_empty(),
