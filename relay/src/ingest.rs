@@ -23,6 +23,7 @@ use cloudevents::event::ExtensionValue;
 use cloudevents::{AttributesReader, Event};
 use pigeon_shared::ce::{self, GatewayId};
 use pigeon_shared::wire::{HEADER_PRODUCER_ID, HEADER_SETTLED_BELOW};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::auth::Principal;
@@ -201,6 +202,10 @@ pub fn decode_body<'a>(
 }
 
 /// Parses a (decoded) body into events, one `Result` per event in the order sent.
+///
+/// A batch is first split into its elements without interpreting them (as raw JSON
+/// text), and each element is then parsed on its own, so one bad event is only that
+/// event's rejection.
 pub fn parse_events(
     mode: Mode,
     headers: &HeaderMap,
@@ -208,43 +213,50 @@ pub fn parse_events(
 ) -> Result<Vec<Result<Event, Rejection>>, RequestError> {
     match mode {
         Mode::Batch => {
-            let values: Vec<Value> = match serde_json::from_slice::<Value>(body) {
-                Ok(Value::Array(values)) => values,
-                Ok(_) => {
-                    return Err(RequestError::BadRequest(
-                        "a batch must be a JSON array of events".to_owned(),
-                    ));
-                }
-                Err(e) => {
-                    return Err(RequestError::BadRequest(format!(
-                        "the batch is not valid JSON: {e}"
-                    )));
-                }
-            };
-            Ok(values.into_iter().map(event_from_value).collect())
+            let elements: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| {
+                RequestError::BadRequest(if e.is_data() {
+                    "a batch must be a JSON array of events".to_owned()
+                } else {
+                    format!("the batch is not valid JSON: {e}")
+                })
+            })?;
+            Ok(elements.into_iter().map(structured_event).collect())
         }
-        Mode::Structured => match serde_json::from_slice::<Value>(body) {
-            Ok(v @ Value::Object(_)) => Ok(vec![event_from_value(v)]),
-            Ok(_) => Err(RequestError::BadRequest(
-                "a structured-mode body must be a JSON object".to_owned(),
-            )),
-            Err(e) => Err(RequestError::BadRequest(format!(
-                "the event is not valid JSON: {e}"
-            ))),
-        },
+        Mode::Structured => {
+            let raw: &RawValue = serde_json::from_slice(body).map_err(|e| {
+                RequestError::BadRequest(format!("the event is not valid JSON: {e}"))
+            })?;
+            if !raw.get().starts_with('{') {
+                return Err(RequestError::BadRequest(
+                    "a structured-mode body must be a JSON object".to_owned(),
+                ));
+            }
+            Ok(vec![structured_event(raw)])
+        }
         Mode::Binary => Ok(vec![binary_event(headers, body)]),
     }
 }
 
-/// One structured event from its JSON value.
-fn event_from_value(value: Value) -> Result<Event, Rejection> {
-    let id = match &value {
-        Value::Object(map) => map.get("id").and_then(Value::as_str).map(str::to_owned),
-        _ => return Err(Rejection::new(None, "an event must be a JSON object")),
-    };
-    serde_json::from_value::<Event>(value).map_err(|e| Rejection {
-        id,
-        reason: format!("not a valid CloudEvent: {e}"),
+/// One structured event from its JSON text.
+fn structured_event(raw: &RawValue) -> Result<Event, Rejection> {
+    let text = raw.get();
+    if !text.starts_with('{') {
+        return Err(Rejection::new(None, "an event must be a JSON object"));
+    }
+    serde_json::from_str::<Event>(text).map_err(|e| {
+        // Only now look for the id, to say which event this was.
+        #[derive(serde::Deserialize)]
+        struct IdOnly {
+            id: Option<Value>,
+        }
+        let id = serde_json::from_str::<IdOnly>(text)
+            .ok()
+            .and_then(|i| i.id)
+            .and_then(|v| v.as_str().map(str::to_owned));
+        Rejection {
+            id,
+            reason: format!("not a valid CloudEvent: {e}"),
+        }
     })
 }
 

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -86,7 +87,7 @@ pub fn complete_prefix_len(file: &mut File, len: u64) -> io::Result<u64> {
 #[derive(Debug)]
 struct FileEntry {
     /// Open while the file belongs to the current hour.
-    handle: Option<File>,
+    handle: Option<Arc<File>>,
     /// Bytes known to be complete lines and durable.
     len: u64,
     last_write: Instant,
@@ -102,6 +103,7 @@ pub struct StreamFiles {
     files: HashMap<String, FileEntry>,
     /// The hour being written; never goes backwards, even if the clock does.
     hour: HourIndex,
+    sync_pool: SyncPool,
 }
 
 impl StreamFiles {
@@ -124,6 +126,7 @@ impl StreamFiles {
                 })
                 .collect(),
             hour: HourIndex::MIN,
+            sync_pool: SyncPool::new(SYNC_THREADS),
         }
     }
 
@@ -205,7 +208,7 @@ impl StreamFiles {
             len,
             last_write: Instant::now(),
         });
-        entry.handle = Some(file);
+        entry.handle = Some(Arc::new(file));
         entry.len = len;
         Ok(())
     }
@@ -223,27 +226,27 @@ impl StreamFiles {
                     .files
                     .get_mut(rel)
                     .ok_or_else(|| io::Error::other("stream file vanished from the table"))?;
-                let file = entry
+                let mut file: &File = entry
                     .handle
-                    .as_mut()
+                    .as_deref()
                     .ok_or_else(|| io::Error::other("stream file is not open"))?;
                 file.write_all(buf)
             });
             results.push(r);
         }
         // Phase 2: one fsync per file, in parallel when there are several.
-        let to_sync: Vec<(usize, &File)> = buffers
+        let to_sync: Vec<(usize, Arc<File>)> = buffers
             .iter()
             .enumerate()
             .filter(|(i, _)| results[*i].is_ok())
             .filter_map(|(i, (_, rel, _))| {
                 self.files
                     .get(rel)
-                    .and_then(|e| e.handle.as_ref())
+                    .and_then(|e| e.handle.clone())
                     .map(|f| (i, f))
             })
             .collect();
-        for (i, r) in sync_files(&to_sync) {
+        for (i, r) in self.sync_pool.sync(to_sync) {
             results[i] = r;
         }
         // Phase 3: commit lengths, or roll back.
@@ -275,38 +278,93 @@ impl StreamFiles {
     }
 }
 
-/// fsyncs files, several at once when there is more than one (each fsync waits on the
-/// device, not the CPU).
-fn sync_files(files: &[(usize, &File)]) -> Vec<(usize, io::Result<()>)> {
-    const MAX_THREADS: usize = 8;
-    if files.len() <= 1 {
-        return files.iter().map(|&(i, f)| (i, f.sync_data())).collect();
+/// Threads that fsync the files of one group commit at the same time: each fsync waits
+/// on the device, not the CPU, so with several files the waits overlap. Kept running so
+/// a commit does not pay for starting threads.
+#[derive(Debug)]
+struct SyncPool {
+    jobs: Option<mpsc::Sender<SyncJob>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+struct SyncJob {
+    index: usize,
+    file: Arc<File>,
+    done: mpsc::Sender<(usize, io::Result<()>)>,
+}
+
+/// Enough parallel fsyncs to overlap the device waits, not so many that they contend.
+const SYNC_THREADS: usize = 8;
+
+impl SyncPool {
+    fn new(size: usize) -> Self {
+        let (tx, rx) = mpsc::channel::<SyncJob>();
+        let rx = Arc::new(Mutex::new(rx));
+        let mut threads = Vec::with_capacity(size);
+        for i in 0..size {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("pigeon-fsync-{i}"))
+                .spawn(move || {
+                    loop {
+                        let job = match rx.lock() {
+                            Ok(guard) => guard.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok(job) = job else { return };
+                        let _ = job.done.send((job.index, job.file.sync_data()));
+                    }
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Could not start an fsync thread; stream files will be synced one after another.");
+                    break;
+                }
+            }
+        }
+        Self {
+            jobs: (!threads.is_empty()).then_some(tx),
+            threads,
+        }
     }
-    let per_thread = files.len().div_ceil(MAX_THREADS);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = files
-            .chunks(per_thread)
-            .map(|chunk| {
-                s.spawn(move || {
-                    chunk
-                        .iter()
-                        .map(|&(i, f)| (i, f.sync_data()))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .zip(files.chunks(per_thread))
-            .flat_map(|(h, chunk)| match h.join() {
-                Ok(results) => results,
-                Err(_) => chunk
-                    .iter()
-                    .map(|&(i, _)| (i, Err(io::Error::other("fsync thread panicked"))))
-                    .collect(),
-            })
-            .collect()
-    })
+
+    /// fsyncs (`sync_data`) every file; one result per file, in no particular order.
+    fn sync(&self, files: Vec<(usize, Arc<File>)>) -> Vec<(usize, io::Result<()>)> {
+        let Some(jobs) = self.jobs.as_ref().filter(|_| files.len() > 1) else {
+            return files.into_iter().map(|(i, f)| (i, f.sync_data())).collect();
+        };
+        let expected: Vec<usize> = files.iter().map(|(i, _)| *i).collect();
+        let (done, results) = mpsc::channel();
+        for (index, file) in files {
+            let job = SyncJob {
+                index,
+                file,
+                done: done.clone(),
+            };
+            if let Err(mpsc::SendError(job)) = jobs.send(job) {
+                let _ = done.send((job.index, job.file.sync_data()));
+            }
+        }
+        drop(done);
+        let mut out: Vec<(usize, io::Result<()>)> = results.iter().collect();
+        // A job lost to a panicking thread counts as a failed fsync.
+        for i in expected {
+            if !out.iter().any(|(j, _)| *j == i) {
+                out.push((i, Err(io::Error::other("the fsync thread failed"))));
+            }
+        }
+        out
+    }
+}
+
+impl Drop for SyncPool {
+    fn drop(&mut self) {
+        self.jobs = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 #[cfg(test)]
