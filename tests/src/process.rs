@@ -280,7 +280,7 @@ pub(crate) fn is_root() -> bool {
 /// A port on 127.0.0.1 that was free a moment ago, chosen at random below Linux's
 /// ephemeral range (32768–60999) so that outgoing connections never take it while a
 /// server using it is restarted.
-pub(crate) fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     use std::hash::{BuildHasher, RandomState};
     let random = RandomState::new();
     for i in 0u64..10_000 {
