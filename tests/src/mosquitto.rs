@@ -161,22 +161,44 @@ impl Mosquitto {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits until `client_id` has subscribed to `filter` (any QoS), as the broker logs it.
-    pub async fn wait_for_subscription(&self, client_id: &str, filter: &str, timeout: Duration) {
-        let what = format!("MQTT client {client_id:?} to subscribe to {filter:?}");
-        wait_until(&what, timeout, || async {
-            let found = self.log_text().lines().any(|l| {
+    /// How many times the broker logged `client_id` subscribing to `filter` (any QoS),
+    /// over all its runs.
+    pub fn subscriptions(&self, client_id: &str, filter: &str) -> usize {
+        self.log_text()
+            .lines()
+            .filter(|l| {
                 // "<ts>: <client-id> <qos> <filter>"
                 l.split_once(": ")
                     .and_then(|(_, rest)| rest.strip_prefix(client_id))
                     .and_then(|rest| rest.strip_prefix(' '))
                     .and_then(|rest| rest.split_once(' '))
                     .is_some_and(|(qos, f)| qos.parse::<u8>().is_ok() && f == filter)
-            });
-            if found {
+            })
+            .count()
+    }
+
+    /// Waits until `client_id` has subscribed to `filter` (any QoS), as the broker logs it.
+    pub async fn wait_for_subscription(&self, client_id: &str, filter: &str, timeout: Duration) {
+        self.wait_for_subscriptions(client_id, filter, 1, timeout)
+            .await;
+    }
+
+    /// Waits until the broker has logged `count` subscriptions of `client_id` to `filter`.
+    pub async fn wait_for_subscriptions(
+        &self,
+        client_id: &str,
+        filter: &str,
+        count: usize,
+        timeout: Duration,
+    ) {
+        let what =
+            format!("MQTT client {client_id:?} to subscribe to {filter:?} ({count} times in all)");
+        wait_until(&what, timeout, || async {
+            let n = self.subscriptions(client_id, filter);
+            if n >= count {
                 Ok(())
             } else {
-                Err("the broker has not logged that subscription".to_string())
+                Err(format!("the broker has logged {n}"))
             }
         })
         .await
