@@ -194,6 +194,33 @@ fn fdatasync_median(dir: &std::path::Path) -> Duration {
     times[times.len() / 2]
 }
 
+/// CPU seconds used so far by this process's threads, summed by thread name (Linux
+/// `/proc/self/task/*/stat`; empty elsewhere). Numbered names (`pigeon-fsync-3`) are
+/// grouped.
+fn cpu_by_thread() -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ... field 14 utime, 15 stime (clock ticks, 100 Hz).
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].trim_end_matches(|c: char| c.is_ascii_digit() || c == '-');
+        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let ticks: f64 = [11, 12]
+            .iter()
+            .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+            .sum();
+        *out.entry(name.to_owned()).or_insert(0.0) += ticks / 100.0;
+    }
+    out
+}
+
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
@@ -247,6 +274,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    let cpu_before = cpu_by_thread();
     let started = Instant::now();
     let results = client_rt.block_on(async {
         let tasks: Vec<_> = bodies
@@ -260,6 +288,7 @@ fn main() {
         all
     });
     let elapsed = started.elapsed();
+    let cpu_after = cpu_by_thread();
 
     let metrics = client_rt.block_on(async {
         let mut s = TcpStream::connect(addr).await.expect("connect");
@@ -316,6 +345,19 @@ fn main() {
         total_requests as f64 / commits,
         sink_sum / commits * 1e3,
         written / 1e6
+    );
+    let cpu: Vec<String> = cpu_after
+        .iter()
+        .map(|(name, after)| {
+            let used = after - cpu_before.get(name).copied().unwrap_or(0.0);
+            (name, used / secs * 100.0)
+        })
+        .filter(|(_, pct)| *pct >= 1.0)
+        .map(|(name, pct)| format!("{name} {pct:.0}%"))
+        .collect();
+    println!(
+        "  cpu:          {} (of one core; the load generator is the bench's main thread)",
+        cpu.join(", ")
     );
     if failures > 0 {
         std::process::exit(1);

@@ -426,3 +426,78 @@ fn sigterm_exits_0_after_writing_the_checkpoint() {
     assert_eq!(cp["producers"][0]["floor"], 0);
     assert_eq!(cp["producers"][0]["ranges"], json!([[1, 1]]));
 }
+
+#[test]
+fn over_max_concurrent_requests_is_503_with_retry_after_at_once() {
+    let relay = Relay::start_with("", "[limits]\nmax_concurrent_requests = 1\n");
+    let body = serde_json::to_vec(&[event("p-1", 1)]).unwrap();
+    let auth = auth1();
+    let headers = [BATCH, ("authorization", auth.as_str())];
+    // The first request holds the only slot while its body has not arrived.
+    let mut slow = RawConn::connect(relay.port);
+    slow.send_head(relay.port, &headers, body.len());
+    slow.send(&body[..5]);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+
+    let r = relay.post(&headers, &body);
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(r.json()["error"].as_str().unwrap().contains("concurrent"));
+
+    slow.send(&body[5..]);
+    let r = slow.response();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.statuses(), ["accepted"]);
+    // The slot is free again.
+    assert_eq!(relay.post_batch(&[event("p-1", 2)]).status, 200);
+}
+
+#[test]
+fn a_sink_that_cannot_write_is_503_and_not_ready_until_it_recovers() {
+    let relay = Relay::start();
+    // A plain file where pi-1's stream directory must go.
+    let obstacle = relay.data_dir().join("stream").join("pi-1");
+    std::fs::write(&obstacle, b"").unwrap();
+    let r = relay.post_batch(&[event("p-1", 1)]);
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), Some("5"));
+    assert!(r.json()["error"].as_str().unwrap().contains("cannot write"));
+    assert_eq!(request(relay.port, "GET", "/ready", &[], b"").status, 503);
+    assert_eq!(request(relay.port, "GET", "/live", &[], b"").status, 200);
+
+    std::fs::remove_file(&obstacle).unwrap();
+    // Not a duplicate: the failed write was forgotten.
+    assert_eq!(
+        relay.post_batch(&[event("p-1", 1)]).statuses(),
+        ["accepted"]
+    );
+    assert_eq!(request(relay.port, "GET", "/ready", &[], b"").status, 200);
+    assert_eq!(relay.stream_ids(), ["p-1-1"]);
+}
+
+#[test]
+fn sigterm_lets_an_in_flight_request_finish() {
+    let mut relay = Relay::start();
+    let body = serde_json::to_vec(&[event("p-1", 1)]).unwrap();
+    let auth = auth1();
+    let mut conn = RawConn::connect(relay.port);
+    conn.send_head(relay.port, &[BATCH, ("authorization", &auth)], body.len());
+    conn.send(&body[..10]);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+
+    let port = relay.port;
+    let waiter = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        // No new connections once shutting down.
+        let refused = try_request(port, "GET", "/live", &[], b"").is_err();
+        conn.send(&body[10..]);
+        (refused, conn.response())
+    });
+    let status = relay.terminate();
+    let (refused, r) = waiter.join().unwrap();
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.statuses(), ["accepted"]);
+    assert!(refused, "a new connection was served during shutdown");
+    assert_eq!(status.code(), Some(0), "{}", relay.log());
+    assert_eq!(relay.stream_ids(), ["p-1-1"]);
+}

@@ -307,7 +307,7 @@ pub fn try_request(
     parse_response(&raw)
 }
 
-fn parse_response(raw: &[u8]) -> std::io::Result<Response> {
+pub fn parse_response(raw: &[u8]) -> std::io::Result<Response> {
     let bad = |what: &str| std::io::Error::other(format!("bad HTTP response: {what}"));
     let end = raw
         .windows(4)
@@ -373,4 +373,42 @@ pub fn run_bin(args: &[&str]) -> (Option<i32>, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A connection driven by hand: send part of a request, do something else, send the rest.
+pub struct RawConn {
+    stream: TcpStream,
+}
+
+impl RawConn {
+    pub fn connect(port: u16) -> RawConn {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        RawConn { stream }
+    }
+
+    /// Sends the head of a POST to the ingest endpoint announcing `len` body bytes.
+    pub fn send_head(&mut self, port: u16, headers: &[(&str, &str)], len: usize) {
+        let mut head = format!(
+            "POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {len}\r\n"
+        );
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        self.send(head.as_bytes());
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("send");
+    }
+
+    /// Reads until the server closes the connection.
+    pub fn response(mut self) -> Response {
+        let mut raw = Vec::new();
+        self.stream.read_to_end(&mut raw).expect("read response");
+        parse_response(&raw).expect("parse response")
+    }
 }
