@@ -142,6 +142,7 @@ impl From<RequestError> for Failure {
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
+        tracing::debug!(status = self.status.as_u16(), error = %self.message, "Refused an ingest request.");
         let mut r = (
             self.status,
             Json(ErrorBody {
@@ -292,11 +293,14 @@ async fn handle_ingest(st: &AppState, headers: &HeaderMap, body: Body) -> Respon
                     line: ev.line,
                 });
             }
-            Err(Rejection { id, reason }) => results.push(EventResult {
-                id,
-                status: EventStatus::Rejected,
-                reason: Some(reason),
-            }),
+            Err(Rejection { id, reason }) => {
+                tracing::debug!(id = ?id, reason = %reason, "Rejected an event.");
+                results.push(EventResult {
+                    id,
+                    status: EventStatus::Rejected,
+                    reason: Some(reason),
+                });
+            }
         }
     }
     if !events.is_empty() || settle.is_some() {
