@@ -167,7 +167,7 @@ pub fn start(
         index: rec.index,
         metrics: metrics.clone(),
         dirty: false,
-        last_checkpoint: Instant::now(),
+        last_housekeeping: Instant::now(),
         checkpoint_interval: settings.checkpoint_interval,
     };
     writer.checkpoint().map_err(|source| RecoveryError::Io {
@@ -190,9 +190,10 @@ struct Writer {
     files: StreamFiles,
     index: DedupIndex,
     metrics: Arc<Metrics>,
-    /// Whether the index or file table changed since the last checkpoint.
+    /// Whether the index or file table changed since the last checkpoint written.
     dirty: bool,
-    last_checkpoint: Instant,
+    /// When idle files were last forgotten and a due checkpoint written.
+    last_housekeeping: Instant,
     checkpoint_interval: Duration,
 }
 
@@ -229,11 +230,14 @@ impl Writer {
             if !group.is_empty() {
                 self.commit(std::mem::take(&mut group));
             }
-            if self.files.forget_idle() > 0 {
-                self.dirty = true;
-            }
-            if self.dirty && self.last_checkpoint.elapsed() >= self.checkpoint_interval {
-                self.checkpoint_logged();
+            if self.last_housekeeping.elapsed() >= self.checkpoint_interval {
+                self.last_housekeeping = Instant::now();
+                if self.files.forget_idle() > 0 {
+                    self.dirty = true;
+                }
+                if self.dirty {
+                    self.checkpoint_logged();
+                }
             }
         }
         // Queued requests behind the shutdown get an error when `rx` is dropped.
@@ -249,7 +253,6 @@ impl Writer {
 
     fn checkpoint(&mut self) -> std::io::Result<()> {
         let cp = Checkpoint::capture(&self.index, self.files.lengths());
-        self.last_checkpoint = Instant::now();
         cp.store(&self.state_dir)?;
         self.dirty = false;
         self.metrics.checkpoints_written.fetch_add(1, Relaxed);
@@ -522,6 +525,30 @@ mod tests {
         sink.shutdown().await;
         thread.join().unwrap();
         assert_eq!(stream_lines(dir.path()).len(), 11);
+    }
+
+    #[tokio::test]
+    async fn the_checkpoint_is_written_soon_after_a_write_while_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, thread) = start(dir.path(), settings(), Arc::new(Metrics::new())).unwrap();
+        let ticker = sink.spawn_ticker(Duration::from_millis(10));
+        sink.write(vec![ev("pi-1", "p", 0), ev("pi-1", "p", 1)], None)
+            .await
+            .unwrap();
+        let state = dir.path().join(STATE_DIR);
+        let mut floor = None;
+        for _ in 0..200 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let cp = Checkpoint::load(&state).unwrap().unwrap();
+            floor = cp.producers.first().map(|p| p.floor);
+            if floor.is_some() {
+                break;
+            }
+        }
+        assert_eq!(floor, Some(2), "no checkpoint with the write within 2 s");
+        ticker.abort();
+        sink.shutdown().await;
+        thread.join().unwrap();
     }
 
     #[tokio::test]
