@@ -4,6 +4,7 @@
 //! ```text
 //! cargo bench -p pigeon-relay --bench ingest
 //! cargo bench -p pigeon-relay --bench ingest -- --connections 64 --requests 50000 --gateways 64
+//! cargo bench -p pigeon-relay --bench ingest -- --dir /dev/shm   # tmpfs: fsync is free
 //! ```
 //!
 //! Request bodies are built and compressed before the clock starts, and the client speaks
@@ -28,6 +29,9 @@ struct Options {
     requests: usize,
     batch: usize,
     gateways: usize,
+    /// Where to make the temporary data dir (default: the system temp dir). A tmpfs here
+    /// (`--dir /dev/shm`) makes fsync free and shows the CPU-bound ceiling.
+    dir: Option<std::path::PathBuf>,
 }
 
 impl Options {
@@ -37,10 +41,18 @@ impl Options {
             requests: 50_000,
             batch: 10,
             gateways: 8,
+            dir: None,
         };
         let args: Vec<String> = std::env::args().skip(1).collect();
         let mut i = 0;
         while i < args.len() {
+            if args[i] == "--dir"
+                && let Some(d) = args.get(i + 1)
+            {
+                o.dir = Some(d.into());
+                i += 2;
+                continue;
+            }
             let value = args.get(i + 1).and_then(|v| v.parse::<usize>().ok());
             let slot = match args[i].as_str() {
                 "--connections" => Some(&mut o.connections),
@@ -229,7 +241,11 @@ fn metric(text: &str, name: &str) -> f64 {
 
 fn main() {
     let o = Options::from_args();
-    let data = tempfile::tempdir().expect("temp dir");
+    let data = match &o.dir {
+        Some(d) => tempfile::tempdir_in(d),
+        None => tempfile::tempdir(),
+    }
+    .expect("temp dir");
     let fsync = fdatasync_median(data.path());
     let mut toml = format!("data_dir = {:?}\n", data.path().join("data"));
     toml.push_str("[limits]\nmax_concurrent_requests = 4096\n");
