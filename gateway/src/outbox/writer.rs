@@ -15,7 +15,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use super::{NewRecord, OutboxError, db};
 
 /// How many commands may wait for the writer before senders are made to wait.
-const CHANNEL_CAPACITY: usize = 4096;
+const CHANNEL_CAPACITY: usize = 1024;
 
 /// What became of an appended record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -55,16 +55,22 @@ pub fn encode_batch(
             Err(reason) => return (Vec::new(), Some((rec.seq, reason))),
         }
     }
-    let body = match compression {
-        Compression::None => serde_json::to_vec(&events).map_err(|e| e.to_string()),
-        Compression::Gzip => {
-            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            serde_json::to_writer(&mut gz, &events)
-                .map_err(|e| e.to_string())
-                .and_then(|()| gz.flush().map_err(|e| e.to_string()))
-                .and_then(|()| gz.finish().map_err(|e| e.to_string()))
-        }
-    };
+    // Serialise first, then compress in one call: flate2's writer zero-fills its output
+    // buffer on every write, and serde_json writes in fragments of a few bytes.
+    let body = serde_json::to_vec(&events)
+        .map_err(|e| e.to_string())
+        .and_then(|json| match compression {
+            Compression::None => Ok(json),
+            Compression::Gzip => {
+                let mut gz = flate2::write::GzEncoder::new(
+                    Vec::with_capacity(json.len() / 4),
+                    flate2::Compression::fast(),
+                );
+                gz.write_all(&json)
+                    .and_then(|()| gz.finish())
+                    .map_err(|e| e.to_string())
+            }
+        });
     match body {
         Ok(b) => (b, None),
         // Writing JSON into memory does not fail; if it ever did, blame the first record.

@@ -95,7 +95,10 @@ impl Uplink {
         );
         let mut failing_since: Option<Instant> = None;
         let mut failures = 0u64;
+        // The previous batch's settle commits while the next batch is on the wire.
+        let mut settling: Option<tokio::task::JoinHandle<()>> = None;
         while !*shutdown.borrow() {
+            let t_read = Instant::now();
             let batch = match self.read(cursor, limit).await {
                 Ok(b) => b,
                 Err(e) => {
@@ -117,16 +120,28 @@ impl Uplink {
             // Every sequence below this one has had its result from the relay.
             let settled_below = first.seq;
             let last_seq = batch.last().map_or(cursor, |r| r.seq);
+            let t_send = Instant::now();
             let answer = self.send(&batch, settled_below).await;
             match answer {
                 Answer::Results(results) => {
+                    let t_settle = Instant::now();
                     if let Some(since) = failing_since.take() {
                         info!(after = ?since.elapsed(), failed_attempts = failures, "The relay is reachable again; delivering the backlog.");
                     }
                     failures = 0;
                     backoff.reset();
                     self.stats.relay_reachable.store(true, Ordering::Relaxed);
-                    self.settle(&batch, &results).await;
+                    if let Some(prev) = settling.take() {
+                        let _ = prev.await;
+                    }
+                    settling = Some(self.settle(&batch, &results));
+                    debug!(
+                        events = batch.len(),
+                        read_ms = (t_send - t_read).as_secs_f64() * 1e3,
+                        send_ms = (t_settle - t_send).as_secs_f64() * 1e3,
+                        settle_ms = t_settle.elapsed().as_secs_f64() * 1e3,
+                        "Delivered a batch."
+                    );
                     cursor = last_seq;
                     limit = (limit * 2).min(max_events);
                 }
@@ -181,6 +196,9 @@ impl Uplink {
                     }
                 }
             }
+        }
+        if let Some(prev) = settling.take() {
+            let _ = prev.await;
         }
         debug!("The uplink stopped.");
     }
@@ -287,7 +305,17 @@ impl Uplink {
         }
     }
 
-    async fn settle(&self, batch: &[Record], results: &[wire::EventResult]) {
+    /// Records the relay's results and starts the outbox commit that deletes delivered
+    /// records and dead-letters rejected ones; returns the commit's task.
+    ///
+    /// Not waiting for that commit before the next request is safe: if the gateway dies
+    /// before it lands, the records are re-sent after the restart and the relay answers
+    /// `duplicate` (they are below the settled-below mark it was given, or in its index).
+    fn settle(
+        &self,
+        batch: &[Record],
+        results: &[wire::EventResult],
+    ) -> tokio::task::JoinHandle<()> {
         let mut delivered = Vec::with_capacity(batch.len());
         let mut rejected = Vec::new();
         for (rec, res) in batch.iter().zip(results) {
@@ -316,11 +344,14 @@ impl Uplink {
         self.stats
             .last_upload_unix
             .store(chrono::Utc::now().timestamp() as u64, Ordering::Relaxed);
-        if let Err(e) = self.writer.settle(delivered, rejected).await {
-            // The relay has them; if they stay in the outbox they are re-sent after a
-            // restart and the relay recognises them as duplicates.
-            error!(error = %e, "Could not remove delivered events from the outbox.");
-        }
+        let writer = self.writer.clone();
+        tokio::spawn(async move {
+            if let Err(e) = writer.settle(delivered, rejected).await {
+                // The relay has them; if they stay in the outbox they are re-sent after a
+                // restart and the relay recognises them as duplicates.
+                error!(error = %e, "Could not remove delivered events from the outbox.");
+            }
+        })
     }
 
     async fn dead_letter(&self, rec: &Record, reason: String) {

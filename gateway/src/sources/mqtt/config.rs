@@ -54,7 +54,7 @@ fn default_max_packet_size() -> ByteSize {
     ByteSize::mib(1)
 }
 fn default_max_pending() -> usize {
-    10_000
+    2_000
 }
 fn default_reconnect_delay() -> Duration {
     Duration::from_secs(1)
