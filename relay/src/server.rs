@@ -20,7 +20,7 @@ use axum::routing::{get, post};
 use futures_util::StreamExt;
 use pigeon_shared::ce::GatewayId;
 use pigeon_shared::wire::{self, ErrorBody, EventResult, EventStatus, IngestResponse};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::{Authenticator, Principal};
 use crate::config::Limits;
@@ -157,39 +157,63 @@ impl IntoResponse for Failure {
     }
 }
 
+/// What the headers alone decided about an admitted request.
+struct Admitted {
+    /// Held until the answer: counts against `max_concurrent_requests`.
+    _permit: OwnedSemaphorePermit,
+    principal: Principal,
+    settled: Option<ingest::SettledBelow>,
+    encoding: ingest::Encoding,
+    mode: ingest::Mode,
+}
+
+/// The checks that need only the headers: concurrency, token, Pigeon headers, content
+/// type and encoding, declared length.
+fn admit(st: &AppState, headers: &HeaderMap) -> Result<Admitted, Failure> {
+    let Ok(permit) = st.permits.clone().try_acquire_owned() else {
+        return Err(Failure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the relay is handling its maximum of {} concurrent requests; retry later",
+                st.limits.max_concurrent_requests
+            ),
+        )
+        .retry_after(OVERLOAD_RETRY_AFTER_SECS));
+    };
+    let principal = st.auth.authenticate(headers).map_err(|e| {
+        let mut f = Failure::new(StatusCode::UNAUTHORIZED, e.to_string());
+        f.headers
+            .push((WWW_AUTHENTICATE, HeaderValue::from_static(e.challenge())));
+        f
+    })?;
+    let settled = ingest::settled_below(headers)?;
+    let encoding = ingest::content_encoding(headers)?;
+    let mode = ingest::detect_mode(headers)?;
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > st.limits.max_request_bytes) {
+        return Err(too_large(st.limits.max_request_bytes));
+    }
+    Ok(Admitted {
+        _permit: permit,
+        principal,
+        settled,
+        encoding,
+        mode,
+    })
+}
+
 async fn handle_ingest(st: &AppState, headers: &HeaderMap, body: Body) -> Response {
-    // Checks on the headers alone: on failure, drain the body and answer.
-    let early = (|| {
-        let Ok(permit) = st.permits.clone().try_acquire_owned() else {
-            return Err(Failure::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "the relay is handling its maximum of {} concurrent requests; retry later",
-                    st.limits.max_concurrent_requests
-                ),
-            )
-            .retry_after(OVERLOAD_RETRY_AFTER_SECS));
-        };
-        let principal = st.auth.authenticate(headers).map_err(|e| {
-            let mut f = Failure::new(StatusCode::UNAUTHORIZED, e.to_string());
-            f.headers
-                .push((WWW_AUTHENTICATE, HeaderValue::from_static(e.challenge())));
-            f
-        })?;
-        let settled = ingest::settled_below(headers)?;
-        let encoding = ingest::content_encoding(headers)?;
-        let mode = ingest::detect_mode(headers)?;
-        let declared = headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > st.limits.max_request_bytes) {
-            return Err(too_large(st.limits.max_request_bytes));
-        }
-        Ok((permit, principal, settled, encoding, mode))
-    })();
-    let (_permit, principal, settled, encoding, mode) = match early {
-        Ok(v) => v,
+    let Admitted {
+        _permit,
+        principal,
+        settled,
+        encoding,
+        mode,
+    } = match admit(st, headers) {
+        Ok(a) => a,
         Err(f) => {
             drain(
                 headers,
