@@ -22,13 +22,24 @@ impl Relay {
     /// Writes a config that accepts `gateways` (`(id, token)` pairs), starts the relay on a
     /// free port and waits until `GET /ready` answers 200.
     pub async fn start(dir: &TestDir, gateways: &[(&str, &str)]) -> Relay {
+        Self::start_with(dir, gateways, |_| {}).await
+    }
+
+    /// Like [`Relay::start`], with a chance to change the config table (e.g. add
+    /// `[limits]`) before it is written.
+    pub async fn start_with(
+        dir: &TestDir,
+        gateways: &[(&str, &str)],
+        edit: impl Fn(&mut toml::Table),
+    ) -> Relay {
         let config_path = dir.join("relay.toml");
         let data_dir = dir.join("relay");
         let log = dir.log_file("relay");
         let mut last_err = String::new();
         for _attempt in 0..5 {
             let port = free_port();
-            let table = Relay::config(port, &data_dir, gateways);
+            let mut table = Relay::config(port, &data_dir, gateways);
+            edit(&mut table);
             std::fs::write(&config_path, table.to_string()).expect("write relay.toml");
 
             let mut proc = Proc::new("relay", relay_bin(), &log)
