@@ -250,7 +250,12 @@ pub fn scan_file(
 
 /// Prepares the data dir and rebuilds the deduplication index (see the module docs).
 pub fn recover(data_dir: &Path) -> Result<Recovered, RecoveryError> {
-    fs::create_dir_all(data_dir).map_err(io_at(data_dir))?;
+    if !data_dir.is_dir() {
+        fs::create_dir_all(data_dir).map_err(io_at(data_dir))?;
+        if let Some(parent) = data_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent).map_err(io_at(parent))?;
+        }
+    }
     for sub in [STREAM_DIR, OBJECTS_DIR, STATE_DIR] {
         let dir = data_dir.join(sub);
         ensure_dir(&dir).map_err(io_at(&dir))?;

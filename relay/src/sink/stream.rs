@@ -468,6 +468,28 @@ mod tests {
     }
 
     #[test]
+    fn many_files_in_one_append_are_all_synced_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join(STREAM_DIR)).unwrap();
+        let mut files = StreamFiles::new(dir.path().to_owned(), []);
+        let buffers: Vec<_> = (0..150)
+            .map(|i| {
+                let g = gw(&format!("gw-{i}"));
+                let rel = relative_path(&g, 475_000);
+                (g, rel, format!("{{\"n\":{i}}}\n").into_bytes())
+            })
+            .collect();
+        let r = files.append(&buffers);
+        assert_eq!(r.len(), 150);
+        assert!(r.iter().all(Result::is_ok), "{r:?}");
+        let lengths: HashMap<_, _> = files.lengths().collect();
+        for (_, rel, buf) in &buffers {
+            assert_eq!(lengths[rel.as_str()], buf.len() as u64);
+            assert_eq!(fs::read(dir.path().join(rel)).unwrap(), *buf);
+        }
+    }
+
+    #[test]
     fn a_failed_write_is_reported_per_file() {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir(dir.path().join(STREAM_DIR)).unwrap();
