@@ -51,6 +51,7 @@ pub struct LimitsConfig {
     pub max_request_bytes: ByteSize,
     pub max_decompressed_bytes: ByteSize,
     pub max_event_bytes: ByteSize,
+    pub max_events_per_request: usize,
     pub max_concurrent_requests: usize,
 }
 
@@ -60,6 +61,7 @@ impl Default for LimitsConfig {
             max_request_bytes: ByteSize::mib(16),
             max_decompressed_bytes: ByteSize::mib(64),
             max_event_bytes: ByteSize::mib(1),
+            max_events_per_request: 100_000,
             max_concurrent_requests: 256,
         }
     }
@@ -113,6 +115,7 @@ pub struct Limits {
     pub max_request_bytes: u64,
     pub max_decompressed_bytes: u64,
     pub max_event_bytes: u64,
+    pub max_events_per_request: usize,
     pub max_concurrent_requests: usize,
 }
 
@@ -188,6 +191,12 @@ impl RelayConfig {
                     "({}) must not be more than limits.max_decompressed_bytes ({})",
                     l.max_event_bytes, l.max_decompressed_bytes
                 ),
+            ));
+        }
+        if l.max_events_per_request == 0 {
+            return Err(invalid(
+                "limits.max_events_per_request",
+                "must be at least 1",
             ));
         }
         if l.max_concurrent_requests == 0 {
@@ -285,6 +294,7 @@ impl RelayConfig {
                 max_request_bytes: l.max_request_bytes.get(),
                 max_decompressed_bytes: l.max_decompressed_bytes.get(),
                 max_event_bytes: l.max_event_bytes.get(),
+                max_events_per_request: l.max_events_per_request,
                 max_concurrent_requests: l.max_concurrent_requests,
             },
             sink: SinkSettings {
@@ -416,6 +426,10 @@ mod tests {
                 "[limits]\nmax_event_bytes = \"2MiB\"\nmax_decompressed_bytes = \"1MiB\"\n"
             ),
             "limits.max_event_bytes"
+        );
+        assert_eq!(
+            invalid_key("[limits]\nmax_events_per_request = 0\n"),
+            "limits.max_events_per_request"
         );
         assert_eq!(
             invalid_key("[limits]\nmax_concurrent_requests = 0\n"),

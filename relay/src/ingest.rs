@@ -210,16 +210,11 @@ pub fn parse_events(
     mode: Mode,
     headers: &HeaderMap,
     body: &[u8],
+    max_events: usize,
 ) -> Result<Vec<Result<Event, Rejection>>, RequestError> {
     match mode {
         Mode::Batch => {
-            let elements: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| {
-                RequestError::BadRequest(if e.is_data() {
-                    "a batch must be a JSON array of events".to_owned()
-                } else {
-                    format!("the batch is not valid JSON: {e}")
-                })
-            })?;
+            let elements = split_batch(body, max_events)?;
             Ok(elements.into_iter().map(structured_event).collect())
         }
         Mode::Structured => {
@@ -235,6 +230,60 @@ pub fn parse_events(
         }
         Mode::Binary => Ok(vec![binary_event(headers, body)]),
     }
+}
+
+/// Splits a batch into its elements' raw JSON text, refusing more than `max_events`
+/// before collecting them (a body of `[{},{},…]` must not become millions of results).
+fn split_batch(body: &[u8], max_events: usize) -> Result<Vec<&RawValue>, RequestError> {
+    use serde::de::{DeserializeSeed, Error as _, SeqAccess, Visitor};
+
+    struct Limited<'c> {
+        max: usize,
+        exceeded: &'c std::cell::Cell<bool>,
+    }
+    impl<'de> DeserializeSeed<'de> for Limited<'_> {
+        type Value = Vec<&'de RawValue>;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_seq(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Limited<'_> {
+        type Value = Vec<&'de RawValue>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON array of events")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(element) = seq.next_element::<&RawValue>()? {
+                if out.len() == self.max {
+                    self.exceeded.set(true);
+                    return Err(A::Error::custom("too many events"));
+                }
+                out.push(element);
+            }
+            Ok(out)
+        }
+    }
+
+    let exceeded = std::cell::Cell::new(false);
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let result = Limited {
+        max: max_events,
+        exceeded: &exceeded,
+    }
+    .deserialize(&mut de)
+    .and_then(|v| de.end().map(|()| v));
+    result.map_err(|e| {
+        if exceeded.get() {
+            RequestError::TooLarge(format!(
+                "the batch has more than {max_events} events (max_events_per_request); send smaller batches"
+            ))
+        } else if e.is_data() {
+            RequestError::BadRequest("a batch must be a JSON array of events".to_owned())
+        } else {
+            RequestError::BadRequest(format!("the batch is not valid JSON: {e}"))
+        }
+    })
 }
 
 /// One structured event from its JSON text.
@@ -617,7 +666,7 @@ mod tests {
         let mut bad = event_json(2);
         bad.as_object_mut().unwrap().remove("type");
         let body = serde_json::to_vec(&json!([event_json(1), bad, 42, event_json(3)])).unwrap();
-        let events = parse_events(Mode::Batch, &HeaderMap::new(), &body).unwrap();
+        let events = parse_events(Mode::Batch, &HeaderMap::new(), &body, 100).unwrap();
         assert_eq!(events.len(), 4);
         assert_eq!(events[0].as_ref().unwrap().id(), "id-1");
         let r = events[1].as_ref().unwrap_err();
@@ -638,19 +687,38 @@ mod tests {
             (Mode::Structured, &b"[]"[..]),
             (Mode::Structured, &b""[..]),
         ] {
-            let e = parse_events(mode, &h, body).unwrap_err();
+            let e = parse_events(mode, &h, body, 100).unwrap_err();
             assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{mode:?} {body:?}");
         }
         assert!(
-            parse_events(Mode::Batch, &h, b"[]").unwrap().is_empty(),
+            parse_events(Mode::Batch, &h, b"[]", 100)
+                .unwrap()
+                .is_empty(),
             "an empty batch is fine"
         );
     }
 
     #[test]
+    fn a_batch_over_max_events_is_too_large() {
+        let h = HeaderMap::new();
+        assert_eq!(
+            parse_events(Mode::Batch, &h, b"[{},{},{}]", 3)
+                .unwrap()
+                .len(),
+            3
+        );
+        let e = parse_events(Mode::Batch, &h, b"[{},{},{},{}]", 3).unwrap_err();
+        assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(e.to_string().contains("max_events_per_request"), "{e}");
+        // Trailing garbage after the array is not JSON.
+        let e = parse_events(Mode::Batch, &h, b"[{}] x", 3).unwrap_err();
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
     fn structured_mode() {
         let body = serde_json::to_vec(&event_json(7)).unwrap();
-        let events = parse_events(Mode::Structured, &HeaderMap::new(), &body).unwrap();
+        let events = parse_events(Mode::Structured, &HeaderMap::new(), &body, 100).unwrap();
         let ev = events[0].as_ref().unwrap();
         let checked = check_event(ev, &pi1(), 1 << 20).unwrap();
         assert_eq!(checked.sequence, 7);
@@ -680,7 +748,7 @@ mod tests {
     fn binary_mode_with_json_text_and_bytes() {
         let one = |ct: Option<&str>, body: &[u8]| {
             let h = binary_headers(ct);
-            let mut events = parse_events(Mode::Binary, &h, body).unwrap();
+            let mut events = parse_events(Mode::Binary, &h, body, 100).unwrap();
             let ev = events.pop().unwrap().unwrap();
             let checked = check_event(&ev, &pi1(), 1 << 20).unwrap();
             serde_json::from_slice::<Value>(&checked.line).unwrap()
@@ -709,12 +777,18 @@ mod tests {
     fn binary_mode_refuses_data_headers_and_missing_attributes() {
         let mut h = binary_headers(Some("text/plain"));
         h.insert("ce-data", HeaderValue::from_static("x"));
-        let r = parse_events(Mode::Binary, &h, b"x").unwrap().pop().unwrap();
+        let r = parse_events(Mode::Binary, &h, b"x", 100)
+            .unwrap()
+            .pop()
+            .unwrap();
         assert!(r.unwrap_err().reason.contains("ce-data"));
 
         let mut h = binary_headers(Some("text/plain"));
         h.remove("ce-type");
-        let r = parse_events(Mode::Binary, &h, b"x").unwrap().pop().unwrap();
+        let r = parse_events(Mode::Binary, &h, b"x", 100)
+            .unwrap()
+            .pop()
+            .unwrap();
         let r = r.unwrap_err();
         assert_eq!(r.id.as_deref(), Some("b-1"));
         assert!(r.reason.contains("type"), "{}", r.reason);

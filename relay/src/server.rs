@@ -241,31 +241,14 @@ async fn handle_ingest(st: &AppState, headers: &HeaderMap, body: Body) -> Respon
     };
 
     // Decode, parse and check: CPU work, off the reactor when large.
-    let max_decompressed = st.limits.max_decompressed_bytes;
-    let max_event = st.limits.max_event_bytes;
+    let limits = st.limits;
     let prepared = if raw.len() <= PARSE_INLINE_MAX {
-        prepare(
-            mode,
-            encoding,
-            headers,
-            &raw,
-            &principal,
-            max_decompressed,
-            max_event,
-        )
+        prepare(mode, encoding, headers, &raw, &principal, &limits)
     } else {
         let headers = headers.clone();
         let principal = principal.clone();
         match tokio::task::spawn_blocking(move || {
-            prepare(
-                mode,
-                encoding,
-                &headers,
-                &raw,
-                &principal,
-                max_decompressed,
-                max_event,
-            )
+            prepare(mode, encoding, &headers, &raw, &principal, &limits)
         })
         .await
         {
@@ -368,14 +351,13 @@ fn prepare(
     headers: &HeaderMap,
     raw: &[u8],
     principal: &Principal,
-    max_decompressed: u64,
-    max_event: u64,
+    limits: &Limits,
 ) -> Result<Vec<Result<CheckedEvent, Rejection>>, RequestError> {
-    let body = ingest::decode_body(encoding, raw, max_decompressed)?;
-    let events = ingest::parse_events(mode, headers, &body)?;
+    let body = ingest::decode_body(encoding, raw, limits.max_decompressed_bytes)?;
+    let events = ingest::parse_events(mode, headers, &body, limits.max_events_per_request)?;
     Ok(events
         .into_iter()
-        .map(|e| e.and_then(|ev| ingest::check_event(&ev, principal, max_event)))
+        .map(|e| e.and_then(|ev| ingest::check_event(&ev, principal, limits.max_event_bytes)))
         .collect())
 }
 
