@@ -437,7 +437,7 @@ fn over_max_concurrent_requests_is_503_with_retry_after_at_once() {
     let mut slow = RawConn::connect(relay.port);
     slow.send_head(relay.port, &headers, body.len());
     slow.send(&body[..5]);
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    relay.wait_in_flight(1);
 
     let r = relay.post(&headers, &body);
     assert_eq!(r.status, 503);
@@ -483,13 +483,18 @@ fn sigterm_lets_an_in_flight_request_finish() {
     let mut conn = RawConn::connect(relay.port);
     conn.send_head(relay.port, &[BATCH, ("authorization", &auth)], body.len());
     conn.send(&body[..10]);
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    relay.wait_in_flight(1);
 
     let port = relay.port;
     let waiter = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        // No new connections once shutting down.
-        let refused = try_request(port, "GET", "/live", &[], b"").is_err();
+        // Once shutting down, the relay stops accepting connections...
+        let start = std::time::Instant::now();
+        let mut refused = false;
+        while !refused && start.elapsed() < std::time::Duration::from_secs(10) {
+            refused = try_request(port, "GET", "/live", &[], b"").is_err();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // ...but still finishes the request it is reading.
         conn.send(&body[10..]);
         (refused, conn.response())
     });
@@ -497,7 +502,10 @@ fn sigterm_lets_an_in_flight_request_finish() {
     let (refused, r) = waiter.join().unwrap();
     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.statuses(), ["accepted"]);
-    assert!(refused, "a new connection was served during shutdown");
+    assert!(
+        refused,
+        "the relay still accepted connections 10 s after SIGTERM"
+    );
     assert_eq!(status.code(), Some(0), "{}", relay.log());
     assert_eq!(relay.stream_ids(), ["p-1-1"]);
 }

@@ -156,6 +156,23 @@ impl Relay {
         }
     }
 
+    /// Waits (at most 20 s) until `/metrics` shows `n` ingest requests in flight.
+    pub fn wait_in_flight(&self, n: u64) {
+        let want = format!("pigeon_relay_ingest_requests_in_flight {n}\n");
+        let start = Instant::now();
+        loop {
+            let r = request(self.port, "GET", "/metrics", &[], b"");
+            if String::from_utf8_lossy(&r.body).contains(&want) {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "never saw {n} requests in flight"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// POSTs to the ingest endpoint.
     pub fn post(&self, headers: &[(&str, &str)], body: &[u8]) -> Response {
         request(self.port, "POST", "/v1/events", headers, body)
