@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 pub struct Stats {
     pub mqtt_connected: AtomicBool,
     pub mqtt_received: AtomicU64,
+    /// MQTT messages dropped because they were larger than `mqtt.max_packet_size`.
+    pub mqtt_oversized: AtomicU64,
     pub relay_reachable: AtomicBool,
     pub upload_requests: AtomicU64,
     pub upload_failures: AtomicU64,

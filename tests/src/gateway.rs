@@ -34,6 +34,8 @@ pub struct GatewayConfig {
     /// `mqtt.client_id`; `None` leaves the gateway's default (`pigeon-<id>`).
     pub client_id: Option<String>,
     pub subscriptions: Vec<Subscription>,
+    /// More `[mqtt]` keys, e.g. `max_pending` or `max_packet_size`.
+    pub mqtt_options: toml::Table,
 }
 
 impl GatewayConfig {
@@ -51,6 +53,7 @@ impl GatewayConfig {
                 qos: 1,
                 event_type: READING_TYPE.to_string(),
             }],
+            mqtt_options: toml::Table::new(),
         }
     }
 
@@ -97,6 +100,7 @@ impl GatewayConfig {
             })
             .collect::<Vec<_>>();
         mqtt.insert("subscriptions".into(), subs.into());
+        mqtt.extend(self.mqtt_options.clone());
 
         let mut root = toml::Table::new();
         root.insert("gateway".into(), gateway.into());
@@ -197,6 +201,11 @@ impl Gateway {
                 .sum()
         }
         walk(&self.data_dir)
+    }
+
+    /// Everything the gateway logged, over all its starts.
+    pub fn log_text(&self) -> String {
+        self.proc.log_text()
     }
 
     pub fn proc(&mut self) -> &mut Proc {

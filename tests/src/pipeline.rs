@@ -1,7 +1,11 @@
 //! The whole chain for one test: broker → gateway → relay.
 
+use std::collections::BTreeSet;
+use std::ops::Range;
+
 use crate::{
-    Gateway, GatewayConfig, Mosquitto, MosquittoOptions, PublisherOptions, Relay, TestDir,
+    Gateway, GatewayConfig, Mosquitto, MosquittoOptions, Publisher, PublisherOptions, Relay,
+    TestDir, climate_readings, secs,
 };
 
 /// The gateway id the pipelines use.
@@ -52,5 +56,20 @@ impl Pipeline {
             client_id: format!("e2e-pub-{}", self.mosquitto.port()),
             ..PublisherOptions::default()
         }
+    }
+
+    /// Publishes climate readings numbered `range` at QoS 1, asserts the broker
+    /// acknowledged every one, and returns their numbers.
+    pub async fn publish(&self, range: Range<u64>) -> BTreeSet<u64> {
+        let count = (range.end - range.start) as usize;
+        let report = Publisher::publish_all(
+            self.mosquitto.port(),
+            climate_readings(range),
+            self.publisher(),
+            secs(120),
+        )
+        .await;
+        report.assert_all_acked(count);
+        report.acked
     }
 }

@@ -2,22 +2,7 @@
 //! stopped gateway; without, it forgets the gateway's session and the gateway must
 //! subscribe again.
 
-use std::collections::BTreeSet;
-
-use pigeon_e2e::{MosquittoOptions, Pipeline, Publisher, climate_readings, secs};
-
-async fn publish(p: &Pipeline, range: std::ops::Range<u64>) -> BTreeSet<u64> {
-    let count = (range.end - range.start) as usize;
-    let report = Publisher::publish_all(
-        p.mosquitto.port(),
-        climate_readings(range),
-        p.publisher(),
-        secs(60),
-    )
-    .await;
-    report.assert_all_acked(count);
-    report.acked
-}
+use pigeon_e2e::{MosquittoOptions, Pipeline, secs};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistent_broker_restart_keeps_readings_queued_for_a_stopped_gateway() {
@@ -26,13 +11,13 @@ async fn persistent_broker_restart_keeps_readings_queued_for_a_stopped_gateway()
         ..MosquittoOptions::default()
     };
     let mut p = Pipeline::start_with("broker-persistence", options, |_| {}).await;
-    let mut expected = publish(&p, 0..1_000).await;
+    let mut expected = p.publish(0..1_000).await;
     p.relay.wait_for_readings("n", &expected, secs(60)).await;
 
     // Gateway stopped: the broker queues for its persistent session, saves on SIGTERM,
     // and has the queue back after the restart.
     p.gateway.stop().await;
-    expected.extend(publish(&p, 1_000..4_000).await);
+    expected.extend(p.publish(1_000..4_000).await);
     p.mosquitto.stop().await;
     p.mosquitto.restart().await;
     p.gateway.restart();
@@ -46,7 +31,7 @@ async fn persistent_broker_restart_keeps_readings_queued_for_a_stopped_gateway()
 async fn gateway_subscribes_again_when_the_broker_forgot_its_session() {
     let mut p = Pipeline::start("broker-forgot-session").await;
     let client_id = p.gateway.config().effective_client_id();
-    let mut expected = publish(&p, 0..1_000).await;
+    let mut expected = p.publish(0..1_000).await;
     p.relay.wait_for_readings("n", &expected, secs(60)).await;
 
     // No persistence: the restarted broker knows nothing of the gateway's subscription.
@@ -55,7 +40,7 @@ async fn gateway_subscribes_again_when_the_broker_forgot_its_session() {
     p.mosquitto
         .wait_for_subscriptions(&client_id, "org/#", 2, secs(60))
         .await;
-    expected.extend(publish(&p, 1_000..2_000).await);
+    expected.extend(p.publish(1_000..2_000).await);
 
     p.relay
         .assert_delivered_exactly_once(&expected, secs(120))

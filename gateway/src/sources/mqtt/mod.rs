@@ -2,6 +2,7 @@
 //! after its record is committed to the outbox.
 
 mod config;
+mod conn;
 mod source;
 
 pub use config::{MqttConfig, Subscription};

@@ -1,10 +1,13 @@
 //! The running MQTT source.
 //!
-//! One task polls rumqttc's event loop and hands each PUBLISH to the outbox writer;
-//! another (the acker) waits for each commit, in arrival order, and only then sends the
-//! PUBACK (QoS 1) or PUBREC (QoS 2). A crash between commit and acknowledgement makes the
-//! broker re-send the message with the DUP flag and the same packet id; the writer
-//! recognises it by its delivery mark and does not store it twice.
+//! One loop owns the broker connection ([`Conn`]). Each PUBLISH goes to the outbox
+//! writer; the acker task waits for each commit, in arrival order, and hands the
+//! acknowledgement back to the loop, which sends the PUBACK (QoS 1) or PUBREC (QoS 2).
+//! While `max_pending` messages wait for their commit the loop stops reading from the
+//! socket — the broker holds the rest — but keeps writing acknowledgements, so the
+//! backlog always drains. A crash between commit and acknowledgement makes the broker
+//! re-send the message with the DUP flag and the same packet id; the writer recognises
+//! it by its delivery mark and does not store it twice.
 //!
 //! Subscriptions live in the broker's persistent session. The filters this session was
 //! last subscribed to are remembered, so a reconnect to an existing session subscribes
@@ -13,16 +16,22 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
 use pigeon_shared::ce::GatewayId;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS, SubscribeFilter};
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::{
+    Connect, Login, Packet, PubAck, PubComp, PubRec, Publish, Subscribe, SubscribeFilter,
+    SubscribeReasonCode, Unsubscribe,
+};
 use sha2::{Digest, Sha256};
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use super::MqttConfig;
+use super::conn::{Conn, ConnError, Incoming};
 use crate::outbox::{Appended, DeliveryMark, NewRecord, OutboxError, OutboxWriter};
 use crate::stats::Stats;
 
@@ -30,7 +39,33 @@ use crate::stats::Stats;
 /// deliver them for a subscription the persistent session kept).
 pub const UNMATCHED_TYPE: &str = "io.pigeon.mqtt.message";
 
-type PendingAck = (oneshot::Receiver<Result<Appended, OutboxError>>, Publish);
+/// How long a stopping source waits for the commits of messages already handed over.
+const STOP_FLUSH: Duration = Duration::from_secs(3);
+
+/// A message handed to the outbox, waiting for its commit. `conn` numbers the broker
+/// connection it arrived on: an acknowledgement is only sent on that connection (after
+/// a reconnect the broker re-sends the message and the writer recognises it).
+struct PendingAck {
+    conn: u64,
+    done: oneshot::Receiver<Result<Appended, OutboxError>>,
+    pkid: u16,
+    qos: QoS,
+    topic: String,
+}
+
+/// A commit's outcome, back to the connection loop.
+struct Committed {
+    conn: u64,
+    pkid: u16,
+    qos: QoS,
+    ok: bool,
+}
+
+/// Why a connection ended.
+enum Ended {
+    Shutdown,
+    Lost(String),
+}
 
 pub struct MqttSource {
     config: MqttConfig,
@@ -66,149 +101,294 @@ impl MqttSource {
         }
     }
 
+    fn connect_packet(&self) -> Connect {
+        let mut c = Connect::new(self.client_id.clone());
+        c.clean_session = false;
+        c.keep_alive = self.config.keep_alive.get().as_secs().clamp(1, 65535) as u16;
+        if let Some(user) = &self.config.username {
+            c.login = Some(Login::new(
+                user.clone(),
+                self.config.password.clone().unwrap_or_default(),
+            ));
+        }
+        c
+    }
+
     /// Runs until `shutdown` turns true, then stops reading, acknowledges what was
     /// committed, and disconnects.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let c = &self.config;
-        let mut opts = MqttOptions::new(self.client_id.clone(), c.host.clone(), c.port);
-        opts.set_clean_session(false)
-            .set_manual_acks(true)
-            .set_keep_alive(c.keep_alive.get())
-            .set_max_packet_size(c.max_packet_size.get() as usize, 64 * 1024);
-        if let Some(user) = &c.username {
-            opts.set_credentials(user.clone(), c.password.clone().unwrap_or_default());
-        }
-        // Acks travel through this channel; it is larger than the number of messages
-        // that can be waiting for a commit, so the acker never waits on it for long.
-        let (client, mut eventloop) = AsyncClient::new(opts, c.max_pending * 2 + 64);
-        let (ack_tx, ack_rx) = mpsc::channel::<PendingAck>(c.max_pending);
-        let reconnect = Arc::new(Notify::new());
-        let acker = tokio::spawn(acker(client.clone(), ack_rx, reconnect.clone()));
-
-        let mut delay = c.reconnect_delay.get();
-        let mut connected = false;
+        // Both channels hold at most `max_pending` messages per connection (reading
+        // pauses at that many), so they need no bound of their own — and must have none:
+        // a full channel here would stop the acknowledgements that empty it.
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel::<PendingAck>();
+        let (committed_tx, mut committed_rx) = mpsc::unbounded_channel::<Committed>();
+        let acker = tokio::spawn(acker(ack_rx, committed_tx));
+        let mut delay = self.config.reconnect_delay.get();
         let mut failures = 0u32;
-        // The subscription set to remember once the broker confirms it.
-        let mut awaiting_suback: Option<Vec<u8>> = None;
+        let mut conn_no = 0u64;
+        let io_timeout = self.config.keep_alive.get().max(Duration::from_secs(5));
         loop {
-            let event = tokio::select! {
+            if *shutdown.borrow() {
+                break;
+            }
+            let connected = tokio::select! {
+                _ = shutdown.changed() => break,
+                r = Conn::connect(
+                    (self.config.host.as_str(), self.config.port),
+                    self.connect_packet(),
+                    self.config.max_packet_size.get() as usize,
+                    io_timeout,
+                ) => r,
+            };
+            let reason = match connected {
+                Ok((conn, session_present)) => {
+                    conn_no += 1;
+                    failures = 0;
+                    delay = self.config.reconnect_delay.get();
+                    self.stats.mqtt_connected.store(true, Ordering::Relaxed);
+                    info!(broker = %self.session, session_present, "Connected to the MQTT broker.");
+                    let ended = self
+                        .serve(
+                            conn,
+                            conn_no,
+                            session_present,
+                            &ack_tx,
+                            &mut committed_rx,
+                            &mut shutdown,
+                        )
+                        .await;
+                    self.stats.mqtt_connected.store(false, Ordering::Relaxed);
+                    match ended {
+                        Ended::Shutdown => break,
+                        Ended::Lost(reason) => {
+                            warn!(broker = %self.session, reason = %reason, retry_in = ?delay, "Lost the MQTT broker; reconnecting. Unacknowledged messages stay with the broker.");
+                            None
+                        }
+                    }
+                }
+                Err(e) => Some(e),
+            };
+            if let Some(e) = reason {
+                failures += 1;
+                if failures == 1 {
+                    warn!(broker = %self.session, error = %e, retry_in = ?delay, "Cannot connect to the MQTT broker; retrying.");
+                } else {
+                    debug!(broker = %self.session, error = %e, "MQTT reconnect failed.");
+                }
+            }
+            if sleep_or_shutdown(&mut shutdown, delay).await {
+                break;
+            }
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+        drop(ack_tx);
+        let _ = acker.await;
+        info!(broker = %self.session, "The MQTT source stopped.");
+    }
+
+    /// Serves one connection until it is lost or the gateway stops.
+    async fn serve(
+        &self,
+        mut conn: Conn,
+        conn_no: u64,
+        session_present: bool,
+        ack_tx: &mpsc::UnboundedSender<PendingAck>,
+        committed_rx: &mut mpsc::UnboundedReceiver<Committed>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Ended {
+        let max_pending = self.config.max_pending;
+        let mut pending = 0usize;
+        let mut next_pkid = 0u16;
+        let mut awaiting_suback =
+            match self.sync_subscriptions(&mut conn, session_present, &mut next_pkid) {
+                Ok(s) => s,
+                Err(e) => return Ended::Lost(e.to_string()),
+            };
+        let keep_alive = self.config.keep_alive.get();
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
+        let mut awaiting_pong = false;
+        loop {
+            if let Err(e) = conn.flush().await {
+                return Ended::Lost(e.to_string());
+            }
+            tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
-                _ = reconnect.notified() => {
-                    // An outbox commit failed: drop the connection so the broker re-sends
-                    // every unacknowledged message once we are back.
-                    eventloop.clean();
-                    connected = false;
-                    if sleep_or_shutdown(&mut shutdown, delay).await { break; }
-                    continue;
-                }
-                ev = eventloop.poll() => ev,
-            };
-            match event {
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if !self.ingest(p, &ack_tx).await {
-                        break;
+                Some(first) = committed_rx.recv() => {
+                    // Every commit reported so far, acknowledged in one write.
+                    let mut next = Some(first);
+                    while let Some(c) = next {
+                        if c.conn == conn_no {
+                            pending -= 1;
+                            if !c.ok {
+                                // The commit failed: drop the connection so that the
+                                // broker re-sends every unacknowledged message.
+                                return Ended::Lost("an outbox commit failed".into());
+                            }
+                            if let Err(e) = conn.send(ack_packet(c.qos, c.pkid)) {
+                                return Ended::Lost(e.to_string());
+                            }
+                        }
+                        next = committed_rx.try_recv().ok();
                     }
                 }
-                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    connected = true;
-                    failures = 0;
-                    delay = c.reconnect_delay.get();
-                    self.stats
-                        .mqtt_connected
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
-                    info!(broker = %self.session, session_present = ack.session_present, "Connected to the MQTT broker.");
-                    awaiting_suback = self.sync_subscriptions(&client, ack.session_present);
-                }
-                Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                    let refused = ack
-                        .return_codes
-                        .iter()
-                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
-                    if refused {
-                        error!(broker = %self.session, "The MQTT broker refused a subscription; check the filters and the broker's ACLs. Retrying at the next reconnect.");
-                        let _ = std::fs::remove_file(&self.state_file);
-                    } else if let Some(json) = awaiting_suback.take() {
-                        self.remember_subscriptions(&json);
+                r = conn.fill(), if pending < max_pending => {
+                    if let Err(e) = r {
+                        return Ended::Lost(e.to_string());
+                    }
+                    loop {
+                        let incoming = match conn.next_incoming() {
+                            Ok(Some(i)) => i,
+                            Ok(None) => break,
+                            Err(e) => return Ended::Lost(e.to_string()),
+                        };
+                        match self.handle(incoming, &mut conn, conn_no, ack_tx, &mut awaiting_suback).await {
+                            Ok(Handled::Pending) => pending += 1,
+                            Ok(Handled::Done) => {}
+                            Ok(Handled::Pong) => awaiting_pong = false,
+                            Err(e) => return Ended::Lost(e),
+                        }
                     }
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    self.stats
-                        .mqtt_connected
-                        .store(false, std::sync::atomic::Ordering::Relaxed);
-                    failures += 1;
-                    if connected || failures == 1 {
-                        warn!(broker = %self.session, error = %e, retry_in = ?delay, "Lost the MQTT broker; reconnecting. Unacknowledged messages stay with the broker.");
-                    } else {
-                        debug!(broker = %self.session, error = %e, "MQTT reconnect failed.");
+                _ = ping.tick() => {
+                    if awaiting_pong {
+                        return Ended::Lost(format!("no answer to a ping within {keep_alive:?}"));
                     }
-                    connected = false;
-                    if sleep_or_shutdown(&mut shutdown, delay).await {
-                        break;
+                    if let Err(e) = conn.send(Packet::PingReq) {
+                        return Ended::Lost(e.to_string());
                     }
-                    delay = (delay * 2).min(Duration::from_secs(30));
+                    awaiting_pong = true;
                 }
             }
         }
-        self.stats
-            .mqtt_connected
-            .store(false, std::sync::atomic::Ordering::Relaxed);
-        // Stop: no new messages are taken. Let the acker acknowledge what was already
-        // handed to the outbox, keep the event loop turning so the acks go out, then
-        // disconnect. Anything not acknowledged is re-sent by the broker next time.
-        drop(ack_tx);
+        // Stopping: read nothing more; acknowledge what is committed meanwhile, then say
+        // goodbye. Anything not acknowledged is re-sent by the broker next time.
         let flush = async {
-            let mut acker = acker;
-            loop {
-                tokio::select! {
-                    _ = &mut acker => break,
-                    ev = eventloop.poll() => if ev.is_err() { return; },
+            while pending > 0 {
+                let Some(c) = committed_rx.recv().await else {
+                    break;
+                };
+                if c.conn != conn_no {
+                    continue;
                 }
-            }
-            let _ = client.disconnect().await;
-            while let Ok(ev) = eventloop.poll().await {
-                if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                pending -= 1;
+                if !c.ok || conn.send(ack_packet(c.qos, c.pkid)).is_err() {
                     break;
                 }
             }
         };
-        if tokio::time::timeout(Duration::from_secs(3), flush)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(STOP_FLUSH, flush).await.is_err() {
             debug!(
-                "Gave up flushing MQTT acknowledgements; the broker will re-send those messages."
+                pending,
+                "Gave up waiting for commits; the broker will re-send those messages."
             );
         }
-        info!(broker = %self.session, "The MQTT source stopped.");
+        conn.disconnect().await;
+        Ended::Shutdown
     }
 
-    /// Hands one message to the outbox and queues its acknowledgement. Returns false
-    /// when the gateway is shutting down.
-    async fn ingest(&self, p: Publish, ack_tx: &mpsc::Sender<PendingAck>) -> bool {
+    /// Acts on one packet from the broker.
+    async fn handle(
+        &self,
+        incoming: Incoming,
+        conn: &mut Conn,
+        conn_no: u64,
+        ack_tx: &mpsc::UnboundedSender<PendingAck>,
+        awaiting_suback: &mut Option<(u16, Vec<u8>)>,
+    ) -> Result<Handled, String> {
+        let packet = match incoming {
+            Incoming::Packet(p) => p,
+            Incoming::Oversized {
+                topic,
+                qos,
+                pkid,
+                len,
+            } => {
+                self.stats.mqtt_oversized.fetch_add(1, Ordering::Relaxed);
+                error!(topic = %topic, bytes = len, limit = self.config.max_packet_size.get(), "Dropped an MQTT message larger than mqtt.max_packet_size; raise that limit to accept such messages. It is acknowledged so that the messages behind it keep flowing.");
+                if qos != QoS::AtMostOnce {
+                    conn.send(ack_packet(qos, pkid))
+                        .map_err(|e| e.to_string())?;
+                }
+                return Ok(Handled::Done);
+            }
+        };
+        match packet {
+            Packet::Publish(p) => {
+                let qos = p.qos;
+                let (pkid, topic) = (p.pkid, p.topic.clone());
+                let done = self.ingest(p).await.ok_or("the outbox writer stopped")?;
+                if qos == QoS::AtMostOnce {
+                    return Ok(Handled::Done);
+                }
+                ack_tx
+                    .send(PendingAck {
+                        conn: conn_no,
+                        done,
+                        pkid,
+                        qos,
+                        topic,
+                    })
+                    .map_err(|_| "the acker stopped")?;
+                Ok(Handled::Pending)
+            }
+            Packet::PubRel(rel) => {
+                conn.send(Packet::PubComp(PubComp::new(rel.pkid)))
+                    .map_err(|e| e.to_string())?;
+                Ok(Handled::Done)
+            }
+            Packet::PingResp => Ok(Handled::Pong),
+            Packet::SubAck(ack) => {
+                let refused = ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, SubscribeReasonCode::Failure));
+                if refused {
+                    error!(broker = %self.session, "The MQTT broker refused a subscription; check the filters and the broker's ACLs. Retrying at the next reconnect.");
+                    let _ = std::fs::remove_file(&self.state_file);
+                    *awaiting_suback = None;
+                } else if let Some((pkid, json)) = awaiting_suback.take() {
+                    if pkid == ack.pkid {
+                        self.remember_subscriptions(&json);
+                    } else {
+                        *awaiting_suback = Some((pkid, json));
+                    }
+                }
+                Ok(Handled::Done)
+            }
+            Packet::UnsubAck(_) | Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => {
+                Ok(Handled::Done)
+            }
+            other => Err(format!("unexpected packet from the broker: {other:?}")),
+        }
+    }
+
+    /// Hands one message to the outbox. `None` when the writer has stopped.
+    async fn ingest(&self, p: Publish) -> Option<oneshot::Receiver<Result<Appended, OutboxError>>> {
         let event_type = match self.config.subscription_for(&p.topic) {
             Some(s) => s.event_type.as_str(),
             None => UNMATCHED_TYPE,
         };
         let now_us = chrono::Utc::now().timestamp_micros();
         let record = record_from_publish(&p, event_type, &self.source, &self.session, now_us);
-        self.stats
-            .mqtt_received
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let done = match self.writer.append(record).await {
-            Ok(rx) => rx,
-            Err(_) => return false,
-        };
-        if p.qos == QoS::AtMostOnce {
-            return true;
-        }
-        ack_tx.send((done, p)).await.is_ok()
+        self.stats.mqtt_received.fetch_add(1, Ordering::Relaxed);
+        self.writer.append(record).await.ok()
     }
 
     /// Subscribes to what the configuration lists and the session lacks. Returns the
-    /// subscription set to remember once the broker's SUBACK confirms it.
-    fn sync_subscriptions(&self, client: &AsyncClient, session_present: bool) -> Option<Vec<u8>> {
+    /// SUBSCRIBE's packet id and the subscription set to remember once the broker's
+    /// SUBACK confirms it.
+    fn sync_subscriptions(
+        &self,
+        conn: &mut Conn,
+        session_present: bool,
+        next_pkid: &mut u16,
+    ) -> Result<Option<(u16, Vec<u8>)>, ConnError> {
+        let mut pkid = || {
+            *next_pkid = next_pkid.wrapping_add(1).max(1);
+            *next_pkid
+        };
         let wanted: BTreeSet<(String, u8)> = self
             .config
             .subscriptions
@@ -228,34 +408,46 @@ impl MqttSource {
             .map(|(f, q)| SubscribeFilter::new(f.clone(), qos(*q)))
             .collect();
         let wanted_filters: BTreeSet<&String> = wanted.iter().map(|(f, _)| f).collect();
-        let remove: BTreeSet<&String> = had
-            .iter()
-            .map(|(f, _)| f)
-            .filter(|f| !wanted_filters.contains(f))
-            .collect();
-        for f in remove {
-            if let Err(e) = client.try_unsubscribe(f.clone()) {
-                warn!(filter = %f, error = %e, "Could not unsubscribe from a filter removed from the configuration.");
+        for f in had.iter().map(|(f, _)| f) {
+            if !wanted_filters.contains(f) {
+                info!(filter = %f, "Unsubscribing from a filter removed from the configuration.");
+                let mut u = Unsubscribe::new(f.clone());
+                u.pkid = pkid();
+                conn.send(Packet::Unsubscribe(u))?;
             }
         }
         let json = serde_json::to_vec(&wanted).unwrap_or_default();
         if add.is_empty() {
             self.remember_subscriptions(&json);
-            return None;
+            return Ok(None);
         }
         let filters: Vec<&str> = add.iter().map(|f| f.path.as_str()).collect();
         info!(?filters, "Subscribing.");
-        if let Err(e) = client.try_subscribe_many(add) {
-            error!(error = %e, "Could not queue the MQTT subscription; retrying at the next reconnect.");
-            return None;
-        }
-        Some(json)
+        let mut s = Subscribe::new_many(add);
+        s.pkid = pkid();
+        let id = s.pkid;
+        conn.send(Packet::Subscribe(s))?;
+        Ok(Some((id, json)))
     }
 
     fn remember_subscriptions(&self, json: &[u8]) {
         if let Err(e) = write_atomically(&self.state_file, json) {
             warn!(path = %self.state_file.display(), error = %e, "Could not remember the MQTT subscriptions; the next reconnect subscribes again.");
         }
+    }
+}
+
+enum Handled {
+    /// A message now waits for its commit.
+    Pending,
+    Done,
+    Pong,
+}
+
+fn ack_packet(qos: QoS, pkid: u16) -> Packet {
+    match qos {
+        QoS::ExactlyOnce => Packet::PubRec(PubRec::new(pkid)),
+        _ => Packet::PubAck(PubAck::new(pkid)),
     }
 }
 
@@ -280,21 +472,24 @@ async fn sleep_or_shutdown(shutdown: &mut watch::Receiver<bool>, d: Duration) ->
     }
 }
 
-/// Acknowledges each message after its commit, in the order the messages arrived.
-async fn acker(client: AsyncClient, mut rx: mpsc::Receiver<PendingAck>, reconnect: Arc<Notify>) {
-    while let Some((done, publish)) = rx.recv().await {
-        match done.await {
-            Ok(Ok(_)) => {
-                if client.ack(&publish).await.is_err() {
-                    return;
-                }
-            }
+/// Waits for each message's commit, in the order the messages arrived, and reports it
+/// to the connection loop. Never blocks on the connection.
+async fn acker(mut rx: mpsc::UnboundedReceiver<PendingAck>, tx: mpsc::UnboundedSender<Committed>) {
+    while let Some(p) = rx.recv().await {
+        let ok = match p.done.await {
+            Ok(Ok(_)) => true,
             Ok(Err(e)) => {
-                error!(topic = %publish.topic, error = %e, "Could not commit an MQTT message; not acknowledging it, so the broker keeps it and re-sends it after a reconnect.");
-                reconnect.notify_one();
+                error!(topic = %p.topic, error = %e, "Could not commit an MQTT message; not acknowledging it, so the broker keeps it and re-sends it after a reconnect.");
+                false
             }
-            Err(_) => return,
-        }
+            Err(_) => false,
+        };
+        let _ = tx.send(Committed {
+            conn: p.conn,
+            pkid: p.pkid,
+            qos: p.qos,
+            ok,
+        });
     }
 }
 
