@@ -48,34 +48,55 @@ pub fn encode_batch(
     producer_id: &str,
     compression: Compression,
 ) -> (Vec<u8>, Option<(u64, String)>) {
-    let mut events = Vec::with_capacity(batch.len());
-    for rec in batch {
-        match to_event(rec, producer_id) {
-            Ok(e) => events.push(e),
-            Err(reason) => return (Vec::new(), Some((rec.seq, reason))),
+    // Events are built and written one at a time, straight into the compressor: the
+    // memory a batch needs is its compressed size, not its JSON plus every event as a
+    // tree (which is what a Pi notices when it drains a backlog).
+    let estimate = batch.iter().map(|r| r.data.len() + 300).sum::<usize>();
+    let result = match compression {
+        Compression::None => {
+            let mut out = Vec::with_capacity(estimate);
+            write_batch(&mut out, batch, producer_id).map(|()| out)
         }
-    }
-    // Serialise first, then compress in one call: flate2's writer zero-fills its output
-    // buffer on every write, and serde_json writes in fragments of a few bytes.
-    let body = serde_json::to_vec(&events)
-        .map_err(|e| e.to_string())
-        .and_then(|json| match compression {
-            Compression::None => Ok(json),
-            Compression::Gzip => {
-                let mut gz = flate2::write::GzEncoder::new(
-                    Vec::with_capacity(json.len() / 4),
-                    flate2::Compression::fast(),
-                );
-                gz.write_all(&json)
-                    .and_then(|()| gz.finish())
-                    .map_err(|e| e.to_string())
-            }
-        });
-    match body {
+        Compression::Gzip => {
+            let gz = flate2::write::GzEncoder::new(
+                Vec::with_capacity(estimate / 4),
+                flate2::Compression::fast(),
+            );
+            let mut w = std::io::BufWriter::with_capacity(16 * 1024, gz);
+            write_batch(&mut w, batch, producer_id).and_then(|()| {
+                w.into_inner()
+                    .map_err(|e| (None, e.error().to_string()))?
+                    .finish()
+                    .map_err(|e| (None, e.to_string()))
+            })
+        }
+    };
+    match result {
         Ok(b) => (b, None),
-        // Writing JSON into memory does not fail; if it ever did, blame the first record.
-        Err(e) => (Vec::new(), batch.first().map(|r| (r.seq, e))),
+        Err((seq, e)) => (
+            Vec::new(),
+            seq.or_else(|| batch.first().map(|r| r.seq)).map(|s| (s, e)),
+        ),
     }
+}
+
+/// Writes the batch as a JSON array of structured CloudEvents. On failure: the sequence
+/// of the record that cannot be encoded (if it is that record's fault) and why.
+fn write_batch(
+    w: &mut impl Write,
+    batch: &[Record],
+    producer_id: &str,
+) -> Result<(), (Option<u64>, String)> {
+    let io = |e: std::io::Error| (None, e.to_string());
+    w.write_all(b"[").map_err(io)?;
+    for (i, rec) in batch.iter().enumerate() {
+        if i > 0 {
+            w.write_all(b",").map_err(io)?;
+        }
+        let event = to_event(rec, producer_id).map_err(|reason| (Some(rec.seq), reason))?;
+        serde_json::to_writer(&mut *w, &event).map_err(|e| (Some(rec.seq), e.to_string()))?;
+    }
+    w.write_all(b"]").map_err(io)
 }
 
 #[cfg(test)]
