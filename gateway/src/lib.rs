@@ -253,3 +253,29 @@ async fn finish_by(deadline: tokio::time::Instant, name: &str, mut task: JoinHan
     let _ = task.await;
     false
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_still_busy_at_the_deadline_is_aborted_and_drops_what_it_holds() {
+        // Stands in for a source stuck while holding an outbox writer handle: until the
+        // handle is dropped, the writer thread (and so the shutdown) cannot end.
+        let (held, dropped) = tokio::sync::oneshot::channel::<()>();
+        let stuck = tokio::spawn(async move {
+            let _writer_handle = held;
+            std::future::pending::<()>().await
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        assert!(!finish_by(deadline, "stuck source", stuck).await);
+        assert!(tokio::time::Instant::now() >= deadline);
+        assert!(
+            dropped.await.is_err(),
+            "the aborted task still holds its handle"
+        );
+
+        let quick = tokio::spawn(async {});
+        assert!(finish_by(deadline + Duration::from_secs(10), "quick", quick).await);
+    }
+}
