@@ -3,11 +3,10 @@
 //! runs and after it stopped.
 
 use std::collections::BTreeSet;
-use std::process::Output;
 
 use pigeon_e2e::{
     GATEWAY_ID, MosquittoOptions, Pipeline, Publisher, READING_TYPE, Reading, Subscription,
-    climate_readings, secs, wait_until,
+    climate_readings, describe, secs, wait_until,
 };
 use serde_json::{Value, json};
 
@@ -38,15 +37,6 @@ async fn pipeline(name: &str) -> Pipeline {
         );
     })
     .await
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// Waits until the gateway's `/metrics` has `sample` at `want`.
@@ -230,7 +220,7 @@ async fn metrics_status_and_the_status_command_match_what_was_published() {
 
     // `pigeon-gateway status` for a person, and for a script.
     let out = p.gateway.status_command(&[]).await;
-    let shown = text(&out);
+    let shown = describe(&out);
     assert_eq!(out.status.code(), Some(0), "{shown}");
     let broker = format!("connected to 127.0.0.1:{}", p.mosquitto.port());
     for expected in [
@@ -251,7 +241,7 @@ async fn metrics_status_and_the_status_command_match_what_was_published() {
     };
     assert!(row(ALARM_FILTER, "20") && row("org/#", "300"), "{shown}");
     let out = p.gateway.status_command(&["--json"]).await;
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["state"], "running");
     assert_eq!(json["live"]["subscriptions"], live["subscriptions"]);
@@ -275,7 +265,7 @@ async fn status_tells_a_backlog_while_the_relay_is_down_and_after_the_gateway_st
     assert_eq!(p.gateway.get("/ready").await.unwrap().0, 200);
 
     let out = p.gateway.status_command(&[]).await;
-    let shown = text(&out);
+    let shown = describe(&out);
     assert_eq!(out.status.code(), Some(0), "{shown}");
     for expected in [
         "running and taking data",
@@ -291,7 +281,7 @@ async fn status_tells_a_backlog_while_the_relay_is_down_and_after_the_gateway_st
     // Stopped: the same backlog, read from the outbox; exit code 3.
     p.gateway.stop().await;
     let out = p.gateway.status_command(&[]).await;
-    let shown = text(&out);
+    let shown = describe(&out);
     assert_eq!(out.status.code(), Some(3), "{shown}");
     for expected in [
         "pigeon-gateway pi-1: NOT RUNNING",
@@ -303,7 +293,7 @@ async fn status_tells_a_backlog_while_the_relay_is_down_and_after_the_gateway_st
         assert!(shown.contains(expected), "missing {expected:?} in {shown}");
     }
     let out = p.gateway.status_command(&["--json"]).await;
-    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["state"], "stopped");
     assert_eq!(json["outbox"]["waiting"], 50);
