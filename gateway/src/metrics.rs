@@ -103,6 +103,12 @@ pub fn render(r: &StatusReport) -> String {
                 "MQTT messages received, including the broker's re-deliveries.",
                 l.mqtt_received,
             );
+            e.one(
+                "pigeon_gateway_mqtt_oversized_total",
+                C,
+                "MQTT messages dropped (and acknowledged) for being larger than mqtt.max_packet_size.",
+                l.mqtt_oversized,
+            );
             let name = "pigeon_gateway_mqtt_subscription_records_total";
             e.family(
                 name,

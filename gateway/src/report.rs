@@ -84,6 +84,9 @@ pub struct LiveStatus {
     /// `None` when no MQTT source is configured.
     pub mqtt_connected: Option<bool>,
     pub mqtt_received: u64,
+    /// MQTT messages dropped for being larger than `mqtt.max_packet_size`.
+    #[serde(default)]
+    pub mqtt_oversized: u64,
     /// Whether the last upload attempt reached the relay; `None` before the first.
     pub relay_reachable: Option<bool>,
     pub last_upload_unix: Option<i64>,
@@ -217,6 +220,7 @@ impl Live {
                 .as_ref()
                 .map(|_| s.mqtt_connected.load(Relaxed)),
             mqtt_received: s.mqtt_received.load(Relaxed),
+            mqtt_oversized: s.mqtt_oversized.load(Relaxed),
             relay_reachable: (s.relay_last_attempt_unix.load(Relaxed) > 0)
                 .then(|| s.relay_reachable.load(Relaxed)),
             last_upload_unix: (last_upload > 0).then_some(last_upload as i64),
@@ -392,8 +396,16 @@ pub fn render_text(r: &StatusReport) -> String {
                 &mut out,
                 "MQTT broker",
                 format!(
-                    "{state} {broker}; {} messages received since the start",
-                    count(l.mqtt_received)
+                    "{state} {broker}; {} messages received since the start{}",
+                    count(l.mqtt_received),
+                    if l.mqtt_oversized > 0 {
+                        format!(
+                            ", {} DROPPED as larger than mqtt.max_packet_size",
+                            count(l.mqtt_oversized)
+                        )
+                    } else {
+                        String::new()
+                    }
                 ),
             );
         }
@@ -614,6 +626,7 @@ pub(crate) mod tests {
                 not_ready_reason: None,
                 mqtt_connected: Some(true),
                 mqtt_received: 10_250,
+                mqtt_oversized: 0,
                 relay_reachable: Some(true),
                 last_upload_unix: Some(1_799_999_997),
                 upload_requests: 40,
