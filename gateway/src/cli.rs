@@ -1,15 +1,22 @@
-//! The command line: `pigeon-gateway [--config PATH] [run|check-config|print-default-config]`.
+//! The command line:
+//! `pigeon-gateway [--config PATH] [run|check-config|print-default-config|status [--json]]`.
 //!
 //! Exit codes: 0 success, 64 bad configuration (the message names the key), 1 failure
-//! while starting or running.
+//! while starting or running. `status`: 0 running, 3 not running, 4 unknown.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{Config, DEFAULT_CONFIG};
+use crate::report::{RunState, StatusReport};
+use crate::stats::{LastErrorLayer, LastErrorSlot};
 
 /// Exit code for a configuration that cannot be used (EX_CONFIG would be 78; 64 is
 /// EX_USAGE, which is what systemd units and scripts here check for).
@@ -37,7 +44,20 @@ enum Command {
     CheckConfig,
     /// Print a commented default configuration.
     PrintDefaultConfig,
+    /// Say what the gateway is doing: running or not, connected, how much is waiting and
+    /// since when, the last upload, counts per subscription, dead letters, disk space, the
+    /// last error. Asks the running gateway's HTTP endpoint; when nothing answers, reads
+    /// the outbox. Exit code 0: running, 3: not running, 4: unknown.
+    Status {
+        /// Print the report as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
 }
+
+/// `status` exit codes, as for LSB init scripts' `status` action.
+const EXIT_NOT_RUNNING: u8 = 3;
+const EXIT_STATE_UNKNOWN: u8 = 4;
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
@@ -57,9 +77,11 @@ pub fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
+        Command::Status { json } => status(&cli.config, json),
         Command::Run => {
             limit_malloc_arenas();
-            init_tracing();
+            let last_error = Arc::new(LastErrorSlot::default());
+            init_tracing(last_error.clone());
             let (config, token) = match load(&cli.config) {
                 Ok(c) => c,
                 Err(msg) => {
@@ -78,13 +100,16 @@ pub fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(crate::run(config, token, shutdown_signal())) {
+            let code = match rt.block_on(crate::run(config, token, last_error, shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("pigeon-gateway failed: {e:#}");
                     ExitCode::FAILURE
                 }
-            }
+            };
+            // A blocking call stuck in the disk must not hold the exit.
+            rt.shutdown_timeout(Duration::from_secs(1));
+            code
         }
     }
 }
@@ -114,14 +139,118 @@ fn limit_malloc_arenas() {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(last_error: Arc<LastErrorSlot>) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PIGEON_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        .finish()
+        .with(LastErrorLayer::new(last_error))
         .init();
+}
+
+/// `pigeon-gateway status [--json]`.
+fn status(path: &std::path::Path, json: bool) -> ExitCode {
+    // Only the configuration: the token file may be unreadable to whoever asks.
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pigeon-gateway: {e}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pigeon-gateway: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = rt.block_on(ask(&config));
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("pigeon-gateway: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", crate::report::render_text(&report));
+    }
+    match report.state {
+        RunState::Running => ExitCode::SUCCESS,
+        RunState::Stopped => ExitCode::from(EXIT_NOT_RUNNING),
+        RunState::Unknown => ExitCode::from(EXIT_STATE_UNKNOWN),
+    }
+}
+
+/// The running gateway's report from its HTTP endpoint, or one read from the outbox.
+async fn ask(config: &Config) -> StatusReport {
+    let offline = |state, detail: String| {
+        let config = config.clone();
+        async move {
+            tokio::task::spawn_blocking(move || StatusReport::from_outbox(&config, state, detail))
+                .await
+                .unwrap_or_else(|e| panic!("reading the outbox panicked: {e}"))
+        }
+    };
+    if !config.http.enabled {
+        return offline(
+            RunState::Unknown,
+            "[http] is disabled, so the gateway cannot be asked; the numbers are read from the outbox".into(),
+        )
+        .await;
+    }
+    let mut addr = match config.http.listen_addr() {
+        Ok(a) => a,
+        Err(e) => return offline(RunState::Unknown, format!("http.listen: {e}")).await,
+    };
+    // A gateway listening on every address is asked on loopback.
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let url = format!("http://{addr}/status");
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .no_proxy()
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => return offline(RunState::Unknown, format!("cannot ask {url}: {e}")).await,
+    };
+    let answer = match client.get(&url).send().await {
+        Ok(resp) if resp.status().is_success() => resp.bytes().await,
+        Ok(resp) => {
+            let detail = format!("{url} answered HTTP {}", resp.status());
+            return offline(RunState::Unknown, detail).await;
+        }
+        Err(e) if e.is_connect() => {
+            return offline(RunState::Stopped, format!("nothing answers at {url}")).await;
+        }
+        Err(e) if e.is_timeout() => {
+            let detail = format!("{url} did not answer within 3 s; the gateway may be hung");
+            return offline(RunState::Unknown, detail).await;
+        }
+        Err(e) => return offline(RunState::Unknown, format!("cannot ask {url}: {e}")).await,
+    };
+    match answer.map(|b| serde_json::from_slice::<StatusReport>(&b)) {
+        Ok(Ok(report)) => report,
+        Ok(Err(e)) => {
+            let detail = format!("{url} answered with something that is not a status: {e}");
+            offline(RunState::Unknown, detail).await
+        }
+        Err(e) => offline(RunState::Unknown, format!("reading {url} failed: {e}")).await,
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -11,6 +11,7 @@ use pigeon_shared::ce::GatewayId;
 use pigeon_shared::units::{ByteSize, Duration};
 use serde::Deserialize;
 
+use crate::sources::health::HealthConfig;
 use crate::sources::mqtt::MqttConfig;
 
 /// The whole configuration file.
@@ -23,6 +24,50 @@ pub struct Config {
     pub outbox: OutboxConfig,
     /// Absent: no MQTT source.
     pub mqtt: Option<MqttConfig>,
+    #[serde(default)]
+    pub health: HealthConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+}
+
+/// The local HTTP endpoint: `/live`, `/ready`, `/metrics`, `/status`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// `host:port`; loopback by default, since `/status` tells anyone who can reach it
+    /// what the gateway is doing.
+    #[serde(default = "default_http_listen")]
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: default_http_listen(),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The address to listen on; `validate` made sure it parses.
+    pub fn listen_addr(&self) -> Result<std::net::SocketAddr, String> {
+        self.listen.parse().map_err(|e| {
+            format!(
+                "{:?} is not an address like \"127.0.0.1:9464\": {e}",
+                self.listen
+            )
+        })
+    }
+}
+
+pub(crate) fn default_true() -> bool {
+    true
+}
+fn default_http_listen() -> String {
+    "127.0.0.1:9464".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -227,6 +272,8 @@ impl Config {
         if let Some(mqtt) = &self.mqtt {
             mqtt.validate()?;
         }
+        self.health.validate()?;
+        self.http.listen_addr().map_err(|m| ("http.listen", m))?;
         Ok(())
     }
 
@@ -277,6 +324,13 @@ mod tests {
         assert_eq!(c.outbox.synchronous, Synchronous::Full);
         assert!(c.mqtt.is_none());
         assert_eq!(c.relay_token().unwrap().as_deref(), Some("secret"));
+        assert!(c.health.enabled);
+        assert_eq!(c.health.interval.get().as_secs(), 60);
+        assert!(c.http.enabled);
+        assert_eq!(
+            c.http.listen_addr().unwrap(),
+            "127.0.0.1:9464".parse().unwrap()
+        );
     }
 
     #[test]
@@ -308,6 +362,24 @@ mod tests {
         assert!(e.contains("relay.batch_max_events"), "{e}");
         let e = parse(&format!("{MINIMAL}\ntoken_file = \"/x\"\n")).unwrap_err();
         assert!(e.contains("not both"), "{e}");
+    }
+
+    #[test]
+    fn health_and_http_sections() {
+        let c = parse(&format!(
+            "{MINIMAL}\n[health]\nenabled = false\ninterval = \"5m\"\n[http]\nenabled = false\nlisten = \"0.0.0.0:80\"\n"
+        ))
+        .unwrap();
+        assert!(!c.health.enabled && !c.http.enabled);
+        assert_eq!(c.health.interval.get().as_secs(), 300);
+        let e = parse(&format!("{MINIMAL}\n[health]\ninterval = \"100ms\"\n")).unwrap_err();
+        assert!(e.contains("health.interval"), "{e}");
+        let e = parse(&format!("{MINIMAL}\n[health]\nintervall = \"1m\"\n")).unwrap_err();
+        assert!(e.contains("intervall"), "{e}");
+        let e = parse(&format!("{MINIMAL}\n[http]\nlisten = \"localhost\"\n")).unwrap_err();
+        assert!(e.contains("http.listen"), "{e}");
+        let e = parse(&format!("{MINIMAL}\n[http]\nport = 9464\n")).unwrap_err();
+        assert!(e.contains("port"), "{e}");
     }
 
     #[test]

@@ -5,35 +5,62 @@
 //! [`uplink`] drains the outbox to pigeon-relay as CloudEvents batches and deletes a
 //! record only after the relay said it is durable. [`run`] wires them together; the
 //! binary (`main.rs` → [`cli`]) parses arguments, loads the [`config`] and calls it.
+//!
+//! What it says about itself: [`stats`] counts (atomics), [`report`] turns the counts,
+//! the outbox depth and the [`host`]'s disk into one snapshot, which [`http`] serves as
+//! `/status` and (via [`metrics`]) `/metrics`, `pigeon-gateway status` prints, and
+//! [`service`] sends to systemd as the status line with the watchdog pings.
 
 pub mod cli;
 pub mod config;
+pub mod host;
+pub mod http;
+pub mod metrics;
 pub mod outbox;
+pub mod report;
+pub mod service;
 pub mod sources;
 pub mod stats;
 pub mod uplink;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
 use anyhow::Context;
+use pigeon_sdnotify::{Notifier, State};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::outbox::{OutboxReader, OutboxWriter, db};
-use crate::stats::Stats;
+use crate::outbox::{DepthCache, OutboxReader, OutboxWriter, db};
+use crate::report::Live;
+use crate::stats::{LastErrorSlot, Stats};
+
+/// How long after the shutdown deadline the outbox writer may take to commit what is
+/// queued before the gateway exits without waiting for it (uncommitted = not
+/// acknowledged, so nothing is lost: the broker re-sends it).
+const WRITER_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs the gateway until `shutdown` resolves, then stops taking new data, lets the
 /// in-flight upload finish within `gateway.shutdown_timeout`, and leaves the outbox
-/// consistent. `token` is the relay token already read from the configuration.
+/// consistent. `token` is the relay token already read from the configuration;
+/// `last_error` is where the log keeps the last warning (see [`stats::LastErrorLayer`]).
+///
+/// Under systemd (`NOTIFY_SOCKET`) it reports `READY=1` once everything is started,
+/// pings the watchdog while healthy, and says `STOPPING=1` when `shutdown` resolves.
+/// However stuck a part is, it returns within `shutdown_timeout` plus a few seconds.
 pub async fn run(
     config: Config,
     token: Option<String>,
+    last_error: Arc<LastErrorSlot>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     // One TLS crypto provider for the whole process (ring: small, builds for the Pi).
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let notifier = Arc::new(Notifier::from_env());
 
     let data_dir = config.gateway.data_dir.clone();
     let path = db::path_in(&data_dir);
@@ -46,18 +73,40 @@ pub async fn run(
     })
     .await?
     .with_context(|| format!("cannot open the outbox in {}", data_dir.display()))?;
-    let (writer, writer_thread) = OutboxWriter::start(conn, config.outbox.commit_max_records)?;
+
+    let health_source = config.gateway.id.source("health");
+    let mut sources = vec![("health", health_source)];
+    if config.mqtt.is_some() {
+        sources.push(("mqtt", config.gateway.id.source("mqtt")));
+    }
+    let mut stats = Stats::new(&sources, config.mqtt.as_ref());
+    stats.last_error = last_error;
+    let stats = Arc::new(stats);
+
+    let (writer, writer_thread) =
+        OutboxWriter::start_with_stats(conn, config.outbox.commit_max_records, stats.clone())?;
     let reader = Arc::new(OutboxReader::open(&db::path_in(&data_dir))?);
-    let pending = {
-        let r = reader.clone();
-        tokio::task::spawn_blocking(move || r.pending()).await??
+    let depth = Arc::new(DepthCache::new(reader.clone()));
+    let pending = depth.get().await?.pending;
+    let live = Arc::new(Live::new(&config, stats.clone(), depth.clone()));
+
+    // Bind before starting anything, so a taken port fails the start cleanly.
+    let http_listener = if config.http.enabled {
+        let addr = config.http.listen_addr().map_err(anyhow::Error::msg)?;
+        Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (http.listen)"))?,
+        )
+    } else {
+        None
     };
-    let stats = Arc::new(Stats::default());
     info!(
         gateway = %config.gateway.id,
         outbox = %db::path_in(&data_dir).display(),
         pending = pending.count,
         producer_id = %producer_id,
+        http = http_listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.to_string()),
         "pigeon-gateway started."
     );
 
@@ -81,31 +130,152 @@ pub async fn run(
         );
         tokio::spawn(source.run(stop_rx.clone()))
     });
+    let health_task = config.health.enabled.then(|| {
+        let source = sources::health::HealthSource::new(
+            config.health.clone(),
+            &config.gateway.id,
+            data_dir.clone(),
+            writer.clone(),
+            stats.clone(),
+            depth.clone(),
+            live.started,
+        );
+        tokio::spawn(source.run(stop_rx.clone()))
+    });
+    let http_task = http_listener.map(|l| {
+        let live = live.clone();
+        tokio::spawn(async move {
+            if let Err(e) = http::serve(l, live).await {
+                error!(error = %e, "The HTTP endpoint failed; /status and /metrics are gone until a restart.");
+            }
+        })
+    });
+
+    let mut watched = vec![("uplink", uplink_task.abort_handle())];
+    watched.extend(
+        mqtt_task
+            .as_ref()
+            .map(|t| ("MQTT source", t.abort_handle())),
+    );
+    watched.extend(
+        health_task
+            .as_ref()
+            .map(|t| ("health source", t.abort_handle())),
+    );
+    watched.extend(
+        http_task
+            .as_ref()
+            .map(|t| ("HTTP endpoint", t.abort_handle())),
+    );
+    let ready_line = service::status_line(&live.report().await);
+    service::notify(&notifier, &[State::Ready, State::Status(&ready_line)]);
+    let watchdog_task = notifier.is_enabled().then(|| {
+        tokio::spawn(service::run(
+            notifier.clone(),
+            pigeon_sdnotify::watchdog_interval(),
+            writer.clone(),
+            live.clone(),
+            watched,
+        ))
+    });
     drop(writer);
 
     shutdown.await;
     info!("Stopping: no new data is taken; finishing the upload in flight.");
-    let _ = stop_tx.send(true);
-    let deadline = tokio::time::Instant::now() + config.gateway.shutdown_timeout.get();
-    if let Some(t) = mqtt_task {
-        let _ = tokio::time::timeout_at(deadline, t).await;
+    live.stopping.store(true, Relaxed);
+    if let Some(t) = watchdog_task {
+        t.abort();
     }
-    let mut uplink_task = uplink_task;
-    if tokio::time::timeout_at(deadline, &mut uplink_task)
-        .await
-        .is_err()
-    {
+    service::notify(
+        &notifier,
+        &[
+            State::Stopping,
+            State::Status("Stopping: finishing the upload in flight."),
+        ],
+    );
+    let _ = stop_tx.send(true);
+    let stop_began = tokio::time::Instant::now();
+    let deadline = stop_began + config.gateway.shutdown_timeout.get();
+    // Sources first (they stop taking data and acknowledge what was committed), then the
+    // uplink's request in flight. Whatever is still running at the deadline is aborted:
+    // its uncommitted records were never acknowledged, so nothing is lost.
+    for (name, task) in [("MQTT source", mqtt_task), ("health source", health_task)] {
+        if let Some(t) = task {
+            finish_by(deadline, name, t).await;
+        }
+    }
+    if !finish_by(deadline, "uplink", uplink_task).await {
         warn!(
             "The relay did not answer before the shutdown deadline; the events in flight stay in the outbox and are sent after the next start."
         );
-        uplink_task.abort();
-        let _ = uplink_task.await;
     }
-    // Every writer handle is gone now: the writer thread commits what is queued and ends.
-    tokio::task::spawn_blocking(move || writer_thread.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("the outbox writer thread panicked"))?;
-    let pending = tokio::task::spawn_blocking(move || reader.pending()).await??;
-    info!(pending = pending.count, "pigeon-gateway stopped.");
+    // Every writer handle is gone now (the aborted tasks dropped theirs): the writer
+    // thread commits what is queued and ends. A writer stuck in the disk is not waited
+    // for beyond a short grace: what it did not commit was not acknowledged.
+    let joined = tokio::time::timeout(
+        WRITER_GRACE.max(deadline - tokio::time::Instant::now()),
+        tokio::task::spawn_blocking(move || writer_thread.join()),
+    )
+    .await;
+    match joined {
+        Ok(Ok(Ok(()))) => {}
+        Ok(_) => error!("The outbox writer thread panicked."),
+        Err(_) => error!(
+            "The outbox writer did not finish in time; exiting without it. Records it did not commit were not acknowledged and will be re-sent by their producers."
+        ),
+    }
+    if let Some(t) = http_task {
+        t.abort();
+    }
+    let pending = match tokio::time::timeout(Duration::from_secs(1), depth.get()).await {
+        Ok(Ok(d)) => Some(d.pending.count),
+        _ => None,
+    };
+    info!(
+        pending,
+        took = ?stop_began.elapsed(),
+        "pigeon-gateway stopped."
+    );
     Ok(())
+}
+
+/// Waits for `task` until `deadline`, then aborts it (and waits for the abort to take
+/// effect). Returns whether it finished by itself.
+async fn finish_by(deadline: tokio::time::Instant, name: &str, mut task: JoinHandle<()>) -> bool {
+    if tokio::time::timeout_at(deadline, &mut task).await.is_ok() {
+        return true;
+    }
+    warn!(
+        task = name,
+        "Still busy at the shutdown deadline; stopping it where it is."
+    );
+    task.abort();
+    let _ = task.await;
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_still_busy_at_the_deadline_is_aborted_and_drops_what_it_holds() {
+        // Stands in for a source stuck while holding an outbox writer handle: until the
+        // handle is dropped, the writer thread (and so the shutdown) cannot end.
+        let (held, dropped) = tokio::sync::oneshot::channel::<()>();
+        let stuck = tokio::spawn(async move {
+            let _writer_handle = held;
+            std::future::pending::<()>().await
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        assert!(!finish_by(deadline, "stuck source", stuck).await);
+        assert!(tokio::time::Instant::now() >= deadline);
+        assert!(
+            dropped.await.is_err(),
+            "the aborted task still holds its handle"
+        );
+
+        let quick = tokio::spawn(async {});
+        assert!(finish_by(deadline + Duration::from_secs(10), "quick", quick).await);
+    }
 }

@@ -1,21 +1,310 @@
-//! Counters the gateway's parts update and its logs (and later `/metrics` and `status`)
-//! read. Plain atomics: cheap on the hot path, no locks.
+//! Counters the gateway's parts update and its logs, `/metrics`, `/status`, the systemd
+//! status line and the heartbeat events read. Plain atomics: cheap on the hot path, no
+//! locks (but for the last error, which changes rarely).
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use crate::outbox::NewRecord;
+use crate::sources::mqtt::MqttConfig;
 
 #[derive(Debug, Default)]
 pub struct Stats {
     pub mqtt_connected: AtomicBool,
+    /// MQTT PUBLISH packets received (including a broker's re-deliveries).
     pub mqtt_received: AtomicU64,
     /// MQTT messages dropped because they were larger than `mqtt.max_packet_size`.
     pub mqtt_oversized: AtomicU64,
+    /// Whether the last upload attempt reached the relay (see `relay_last_attempt_unix`).
     pub relay_reachable: AtomicBool,
+    /// Unix seconds of the last upload attempt, answered or not; 0 before the first.
+    pub relay_last_attempt_unix: AtomicU64,
+    /// Upload requests sent (first tries and retries).
     pub upload_requests: AtomicU64,
+    /// Requests the relay answered with per-event results.
+    pub upload_successes: AtomicU64,
+    /// Requests that failed as a whole (network error, 401/403, 429, 5xx, …) and are retried.
     pub upload_failures: AtomicU64,
+    /// Requests that re-sent events after a failed attempt.
+    pub upload_retries: AtomicU64,
+    /// Events the relay said are durable (accepted or recognised as duplicates).
     pub events_delivered: AtomicU64,
+    /// Of `events_delivered`, those the relay already had.
     pub events_duplicate: AtomicU64,
     pub events_dead_lettered: AtomicU64,
+    /// Request body bytes sent to the relay (compressed, as on the wire).
     pub bytes_sent: AtomicU64,
     /// Unix seconds of the last request the relay answered with results.
     pub last_upload_unix: AtomicU64,
+    /// Heartbeat events committed to the outbox.
+    pub heartbeats: AtomicU64,
+    /// Outbox transactions committed / failed (and rolled back).
+    pub outbox_commits: AtomicU64,
+    pub outbox_commit_failures: AtomicU64,
+    /// Whether the last outbox transaction failed.
+    pub outbox_failing: AtomicBool,
+    /// Records committed, per source (registered with [`Stats::new`]).
+    pub sources: Vec<SourceCounter>,
+    /// Committed MQTT records per subscription, in configuration order.
+    pub subscriptions: Vec<SubscriptionCounter>,
+    /// Committed MQTT records on topics no configured filter matches.
+    pub mqtt_unmatched: AtomicU64,
+    /// Shared with the [`LastErrorLayer`] set up before the configuration was read.
+    pub last_error: Arc<LastErrorSlot>,
+}
+
+/// Committed records of one source.
+#[derive(Debug)]
+pub struct SourceCounter {
+    /// Short name, e.g. `mqtt`.
+    pub name: String,
+    /// The CloudEvent `source` its records carry, e.g. `/gateways/pi-1/mqtt`.
+    pub source: String,
+    pub records: AtomicU64,
+}
+
+/// Committed records of one `[[mqtt.subscriptions]]` block.
+#[derive(Debug)]
+pub struct SubscriptionCounter {
+    pub filter: String,
+    pub event_type: String,
+    pub records: AtomicU64,
+}
+
+/// The last warning or error the gateway logged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastError {
+    pub unix: i64,
+    pub level: &'static str,
+    pub message: String,
+}
+
+/// Where the [`LastErrorLayer`] keeps the [`LastError`].
+#[derive(Debug, Default)]
+pub struct LastErrorSlot(Mutex<Option<LastError>>);
+
+impl LastErrorSlot {
+    pub fn set(&self, level: &'static str, message: String) {
+        let e = LastError {
+            unix: chrono::Utc::now().timestamp(),
+            level,
+            message,
+        };
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+    }
+
+    pub fn get(&self) -> Option<LastError> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Stats {
+    /// Stats that count records per source (`(name, CloudEvent source)` pairs) and, when
+    /// `mqtt` is given, per subscription.
+    pub fn new(sources: &[(&str, String)], mqtt: Option<&MqttConfig>) -> Self {
+        Stats {
+            sources: sources
+                .iter()
+                .map(|(name, source)| SourceCounter {
+                    name: (*name).to_owned(),
+                    source: source.clone(),
+                    records: AtomicU64::new(0),
+                })
+                .collect(),
+            subscriptions: mqtt
+                .map(|m| {
+                    m.subscriptions
+                        .iter()
+                        .map(|s| SubscriptionCounter {
+                            filter: s.filter.clone(),
+                            event_type: s.event_type.clone(),
+                            records: AtomicU64::new(0),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            ..Stats::default()
+        }
+    }
+
+    /// Counts a record the outbox committed: by source, and for MQTT records (those with a
+    /// topic as subject, from the `mqtt` source) by the first subscription whose filter
+    /// matches, the same rule that chose its event type.
+    pub fn count_stored(&self, rec: &NewRecord) {
+        let Some(src) = self.sources.iter().find(|s| s.source == rec.source) else {
+            return;
+        };
+        src.records.fetch_add(1, Relaxed);
+        if src.name != "mqtt" {
+            return;
+        }
+        let Some(topic) = rec.subject.as_deref() else {
+            return;
+        };
+        match self
+            .subscriptions
+            .iter()
+            .find(|s| rumqttc::matches(topic, &s.filter))
+        {
+            Some(s) => s.records.fetch_add(1, Relaxed),
+            None => self.mqtt_unmatched.fetch_add(1, Relaxed),
+        };
+    }
+
+    /// Committed records of the source named `name` (0 if there is none).
+    pub fn source_records(&self, name: &str) -> u64 {
+        self.sources
+            .iter()
+            .find(|s| s.name == name)
+            .map_or(0, |s| s.records.load(Relaxed))
+    }
+
+    pub fn last_error(&self) -> Option<LastError> {
+        self.last_error.get()
+    }
+}
+
+/// A tracing layer that keeps the last WARN or ERROR event of the gateway's own code in
+/// a [`LastErrorSlot`] (the one [`Stats`] shows), for `status` and `/status` ("last error"). Events below the log filter
+/// never reach it.
+pub struct LastErrorLayer {
+    slot: Arc<LastErrorSlot>,
+}
+
+impl LastErrorLayer {
+    pub fn new(slot: Arc<LastErrorSlot>) -> Self {
+        Self { slot }
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LastErrorLayer {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let meta = event.metadata();
+        let level = match *meta.level() {
+            tracing::Level::ERROR => "error",
+            tracing::Level::WARN => "warn",
+            _ => return,
+        };
+        if !meta.target().starts_with("pigeon_gateway") {
+            return;
+        }
+        let mut v = MessageVisitor::default();
+        event.record(&mut v);
+        self.slot.set(level, v.finish());
+    }
+}
+
+/// "Message. key=value key=value", from an event's fields.
+#[derive(Default)]
+struct MessageVisitor {
+    message: String,
+    fields: String,
+}
+
+impl MessageVisitor {
+    fn finish(self) -> String {
+        let mut s = self.message;
+        if !self.fields.is_empty() {
+            if !s.is_empty() {
+                s.push(' ');
+            }
+            s.push_str(self.fields.trim_start());
+        }
+        s
+    }
+}
+
+impl tracing::field::Visit for MessageVisitor {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.message = value.to_owned();
+        } else {
+            self.fields.push_str(&format!(" {}={value}", field.name()));
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.message = format!("{value:?}");
+        } else {
+            self.fields
+                .push_str(&format!(" {}={value:?}", field.name()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    fn record(source: &str, topic: Option<&str>) -> NewRecord {
+        NewRecord {
+            source: source.into(),
+            event_type: "t".into(),
+            subject: topic.map(Into::into),
+            time_us: 0,
+            content_type: None,
+            data: bytes::Bytes::new(),
+            delivery: None,
+        }
+    }
+
+    #[test]
+    fn records_are_counted_by_source_and_first_matching_subscription() {
+        let mqtt: MqttConfig = toml::from_str(
+            r#"
+            [[subscriptions]]
+            filter = "org/+/alarms/#"
+            type = "alarm"
+            [[subscriptions]]
+            filter = "org/#"
+            type = "reading"
+            "#,
+        )
+        .unwrap();
+        let stats = Stats::new(
+            &[
+                ("mqtt", "/gateways/g/mqtt".into()),
+                ("health", "/gateways/g/health".into()),
+            ],
+            Some(&mqtt),
+        );
+        stats.count_stored(&record("/gateways/g/mqtt", Some("org/a/alarms/smoke")));
+        stats.count_stored(&record("/gateways/g/mqtt", Some("org/a/room/1")));
+        stats.count_stored(&record("/gateways/g/mqtt", Some("org/b/room/2")));
+        stats.count_stored(&record("/gateways/g/mqtt", Some("elsewhere")));
+        stats.count_stored(&record("/gateways/g/health", None));
+        stats.count_stored(&record("/gateways/other/x", None));
+        assert_eq!(stats.source_records("mqtt"), 4);
+        assert_eq!(stats.source_records("health"), 1);
+        assert_eq!(stats.source_records("ftp"), 0);
+        let per: Vec<u64> = stats
+            .subscriptions
+            .iter()
+            .map(|s| s.records.load(Relaxed))
+            .collect();
+        assert_eq!(per, [1, 2]);
+        assert_eq!(stats.mqtt_unmatched.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn the_last_warning_of_the_gateway_is_kept_with_its_fields() {
+        let stats = Stats::default();
+        let subscriber =
+            tracing_subscriber::registry().with(LastErrorLayer::new(stats.last_error.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("Fine.");
+            assert_eq!(stats.last_error(), None, "info is not an error");
+            tracing::warn!(retry_in = ?std::time::Duration::from_secs(2), relay = %"http://r", "Cannot deliver.");
+            tracing::warn!(target: "hyper", "Not ours.");
+        });
+        let e = stats.last_error().unwrap();
+        assert_eq!(e.level, "warn");
+        assert_eq!(e.message, "Cannot deliver. retry_in=2s relay=http://r");
+    }
 }

@@ -11,7 +11,8 @@
 //! * [`sink`] — the embedded stream sink: the deduplication index, the `.jsonl` stream
 //!   files, the checkpoint that makes the index survive restarts, and the single writer
 //!   thread that does group commits;
-//! * [`metrics`] — counters and histograms in the Prometheus text format.
+//! * [`metrics`] — counters and histograms in the Prometheus text format;
+//! * [`service`] — what systemd is told: ready, watchdog pings, status, stopping.
 //!
 //! [`run`] ties them together. The protocol is documented in `docs/protocol.md`, the
 //! files in `docs/data-layout.md`, the configuration in `docs/configuration-relay.md`.
@@ -21,12 +22,14 @@ pub mod config;
 pub mod ingest;
 pub mod metrics;
 pub mod server;
+pub mod service;
 pub mod sink;
 
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 
 use axum::serve::ListenerExt;
+use pigeon_sdnotify::{Notifier, State};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
@@ -48,12 +51,15 @@ pub enum RelayError {
 /// the deduplication checkpoint and returns.
 ///
 /// Startup recovers the deduplication index from the data dir before serving; failing
-/// that (for example an unwritable data dir) is an error.
+/// that (for example an unwritable data dir) is an error. Under systemd
+/// (`NOTIFY_SOCKET`) it says `READY=1` once it serves, pings the watchdog while the sink
+/// writer answers, and says `STOPPING=1` when `shutdown` completes.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RelayError> {
+    let notifier = Arc::new(Notifier::from_env());
     let metrics = Arc::new(metrics::Metrics::new());
     let data_dir = config.data_dir.clone();
     let sink_settings = config.sink;
@@ -83,14 +89,22 @@ pub async fn run(
         sink: sink.clone(),
         limits: config.limits,
         retry_after: config.sink.retry_after,
-        metrics,
+        metrics: metrics.clone(),
         permits: Arc::new(Semaphore::new(config.limits.max_concurrent_requests)),
     });
     let app = server::router(state);
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stopping = notifier.clone();
     tokio::spawn(async move {
         shutdown.await;
+        service::notify(
+            &stopping,
+            &[
+                State::Stopping,
+                State::Status("Stopping: finishing the requests in flight."),
+            ],
+        );
         let _ = stop_tx.send(true);
     });
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -104,6 +118,17 @@ pub async fn run(
         let _ = tcp.set_nodelay(true);
     });
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "The relay is listening.");
+    let line = service::status_line(&addr.to_string(), &metrics);
+    service::notify(&notifier, &[State::Ready, State::Status(&line)]);
+    let watchdog = notifier.is_enabled().then(|| {
+        tokio::spawn(service::run(
+            notifier.clone(),
+            pigeon_sdnotify::watchdog_interval(),
+            sink.clone(),
+            metrics.clone(),
+            addr.to_string(),
+        ))
+    });
 
     let serve = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
     let deadline = async {
@@ -121,6 +146,9 @@ pub async fn run(
         ),
     }
 
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     sink.shutdown().await;
     ticker.abort();
     tokio::task::spawn_blocking(move || writer_thread.join())

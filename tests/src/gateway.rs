@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::process::{Proc, gateway_bin};
+use crate::http::{http_get, metric_value};
+use crate::process::{Proc, free_port, gateway_bin, run_command};
 use crate::readings::READING_TYPE;
 use crate::{Mosquitto, TestDir, secs};
 
@@ -36,11 +37,19 @@ pub struct GatewayConfig {
     pub subscriptions: Vec<Subscription>,
     /// More `[mqtt]` keys, e.g. `max_pending` or `max_packet_size`.
     pub mqtt_options: toml::Table,
+    /// `http.listen = "127.0.0.1:<port>"`; `None` writes `http.enabled = false`.
+    pub http_port: Option<u16>,
+    /// `health.interval`; `None` (the default here, so that tests can count the events
+    /// they publish) writes `health.enabled = false`.
+    pub health_interval: Option<String>,
+    /// `gateway.shutdown_timeout`; `None` leaves the gateway's default.
+    pub shutdown_timeout: Option<String>,
 }
 
 impl GatewayConfig {
     /// Gateway `id` with `token`, pointed at the relay at `relay_url` and the broker on
-    /// 127.0.0.1:`mqtt_port`, subscribed to `org/#` at QoS 1 with type [`READING_TYPE`].
+    /// 127.0.0.1:`mqtt_port`, subscribed to `org/#` at QoS 1 with type [`READING_TYPE`],
+    /// its HTTP endpoint on a free port, no heartbeats.
     pub fn new(id: &str, token: &str, relay_url: &str, mqtt_port: u16) -> Self {
         GatewayConfig {
             id: id.to_string(),
@@ -54,6 +63,9 @@ impl GatewayConfig {
                 event_type: READING_TYPE.to_string(),
             }],
             mqtt_options: toml::Table::new(),
+            http_port: Some(free_port()),
+            health_interval: None,
+            shutdown_timeout: None,
         }
     }
 
@@ -70,6 +82,9 @@ impl GatewayConfig {
         let mut gateway = toml::Table::new();
         gateway.insert("id".into(), self.id.clone().into());
         gateway.insert("data_dir".into(), data_dir.display().to_string().into());
+        if let Some(t) = &self.shutdown_timeout {
+            gateway.insert("shutdown_timeout".into(), t.clone().into());
+        }
 
         let mut relay = toml::Table::new();
         relay.insert("url".into(), self.relay_url.clone().into());
@@ -102,10 +117,24 @@ impl GatewayConfig {
         mqtt.insert("subscriptions".into(), subs.into());
         mqtt.extend(self.mqtt_options.clone());
 
+        let mut health = toml::Table::new();
+        health.insert("enabled".into(), self.health_interval.is_some().into());
+        if let Some(i) = &self.health_interval {
+            health.insert("interval".into(), i.clone().into());
+        }
+
+        let mut http = toml::Table::new();
+        http.insert("enabled".into(), self.http_port.is_some().into());
+        if let Some(port) = self.http_port {
+            http.insert("listen".into(), format!("127.0.0.1:{port}").into());
+        }
+
         let mut root = toml::Table::new();
         root.insert("gateway".into(), gateway.into());
         root.insert("relay".into(), relay.into());
         root.insert("mqtt".into(), mqtt.into());
+        root.insert("health".into(), health.into());
+        root.insert("http".into(), http.into());
         root
     }
 
@@ -129,6 +158,12 @@ pub struct Gateway {
 impl Gateway {
     /// Writes the config and starts the gateway, without waiting for anything.
     pub fn start(dir: &TestDir, config: GatewayConfig) -> Gateway {
+        Self::start_with_env(dir, config, &[])
+    }
+
+    /// Like [`Gateway::start`], with extra environment variables (e.g. `NOTIFY_SOCKET`),
+    /// kept for restarts.
+    pub fn start_with_env(dir: &TestDir, config: GatewayConfig, env: &[(&str, &str)]) -> Gateway {
         let label = format!("gateway-{}", config.id);
         let config_path = dir.join(format!("{label}.toml"));
         let data_dir = dir.join(&label);
@@ -138,6 +173,9 @@ impl Gateway {
             .arg(&config_path);
         if std::env::var_os("PIGEON_LOG").is_none() {
             proc = proc.env("PIGEON_LOG", "info");
+        }
+        for (k, v) in env {
+            proc = proc.env(k, v);
         }
         let mut gw = Gateway {
             proc,
@@ -236,6 +274,33 @@ impl Gateway {
         config.write(&self.config_path, &self.data_dir);
         self.config = config;
         self.proc.start();
+    }
+
+    /// `GET path` on the gateway's HTTP endpoint: status code and body.
+    pub async fn get(&self, path: &str) -> Result<(u16, String), String> {
+        let port = self
+            .config
+            .http_port
+            .ok_or("the gateway's HTTP endpoint is disabled")?;
+        http_get(port, path).await
+    }
+
+    /// The value of one sample on the gateway's `GET /metrics`, e.g.
+    /// `pigeon_gateway_outbox_records`; `None` if it is not there.
+    pub async fn metric(&self, sample: &str) -> Result<Option<f64>, String> {
+        let (code, body) = self.get("/metrics").await?;
+        if code != 200 {
+            return Err(format!("GET /metrics answered {code}"));
+        }
+        Ok(metric_value(&body, sample))
+    }
+
+    /// Runs `pigeon-gateway --config <its config> status [args]` and returns its output.
+    pub async fn status_command(&self, args: &[&str]) -> std::process::Output {
+        let config = self.config_path.to_str().expect("UTF-8 temp path");
+        let mut all = vec!["--config", config, "status"];
+        all.extend_from_slice(args);
+        run_command(&gateway_bin(), &all, secs(20)).await
     }
 
     /// Waits up to `timeout` for the gateway to exit by itself.

@@ -15,13 +15,18 @@
 //! * [`Pipeline`] — all three of broker, relay and gateway, wired together.
 //! * [`Stream`] — reads the relay's newline-delimited JSON stream files and checks that
 //!   every expected reading is there exactly once.
+//! * [`NotifySocket`] — systemd's end of `NOTIFY_SOCKET`, to see `READY=1`, watchdog
+//!   pings and `STOPPING=1`.
+//! * [`http_get`] and [`metric_value`] — the binaries' HTTP endpoints and `/metrics`.
 //!
 //! Every wait is bounded ([`wait_until`]); timeouts can be stretched on a slow machine with
 //! `PIGEON_E2E_TIMEOUT_SCALE`. See `docs/testing.md`.
 
 mod dir;
 mod gateway;
+mod http;
 mod mosquitto;
+mod notify;
 mod pipeline;
 mod process;
 mod proxy;
@@ -32,9 +37,11 @@ mod stream;
 
 pub use dir::TestDir;
 pub use gateway::{Gateway, GatewayConfig, Subscription, Token};
+pub use http::{http_get, metric_value};
 pub use mosquitto::{Mosquitto, MosquittoOptions};
+pub use notify::NotifySocket;
 pub use pipeline::{GATEWAY_ID, Pipeline, TOKEN};
-pub use process::{Proc, free_port, gateway_bin, relay_bin, run_command};
+pub use process::{Proc, describe, free_port, gateway_bin, relay_bin, run_command};
 pub use proxy::Proxy;
 pub use publisher::{PublishReport, Publisher, PublisherOptions, Reading};
 pub use readings::{READING_TYPE, climate_payload, climate_readings, climate_topic};

@@ -271,6 +271,16 @@ pub async fn run_command(program: &Path, args: &[&str], timeout: Duration) -> Ou
     }
 }
 
+/// An output for a failure message: exit status, stdout and stderr.
+pub fn describe(out: &Output) -> String {
+    format!(
+        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// Whether this process runs as root (mosquitto then needs `user root` to keep its rights).
 pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid(2) cannot fail and has no preconditions.

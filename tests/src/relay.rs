@@ -4,8 +4,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
+use crate::http::{http_get, metric_value};
 use crate::process::{Proc, free_port, relay_bin};
 use crate::stream::{Stream, summarize_numbers};
 use crate::{TestDir, fmt_count, secs, wait_until};
@@ -32,6 +31,16 @@ impl Relay {
         gateways: &[(&str, &str)],
         edit: impl Fn(&mut toml::Table),
     ) -> Relay {
+        Self::start_with_env(dir, gateways, edit, &[]).await
+    }
+
+    /// Like [`Relay::start_with`], with extra environment variables (e.g. `NOTIFY_SOCKET`).
+    pub async fn start_with_env(
+        dir: &TestDir,
+        gateways: &[(&str, &str)],
+        edit: impl Fn(&mut toml::Table),
+        env: &[(&str, &str)],
+    ) -> Relay {
         let config_path = dir.join("relay.toml");
         let data_dir = dir.join("relay");
         let log = dir.log_file("relay");
@@ -47,6 +56,9 @@ impl Relay {
                 .arg(&config_path);
             if std::env::var_os("PIGEON_LOG").is_none() {
                 proc = proc.env("PIGEON_LOG", "info");
+            }
+            for (k, v) in env {
+                proc = proc.env(k, v);
             }
             let mut relay = Relay {
                 proc,
@@ -169,11 +181,7 @@ impl Relay {
         if code != 200 {
             return Err(format!("GET /metrics answered {code}"));
         }
-        Ok(body.lines().find_map(|l| {
-            l.strip_prefix(sample)
-                .and_then(|rest| rest.strip_prefix(' '))
-                .and_then(|v| v.trim().parse().ok())
-        }))
+        Ok(metric_value(&body, sample))
     }
 
     /// Polls the stream until every number in `expected` is there under `data.<field>`;
@@ -247,41 +255,5 @@ impl Relay {
             async move { result }
         })
         .await
-    }
-}
-
-/// A minimal HTTP/1.1 GET over a fresh loopback connection (2 s timeout).
-async fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .map_err(|e| e.to_string())?;
-        let req =
-            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&buf);
-        let code = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse::<u16>().ok())
-            .ok_or_else(|| {
-                format!(
-                    "not an HTTP response: {:?}",
-                    text.chars().take(80).collect::<String>()
-                )
-            })?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((code, body))
-    };
-    match tokio::time::timeout(Duration::from_secs(2), fut).await {
-        Ok(r) => r,
-        Err(_) => Err("no answer within 2 s".to_string()),
     }
 }

@@ -4,16 +4,9 @@
 use std::path::Path;
 use std::process::Output;
 
-use pigeon_e2e::{GatewayConfig, Relay, TestDir, gateway_bin, relay_bin, run_command, secs};
-
-fn describe(out: &Output) -> String {
-    format!(
-        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use pigeon_e2e::{
+    GatewayConfig, Relay, TestDir, describe, gateway_bin, relay_bin, run_command, secs,
+};
 
 async fn run(bin: &Path, config: &Path, subcommand: Option<&str>) -> Output {
     let config = config.to_str().expect("UTF-8 temp path");

@@ -7,8 +7,10 @@
 //!   and `sequence` once, and settles records the relay answered for.
 //! * [`reader`] reads batches for the uplink on its own connection (WAL lets it read
 //!   while the writer writes).
+//! * [`depth`] caches how much is waiting, for metrics, status and heartbeats.
 
 pub mod db;
+pub mod depth;
 pub mod reader;
 pub mod writer;
 
@@ -16,7 +18,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-pub use reader::OutboxReader;
+pub use depth::{Depth, DepthCache};
+pub use reader::{OutboxReader, Pending};
 pub use writer::{Appended, OutboxWriter};
 
 /// A record a source wants committed.

@@ -25,6 +25,7 @@ pub struct Pending {
 
 const READ_AFTER: &str = "SELECT seq, id, source, type, subject, time_us, content_type, data
     FROM records WHERE seq > ?1 ORDER BY seq LIMIT ?2";
+const DEAD_LETTERS: &str = "SELECT count(*) FROM dead_letters";
 const PENDING: &str = "SELECT count(*), coalesce(sum(length(data)), 0), min(seq),
     (SELECT time_us FROM records ORDER BY seq LIMIT 1) FROM records";
 
@@ -92,6 +93,12 @@ impl OutboxReader {
             });
         }
         Ok(out)
+    }
+
+    /// How many records the relay rejected (kept in the dead-letter table).
+    pub fn dead_letters(&self) -> Result<u64, OutboxError> {
+        let conn = self.conn();
+        Ok(conn.query_row(DEAD_LETTERS, [], |r| r.get::<_, i64>(0))? as u64)
     }
 
     /// What is waiting to be uploaded.

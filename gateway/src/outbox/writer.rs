@@ -8,11 +8,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 
 use rusqlite::{Connection, Transaction, params};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{NewRecord, OutboxError, db};
+use crate::stats::Stats;
 
 /// How many commands may wait for the writer before senders are made to wait.
 const CHANNEL_CAPACITY: usize = 1024;
@@ -41,12 +43,16 @@ enum Command {
         rejected: Vec<(u64, String)>,
         reply: Reply<()>,
     },
+    /// Answered as soon as the writer takes it: proves the thread is alive and not stuck
+    /// in a commit (the watchdog asks).
+    Ping(oneshot::Sender<()>),
 }
 
 impl Command {
     fn weight(&self) -> usize {
         match self {
             Command::Append(..) => 1,
+            Command::Ping(_) => 0,
             Command::Settle {
                 delivered,
                 rejected,
@@ -70,6 +76,15 @@ impl OutboxWriter {
         conn: Connection,
         commit_max_records: usize,
     ) -> Result<(Self, std::thread::JoinHandle<()>), OutboxError> {
+        Self::start_with_stats(conn, commit_max_records, Arc::new(Stats::default()))
+    }
+
+    /// [`OutboxWriter::start`], counting commits and committed records in `stats`.
+    pub fn start_with_stats(
+        conn: Connection,
+        commit_max_records: usize,
+        stats: Arc<Stats>,
+    ) -> Result<(Self, std::thread::JoinHandle<()>), OutboxError> {
         let next_seq = db::next_seq(&conn)?;
         let deliveries = load_deliveries(&conn)?;
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
@@ -80,6 +95,7 @@ impl OutboxWriter {
             deliveries,
             max_records: commit_max_records.max(1),
             committed: committed.clone(),
+            stats,
         };
         let handle = std::thread::Builder::new()
             .name("outbox-writer".into())
@@ -131,6 +147,17 @@ impl OutboxWriter {
         rx.await.map_err(|_| OutboxError::Closed)?
     }
 
+    /// Resolves once the writer thread took a ping from its queue: it is alive and got
+    /// through what was queued before. An error if it has stopped.
+    pub async fn ping(&self) -> Result<(), OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Ping(reply))
+            .await
+            .map_err(|_| OutboxError::Closed)?;
+        rx.await.map_err(|_| OutboxError::Closed)
+    }
+
     /// Resolves after the next commit that stored records (or at once if one happened
     /// since the last call).
     pub async fn committed(&self) {
@@ -163,6 +190,7 @@ struct WriterState {
     deliveries: Deliveries,
     max_records: usize,
     committed: Arc<Notify>,
+    stats: Arc<Stats>,
 }
 
 const INSERT_RECORD: &str = "INSERT INTO records
@@ -181,18 +209,26 @@ impl WriterState {
     fn run(&mut self, mut rx: mpsc::Receiver<Command>) {
         let mut batch = Vec::new();
         while let Some(first) = rx.blocking_recv() {
-            let mut weight = first.weight();
-            batch.push(first);
-            while weight < self.max_records {
-                match rx.try_recv() {
-                    Ok(cmd) => {
+            let mut weight = 0;
+            let mut next = Some(first);
+            while let Some(cmd) = next.take() {
+                match cmd {
+                    // A ping needs no transaction: answer it as it is taken.
+                    Command::Ping(reply) => {
+                        let _ = reply.send(());
+                    }
+                    cmd => {
                         weight += cmd.weight();
                         batch.push(cmd);
                     }
-                    Err(_) => break,
+                }
+                if weight < self.max_records {
+                    next = rx.try_recv().ok();
                 }
             }
-            self.commit_round(&mut batch);
+            if !batch.is_empty() {
+                self.commit_round(&mut batch);
+            }
         }
         tracing::debug!("The outbox writer stopped: every sender is gone.");
     }
@@ -217,6 +253,7 @@ impl WriterState {
                         rejected,
                         ..
                     } => settle(&tx, delivered, rejected)?,
+                    Command::Ping(_) => {}
                 }
             }
             if next_seq != self.next_seq {
@@ -230,16 +267,24 @@ impl WriterState {
                 let stored_any = next_seq != self.next_seq;
                 self.next_seq = next_seq;
                 self.deliveries.extend(new_deliveries);
+                self.stats.outbox_commits.fetch_add(1, Relaxed);
+                self.stats.outbox_failing.store(false, Relaxed);
                 let mut appended = appended.into_iter();
                 for cmd in batch.drain(..) {
                     match cmd {
-                        Command::Append(_, reply) => {
+                        Command::Append(rec, reply) => {
                             if let Some(a) = appended.next() {
+                                if let Appended::Stored { .. } = a {
+                                    self.stats.count_stored(&rec);
+                                }
                                 let _ = reply.send(Ok(a));
                             }
                         }
                         Command::Settle { reply, .. } => {
                             let _ = reply.send(Ok(()));
+                        }
+                        Command::Ping(reply) => {
+                            let _ = reply.send(());
                         }
                     }
                 }
@@ -251,6 +296,8 @@ impl WriterState {
                 // The transaction rolled back and the in-memory state was not touched, so
                 // the next round starts clean. Nothing in this round is acknowledged.
                 let err = OutboxError::from(e);
+                self.stats.outbox_commit_failures.fetch_add(1, Relaxed);
+                self.stats.outbox_failing.store(true, Relaxed);
                 tracing::error!(error = %err, records = batch.len(), "An outbox commit failed; its data was not acknowledged.");
                 for cmd in batch.drain(..) {
                     match cmd {
@@ -259,6 +306,9 @@ impl WriterState {
                         }
                         Command::Settle { reply, .. } => {
                             let _ = reply.send(Err(err.clone()));
+                        }
+                        Command::Ping(reply) => {
+                            let _ = reply.send(());
                         }
                     }
                 }

@@ -95,6 +95,8 @@ impl Uplink {
         );
         let mut failing_since: Option<Instant> = None;
         let mut failures = 0u64;
+        // Whether the next request re-sends events whose last attempt failed.
+        let mut retrying = false;
         // The previous batch's settle commits while the next batch is on the wire.
         let mut settling: Option<tokio::task::JoinHandle<()>> = None;
         while !*shutdown.borrow() {
@@ -121,10 +123,17 @@ impl Uplink {
             let settled_below = first.seq;
             let last_seq = batch.last().map_or(cursor, |r| r.seq);
             let t_send = Instant::now();
+            if std::mem::take(&mut retrying) {
+                self.stats.upload_retries.fetch_add(1, Ordering::Relaxed);
+            }
             let answer = self.send(&batch, settled_below).await;
+            self.stats
+                .relay_last_attempt_unix
+                .store(chrono::Utc::now().timestamp() as u64, Ordering::Relaxed);
             match answer {
                 Answer::Results(results) => {
                     let t_settle = Instant::now();
+                    self.stats.upload_successes.fetch_add(1, Ordering::Relaxed);
                     if let Some(since) = failing_since.take() {
                         info!(after = ?since.elapsed(), failed_attempts = failures, "The relay is reachable again; delivering the backlog.");
                     }
@@ -177,6 +186,7 @@ impl Uplink {
                     self.stats.relay_reachable.store(false, Ordering::Relaxed);
                     self.stats.upload_failures.fetch_add(1, Ordering::Relaxed);
                     failures += 1;
+                    retrying = true;
                     // The relay's Retry-After wins (bounded, in case it is absurd).
                     let delay = match after {
                         Some(a) => a.min(Duration::from_secs(300)),

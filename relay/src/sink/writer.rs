@@ -81,6 +81,8 @@ enum Command {
     Write(WriteRequest),
     /// Wakes the writer to write a due checkpoint.
     Tick,
+    /// Answered as the writer takes it: it is alive and not stuck (the watchdog asks).
+    Ping(oneshot::Sender<()>),
     /// Finish what is queued before this, write the checkpoint, stop.
     Shutdown(oneshot::Sender<()>),
 }
@@ -115,6 +117,17 @@ impl SinkHandle {
     /// Whether the writer is running and its last write succeeded.
     pub fn healthy(&self) -> bool {
         !self.tx.is_closed() && self.metrics.sink_healthy.load(Relaxed)
+    }
+
+    /// Resolves once the writer thread took a ping from its queue (so it is alive and got
+    /// through what was queued before); an error if it has stopped.
+    pub async fn ping(&self) -> Result<(), SinkError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::Ping(reply))
+            .await
+            .map_err(|_| SinkError::ShuttingDown)?;
+        answer.await.map_err(|_| SinkError::ShuttingDown)
     }
 
     /// Asks the writer to finish the queued requests, write its checkpoint and stop.
@@ -214,6 +227,9 @@ impl Writer {
                         group.push(w);
                     }
                     Command::Tick => {}
+                    Command::Ping(reply) => {
+                        let _ = reply.send(());
+                    }
                     Command::Shutdown(done) => {
                         stop = Some(Some(done));
                         break;

@@ -1,0 +1,327 @@
+//! `/metrics`: a running gateway's [`StatusReport`] in the Prometheus text format
+//! (version 0.0.4). docs/operations.md lists every metric and what it means.
+
+use std::fmt::Write as _;
+
+use crate::report::StatusReport;
+
+/// Content-Type of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Writes metric families into a string.
+struct Exposition {
+    out: String,
+}
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{k}=\"{}\"", escape_label(v));
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {value}");
+    }
+
+    /// A family with one unlabelled sample.
+    fn one(&mut self, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+        self.family(name, kind, help);
+        self.sample(name, &[], value);
+    }
+}
+
+/// A label value with `\`, `"` and line feeds escaped.
+pub fn escape_label(v: &str) -> String {
+    let mut s = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
+/// The exposition of a running gateway's report (a report without `live` yields only
+/// the outbox and disk gauges).
+pub fn render(r: &StatusReport) -> String {
+    let mut e = Exposition {
+        out: String::with_capacity(4096),
+    };
+    const C: &str = "counter";
+    const G: &str = "gauge";
+    if let Some(l) = &r.live {
+        e.family(
+            "pigeon_gateway_info",
+            G,
+            "Always 1; the labels name the gateway and its version.",
+        );
+        e.sample(
+            "pigeon_gateway_info",
+            &[("gateway", &r.gateway), ("version", &l.version)],
+            1,
+        );
+        e.one(
+            "pigeon_gateway_start_time_seconds",
+            G,
+            "When the process started (Unix time).",
+            l.started_unix,
+        );
+        e.one(
+            "pigeon_gateway_ready",
+            G,
+            "1 while the gateway takes data (outbox commits, sources connected).",
+            u8::from(l.ready),
+        );
+        let name = "pigeon_gateway_source_records_total";
+        e.family(name, C, "Records committed to the outbox, by source.");
+        for s in &l.sources {
+            e.sample(name, &[("source", &s.name)], s.records);
+        }
+        if let Some(connected) = l.mqtt_connected {
+            e.one(
+                "pigeon_gateway_mqtt_connected",
+                G,
+                "1 while connected to the MQTT broker.",
+                u8::from(connected),
+            );
+            e.one(
+                "pigeon_gateway_mqtt_messages_received_total",
+                C,
+                "MQTT messages received, including the broker's re-deliveries.",
+                l.mqtt_received,
+            );
+            e.one(
+                "pigeon_gateway_mqtt_oversized_total",
+                C,
+                "MQTT messages dropped (and acknowledged) for being larger than mqtt.max_packet_size.",
+                l.mqtt_oversized,
+            );
+            let name = "pigeon_gateway_mqtt_subscription_records_total";
+            e.family(
+                name,
+                C,
+                "MQTT records committed, by the subscription whose filter matched first.",
+            );
+            for s in &l.subscriptions {
+                e.sample(
+                    name,
+                    &[("filter", &s.filter), ("type", &s.event_type)],
+                    s.records,
+                );
+            }
+            e.one(
+                "pigeon_gateway_mqtt_unmatched_records_total",
+                C,
+                "MQTT records committed whose topic no configured filter matches.",
+                l.mqtt_unmatched,
+            );
+        }
+        e.one(
+            "pigeon_gateway_outbox_commits_total",
+            C,
+            "Outbox transactions committed.",
+            l.outbox_commits,
+        );
+        e.one(
+            "pigeon_gateway_outbox_commit_failures_total",
+            C,
+            "Outbox transactions that failed and rolled back (nothing in them was acknowledged).",
+            l.outbox_commit_failures,
+        );
+        e.one(
+            "pigeon_gateway_upload_requests_total",
+            C,
+            "Upload requests sent to the relay, retries included.",
+            l.upload_requests,
+        );
+        e.one(
+            "pigeon_gateway_upload_successes_total",
+            C,
+            "Upload requests the relay answered with per-event results.",
+            l.upload_successes,
+        );
+        e.one(
+            "pigeon_gateway_upload_failures_total",
+            C,
+            "Upload requests that failed as a whole (network, 401/403, 429, 5xx) and are retried.",
+            l.upload_failures,
+        );
+        e.one(
+            "pigeon_gateway_upload_retries_total",
+            C,
+            "Upload requests that re-sent events after a failed attempt.",
+            l.upload_retries,
+        );
+        e.one(
+            "pigeon_gateway_upload_bytes_total",
+            C,
+            "Request body bytes sent to the relay, as on the wire (compressed).",
+            l.upload_bytes,
+        );
+        e.one(
+            "pigeon_gateway_events_delivered_total",
+            C,
+            "Events the relay confirmed durable (duplicates included).",
+            l.events_delivered,
+        );
+        e.one(
+            "pigeon_gateway_events_duplicate_total",
+            C,
+            "Of the delivered events, those the relay already had.",
+            l.events_duplicate,
+        );
+        e.one(
+            "pigeon_gateway_events_dead_lettered_total",
+            C,
+            "Events the relay rejected, moved to the dead-letter table.",
+            l.events_dead_lettered,
+        );
+        if let Some(reachable) = l.relay_reachable {
+            e.one(
+                "pigeon_gateway_relay_reachable",
+                G,
+                "1 if the last upload attempt reached the relay (absent before the first).",
+                u8::from(reachable),
+            );
+        }
+        e.one(
+            "pigeon_gateway_last_upload_timestamp_seconds",
+            G,
+            "When the relay last answered an upload with results (Unix time; 0: not since the start).",
+            l.last_upload_unix.unwrap_or(0),
+        );
+        e.one(
+            "pigeon_gateway_heartbeats_total",
+            C,
+            "Heartbeat events committed to the outbox.",
+            l.heartbeats,
+        );
+    }
+    if let Some(o) = &r.outbox {
+        e.one(
+            "pigeon_gateway_outbox_records",
+            G,
+            "Events waiting in the outbox to be uploaded.",
+            o.waiting,
+        );
+        e.one(
+            "pigeon_gateway_outbox_bytes",
+            G,
+            "Data bytes of the events waiting in the outbox.",
+            o.waiting_bytes,
+        );
+        e.one(
+            "pigeon_gateway_outbox_oldest_age_seconds",
+            G,
+            "Age of the oldest waiting event (0 when none waits).",
+            o.oldest_age_seconds.unwrap_or(0.0),
+        );
+        e.one(
+            "pigeon_gateway_outbox_dead_letters",
+            G,
+            "Events in the dead-letter table.",
+            o.dead_letters,
+        );
+    }
+    if let Some(d) = &r.disk {
+        e.one(
+            "pigeon_gateway_disk_free_bytes",
+            G,
+            "Space available on the filesystem holding the data directory.",
+            d.free_bytes,
+        );
+        e.one(
+            "pigeon_gateway_disk_total_bytes",
+            G,
+            "Size of the filesystem holding the data directory.",
+            d.total_bytes,
+        );
+    }
+    e.out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_escaped() {
+        assert_eq!(escape_label(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(escape_label("x\ny"), "x\\ny");
+        assert_eq!(escape_label("org/+/alarms/#"), "org/+/alarms/#");
+    }
+
+    #[test]
+    fn renders_a_running_gateway() {
+        let mut r = crate::report::tests::sample_report();
+        if let Some(l) = &mut r.live {
+            l.subscriptions[0].filter = "weird\"filter".into();
+        }
+        let text = render(&r);
+        for expected in [
+            "pigeon_gateway_info{gateway=\"pi-1\",version=\"0.1.0\"} 1",
+            "# TYPE pigeon_gateway_source_records_total counter",
+            "pigeon_gateway_source_records_total{source=\"mqtt\"} 10246",
+            "pigeon_gateway_source_records_total{source=\"health\"} 125",
+            "pigeon_gateway_mqtt_subscription_records_total{filter=\"weird\\\"filter\",type=\"com.example.alarm\"} 46",
+            "pigeon_gateway_mqtt_subscription_records_total{filter=\"org/#\",type=\"com.example.reading\"} 10200",
+            "pigeon_gateway_mqtt_connected 1",
+            "pigeon_gateway_outbox_records 12",
+            "pigeon_gateway_outbox_bytes 4300",
+            "pigeon_gateway_outbox_oldest_age_seconds 5",
+            "pigeon_gateway_upload_failures_total 1",
+            "pigeon_gateway_upload_retries_total 1",
+            "pigeon_gateway_events_delivered_total 10234",
+            "pigeon_gateway_events_duplicate_total 2",
+            "pigeon_gateway_relay_reachable 1",
+            "pigeon_gateway_last_upload_timestamp_seconds 1799999997",
+            "pigeon_gateway_heartbeats_total 125",
+            "pigeon_gateway_disk_free_bytes 12884901888",
+            "# TYPE pigeon_gateway_outbox_records gauge",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+        // Every family is declared once, and every sample belongs to the family above it
+        // and has a number for its value.
+        let mut family = String::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                family = rest.split(' ').next().unwrap().to_owned();
+                assert!(seen.insert(family.clone()), "{family} declared twice");
+            } else if !line.starts_with('#') {
+                assert!(
+                    line.starts_with(&family),
+                    "{line} outside its family {family}"
+                );
+                let value = line.rsplit(' ').next().unwrap();
+                assert!(value.parse::<f64>().is_ok(), "{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_reachability_and_no_mqtt_leave_their_samples_out() {
+        let mut r = crate::report::tests::sample_report();
+        if let Some(l) = &mut r.live {
+            l.relay_reachable = None;
+            l.mqtt_connected = None;
+        }
+        let text = render(&r);
+        assert!(!text.contains("pigeon_gateway_relay_reachable"), "{text}");
+        assert!(!text.contains("pigeon_gateway_mqtt_"), "{text}");
+    }
+}

@@ -1,0 +1,738 @@
+//! What the gateway is doing, as one snapshot ([`StatusReport`]).
+//!
+//! A running gateway builds it from its [`Stats`], the outbox depth and the disk
+//! ([`Live::report`]); `/status` serves it as JSON, `/metrics` renders it in the
+//! Prometheus format ([`crate::metrics`]), and the systemd status line summarises it. When
+//! the gateway is not running, `pigeon-gateway status` builds one from the outbox
+//! database alone ([`StatusReport::from_outbox`]). [`render_text`] turns either into the
+//! summary for the person at the Pi.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::host;
+use crate::outbox::{DepthCache, OutboxReader, db};
+use crate::stats::Stats;
+
+/// Whether the gateway runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    Running,
+    Stopped,
+    /// Its HTTP endpoint is disabled, or did not answer in time.
+    Unknown,
+}
+
+/// One snapshot of the gateway, running or not.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub gateway: String,
+    pub state: RunState,
+    /// Why the state is `unknown` (or how `stopped` was decided).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub state_detail: Option<String>,
+    /// When the snapshot was taken (Unix seconds); ages are relative to it.
+    pub at_unix: i64,
+    pub relay_url: String,
+    /// `host:port` of the MQTT broker, when an MQTT source is configured.
+    pub mqtt_broker: Option<String>,
+    /// What waits in the outbox; `None` when it could not be read (`outbox_error`).
+    pub outbox: Option<OutboxStatus>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub outbox_error: Option<String>,
+    /// The filesystem holding the data directory.
+    pub disk: Option<DiskStatus>,
+    /// What only a running gateway knows (counters since its start).
+    pub live: Option<LiveStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboxStatus {
+    pub path: String,
+    /// Events waiting to be uploaded.
+    pub waiting: u64,
+    pub waiting_bytes: u64,
+    /// Receive time of the oldest waiting event (µs since the epoch).
+    pub oldest_time_us: Option<i64>,
+    pub oldest_age_seconds: Option<f64>,
+    /// Events the relay rejected, kept in the dead-letter table.
+    pub dead_letters: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskStatus {
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveStatus {
+    pub pid: u32,
+    pub version: String,
+    pub started_unix: i64,
+    pub uptime_seconds: u64,
+    /// Taking data: the outbox commits and every configured source is connected.
+    pub ready: bool,
+    pub not_ready_reason: Option<String>,
+    /// `None` when no MQTT source is configured.
+    pub mqtt_connected: Option<bool>,
+    pub mqtt_received: u64,
+    /// MQTT messages dropped for being larger than `mqtt.max_packet_size`.
+    #[serde(default)]
+    pub mqtt_oversized: u64,
+    /// Whether the last upload attempt reached the relay; `None` before the first.
+    pub relay_reachable: Option<bool>,
+    pub last_upload_unix: Option<i64>,
+    pub upload_requests: u64,
+    pub upload_successes: u64,
+    pub upload_failures: u64,
+    pub upload_retries: u64,
+    pub upload_bytes: u64,
+    pub events_delivered: u64,
+    pub events_duplicate: u64,
+    pub events_dead_lettered: u64,
+    pub outbox_commits: u64,
+    pub outbox_commit_failures: u64,
+    pub heartbeats: u64,
+    /// Records committed per source since the start.
+    pub sources: Vec<SourceCount>,
+    /// Records committed per MQTT subscription since the start.
+    pub subscriptions: Vec<SubscriptionCount>,
+    /// MQTT records on topics no configured filter matches.
+    pub mqtt_unmatched: u64,
+    pub last_error: Option<ErrorStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceCount {
+    pub name: String,
+    pub records: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriptionCount {
+    pub filter: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub records: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorStatus {
+    pub unix: i64,
+    pub level: String,
+    pub message: String,
+}
+
+/// The parts of a running gateway a report is built from.
+pub struct Live {
+    pub gateway: String,
+    pub relay_url: String,
+    pub mqtt_broker: Option<String>,
+    pub data_dir: PathBuf,
+    pub stats: Arc<Stats>,
+    pub depth: Arc<DepthCache>,
+    pub started: Instant,
+    pub started_unix: i64,
+    /// Set when the gateway begins to stop.
+    pub stopping: AtomicBool,
+}
+
+impl Live {
+    pub fn new(config: &Config, stats: Arc<Stats>, depth: Arc<DepthCache>) -> Self {
+        Self {
+            gateway: config.gateway.id.to_string(),
+            relay_url: config.relay.url.clone(),
+            mqtt_broker: config
+                .mqtt
+                .as_ref()
+                .map(|m| format!("{}:{}", m.host, m.port)),
+            data_dir: config.gateway.data_dir.clone(),
+            stats,
+            depth,
+            started: Instant::now(),
+            started_unix: chrono::Utc::now().timestamp(),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    /// `Ok` while the gateway takes data: not stopping, the last outbox commit succeeded,
+    /// and the MQTT source (if any) is connected. The relay being unreachable does not
+    /// count: buffering in the outbox is the gateway doing its job.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.stopping.load(Relaxed) {
+            return Err("the gateway is stopping".into());
+        }
+        if self.stats.outbox_failing.load(Relaxed) {
+            return Err("the last outbox commit failed".into());
+        }
+        if self.mqtt_broker.is_some() && !self.stats.mqtt_connected.load(Relaxed) {
+            return Err("not connected to the MQTT broker".into());
+        }
+        Ok(())
+    }
+
+    /// A snapshot now. Reads the outbox (cached, off the reactor) and the disk.
+    pub async fn report(&self) -> StatusReport {
+        let s = &self.stats;
+        let now_us = chrono::Utc::now().timestamp_micros();
+        let (outbox, outbox_error) = match self.depth.get().await {
+            Ok(d) => (
+                Some(OutboxStatus {
+                    path: db::path_in(&self.data_dir).display().to_string(),
+                    waiting: d.pending.count,
+                    waiting_bytes: d.pending.bytes,
+                    oldest_time_us: d.pending.oldest_time_us,
+                    oldest_age_seconds: crate::sources::health::oldest_age_seconds(&d, now_us),
+                    dead_letters: d.dead_letters,
+                }),
+                None,
+            ),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        let dir = self.data_dir.clone();
+        let disk = tokio::task::spawn_blocking(move || host::disk_space(&dir))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|d| DiskStatus {
+                free_bytes: d.free_bytes,
+                total_bytes: d.total_bytes,
+            });
+        let readiness = self.readiness();
+        let last_upload = s.last_upload_unix.load(Relaxed);
+        let live = LiveStatus {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            started_unix: self.started_unix,
+            uptime_seconds: self.started.elapsed().as_secs(),
+            ready: readiness.is_ok(),
+            not_ready_reason: readiness.err(),
+            mqtt_connected: self
+                .mqtt_broker
+                .as_ref()
+                .map(|_| s.mqtt_connected.load(Relaxed)),
+            mqtt_received: s.mqtt_received.load(Relaxed),
+            mqtt_oversized: s.mqtt_oversized.load(Relaxed),
+            relay_reachable: (s.relay_last_attempt_unix.load(Relaxed) > 0)
+                .then(|| s.relay_reachable.load(Relaxed)),
+            last_upload_unix: (last_upload > 0).then_some(last_upload as i64),
+            upload_requests: s.upload_requests.load(Relaxed),
+            upload_successes: s.upload_successes.load(Relaxed),
+            upload_failures: s.upload_failures.load(Relaxed),
+            upload_retries: s.upload_retries.load(Relaxed),
+            upload_bytes: s.bytes_sent.load(Relaxed),
+            events_delivered: s.events_delivered.load(Relaxed),
+            events_duplicate: s.events_duplicate.load(Relaxed),
+            events_dead_lettered: s.events_dead_lettered.load(Relaxed),
+            outbox_commits: s.outbox_commits.load(Relaxed),
+            outbox_commit_failures: s.outbox_commit_failures.load(Relaxed),
+            heartbeats: s.heartbeats.load(Relaxed),
+            sources: s
+                .sources
+                .iter()
+                .map(|c| SourceCount {
+                    name: c.name.clone(),
+                    records: c.records.load(Relaxed),
+                })
+                .collect(),
+            subscriptions: s
+                .subscriptions
+                .iter()
+                .map(|c| SubscriptionCount {
+                    filter: c.filter.clone(),
+                    event_type: c.event_type.clone(),
+                    records: c.records.load(Relaxed),
+                })
+                .collect(),
+            mqtt_unmatched: s.mqtt_unmatched.load(Relaxed),
+            last_error: s.last_error().map(|e| ErrorStatus {
+                unix: e.unix,
+                level: e.level.into(),
+                message: e.message,
+            }),
+        };
+        StatusReport {
+            gateway: self.gateway.clone(),
+            state: RunState::Running,
+            state_detail: None,
+            at_unix: now_us.div_euclid(1_000_000),
+            relay_url: self.relay_url.clone(),
+            mqtt_broker: self.mqtt_broker.clone(),
+            outbox,
+            outbox_error,
+            disk,
+            live: Some(live),
+        }
+    }
+}
+
+impl StatusReport {
+    /// A report for a gateway that is not running (or cannot be asked), from its outbox
+    /// database opened read-only, and the disk. Blocking.
+    pub fn from_outbox(config: &Config, state: RunState, detail: String) -> StatusReport {
+        let data_dir = &config.gateway.data_dir;
+        let path = db::path_in(data_dir);
+        let now_us = chrono::Utc::now().timestamp_micros();
+        let (outbox, outbox_error) = match read_outbox(&path) {
+            Ok((pending, dead_letters)) => (
+                Some(OutboxStatus {
+                    path: path.display().to_string(),
+                    waiting: pending.count,
+                    waiting_bytes: pending.bytes,
+                    oldest_time_us: pending.oldest_time_us,
+                    oldest_age_seconds: crate::sources::health::oldest_age_seconds(
+                        &crate::outbox::Depth {
+                            pending,
+                            dead_letters,
+                        },
+                        now_us,
+                    ),
+                    dead_letters,
+                }),
+                None,
+            ),
+            Err(e) => (None, Some(e)),
+        };
+        StatusReport {
+            gateway: config.gateway.id.to_string(),
+            state,
+            state_detail: Some(detail),
+            at_unix: now_us.div_euclid(1_000_000),
+            relay_url: config.relay.url.clone(),
+            mqtt_broker: config
+                .mqtt
+                .as_ref()
+                .map(|m| format!("{}:{}", m.host, m.port)),
+            outbox,
+            outbox_error,
+            disk: host::disk_space(data_dir).ok().map(|d| DiskStatus {
+                free_bytes: d.free_bytes,
+                total_bytes: d.total_bytes,
+            }),
+            live: None,
+        }
+    }
+}
+
+fn read_outbox(path: &Path) -> Result<(crate::outbox::Pending, u64), String> {
+    if !path.exists() {
+        return Err(format!(
+            "there is no outbox at {} (has the gateway ever run with this data_dir?)",
+            path.display()
+        ));
+    }
+    let reader = OutboxReader::open(path)
+        .map_err(|e| format!("cannot open the outbox {}: {e}", path.display()))?;
+    let pending = reader
+        .pending()
+        .map_err(|e| format!("cannot read the outbox {}: {e}", path.display()))?;
+    let dead = reader
+        .dead_letters()
+        .map_err(|e| format!("cannot read the outbox {}: {e}", path.display()))?;
+    Ok((pending, dead))
+}
+
+/// The summary for a person at a terminal.
+pub fn render_text(r: &StatusReport) -> String {
+    let mut out = String::new();
+    let now = r.at_unix;
+    let ago = |unix: i64| {
+        format!(
+            "{} ago",
+            human_duration(now.saturating_sub(unix).max(0) as u64)
+        )
+    };
+    let row = |out: &mut String, label: &str, text: String| {
+        let _ = writeln!(out, "  {label:<14} {text}");
+    };
+
+    // The headline.
+    let _ = write!(out, "pigeon-gateway {}: ", r.gateway);
+    match (&r.state, &r.live) {
+        (RunState::Running, Some(l)) => {
+            let taking = match &l.not_ready_reason {
+                None => "running and taking data".to_owned(),
+                Some(why) => format!("running, but NOT taking data: {why}"),
+            };
+            let _ = writeln!(
+                out,
+                "{taking}\n  (pid {}, version {}, up {})",
+                l.pid,
+                l.version,
+                human_duration(l.uptime_seconds)
+            );
+        }
+        (RunState::Running, None) => {
+            let _ = writeln!(out, "running");
+        }
+        (RunState::Stopped, _) => {
+            let _ = writeln!(out, "NOT RUNNING");
+        }
+        (RunState::Unknown, _) => {
+            let _ = writeln!(out, "state unknown");
+        }
+    }
+    if let Some(d) = &r.state_detail {
+        let _ = writeln!(out, "  ({d})");
+    }
+    out.push('\n');
+
+    if let Some(l) = &r.live {
+        if let Some(broker) = &r.mqtt_broker {
+            let state = if l.mqtt_connected == Some(true) {
+                "connected to"
+            } else {
+                "NOT connected to"
+            };
+            row(
+                &mut out,
+                "MQTT broker",
+                format!(
+                    "{state} {broker}; {} messages received since the start{}",
+                    count(l.mqtt_received),
+                    if l.mqtt_oversized > 0 {
+                        format!(
+                            ", {} DROPPED as larger than mqtt.max_packet_size",
+                            count(l.mqtt_oversized)
+                        )
+                    } else {
+                        String::new()
+                    }
+                ),
+            );
+        }
+        let last = match l.last_upload_unix {
+            Some(t) => format!("last upload {}", ago(t)),
+            None => "no upload since the start".to_owned(),
+        };
+        let relay = match l.relay_reachable {
+            Some(true) => format!("reachable at {}; {last}", r.relay_url),
+            Some(false) => format!(
+                "NOT reachable at {} ({last}); events wait in the outbox",
+                r.relay_url
+            ),
+            None => format!("{} (not contacted yet: nothing to send)", r.relay_url),
+        };
+        row(&mut out, "Relay", relay);
+    } else {
+        row(&mut out, "Relay", r.relay_url.clone());
+        if let Some(broker) = &r.mqtt_broker {
+            row(&mut out, "MQTT broker", broker.clone());
+        }
+    }
+
+    match (&r.outbox, &r.outbox_error) {
+        (Some(o), _) => {
+            let waiting = if o.waiting == 0 {
+                "nothing: everything has been delivered".to_owned()
+            } else {
+                let since = o
+                    .oldest_time_us
+                    .map(|t| format!(", the oldest received {}", ago(t.div_euclid(1_000_000))))
+                    .unwrap_or_default();
+                format!(
+                    "{} events ({}){since}",
+                    count(o.waiting),
+                    human_bytes(o.waiting_bytes)
+                )
+            };
+            row(&mut out, "Waiting", waiting);
+        }
+        (None, Some(e)) => row(&mut out, "Waiting", format!("unknown: {e}")),
+        (None, None) => {}
+    }
+    if let Some(l) = &r.live {
+        row(
+            &mut out,
+            "Delivered",
+            format!(
+                "{} events since the start ({} already at the relay), {} sent",
+                count(l.events_delivered),
+                count(l.events_duplicate),
+                human_bytes(l.upload_bytes)
+            ),
+        );
+        row(
+            &mut out,
+            "Uploads",
+            format!(
+                "{} requests, {} answered, {} failed, {} retries",
+                count(l.upload_requests),
+                count(l.upload_successes),
+                count(l.upload_failures),
+                count(l.upload_retries)
+            ),
+        );
+    }
+    if let Some(o) = &r.outbox {
+        let text = if o.dead_letters == 0 {
+            "none".to_owned()
+        } else {
+            format!(
+                "{} events the relay rejected (kept in the outbox's dead_letters table)",
+                count(o.dead_letters)
+            )
+        };
+        row(&mut out, "Dead letters", text);
+    }
+    if let Some(d) = &r.disk {
+        let pct = if d.total_bytes > 0 {
+            d.free_bytes as f64 * 100.0 / d.total_bytes as f64
+        } else {
+            0.0
+        };
+        let dir = r
+            .outbox
+            .as_ref()
+            .and_then(|o| Path::new(&o.path).parent().map(|p| p.display().to_string()))
+            .unwrap_or_default();
+        row(
+            &mut out,
+            "Disk",
+            format!(
+                "{} free of {} ({pct:.0}%) on the filesystem of {dir}",
+                human_bytes(d.free_bytes),
+                human_bytes(d.total_bytes)
+            ),
+        );
+    }
+    if let Some(l) = &r.live {
+        let text = match &l.last_error {
+            None => "none since the start".to_owned(),
+            Some(e) => format!("{} ({}): {}", ago(e.unix), e.level, e.message),
+        };
+        row(&mut out, "Last error", text);
+        row(
+            &mut out,
+            "Heartbeats",
+            format!("{} sent since the start", count(l.heartbeats)),
+        );
+        if !l.subscriptions.is_empty() {
+            out.push_str("\nPer MQTT subscription (events stored since the start):\n");
+            let width = l
+                .subscriptions
+                .iter()
+                .map(|s| s.filter.len())
+                .max()
+                .unwrap_or(0)
+                .max("(no filter)".len());
+            let counts: Vec<String> = l.subscriptions.iter().map(|s| count(s.records)).collect();
+            let cw = counts
+                .iter()
+                .map(String::len)
+                .chain([count(l.mqtt_unmatched).len()])
+                .max()
+                .unwrap_or(1);
+            for (s, c) in l.subscriptions.iter().zip(&counts) {
+                let _ = writeln!(out, "  {:<width$}  {c:>cw$}  {}", s.filter, s.event_type);
+            }
+            if l.mqtt_unmatched > 0 {
+                let _ = writeln!(
+                    out,
+                    "  {:<width$}  {:>cw$}  (topics no filter matches)",
+                    "(no filter)",
+                    count(l.mqtt_unmatched)
+                );
+            }
+        }
+    }
+    if r.state == RunState::Stopped {
+        out.push_str(
+            "\nThe numbers above are read from the outbox. To see why the gateway stopped:\n  journalctl -u pigeon-gateway -n 50\n",
+        );
+    }
+    out
+}
+
+/// `1234567` → `"1,234,567"`.
+pub fn count(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `1536` → `"1.5 KiB"`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} bytes");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// `3725` → `"1 h 2 min"`; two units at most.
+pub fn human_duration(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s} s"),
+        (0, 0, _) => format!("{m} min {s} s"),
+        (0, _, _) => format!("{h} h {m} min"),
+        _ => format!("{d} d {h} h"),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A report of a busy gateway, for the renderers' tests.
+    pub(crate) fn sample_report() -> StatusReport {
+        StatusReport {
+            gateway: "pi-1".into(),
+            state: RunState::Running,
+            state_detail: None,
+            at_unix: 1_800_000_000,
+            relay_url: "https://relay.example.com".into(),
+            mqtt_broker: Some("127.0.0.1:1883".into()),
+            outbox: Some(OutboxStatus {
+                path: "/var/lib/pigeon/outbox.db".into(),
+                waiting: 12,
+                waiting_bytes: 4300,
+                oldest_time_us: Some(1_799_999_995_000_000),
+                oldest_age_seconds: Some(5.0),
+                dead_letters: 0,
+            }),
+            outbox_error: None,
+            disk: Some(DiskStatus {
+                free_bytes: 12 << 30,
+                total_bytes: 29 << 30,
+            }),
+            live: Some(LiveStatus {
+                pid: 4242,
+                version: "0.1.0".into(),
+                started_unix: 1_799_992_500,
+                uptime_seconds: 7500,
+                ready: true,
+                not_ready_reason: None,
+                mqtt_connected: Some(true),
+                mqtt_received: 10_250,
+                mqtt_oversized: 0,
+                relay_reachable: Some(true),
+                last_upload_unix: Some(1_799_999_997),
+                upload_requests: 40,
+                upload_successes: 39,
+                upload_failures: 1,
+                upload_retries: 1,
+                upload_bytes: 1_300_000,
+                events_delivered: 10_234,
+                events_duplicate: 2,
+                events_dead_lettered: 0,
+                outbox_commits: 300,
+                outbox_commit_failures: 0,
+                heartbeats: 125,
+                sources: vec![
+                    SourceCount {
+                        name: "mqtt".into(),
+                        records: 10_246,
+                    },
+                    SourceCount {
+                        name: "health".into(),
+                        records: 125,
+                    },
+                ],
+                subscriptions: vec![
+                    SubscriptionCount {
+                        filter: "org/+/alarms/#".into(),
+                        event_type: "com.example.alarm".into(),
+                        records: 46,
+                    },
+                    SubscriptionCount {
+                        filter: "org/#".into(),
+                        event_type: "com.example.reading".into(),
+                        records: 10_200,
+                    },
+                ],
+                mqtt_unmatched: 0,
+                last_error: Some(ErrorStatus {
+                    unix: 1_799_999_000,
+                    level: "warn".into(),
+                    message: "Cannot deliver to the relay; events stay in the outbox and will be retried. reason=HTTP 503".into(),
+                }),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_running_gateway_in_words() {
+        let text = render_text(&sample_report());
+        for expected in [
+            "pigeon-gateway pi-1: running and taking data",
+            "(pid 4242, version 0.1.0, up 2 h 5 min)",
+            "MQTT broker    connected to 127.0.0.1:1883; 10,250 messages received",
+            "Relay          reachable at https://relay.example.com; last upload 3 s ago",
+            "Waiting        12 events (4.2 KiB), the oldest received 5 s ago",
+            "Delivered      10,234 events since the start (2 already at the relay), 1.2 MiB sent",
+            "Dead letters   none",
+            "Disk           12.0 GiB free of 29.0 GiB (41%) on the filesystem of /var/lib/pigeon",
+            "Last error     16 min 40 s ago (warn): Cannot deliver",
+            "  org/+/alarms/#      46  com.example.alarm",
+            "  org/#           10,200  com.example.reading",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_stopped_gateway_in_words() {
+        let mut r = sample_report();
+        r.state = RunState::Stopped;
+        r.state_detail = Some("nothing answers at http://127.0.0.1:9464".into());
+        r.live = None;
+        let text = render_text(&r);
+        assert!(
+            text.starts_with(
+                "pigeon-gateway pi-1: NOT RUNNING\n  (nothing answers at http://127.0.0.1:9464)"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("Waiting        12 events"), "{text}");
+        assert!(!text.contains("Delivered"), "{text}");
+        assert!(text.contains("journalctl -u pigeon-gateway"), "{text}");
+        r.outbox = None;
+        r.outbox_error = Some("there is no outbox at /x/outbox.db".into());
+        assert!(render_text(&r).contains("Waiting        unknown: there is no outbox"));
+    }
+
+    #[test]
+    fn the_report_round_trips_through_json() {
+        let r = sample_report();
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.contains(r#""state":"running""#), "{json}");
+        assert!(json.contains(r#""type":"com.example.alarm""#), "{json}");
+        let back: StatusReport = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn units_for_people() {
+        assert_eq!(count(0), "0");
+        assert_eq!(count(1_234_567), "1,234,567");
+        assert_eq!(human_bytes(1023), "1023 bytes");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+        assert_eq!(human_duration(59), "59 s");
+        assert_eq!(human_duration(61), "1 min 1 s");
+        assert_eq!(human_duration(3725), "1 h 2 min");
+        assert_eq!(human_duration(90_000), "1 d 1 h");
+    }
+}
