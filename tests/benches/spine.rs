@@ -174,7 +174,10 @@ async fn gateway_with_backlog(
     n: usize,
     tag: &str,
 ) -> Gateway {
-    let config = GatewayConfig::new(GATEWAY, TOKEN, relay_url, mosquitto.port());
+    let config = GatewayConfig {
+        health_interval: Some("60s".into()),
+        ..GatewayConfig::new(GATEWAY, TOKEN, relay_url, mosquitto.port())
+    };
     let mut gw = Gateway::start_subscribed(dir, config, mosquitto).await;
     gw.stop().await;
     preload(mosquitto.port(), n, tag).await;
@@ -204,7 +207,11 @@ async fn gateway_ingest(n: usize) -> (f64, u64, u64) {
     let dir2 = TestDir::new("bench-idle");
     let mut idle = Gateway::start_subscribed(
         &dir2,
-        GatewayConfig::new("bench-idle", TOKEN, &dead_relay, mosquitto.port()),
+        GatewayConfig {
+            // As installed: heartbeats on (the default config's 60 s), HTTP endpoint on.
+            health_interval: Some("60s".into()),
+            ..GatewayConfig::new("bench-idle", TOKEN, &dead_relay, mosquitto.port())
+        },
         &mosquitto,
     )
     .await;
