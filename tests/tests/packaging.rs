@@ -22,8 +22,8 @@ fn read(rel: &str) -> String {
 /// The value of `key=` in a unit file; the last one wins, as in systemd.
 fn unit_value(unit: &str, key: &str) -> String {
     unit.lines()
-        .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
         .unwrap_or_else(|| panic!("no {key}= in the unit"))
         .trim()
         .to_owned()
