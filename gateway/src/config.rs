@@ -246,6 +246,15 @@ impl Config {
             (Some(t), None) if t.trim().is_empty() => {
                 return Err(("relay.token", "is empty".into()));
             }
+            (Some(t), None) if t.trim() == PLACEHOLDER_TOKEN => {
+                return Err((
+                    "relay.token",
+                    format!(
+                        "is still the placeholder {PLACEHOLDER_TOKEN:?} of the default configuration; \
+                         set the token the relay's operator issued for this gateway (or use token_file)"
+                    ),
+                ));
+            }
             _ => {}
         }
         if r.batch_max_events == 0 || r.batch_max_events > 100_000 {
@@ -296,6 +305,11 @@ impl Config {
     }
 }
 
+/// The token the default configuration ships with; refused, so that a gateway installed
+/// and started without editing its config stops with a clear message instead of being
+/// refused by the relay forever.
+pub const PLACEHOLDER_TOKEN: &str = "change-me";
+
 /// The commented default configuration, as printed by `print-default-config`.
 pub const DEFAULT_CONFIG: &str = include_str!("default-config.toml");
 
@@ -334,8 +348,13 @@ mod tests {
     }
 
     #[test]
-    fn default_config_file_parses() {
-        let c = parse(DEFAULT_CONFIG).unwrap();
+    fn default_config_file_parses_once_its_token_is_set() {
+        let e = parse(DEFAULT_CONFIG).unwrap_err();
+        assert!(
+            e.contains("relay.token") && e.contains("placeholder"),
+            "{e}"
+        );
+        let c = parse(&DEFAULT_CONFIG.replace("\"change-me\"", "\"issued\"")).unwrap();
         let mqtt = c.mqtt.expect("the default config shows an MQTT source");
         assert!(!mqtt.subscriptions.is_empty());
     }

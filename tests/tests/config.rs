@@ -165,8 +165,36 @@ async fn gateway_default_config_passes_check_config() {
     let data = dir.join("gateway").display().to_string();
     assert_default_config_checks(&gateway_bin(), &dir, |t| {
         table(t, "gateway").insert("data_dir".into(), data.into());
+        table(t, "relay").insert("token".into(), "issued-by-the-operator".into());
     })
     .await;
+}
+
+/// Installed and started without editing: refused at once, naming the key, rather than
+/// retrying forever against a relay that answers 401.
+#[tokio::test]
+async fn gateway_refuses_the_default_configs_placeholder_token() {
+    let dir = TestDir::new("gateway-placeholder-token");
+    let out = run_command(&gateway_bin(), &["print-default-config"], secs(20)).await;
+    let mut config: toml::Table = String::from_utf8(out.stdout).unwrap().parse().unwrap();
+    let data = dir.join("gateway").display().to_string();
+    table(&mut config, "gateway").insert("data_dir".into(), data.into());
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, config.to_string()).unwrap();
+    for command in [Some("check-config"), Some("run")] {
+        let out = run(&gateway_bin(), &path, command).await;
+        assert_eq!(
+            out.status.code(),
+            Some(64),
+            "{command:?}: {}",
+            describe(&out)
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("relay.token") && stderr.contains("change-me"),
+            "{command:?} does not name the key and the placeholder: {stderr}"
+        );
+    }
 }
 
 #[tokio::test]
