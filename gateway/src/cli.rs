@@ -68,8 +68,9 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::CheckConfig => match load(&cli.config) {
-            Ok(_) => {
+            Ok((config, _)) => {
                 println!("{}: OK", cli.config.display());
+                report_reachability(&config);
                 ExitCode::SUCCESS
             }
             Err(msg) => {
@@ -120,7 +121,104 @@ fn load(path: &std::path::Path) -> Result<(Config, Option<String>), String> {
     let token = config
         .relay_token()
         .map_err(|e| format!("{}: {e}", path.display()))?;
+    check_data_dir(&config.gateway.data_dir).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok((config, token))
+}
+
+/// `gateway.data_dir` must be writable, or creatable in its nearest existing parent. Told
+/// apart from a run-time failure (exit 64, not 1) so that systemd does not restart a
+/// gateway that cannot work until someone fixes the directory or its permissions.
+fn check_data_dir(dir: &std::path::Path) -> Result<(), String> {
+    let mut probe = dir;
+    loop {
+        match std::fs::metadata(probe) {
+            Ok(m) if !m.is_dir() => {
+                return Err(format!(
+                    "gateway.data_dir: {} is not a directory",
+                    probe.display()
+                ));
+            }
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match probe.parent() {
+                Some(p) if !p.as_os_str().is_empty() => probe = p,
+                _ => break,
+            },
+            Err(e) => {
+                return Err(format!("gateway.data_dir: {}: {e}", probe.display()));
+            }
+        }
+    }
+    let what = if probe == dir {
+        "is not writable"
+    } else {
+        "cannot be created: its parent is not writable"
+    };
+    if !writable(probe) {
+        let user = std::env::var("USER").unwrap_or_else(|_| format!("uid {}", unsafe_uid()));
+        return Err(format!(
+            "gateway.data_dir: {} {what} (checked {} as {user})",
+            dir.display(),
+            probe.display()
+        ));
+    }
+    Ok(())
+}
+
+fn writable(dir: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: access only reads the NUL-terminated path.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
+}
+
+fn unsafe_uid() -> u32 {
+    // SAFETY: getuid cannot fail and has no preconditions.
+    unsafe { libc::getuid() }
+}
+
+/// For `check-config`: whether the relay and the MQTT broker answer right now. Not an
+/// error either way — the gateway buffers until the relay is back — but the person
+/// setting it up wants to know before starting it.
+fn report_reachability(config: &Config) {
+    let mut targets = Vec::new();
+    match reqwest::Url::parse(&config.relay.url) {
+        Ok(u) => {
+            if let (Some(host), Some(port)) = (u.host_str(), u.port_or_known_default()) {
+                targets.push(("relay", config.relay.url.clone(), host.to_owned(), port));
+            }
+        }
+        Err(_) => return,
+    }
+    if let Some(m) = &config.mqtt {
+        let addr = format!("{}:{}", m.host, m.port);
+        targets.push(("MQTT broker", addr, m.host.clone(), m.port));
+    }
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    for (what, shown, host, port) in targets {
+        let probe = async {
+            tokio::time::timeout(
+                Duration::from_secs(3),
+                tokio::net::TcpStream::connect((host.as_str(), port)),
+            )
+            .await
+        };
+        match rt.block_on(probe) {
+            Ok(Ok(_)) => println!("{what} {shown}: reachable"),
+            Ok(Err(e)) => println!(
+                "warning: {what} {shown}: not reachable now ({e}); the gateway keeps retrying once started"
+            ),
+            Err(_) => println!(
+                "warning: {what} {shown}: no answer within 3 s; the gateway keeps retrying once started"
+            ),
+        }
+    }
 }
 
 /// glibc gives every thread that allocates its own malloc arena, and freed memory in

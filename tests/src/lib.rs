@@ -41,7 +41,7 @@ pub use http::{http_get, metric_value};
 pub use mosquitto::{Mosquitto, MosquittoOptions};
 pub use notify::NotifySocket;
 pub use pipeline::{GATEWAY_ID, Pipeline, TOKEN};
-pub use process::{Proc, describe, free_port, gateway_bin, relay_bin, run_command};
+pub use process::{Proc, describe, free_port, gateway_bin, is_root, relay_bin, run_command};
 pub use proxy::Proxy;
 pub use publisher::{PublishReport, Publisher, PublisherOptions, Reading};
 pub use readings::{READING_TYPE, climate_payload, climate_readings, climate_topic};

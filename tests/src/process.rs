@@ -282,7 +282,7 @@ pub fn describe(out: &Output) -> String {
 }
 
 /// Whether this process runs as root (mosquitto then needs `user root` to keep its rights).
-pub(crate) fn is_root() -> bool {
+pub fn is_root() -> bool {
     // SAFETY: geteuid(2) cannot fail and has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }

@@ -5,7 +5,8 @@ use std::path::Path;
 use std::process::Output;
 
 use pigeon_e2e::{
-    GatewayConfig, Relay, TestDir, describe, gateway_bin, relay_bin, run_command, secs,
+    GatewayConfig, Mosquitto, Relay, TestDir, describe, gateway_bin, is_root, relay_bin,
+    run_command, secs,
 };
 
 async fn run(bin: &Path, config: &Path, subcommand: Option<&str>) -> Output {
@@ -76,6 +77,15 @@ async fn gateway_refuses_unknown_keys_with_exit_64_naming_the_key() {
     .await;
     assert_refused(&bin, &dir, base, "uplinkk", |t| {
         t.insert("uplinkk".into(), toml::Table::new().into());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn gateway_refuses_a_value_of_the_wrong_type_naming_the_key() {
+    let dir = TestDir::new("gateway-wrong-type");
+    assert_refused(&gateway_bin(), &dir, gateway_config(&dir), "port", |t| {
+        table(t, "mqtt").insert("port".into(), "eighteen-eighty-three".into());
     })
     .await;
 }
@@ -205,4 +215,96 @@ async fn relay_default_config_passes_check_config() {
         t.insert("data_dir".into(), data.into());
     })
     .await;
+}
+
+/// `check-config` tells the person setting up the Pi whether the relay and the broker
+/// answer now — a warning, not a refusal: the gateway buffers until they do.
+#[tokio::test]
+async fn gateway_check_config_says_whether_the_relay_and_the_broker_answer() {
+    let dir = TestDir::new("gateway-check-reachability");
+    let path = dir.join("gateway.toml");
+    // Nothing listens on port 9 of either.
+    std::fs::write(&path, gateway_config(&dir).to_string()).unwrap();
+    let out = run(&gateway_bin(), &path, Some("check-config")).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        stdout.contains("warning: relay http://127.0.0.1:9: not reachable now")
+            && stdout.contains("warning: MQTT broker 127.0.0.1:9: not reachable now"),
+        "{stdout}"
+    );
+
+    let mosquitto = Mosquitto::start(&dir).await;
+    let relay = Relay::start(&dir, &[("pi-7", "t0ken")]).await;
+    let config = GatewayConfig::new("pi-7", "t0ken", &relay.url(), mosquitto.port());
+    std::fs::write(&path, config.to_toml(&dir.join("gateway")).to_string()).unwrap();
+    let out = run(&gateway_bin(), &path, Some("check-config")).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        stdout.contains(&format!("relay {}: reachable", relay.url()))
+            && stdout.contains(&format!(
+                "MQTT broker 127.0.0.1:{}: reachable",
+                mosquitto.port()
+            ))
+            && !stdout.contains("warning"),
+        "{stdout}"
+    );
+}
+
+/// A data dir the service cannot write (or a file in its place) is a configuration
+/// problem: exit 64 naming `gateway.data_dir`, so systemd does not restart in a loop.
+#[tokio::test]
+async fn gateway_refuses_a_data_dir_it_cannot_use() {
+    let dir = TestDir::new("gateway-data-dir");
+    let file = dir.join("a-file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let read_only = dir.join("read-only");
+    std::fs::create_dir(&read_only).unwrap();
+    std::fs::set_permissions(
+        &read_only,
+        std::os::unix::fs::PermissionsExt::from_mode(0o555),
+    )
+    .unwrap();
+    // Root may write anywhere: as root, check as `nobody` (what a service user is).
+    let as_root = is_root();
+    for (data_dir, expected) in [
+        (file.clone(), "is not a directory"),
+        (
+            read_only.join("outbox"),
+            "cannot be created: its parent is not writable",
+        ),
+    ] {
+        let path = dir.join("gateway.toml");
+        std::fs::write(&path, gateway_config(&dir).to_string()).unwrap();
+        let mut config: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+        table(&mut config, "gateway")
+            .insert("data_dir".into(), data_dir.display().to_string().into());
+        std::fs::write(&path, config.to_string()).unwrap();
+        let bin = gateway_bin();
+        let (bin_s, path_s) = (bin.to_str().unwrap(), path.to_str().unwrap());
+        let out = if as_root {
+            let args = [
+                "-u",
+                "nobody",
+                "--",
+                bin_s,
+                "--config",
+                path_s,
+                "check-config",
+            ];
+            run_command(Path::new("runuser"), &args, secs(20)).await
+        } else {
+            run(&bin, &path, Some("check-config")).await
+        };
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(64)
+                && stderr.contains("gateway.data_dir")
+                && stderr.contains(expected),
+            "{}: {}",
+            data_dir.display(),
+            describe(&out)
+        );
+    }
 }
