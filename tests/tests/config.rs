@@ -91,6 +91,24 @@ async fn gateway_refuses_a_value_of_the_wrong_type_naming_the_key() {
 }
 
 #[tokio::test]
+async fn gateway_refuses_a_token_file_it_cannot_read() {
+    let dir = TestDir::new("gateway-token-file");
+    let missing = dir.join("no-such-token");
+    assert_refused(
+        &gateway_bin(),
+        &dir,
+        gateway_config(&dir),
+        "relay.token_file",
+        |t| {
+            let relay = table(t, "relay");
+            relay.remove("token");
+            relay.insert("token_file".into(), missing.display().to_string().into());
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn gateway_check_config_accepts_a_good_config() {
     let dir = TestDir::new("gateway-good-config");
     let path = dir.join("gateway.toml");
