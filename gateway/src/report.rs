@@ -396,8 +396,8 @@ pub fn render_text(r: &StatusReport) -> String {
                 &mut out,
                 "MQTT broker",
                 format!(
-                    "{state} {broker}; {} messages received since the start{}",
-                    count(l.mqtt_received),
+                    "{state} {broker}; {} received since the start{}",
+                    counted(l.mqtt_received, "message", "messages"),
                     if l.mqtt_oversized > 0 {
                         format!(
                             ", {} DROPPED as larger than mqtt.max_packet_size",
@@ -439,8 +439,8 @@ pub fn render_text(r: &StatusReport) -> String {
                     .map(|t| format!(", the oldest received {}", ago(t.div_euclid(1_000_000))))
                     .unwrap_or_default();
                 format!(
-                    "{} events ({}){since}",
-                    count(o.waiting),
+                    "{} ({}){since}",
+                    counted(o.waiting, "event", "events"),
                     human_bytes(o.waiting_bytes)
                 )
             };
@@ -454,8 +454,8 @@ pub fn render_text(r: &StatusReport) -> String {
             &mut out,
             "Delivered",
             format!(
-                "{} events since the start ({} already at the relay), {} sent",
-                count(l.events_delivered),
+                "{} since the start ({} already at the relay), {} sent",
+                counted(l.events_delivered, "event", "events"),
                 count(l.events_duplicate),
                 human_bytes(l.upload_bytes)
             ),
@@ -464,11 +464,11 @@ pub fn render_text(r: &StatusReport) -> String {
             &mut out,
             "Uploads",
             format!(
-                "{} requests, {} answered, {} failed, {} retries",
-                count(l.upload_requests),
+                "{}, {} answered, {} failed, {}",
+                counted(l.upload_requests, "request", "requests"),
                 count(l.upload_successes),
                 count(l.upload_failures),
-                count(l.upload_retries)
+                counted(l.upload_retries, "retry", "retries")
             ),
         );
     }
@@ -550,6 +550,11 @@ pub fn render_text(r: &StatusReport) -> String {
         );
     }
     out
+}
+
+/// `n` with its noun: "1 message", "2,000 messages".
+pub fn counted(n: u64, one: &str, many: &str) -> String {
+    format!("{} {}", count(n), if n == 1 { one } else { many })
 }
 
 /// `1234567` → `"1,234,567"`.
@@ -727,6 +732,9 @@ pub(crate) mod tests {
     fn units_for_people() {
         assert_eq!(count(0), "0");
         assert_eq!(count(1_234_567), "1,234,567");
+        assert_eq!(counted(1, "message", "messages"), "1 message");
+        assert_eq!(counted(0, "retry", "retries"), "0 retries");
+        assert_eq!(counted(2_000, "event", "events"), "2,000 events");
         assert_eq!(human_bytes(1023), "1023 bytes");
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(3 << 30), "3.0 GiB");
