@@ -121,61 +121,11 @@ fn load(path: &std::path::Path) -> Result<(Config, Option<String>), String> {
     let token = config
         .relay_token()
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    check_data_dir(&config.gateway.data_dir).map_err(|e| format!("{}: {e}", path.display()))?;
+    // A directory the service cannot use is exit 64 (bad config), not 1: systemd then
+    // does not restart a gateway that cannot work until someone fixes it.
+    pigeon_shared::dirs::check_writable_dir("gateway.data_dir", &config.gateway.data_dir)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok((config, token))
-}
-
-/// `gateway.data_dir` must be writable, or creatable in its nearest existing parent. Told
-/// apart from a run-time failure (exit 64, not 1) so that systemd does not restart a
-/// gateway that cannot work until someone fixes the directory or its permissions.
-fn check_data_dir(dir: &std::path::Path) -> Result<(), String> {
-    let mut probe = dir;
-    loop {
-        match std::fs::metadata(probe) {
-            Ok(m) if !m.is_dir() => {
-                return Err(format!(
-                    "gateway.data_dir: {} is not a directory",
-                    probe.display()
-                ));
-            }
-            Ok(_) => break,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match probe.parent() {
-                Some(p) if !p.as_os_str().is_empty() => probe = p,
-                _ => break,
-            },
-            Err(e) => {
-                return Err(format!("gateway.data_dir: {}: {e}", probe.display()));
-            }
-        }
-    }
-    let what = if probe == dir {
-        "is not writable"
-    } else {
-        "cannot be created: its parent is not writable"
-    };
-    if !writable(probe) {
-        let user = std::env::var("USER").unwrap_or_else(|_| format!("uid {}", unsafe_uid()));
-        return Err(format!(
-            "gateway.data_dir: {} {what} (checked {} as {user})",
-            dir.display(),
-            probe.display()
-        ));
-    }
-    Ok(())
-}
-
-fn writable(dir: &std::path::Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: access only reads the NUL-terminated path.
-    unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
-}
-
-fn unsafe_uid() -> u32 {
-    // SAFETY: getuid cannot fail and has no preconditions.
-    unsafe { libc::getuid() }
 }
 
 /// For `check-config`: whether the relay and the MQTT broker answer right now. Not an

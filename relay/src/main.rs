@@ -78,6 +78,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // A data dir the service cannot use is a configuration problem: exit 64, so that
+    // systemd does not restart a relay that cannot work until someone fixes it.
+    if let Err(e) = pigeon_shared::dirs::check_writable_dir("data_dir", &config.data_dir) {
+        eprintln!("pigeon-relay: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
 
     match command {
         Command::CheckConfig => {

@@ -271,10 +271,11 @@ async fn gateway_check_config_says_whether_the_relay_and_the_broker_answer() {
 }
 
 /// A data dir the service cannot write (or a file in its place) is a configuration
-/// problem: exit 64 naming `gateway.data_dir`, so systemd does not restart in a loop.
+/// problem for both binaries: exit 64 naming the key, so systemd does not restart them
+/// in a loop.
 #[tokio::test]
-async fn gateway_refuses_a_data_dir_it_cannot_use() {
-    let dir = TestDir::new("gateway-data-dir");
+async fn a_data_dir_the_service_cannot_use_is_refused_naming_the_key() {
+    let dir = TestDir::new("data-dir-checks");
     let file = dir.join("a-file");
     std::fs::write(&file, "not a directory").unwrap();
     let read_only = dir.join("read-only");
@@ -284,45 +285,49 @@ async fn gateway_refuses_a_data_dir_it_cannot_use() {
         std::os::unix::fs::PermissionsExt::from_mode(0o555),
     )
     .unwrap();
-    // Root may write anywhere: as root, check as `nobody` (what a service user is).
-    let as_root = is_root();
-    for (data_dir, expected) in [
+    let cases = [
         (file.clone(), "is not a directory"),
+        (file.join("below"), "is not a directory"),
         (
-            read_only.join("outbox"),
+            read_only.join("data"),
             "cannot be created: its parent is not writable",
         ),
-    ] {
-        let path = dir.join("gateway.toml");
-        std::fs::write(&path, gateway_config(&dir).to_string()).unwrap();
-        let mut config: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
-        table(&mut config, "gateway")
+    ];
+    for (data_dir, expected) in cases {
+        let mut gateway = gateway_config(&dir);
+        table(&mut gateway, "gateway")
             .insert("data_dir".into(), data_dir.display().to_string().into());
-        std::fs::write(&path, config.to_string()).unwrap();
-        let bin = gateway_bin();
-        let (bin_s, path_s) = (bin.to_str().unwrap(), path.to_str().unwrap());
-        let out = if as_root {
-            let args = [
-                "-u",
-                "nobody",
-                "--",
-                bin_s,
-                "--config",
-                path_s,
-                "check-config",
-            ];
-            run_command(Path::new("runuser"), &args, secs(20)).await
-        } else {
-            run(&bin, &path, Some("check-config")).await
-        };
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.code() == Some(64)
-                && stderr.contains("gateway.data_dir")
-                && stderr.contains(expected),
-            "{}: {}",
-            data_dir.display(),
-            describe(&out)
-        );
+        let relay = Relay::config(9, &data_dir, &[("pi-1", "t0ken")]);
+        for (bin, config, key) in [
+            (gateway_bin(), gateway, "gateway.data_dir"),
+            (relay_bin(), relay, "data_dir"),
+        ] {
+            let path = dir.join("config.toml");
+            std::fs::write(&path, config.to_string()).unwrap();
+            for sub in ["check-config", "run"] {
+                let out = run_as_service_user(&bin, &path, sub).await;
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert!(
+                    out.status.code() == Some(64)
+                        && stderr.contains(&format!("{key}: "))
+                        && stderr.contains(expected),
+                    "{} {sub} with {key} = {}: {}",
+                    bin.display(),
+                    data_dir.display(),
+                    describe(&out)
+                );
+            }
+        }
     }
+}
+
+/// Runs `bin --config path sub` as an unprivileged user: as `nobody` when the tests run
+/// as root (root may write anywhere), else as ourselves.
+async fn run_as_service_user(bin: &Path, path: &Path, sub: &str) -> Output {
+    if !is_root() {
+        return run(bin, path, Some(sub)).await;
+    }
+    let (bin, path) = (bin.to_str().unwrap(), path.to_str().unwrap());
+    let args = ["-u", "nobody", "--", bin, "--config", path, sub];
+    run_command(Path::new("runuser"), &args, secs(20)).await
 }
