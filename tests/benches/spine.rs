@@ -12,6 +12,8 @@
 //! * gateway → outbox — pigeon-gateway with the relay down: acks after each group commit.
 //! * end to end — pigeon-gateway + pigeon-relay: until every reading is in the stream files.
 //! * RSS — the gateway's resident memory idle, and its peak under the load above.
+//! * disk writes — bytes the gateway wrote to storage (`/proc/PID/io`) per payload byte:
+//!   SD cards wear out, so this is what the outbox costs them.
 //!
 //! `PIGEON_BENCH_N` sets N (default 200000).
 
@@ -43,13 +45,13 @@ async fn main() {
         "mosquitto → plain subscriber (baseline):   {:>9.0} msgs/s",
         baseline
     );
-    let (ingest, ingest_rss_kib, idle_rss_kib) = gateway_ingest(n).await;
+    let (ingest, ingest_rss_kib, idle_rss_kib, ingest_written) = gateway_ingest(n).await;
     println!(
         "mosquitto → gateway outbox (ack after commit): {:>5.0} msgs/s  ({:.0}% of baseline)",
         ingest,
         100.0 * ingest / baseline
     );
-    let (e2e, e2e_rss_kib) = end_to_end(n).await;
+    let (e2e, e2e_rss_kib, e2e_written) = end_to_end(n).await;
     println!(
         "mosquitto → gateway → relay stream files:  {:>9.0} readings/s",
         e2e
@@ -65,6 +67,17 @@ async fn main() {
     println!(
         "gateway peak RSS, end to end:              {:>9.1} MB",
         e2e_rss_kib as f64 / 1024.0
+    );
+    let payload = payload_bytes(n) as f64;
+    println!(
+        "gateway disk writes per payload byte, ingest:     {:>5.2} ({:.1} MB for {:.1} MB of payload)",
+        ingest_written as f64 / payload,
+        ingest_written as f64 / 1e6,
+        payload / 1e6
+    );
+    println!(
+        "gateway disk writes per payload byte, end to end: {:>5.2} (commit, upload, delete)",
+        e2e_written as f64 / payload
     );
 }
 
@@ -139,6 +152,26 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Bytes the process caused to be written to storage (`/proc/PID/io` `write_bytes`).
+fn write_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("write_bytes:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Payload bytes of the N readings the scenarios publish.
+fn payload_bytes(n: usize) -> u64 {
+    climate_readings(0..n as u64)
+        .iter()
+        .map(|r| r.payload.len() as u64)
+        .sum()
+}
+
 fn outbox_count(data_dir: &Path) -> usize {
     let path = data_dir.join("outbox.db");
     let Ok(conn) =
@@ -184,8 +217,9 @@ async fn gateway_with_backlog(
     gw
 }
 
-/// MQTT → outbox with the relay down. Returns (msgs/s, peak RSS KiB, idle RSS KiB).
-async fn gateway_ingest(n: usize) -> (f64, u64, u64) {
+/// MQTT → outbox with the relay down. Returns (msgs/s, peak RSS KiB, idle RSS KiB, bytes
+/// the gateway wrote to disk).
+async fn gateway_ingest(n: usize) -> (f64, u64, u64, u64) {
     let dir = TestDir::new("bench-ingest");
     let mosquitto = Mosquitto::start_with(&dir, MosquittoOptions::default()).await;
     // Nothing listens here: the uplink keeps retrying, the outbox keeps everything.
@@ -202,6 +236,9 @@ async fn gateway_ingest(n: usize) -> (f64, u64, u64) {
     }
     let rate = (n - 1) as f64 / outbox_span(gw.data_dir());
     peak = peak.max(rss_kib(pid, "VmHWM:"));
+    // Let the last commits reach the disk (write_bytes counts at writeback).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let written = write_bytes(pid);
     // Idle: a fresh start with nothing to do (the backlog stays; the relay is down).
     gw.stop().await;
     let dir2 = TestDir::new("bench-idle");
@@ -218,11 +255,12 @@ async fn gateway_ingest(n: usize) -> (f64, u64, u64) {
     tokio::time::sleep(Duration::from_secs(5)).await;
     let idle_rss = rss_kib(idle.proc().pid().expect("pid"), "VmRSS:");
     idle.stop().await;
-    (rate, peak, idle_rss)
+    (rate, peak, idle_rss, written)
 }
 
-/// MQTT → gateway → relay stream files. Returns (readings/s, peak gateway RSS KiB).
-async fn end_to_end(n: usize) -> (f64, u64) {
+/// MQTT → gateway → relay stream files. Returns (readings/s, peak gateway RSS KiB, bytes
+/// the gateway wrote to disk, committing and then deleting every reading).
+async fn end_to_end(n: usize) -> (f64, u64, u64) {
     let dir = TestDir::new("bench-e2e");
     let mosquitto = Mosquitto::start_with(&dir, MosquittoOptions::default()).await;
     let relay = Relay::start(&dir, &[(GATEWAY, TOKEN)]).await;
@@ -246,6 +284,12 @@ async fn end_to_end(n: usize) -> (f64, u64) {
     }
     let secs = t.elapsed().as_secs_f64();
     peak = peak.max(rss_kib(pid, "VmHWM:"));
+    // Until the outbox is empty (the last settle) and on the disk.
+    while outbox_count(gw.data_dir()) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let written = write_bytes(pid);
     gw.stop().await;
-    (n as f64 / secs, peak)
+    (n as f64 / secs, peak, written)
 }
