@@ -143,3 +143,33 @@ async fn wrong_token_loses_nothing_and_the_right_one_delivers_everything_once() 
         .assert_delivered_exactly_once(&expected, secs(120))
         .await;
 }
+
+/// A system without CA certificates (a minimal image, a broken ca-certificates) still
+/// delivers to a plain-HTTP relay: the gateway needs no trust store for http://.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_system_ca_certificates_is_fine_for_a_plain_http_relay() {
+    let dir = pigeon_e2e::TestDir::new("no-ca-certs");
+    let empty = dir.join("no-certs");
+    std::fs::create_dir(&empty).unwrap();
+    let (file, certs) = (empty.join("none.pem"), empty.display().to_string());
+    let mosquitto = pigeon_e2e::Mosquitto::start(&dir).await;
+    let relay = pigeon_e2e::Relay::start(&dir, &[("pi-1", TOKEN)]).await;
+    let config = pigeon_e2e::GatewayConfig::new("pi-1", TOKEN, &relay.url(), mosquitto.port());
+    let env = [
+        ("SSL_CERT_FILE", file.to_str().unwrap()),
+        ("SSL_CERT_DIR", certs.as_str()),
+    ];
+    let mut gateway = pigeon_e2e::Gateway::start_with_env(&dir, config, &env);
+    gateway.wait_subscribed(&mosquitto).await;
+    let report = Publisher::publish_all(
+        mosquitto.port(),
+        climate_readings(0..100),
+        PublisherOptions::default(),
+        secs(60),
+    )
+    .await;
+    report.assert_all_acked(100);
+    relay
+        .assert_delivered_exactly_once(&report.acked, secs(60))
+        .await;
+}

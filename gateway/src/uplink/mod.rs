@@ -64,13 +64,33 @@ impl Uplink {
         producer_id: String,
     ) -> anyhow::Result<Self> {
         let url = reqwest::Url::parse(&config.url)?.join(wire::INGEST_PATH)?;
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(config.request_timeout.get())
             .connect_timeout(config.request_timeout.get().min(Duration::from_secs(10)))
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_keepalive(Duration::from_secs(60))
-            .user_agent(concat!("pigeon-gateway/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            .user_agent(concat!("pigeon-gateway/", env!("CARGO_PKG_VERSION")));
+        let https = url.scheme() == "https";
+        if !https {
+            // Plain HTTP needs no trust store: do not fail on a system that has none.
+            builder = builder.tls_certs_only(std::iter::empty());
+        }
+        let client = builder.build().map_err(|e| {
+            // reqwest says "builder error"; the reason is further down the chain.
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why = format!("{why}: {s}");
+                source = s.source();
+            }
+            if https {
+                anyhow::anyhow!(
+                    "cannot set up TLS for relay.url {url}: {why}. The system's CA certificates are needed (Debian, Raspberry Pi OS: apt install ca-certificates)"
+                )
+            } else {
+                anyhow::anyhow!("cannot set up the HTTP client for relay.url {url}: {why}")
+            }
+        })?;
         Ok(Self {
             config,
             url,
