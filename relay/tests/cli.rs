@@ -82,14 +82,15 @@ fn a_port_in_use_exits_1_with_a_clear_message() {
 }
 
 #[test]
-fn an_unusable_data_dir_exits_1_with_a_clear_message() {
+fn an_unusable_data_dir_exits_64_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    // A plain file where the data dir should be.
+    // A plain file where the data dir should be: a bad config since d0dc013 (exit 64, so
+    // systemd does not restart a relay that cannot work until someone fixes it).
     let data = dir.path().join("data");
     std::fs::write(&data, b"").unwrap();
     let path = write_config(dir.path(), &Relay::config_text(free_port(), &data, "", ""));
     let (code, _, stderr) = run_bin(&["--config", &path]);
-    assert_eq!(code, Some(1), "{stderr}");
-    assert!(stderr.contains("data directory"), "{stderr}");
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("data_dir"), "{stderr}");
     assert!(stderr.contains(&data.display().to_string()), "{stderr}");
 }
