@@ -134,9 +134,13 @@ fn execute(path: &Path, command: &DeadLetterCommand) -> Result<String, String> {
                 return Ok("no dead letters\n".into());
             }
             let mut s = format!(
-                "Moved {} back into the outbox; the gateway sends {} again under new sequences:\n",
+                "Moved {} back into the outbox; the gateway sends {}:\n",
                 counted(done.len() as u64, "dead letter", "dead letters"),
-                if done.len() == 1 { "it" } else { "them" },
+                if done.len() == 1 {
+                    "it again under a new sequence"
+                } else {
+                    "them again under new sequences"
+                },
             );
             for r in &done {
                 s.push_str(&format!(
