@@ -1,8 +1,9 @@
 //! The command line:
-//! `pigeon-gateway [--config PATH] [run|check-config|print-default-config|status [--json]]`.
+//! `pigeon-gateway [--config PATH] [run|check-config|print-default-config|status [--json]|
+//! dead-letter list|retry|purge]`.
 //!
-//! Exit codes: 0 success, 64 bad configuration (the message names the key), 1 failure
-//! while starting or running. `status`: 0 running, 3 not running, 4 unknown.
+//! Exit codes: 0 success, 64 bad configuration (the message names the key) or arguments,
+//! 1 failure while starting or running. `status`: 0 running, 3 not running, 4 unknown.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{Config, DEFAULT_CONFIG};
+use crate::dead_letter_cli::DeadLetterCommand;
 use crate::report::{RunState, StatusReport};
 use crate::stats::{LastErrorLayer, LastErrorSlot};
 
@@ -53,6 +55,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The events the relay rejected for good: list them, send them again once the cause
+    /// is fixed, or delete them. Works while the gateway runs.
+    DeadLetter {
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+    },
 }
 
 /// `status` exit codes, as for LSB init scripts' `status` action.
@@ -61,7 +69,18 @@ const EXIT_STATE_UNKNOWN: u8 = 4;
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not errors; bad arguments are EX_USAGE like a bad config.
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_BAD_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     match cli.command.unwrap_or(Command::Run) {
         Command::PrintDefaultConfig => {
             print!("{DEFAULT_CONFIG}");
@@ -79,6 +98,7 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Status { json } => status(&cli.config, json),
+        Command::DeadLetter { command } => crate::dead_letter_cli::run(&cli.config, command),
         Command::Run => {
             limit_malloc_arenas();
             let last_error = Arc::new(LastErrorSlot::default());

@@ -10,9 +10,11 @@
 //! the outbox depth and the [`host`]'s disk into one snapshot, which [`http`] serves as
 //! `/status` and (via [`metrics`]) `/metrics`, `pigeon-gateway status` prints, and
 //! [`service`] sends to systemd as the status line with the watchdog pings.
+//! [`dead_letter_cli`] is `pigeon-gateway dead-letter list | retry | purge`.
 
 pub mod cli;
 pub mod config;
+pub mod dead_letter_cli;
 pub mod host;
 pub mod http;
 pub mod metrics;

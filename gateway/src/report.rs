@@ -324,10 +324,8 @@ impl StatusReport {
 
 fn read_outbox(path: &Path) -> Result<(crate::outbox::Pending, u64), String> {
     if !path.exists() {
-        return Err(format!(
-            "there is no outbox at {} (has the gateway ever run with this data_dir?)",
-            path.display()
-        ));
+        let path = path.display().to_string();
+        return Err(crate::outbox::OutboxError::Missing { path }.to_string());
     }
     let reader = OutboxReader::open(path)
         .map_err(|e| format!("cannot open the outbox {}: {e}", path.display()))?;

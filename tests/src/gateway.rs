@@ -297,8 +297,14 @@ impl Gateway {
 
     /// Runs `pigeon-gateway --config <its config> status [args]` and returns its output.
     pub async fn status_command(&self, args: &[&str]) -> std::process::Output {
+        self.command(&[&["status"], args].concat()).await
+    }
+
+    /// Runs `pigeon-gateway --config <its config> <args>` (e.g. `dead-letter list`) and
+    /// returns its output.
+    pub async fn command(&self, args: &[&str]) -> std::process::Output {
         let config = self.config_path.to_str().expect("UTF-8 temp path");
-        let mut all = vec!["--config", config, "status"];
+        let mut all = vec!["--config", config];
         all.extend_from_slice(args);
         run_command(&gateway_bin(), &all, secs(20)).await
     }

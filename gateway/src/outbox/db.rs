@@ -121,6 +121,18 @@ pub fn migrate(conn: &mut Connection) -> Result<(), OutboxError> {
     Ok(())
 }
 
+/// Refuses a database whose schema this version does not know, or that was never migrated
+/// (for connections other than the writer's, which must not migrate).
+pub fn check_schema(conn: &Connection) -> Result<(), OutboxError> {
+    let known = MIGRATIONS.len() as i64;
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    match found {
+        0 => Err(OutboxError::NotMigrated),
+        f if f > known => Err(OutboxError::TooNew { found, known }),
+        _ => Ok(()),
+    }
+}
+
 /// The producer id this outbox assigns sequences under.
 pub fn producer_id(conn: &Connection) -> Result<String, OutboxError> {
     Ok(conn.query_row(

@@ -7,9 +7,12 @@
 //!   and `sequence` once, and settles records the relay answered for.
 //! * [`reader`] reads batches for the uplink on its own connection (WAL lets it read
 //!   while the writer writes).
+//! * [`dead_letters`] lists, re-queues and deletes dead letters from another process
+//!   (`pigeon-gateway dead-letter …`), safely while the gateway runs.
 //! * [`depth`] caches how much is waiting, for metrics, status and heartbeats.
 
 pub mod db;
+pub mod dead_letters;
 pub mod depth;
 pub mod reader;
 pub mod writer;
@@ -71,6 +74,12 @@ pub enum OutboxError {
     Db(#[from] Arc<rusqlite::Error>),
     #[error("cannot create the data directory {path}: {message}")]
     DataDir { path: String, message: String },
+    #[error("there is no outbox at {path} (has the gateway ever run with this data_dir?)")]
+    Missing { path: String },
+    #[error(
+        "the outbox has no schema yet (the gateway has not finished its first start); try again once it runs"
+    )]
+    NotMigrated,
     #[error("the outbox writer has stopped")]
     Closed,
     #[error(

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
-use rusqlite::{Connection, Transaction, params};
+use rusqlite::{Connection, Transaction, TransactionBehavior, params};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{NewRecord, OutboxError, db};
@@ -237,8 +237,17 @@ impl WriterState {
         let mut next_seq = self.next_seq;
         let mut new_deliveries = Vec::new();
         let mut appended = Vec::with_capacity(batch.len());
-        let result = (|| -> Result<(), rusqlite::Error> {
-            let tx = self.conn.transaction()?;
+        let appends = batch.iter().any(|c| matches!(c, Command::Append(..)));
+        let result = (|| -> Result<bool, OutboxError> {
+            // IMMEDIATE: take the write lock first, so the sequence read below cannot be
+            // overtaken by another connection (`pigeon-gateway dead-letter retry` assigns
+            // sequences from another process while the gateway runs).
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if appends {
+                next_seq = next_seq.max(db::next_seq(&tx)?);
+            }
             for cmd in batch.iter() {
                 match cmd {
                     Command::Append(rec, _) => appended.push(append_one(
@@ -256,15 +265,18 @@ impl WriterState {
                     Command::Ping(_) => {}
                 }
             }
-            if next_seq != self.next_seq {
+            let stored_any = appended
+                .iter()
+                .any(|a| matches!(a, Appended::Stored { .. }));
+            if stored_any {
                 tx.prepare_cached(SET_NEXT_SEQ)?
                     .execute(params![db::META_NEXT_SEQ, next_seq as i64])?;
             }
-            tx.commit()
+            tx.commit()?;
+            Ok(stored_any)
         })();
         match result {
-            Ok(()) => {
-                let stored_any = next_seq != self.next_seq;
+            Ok(stored_any) => {
                 self.next_seq = next_seq;
                 self.deliveries.extend(new_deliveries);
                 self.stats.outbox_commits.fetch_add(1, Relaxed);
@@ -295,7 +307,7 @@ impl WriterState {
             Err(e) => {
                 // The transaction rolled back and the in-memory state was not touched, so
                 // the next round starts clean. Nothing in this round is acknowledged.
-                let err = OutboxError::from(e);
+                let err = e;
                 self.stats.outbox_commit_failures.fetch_add(1, Relaxed);
                 self.stats.outbox_failing.store(true, Relaxed);
                 tracing::error!(error = %err, records = batch.len(), "An outbox commit failed; its data was not acknowledged.");

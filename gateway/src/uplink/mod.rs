@@ -30,6 +30,11 @@ use crate::config::{Compression, RelayConfig};
 use crate::outbox::{OutboxReader, OutboxWriter, Record};
 use crate::stats::Stats;
 
+/// How often an idle uplink looks at the outbox again although the writer said nothing:
+/// records written by another process (`pigeon-gateway dead-letter retry`) do not wake
+/// it, so they are sent within this long.
+pub const IDLE_RECHECK: Duration = Duration::from_secs(5);
+
 /// How the relay answered one request.
 #[derive(Debug)]
 enum Answer {
@@ -135,7 +140,7 @@ impl Uplink {
                 tokio::select! {
                     _ = shutdown.changed() => {}
                     _ = self.writer.committed() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = tokio::time::sleep(IDLE_RECHECK) => {}
                 }
                 continue;
             };
