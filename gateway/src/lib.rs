@@ -144,6 +144,13 @@ pub async fn run(
         );
         tokio::spawn(source.run(stop_rx.clone()))
     });
+    // Records past their route's TTL are dropped unsent, checked every second.
+    let has_ttl = config
+        .mqtt
+        .as_ref()
+        .is_some_and(|m| m.subscriptions.iter().any(|s| s.ttl.is_some()));
+    let expiry_task =
+        has_ttl.then(|| tokio::spawn(outbox::expire_loop(writer.clone(), Duration::from_secs(1))));
     let http_task = http_listener.map(|l| {
         let live = live.clone();
         tokio::spawn(async move {
@@ -186,6 +193,9 @@ pub async fn run(
     info!("Stopping: no new data is taken; finishing the upload in flight.");
     live.stopping.store(true, Relaxed);
     if let Some(t) = watchdog_task {
+        t.abort();
+    }
+    if let Some(t) = expiry_task {
         t.abort();
     }
     service::notify(

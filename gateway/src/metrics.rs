@@ -142,6 +142,12 @@ pub fn render(r: &StatusReport) -> String {
             l.outbox_commit_failures,
         );
         e.one(
+            "pigeon_gateway_outbox_expired_total",
+            C,
+            "Events dropped unsent because they waited longer than their TTL (mqtt.subscriptions.ttl).",
+            l.outbox_expired,
+        );
+        e.one(
             "pigeon_gateway_upload_requests_total",
             C,
             "Upload requests sent to the relay, retries included.",

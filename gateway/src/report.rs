@@ -100,6 +100,9 @@ pub struct LiveStatus {
     pub events_dead_lettered: u64,
     pub outbox_commits: u64,
     pub outbox_commit_failures: u64,
+    /// Records dropped unsent because their route's TTL ran out.
+    #[serde(default)]
+    pub outbox_expired: u64,
     pub heartbeats: u64,
     /// Records committed per source since the start.
     pub sources: Vec<SourceCount>,
@@ -234,6 +237,7 @@ impl Live {
             events_dead_lettered: s.events_dead_lettered.load(Relaxed),
             outbox_commits: s.outbox_commits.load(Relaxed),
             outbox_commit_failures: s.outbox_commit_failures.load(Relaxed),
+            outbox_expired: s.outbox_expired.load(Relaxed),
             heartbeats: s.heartbeats.load(Relaxed),
             sources: s
                 .sources
@@ -642,6 +646,7 @@ pub(crate) mod tests {
                 events_dead_lettered: 0,
                 outbox_commits: 300,
                 outbox_commit_failures: 0,
+                outbox_expired: 0,
                 heartbeats: 125,
                 sources: vec![
                     SourceCount {

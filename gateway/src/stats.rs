@@ -41,6 +41,8 @@ pub struct Stats {
     /// Outbox transactions committed / failed (and rolled back).
     pub outbox_commits: AtomicU64,
     pub outbox_commit_failures: AtomicU64,
+    /// Records dropped unsent because their route's TTL ran out.
+    pub outbox_expired: AtomicU64,
     /// Whether the last outbox transaction failed.
     pub outbox_failing: AtomicBool,
     /// Records committed, per source (registered with [`Stats::new`]).
@@ -244,6 +246,7 @@ mod tests {
 
     fn record(source: &str, topic: Option<&str>) -> NewRecord {
         NewRecord {
+            expires_us: None,
             source: source.into(),
             event_type: "t".into(),
             subject: topic.map(Into::into),

@@ -23,6 +23,8 @@ pub struct Subscription {
     pub filter: String,
     pub qos: u8,
     pub event_type: String,
+    /// `ttl`, e.g. `"2s"`; `None` leaves it out.
+    pub ttl: Option<String>,
 }
 
 /// What the harness writes into the gateway's TOML config.
@@ -61,6 +63,7 @@ impl GatewayConfig {
                 filter: "org/#".to_string(),
                 qos: 1,
                 event_type: READING_TYPE.to_string(),
+                ttl: None,
             }],
             mqtt_options: toml::Table::new(),
             http_port: Some(free_port()),
@@ -111,6 +114,9 @@ impl GatewayConfig {
                 t.insert("filter".into(), s.filter.clone().into());
                 t.insert("qos".into(), i64::from(s.qos).into());
                 t.insert("type".into(), s.event_type.clone().into());
+                if let Some(ttl) = &s.ttl {
+                    t.insert("ttl".into(), ttl.clone().into());
+                }
                 toml::Value::Table(t)
             })
             .collect::<Vec<_>>();

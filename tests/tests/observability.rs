@@ -33,6 +33,7 @@ async fn pipeline(name: &str) -> Pipeline {
                 filter: ALARM_FILTER.into(),
                 qos: 1,
                 event_type: ALARM_TYPE.into(),
+                ttl: None,
             },
         );
     })

@@ -47,6 +47,11 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (session, pkid)
     ) WITHOUT ROWID;
     "#,
+    // 2: an expiry time per record (the route's TTL), indexed only where set.
+    r#"
+    ALTER TABLE records ADD COLUMN expires_us INTEGER;
+    CREATE INDEX records_expiry ON records (expires_us) WHERE expires_us IS NOT NULL;
+    "#,
 ];
 
 pub(crate) const META_PRODUCER_ID: &str = "producer_id";

@@ -283,6 +283,7 @@ mod tests {
 
     fn record(n: u32, data: &[u8]) -> NewRecord {
         NewRecord {
+            expires_us: None,
             source: "/gateways/t/mqtt".into(),
             event_type: "com.example.reading".into(),
             subject: Some(format!("room/{n}")),

@@ -37,6 +37,9 @@ pub struct NewRecord {
     /// `application/json` when `data` is a JSON document; otherwise binary data.
     pub content_type: Option<String>,
     pub data: Bytes,
+    /// When the record stops being worth sending (µs since the epoch): the route's TTL
+    /// after receipt. Expired records are dropped before upload, and counted.
+    pub expires_us: Option<i64>,
     /// Set for MQTT messages, to recognise a broker's re-delivery of a message that was
     /// committed but whose acknowledgement was lost (a crash between commit and PUBACK).
     pub delivery: Option<DeliveryMark>,
@@ -91,5 +94,26 @@ pub enum OutboxError {
 impl From<rusqlite::Error> for OutboxError {
     fn from(e: rusqlite::Error) -> Self {
         Self::Db(Arc::new(e))
+    }
+}
+
+/// Every `every`, drops the records whose TTL ran out (unsent), logging what and how
+/// many. Runs until aborted.
+pub async fn expire_loop(writer: OutboxWriter, every: std::time::Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        match writer.expire(chrono::Utc::now().timestamp_micros()).await {
+            Ok(counts) => {
+                for (event_type, n) in counts {
+                    tracing::warn!(
+                        events = n,
+                        r#type = %event_type,
+                        "Dropped events unsent: they waited longer than their time to live (mqtt.subscriptions.ttl)."
+                    );
+                }
+            }
+            Err(OutboxError::Closed) => return,
+            Err(e) => tracing::error!(error = %e, "Could not drop expired events; retrying."),
+        }
     }
 }

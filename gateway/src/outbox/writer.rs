@@ -46,6 +46,11 @@ enum Command {
     /// Answered as soon as the writer takes it: proves the thread is alive and not stuck
     /// in a commit (the watchdog asks).
     Ping(oneshot::Sender<()>),
+    /// Deletes the records whose expiry time is before `now_us`; answers how many, by type.
+    Expire {
+        now_us: i64,
+        reply: Reply<Vec<(String, u64)>>,
+    },
 }
 
 impl Command {
@@ -53,6 +58,7 @@ impl Command {
         match self {
             Command::Append(..) => 1,
             Command::Ping(_) => 0,
+            Command::Expire { .. } => 1,
             Command::Settle {
                 delivered,
                 rejected,
@@ -147,6 +153,16 @@ impl OutboxWriter {
         rx.await.map_err(|_| OutboxError::Closed)?
     }
 
+    /// Drops the records whose TTL ran out before `now_us`; returns how many, by type.
+    pub async fn expire(&self, now_us: i64) -> Result<Vec<(String, u64)>, OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Expire { now_us, reply })
+            .await
+            .map_err(|_| OutboxError::Closed)?;
+        rx.await.map_err(|_| OutboxError::Closed)?
+    }
+
     /// Resolves once the writer thread took a ping from its queue: it is alive and got
     /// through what was queued before. An error if it has stopped.
     pub async fn ping(&self) -> Result<(), OutboxError> {
@@ -194,8 +210,11 @@ struct WriterState {
 }
 
 const INSERT_RECORD: &str = "INSERT INTO records
-    (seq, id, source, type, subject, time_us, content_type, data)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+    (seq, id, source, type, subject, time_us, content_type, data, expires_us)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+const EXPIRED_BY_TYPE: &str = "SELECT type, count(*) FROM records
+    WHERE expires_us IS NOT NULL AND expires_us < ?1 GROUP BY type ORDER BY type";
+const DELETE_EXPIRED: &str = "DELETE FROM records WHERE expires_us IS NOT NULL AND expires_us < ?1";
 const UPSERT_DELIVERY: &str =
     "INSERT OR REPLACE INTO mqtt_deliveries (session, pkid, digest) VALUES (?1, ?2, ?3)";
 const SET_NEXT_SEQ: &str = "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)";
@@ -237,6 +256,7 @@ impl WriterState {
         let mut next_seq = self.next_seq;
         let mut new_deliveries = Vec::new();
         let mut appended = Vec::with_capacity(batch.len());
+        let mut expired = Vec::new();
         let appends = batch.iter().any(|c| matches!(c, Command::Append(..)));
         let result = (|| -> Result<bool, OutboxError> {
             // IMMEDIATE: take the write lock first, so the sequence read below cannot be
@@ -263,6 +283,7 @@ impl WriterState {
                         ..
                     } => settle(&tx, delivered, rejected)?,
                     Command::Ping(_) => {}
+                    Command::Expire { now_us, .. } => expired.push(expire(&tx, *now_us)?),
                 }
             }
             let stored_any = appended
@@ -282,6 +303,7 @@ impl WriterState {
                 self.stats.outbox_commits.fetch_add(1, Relaxed);
                 self.stats.outbox_failing.store(false, Relaxed);
                 let mut appended = appended.into_iter();
+                let mut expired = expired.into_iter();
                 for cmd in batch.drain(..) {
                     match cmd {
                         Command::Append(rec, reply) => {
@@ -297,6 +319,12 @@ impl WriterState {
                         }
                         Command::Ping(reply) => {
                             let _ = reply.send(());
+                        }
+                        Command::Expire { reply, .. } => {
+                            let counts: Vec<(String, u64)> = expired.next().unwrap_or_default();
+                            let n: u64 = counts.iter().map(|(_, c)| c).sum();
+                            self.stats.outbox_expired.fetch_add(n, Relaxed);
+                            let _ = reply.send(Ok(counts));
                         }
                     }
                 }
@@ -322,11 +350,28 @@ impl WriterState {
                         Command::Ping(reply) => {
                             let _ = reply.send(());
                         }
+                        Command::Expire { reply, .. } => {
+                            let _ = reply.send(Err(err.clone()));
+                        }
                     }
                 }
             }
         }
     }
+}
+
+/// Deletes what expired before `now_us`; how many, by event type.
+fn expire(tx: &Transaction<'_>, now_us: i64) -> Result<Vec<(String, u64)>, rusqlite::Error> {
+    let counts = tx
+        .prepare_cached(EXPIRED_BY_TYPE)?
+        .query_map([now_us], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    if !counts.is_empty() {
+        tx.prepare_cached(DELETE_EXPIRED)?.execute([now_us])?;
+    }
+    Ok(counts)
 }
 
 fn append_one(
@@ -368,6 +413,7 @@ fn append_one(
         rec.time_us,
         rec.content_type,
         &rec.data[..],
+        rec.expires_us,
     ])?;
     *next_seq += 1;
     Ok(Appended::Stored { seq })
@@ -400,6 +446,7 @@ mod tests {
 
     fn record(n: u32, delivery: Option<DeliveryMark>) -> NewRecord {
         NewRecord {
+            expires_us: None,
             source: "/gateways/t/mqtt".into(),
             event_type: "t".into(),
             subject: Some(format!("room/{n}")),
@@ -463,6 +510,44 @@ mod tests {
             Appended::Stored { seq: 251 }
         );
         assert_eq!(r.pending().unwrap().count, 1);
+        drop(w);
+        h.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn expired_records_are_dropped_and_counted_by_type_the_rest_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, h, r) = open(dir.path());
+        let with = |n: u32, ty: &str, expires_us: Option<i64>| NewRecord {
+            event_type: ty.into(),
+            expires_us,
+            ..record(n, None)
+        };
+        for rec in [
+            with(1, "occupancy", Some(100)),
+            with(2, "occupancy", Some(150)),
+            with(3, "climate", Some(199)),
+            with(4, "climate", Some(200)),
+            with(5, "alarm", None),
+        ] {
+            w.append_and_wait(rec).await.unwrap();
+        }
+        assert_eq!(w.expire(99).await.unwrap(), vec![]);
+        assert_eq!(
+            w.expire(200).await.unwrap(),
+            vec![("climate".to_owned(), 1), ("occupancy".to_owned(), 2)]
+        );
+        let left: Vec<u64> = r
+            .read_after(0, 100, 1 << 20)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(left, vec![4, 5], "not yet expired, and no TTL, stay");
+        assert_eq!(
+            w.expire(i64::MAX).await.unwrap(),
+            vec![("climate".to_owned(), 1)]
+        );
         drop(w);
         h.join().unwrap();
     }

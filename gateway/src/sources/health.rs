@@ -193,6 +193,7 @@ pub fn oldest_age_seconds(depth: &Depth, now_us: i64) -> Option<f64> {
 /// The outbox record for one heartbeat.
 pub fn heartbeat_record(source: &str, hb: &Heartbeat, time_us: i64) -> NewRecord {
     NewRecord {
+        expires_us: None,
         source: source.to_owned(),
         event_type: HEARTBEAT_TYPE.to_owned(),
         subject: None,

@@ -39,6 +39,10 @@ pub struct Subscription {
     /// The CloudEvent `type` of messages matching this filter.
     #[serde(rename = "type")]
     pub event_type: String,
+    /// Time to live: a message still in the outbox this long after it arrived is dropped
+    /// unsent (and counted) — for readings that are worthless when late. None: kept until
+    /// delivered.
+    pub ttl: Option<Duration>,
 }
 
 fn default_host() -> String {
@@ -112,6 +116,17 @@ impl MqttConfig {
                 return Err((
                     "mqtt.subscriptions.type",
                     format!("is empty for {:?}", s.filter),
+                ));
+            }
+            if s.ttl
+                .is_some_and(|t| t.get() < std::time::Duration::from_secs(1))
+            {
+                return Err((
+                    "mqtt.subscriptions.ttl",
+                    format!(
+                        "is under 1s for {:?}; leave it out to keep messages until they are delivered",
+                        s.filter
+                    ),
                 ));
             }
         }

@@ -366,12 +366,13 @@ impl MqttSource {
 
     /// Hands one message to the outbox. `None` when the writer has stopped.
     async fn ingest(&self, p: Publish) -> Option<oneshot::Receiver<Result<Appended, OutboxError>>> {
-        let event_type = match self.config.subscription_for(&p.topic) {
-            Some(s) => s.event_type.as_str(),
-            None => UNMATCHED_TYPE,
-        };
+        let sub = self.config.subscription_for(&p.topic);
+        let event_type = sub.map_or(UNMATCHED_TYPE, |s| s.event_type.as_str());
         let now_us = chrono::Utc::now().timestamp_micros();
-        let record = record_from_publish(&p, event_type, &self.source, &self.session, now_us);
+        let mut record = record_from_publish(&p, event_type, &self.source, &self.session, now_us);
+        record.expires_us = sub
+            .and_then(|s| s.ttl)
+            .map(|ttl| now_us.saturating_add(ttl.get().as_micros().min(i64::MAX as u128) as i64));
         self.stats.mqtt_received.fetch_add(1, Ordering::Relaxed);
         self.writer.append(record).await.ok()
     }
@@ -525,6 +526,7 @@ pub fn record_from_publish(
         time_us: now_us,
         content_type: Some(content_type.to_owned()),
         data: Bytes::clone(&p.payload),
+        expires_us: None,
         delivery: (p.qos != QoS::AtMostOnce).then(|| DeliveryMark {
             session: session.clone(),
             pkid: p.pkid,
