@@ -113,6 +113,10 @@ pub struct RelayConfig {
     pub backoff_max: Duration,
     #[serde(default)]
     pub compression: Compression,
+    /// Upload bandwidth limit, bytes per second of request bodies as sent (compressed);
+    /// none by default.
+    #[serde(default)]
+    pub max_upload_rate: Option<ByteSize>,
 }
 
 fn default_batch_max_events() -> usize {
@@ -265,6 +269,12 @@ impl Config {
         }
         if r.batch_max_bytes.get() < 1024 {
             return Err(("relay.batch_max_bytes", "must be at least 1KiB".into()));
+        }
+        if r.max_upload_rate.is_some_and(|b| b.get() < 1024) {
+            return Err((
+                "relay.max_upload_rate",
+                "must be at least 1KiB (per second); leave it out for no limit".into(),
+            ));
         }
         if r.request_timeout.get().is_zero() {
             return Err(("relay.request_timeout", "must be more than 0".into()));

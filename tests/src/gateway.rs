@@ -39,6 +39,8 @@ pub struct GatewayConfig {
     pub subscriptions: Vec<Subscription>,
     /// More `[mqtt]` keys, e.g. `max_pending` or `max_packet_size`.
     pub mqtt_options: toml::Table,
+    /// More `[relay]` keys, e.g. `max_upload_rate`.
+    pub relay_options: toml::Table,
     /// `http.listen = "127.0.0.1:<port>"`; `None` writes `http.enabled = false`.
     pub http_port: Option<u16>,
     /// `health.interval`; `None` (the default here, so that tests can count the events
@@ -66,6 +68,7 @@ impl GatewayConfig {
                 ttl: None,
             }],
             mqtt_options: toml::Table::new(),
+            relay_options: toml::Table::new(),
             http_port: Some(free_port()),
             health_interval: None,
             shutdown_timeout: None,
@@ -99,6 +102,8 @@ impl GatewayConfig {
                 relay.insert("token_file".into(), path.display().to_string().into());
             }
         }
+
+        relay.extend(self.relay_options.clone());
 
         let mut mqtt = toml::Table::new();
         mqtt.insert("host".into(), "127.0.0.1".into());

@@ -13,6 +13,7 @@
 
 mod backoff;
 mod encode;
+mod limit;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -57,6 +58,8 @@ pub struct Uplink {
     writer: OutboxWriter,
     stats: Arc<Stats>,
     producer_id: String,
+    /// `relay.max_upload_rate`, when set.
+    limit: Option<std::sync::Mutex<limit::RateLimit>>,
 }
 
 impl Uplink {
@@ -96,6 +99,9 @@ impl Uplink {
                 anyhow::anyhow!("cannot set up the HTTP client for relay.url {url}: {why}")
             }
         })?;
+        let config_limit = config.max_upload_rate.map(|r| {
+            std::sync::Mutex::new(limit::RateLimit::new(r.get(), tokio::time::Instant::now()))
+        });
         Ok(Self {
             config,
             url,
@@ -105,6 +111,7 @@ impl Uplink {
             writer,
             stats,
             producer_id,
+            limit: config_limit,
         })
     }
 
@@ -277,6 +284,20 @@ impl Uplink {
             req = req.bearer_auth(token);
         }
         let len = body.len() as u64;
+        if let Some(limit) = &self.limit {
+            let wait = match limit.lock() {
+                Ok(mut l) => l.reserve(len, tokio::time::Instant::now()),
+                Err(_) => Duration::ZERO,
+            };
+            if !wait.is_zero() {
+                debug!(
+                    ?wait,
+                    bytes = len,
+                    "Holding the upload to stay within relay.max_upload_rate."
+                );
+                tokio::time::sleep(wait).await;
+            }
+        }
         self.stats.upload_requests.fetch_add(1, Ordering::Relaxed);
         let resp = match req.body(body).send().await {
             Ok(r) => r,
