@@ -91,6 +91,44 @@ fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
+/// A time-of-day window with its own upload limit: `from = "22:00"`, `to = "06:00"`
+/// (crossing midnight is fine), `max_upload_rate = "1MiB"` or left out for no limit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UploadWindow {
+    pub from: String,
+    pub to: String,
+    pub max_upload_rate: Option<ByteSize>,
+}
+
+/// `"HH:MM"` → minutes after midnight.
+fn minutes_of_day(s: &str) -> Option<u32> {
+    let (h, m) = s.split_once(':')?;
+    let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+    (h < 24 && m < 60 && s.len() == 5).then_some(h * 60 + m)
+}
+
+impl RelayConfig {
+    /// The upload limit in bytes per second at `minute` (after local midnight): the first
+    /// schedule window containing it, else `max_upload_rate`. `None`: no limit.
+    pub fn upload_rate_at(&self, minute: u32) -> Option<u64> {
+        for w in &self.upload_schedule {
+            let (Some(from), Some(to)) = (minutes_of_day(&w.from), minutes_of_day(&w.to)) else {
+                continue;
+            };
+            let inside = if from < to {
+                (from..to).contains(&minute)
+            } else {
+                minute >= from || minute < to
+            };
+            if inside {
+                return w.max_upload_rate.map(|r| r.get());
+            }
+        }
+        self.max_upload_rate.map(|r| r.get())
+    }
+}
+
 /// How to reach the relay and how to batch uploads.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -117,6 +155,9 @@ pub struct RelayConfig {
     /// none by default.
     #[serde(default)]
     pub max_upload_rate: Option<ByteSize>,
+    /// Times of day (the Pi's local time) with another limit, e.g. full speed at night.
+    #[serde(default)]
+    pub upload_schedule: Vec<UploadWindow>,
 }
 
 fn default_batch_max_events() -> usize {
@@ -270,6 +311,31 @@ impl Config {
         if r.batch_max_bytes.get() < 1024 {
             return Err(("relay.batch_max_bytes", "must be at least 1KiB".into()));
         }
+        for w in &r.upload_schedule {
+            for t in [&w.from, &w.to] {
+                if minutes_of_day(t).is_none() {
+                    return Err((
+                        "relay.upload_schedule",
+                        format!("{t:?} is not a time of day like \"22:00\""),
+                    ));
+                }
+            }
+            if w.from == w.to {
+                return Err((
+                    "relay.upload_schedule",
+                    format!(
+                        "from and to are both {:?}; a window needs two different times",
+                        w.from
+                    ),
+                ));
+            }
+            if w.max_upload_rate.is_some_and(|b| b.get() < 1024) {
+                return Err((
+                    "relay.upload_schedule.max_upload_rate",
+                    "must be at least 1KiB (per second); leave it out for no limit".into(),
+                ));
+            }
+        }
         if r.max_upload_rate.is_some_and(|b| b.get() < 1024) {
             return Err((
                 "relay.max_upload_rate",
@@ -367,6 +433,71 @@ mod tests {
         let c = parse(&DEFAULT_CONFIG.replace("\"change-me\"", "\"issued\"")).unwrap();
         let mqtt = c.mqtt.expect("the default config shows an MQTT source");
         assert!(!mqtt.subscriptions.is_empty());
+    }
+
+    #[test]
+    fn the_default_configs_commented_upload_limits_work_when_uncommented() {
+        let text: String = DEFAULT_CONFIG
+            .replace("\"change-me\"", "\"issued\"")
+            .lines()
+            .map(|l| {
+                let bare = l.strip_prefix("# ").unwrap_or(l);
+                let keep = [
+                    "max_upload_rate =",
+                    "[[relay.upload_schedule]]",
+                    "from =",
+                    "to =",
+                ];
+                if keep.iter().any(|k| bare.starts_with(k)) {
+                    bare
+                } else {
+                    l
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = parse(&text).unwrap();
+        assert_eq!(c.relay.upload_rate_at(12 * 60), Some(64 * 1024));
+        assert_eq!(c.relay.upload_rate_at(23 * 60), None);
+    }
+
+    #[test]
+    fn upload_schedule_picks_the_window_of_the_hour() {
+        let c = parse(&format!(
+            r#"{MINIMAL}
+            max_upload_rate = "64KiB"
+            [[relay.upload_schedule]]
+            from = "22:00"
+            to = "06:30"
+            [[relay.upload_schedule]]
+            from = "12:00"
+            to = "13:00"
+            max_upload_rate = "1MiB"
+            "#
+        ))
+        .unwrap();
+        let at = |h: u32, m: u32| c.relay.upload_rate_at(h * 60 + m);
+        assert_eq!(
+            at(21, 59),
+            Some(64 * 1024),
+            "outside any window: the default limit"
+        );
+        assert_eq!(at(22, 0), None, "night: no limit");
+        assert_eq!(at(3, 0), None, "across midnight");
+        assert_eq!(at(6, 29), None);
+        assert_eq!(at(6, 30), Some(64 * 1024), "`to` is exclusive");
+        assert_eq!(at(12, 15), Some(1024 * 1024));
+        for (bad, what) in [
+            ("from = \"25:00\"\nto = \"06:00\"", "not a time of day"),
+            ("from = \"7:00\"\nto = \"08:00\"", "not a time of day"),
+            ("from = \"06:00\"\nto = \"06:00\"", "two different times"),
+        ] {
+            let e = parse(&format!("{MINIMAL}\n[[relay.upload_schedule]]\n{bad}\n")).unwrap_err();
+            assert!(
+                e.contains("relay.upload_schedule") && e.contains(what),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -29,6 +29,11 @@ impl RateLimit {
         }
     }
 
+    /// The limit, bytes per second.
+    pub fn rate(&self) -> u64 {
+        self.rate as u64
+    }
+
     /// Books `bytes` to be sent, and says how long to wait first.
     pub fn reserve(&mut self, bytes: u64, now: Instant) -> Duration {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();

@@ -58,8 +58,9 @@ pub struct Uplink {
     writer: OutboxWriter,
     stats: Arc<Stats>,
     producer_id: String,
-    /// `relay.max_upload_rate`, when set.
-    limit: Option<std::sync::Mutex<limit::RateLimit>>,
+    /// The bucket of the upload limit in force (`relay.max_upload_rate`, or the schedule
+    /// window's); none while there is no limit.
+    limit: std::sync::Mutex<Option<limit::RateLimit>>,
 }
 
 impl Uplink {
@@ -99,9 +100,6 @@ impl Uplink {
                 anyhow::anyhow!("cannot set up the HTTP client for relay.url {url}: {why}")
             }
         })?;
-        let config_limit = config.max_upload_rate.map(|r| {
-            std::sync::Mutex::new(limit::RateLimit::new(r.get(), tokio::time::Instant::now()))
-        });
         Ok(Self {
             config,
             url,
@@ -111,7 +109,7 @@ impl Uplink {
             writer,
             stats,
             producer_id,
-            limit: config_limit,
+            limit: std::sync::Mutex::new(None),
         })
     }
 
@@ -257,6 +255,34 @@ impl Uplink {
             .unwrap_or_else(|_| Err(crate::outbox::OutboxError::Closed))
     }
 
+    /// How long to hold a request of `bytes` for the upload limit in force now (the
+    /// schedule is read in the Pi's local time).
+    fn upload_wait(&self, bytes: u64) -> Duration {
+        use chrono::Timelike;
+        let local = chrono::Local::now();
+        let rate = self
+            .config
+            .upload_rate_at(local.hour() * 60 + local.minute());
+        let Ok(mut limit) = self.limit.lock() else {
+            return Duration::ZERO;
+        };
+        let now = tokio::time::Instant::now();
+        match (rate, limit.as_mut()) {
+            (None, _) => {
+                *limit = None;
+                Duration::ZERO
+            }
+            (Some(r), Some(l)) if l.rate() == r => l.reserve(bytes, now),
+            (Some(r), _) => {
+                // A new limit (start, or a schedule window began or ended): a new bucket.
+                let mut l = limit::RateLimit::new(r, now);
+                let wait = l.reserve(bytes, now);
+                *limit = Some(l);
+                wait
+            }
+        }
+    }
+
     async fn send(&self, batch: &[Record], settled_below: u64) -> Answer {
         let (body, bad) = encode_batch(batch, &self.producer_id, self.config.compression);
         if let Some((seq, reason)) = bad {
@@ -284,19 +310,14 @@ impl Uplink {
             req = req.bearer_auth(token);
         }
         let len = body.len() as u64;
-        if let Some(limit) = &self.limit {
-            let wait = match limit.lock() {
-                Ok(mut l) => l.reserve(len, tokio::time::Instant::now()),
-                Err(_) => Duration::ZERO,
-            };
-            if !wait.is_zero() {
-                debug!(
-                    ?wait,
-                    bytes = len,
-                    "Holding the upload to stay within relay.max_upload_rate."
-                );
-                tokio::time::sleep(wait).await;
-            }
+        let wait = self.upload_wait(len);
+        if !wait.is_zero() {
+            debug!(
+                ?wait,
+                bytes = len,
+                "Holding the upload to stay within the upload limit (relay.max_upload_rate, relay.upload_schedule)."
+            );
+            tokio::time::sleep(wait).await;
         }
         self.stats.upload_requests.fetch_add(1, Ordering::Relaxed);
         let resp = match req.body(body).send().await {
