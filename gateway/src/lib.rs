@@ -67,14 +67,20 @@ pub async fn run(
     let data_dir = config.gateway.data_dir.clone();
     let path = db::path_in(&data_dir);
     let sync = config.outbox.synchronous;
-    let (conn, producer_id) = tokio::task::spawn_blocking(move || {
-        let mut conn = db::open(&path, sync)?;
-        db::migrate(&mut conn)?;
+    let (conn, producer_id, moved) = tokio::task::spawn_blocking(move || {
+        let (conn, moved) = db::open_or_recover(&path, sync)?;
         let producer = db::producer_id(&conn)?;
-        Ok::<_, outbox::OutboxError>((conn, producer))
+        Ok::<_, outbox::OutboxError>((conn, producer, moved))
     })
     .await?
     .with_context(|| format!("cannot open the outbox in {}", data_dir.display()))?;
+    if let Some((aside, why)) = moved {
+        error!(
+            damaged = %why,
+            moved_to = %aside.display(),
+            "The outbox was damaged (a power cut on a failing SD card?): it was moved aside and a fresh one started. Events in it that had not reached the relay are not sent automatically; the file is kept for inspection."
+        );
+    }
 
     let health_source = config.gateway.id.source("health");
     let mut sources = vec![("health", health_source)];

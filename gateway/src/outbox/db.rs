@@ -138,6 +138,55 @@ pub fn check_schema(conn: &Connection) -> Result<(), OutboxError> {
     }
 }
 
+/// Opens, migrates and checks (`PRAGMA quick_check`) the outbox for the writer. A damaged
+/// database never keeps the gateway from starting: it is moved aside with its WAL as
+/// `outbox.db.corrupt-<unix time>` (kept for a person to look at) and a fresh one is
+/// created; the second value says where it went. A fresh outbox has a new producer id,
+/// so its sequences cannot be mistaken at the relay for the old one's.
+pub fn open_or_recover(
+    path: &Path,
+    synchronous: Synchronous,
+) -> Result<(Connection, Option<(PathBuf, OutboxError)>), OutboxError> {
+    match open_checked(path, synchronous) {
+        Ok(conn) => Ok((conn, None)),
+        Err(e) if e.is_corruption() => {
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let aside = path.with_file_name(format!("{FILE_NAME}.corrupt-{stamp}"));
+            for suffix in ["", "-wal", "-shm"] {
+                let from = PathBuf::from(format!("{}{suffix}", path.display()));
+                let to = PathBuf::from(format!("{}{suffix}", aside.display()));
+                match std::fs::rename(&from, &to) {
+                    Ok(()) => {}
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(err) => {
+                        return Err(OutboxError::DataDir {
+                            path: from.display().to_string(),
+                            message: format!(
+                                "the outbox is damaged ({e}) and cannot be moved aside: {err}"
+                            ),
+                        });
+                    }
+                }
+            }
+            let conn = open_checked(path, synchronous)?;
+            Ok((conn, Some((aside, e))))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn open_checked(path: &Path, synchronous: Synchronous) -> Result<Connection, OutboxError> {
+    let mut conn = open(path, synchronous)?;
+    migrate(&mut conn)?;
+    let verdict: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+    if verdict != "ok" {
+        return Err(OutboxError::Corrupt(verdict));
+    }
+    Ok(conn)
+}
+
 /// The producer id this outbox assigns sequences under.
 pub fn producer_id(conn: &Connection) -> Result<String, OutboxError> {
     Ok(conn.query_row(

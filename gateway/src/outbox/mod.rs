@@ -89,6 +89,22 @@ pub enum OutboxError {
         "the outbox was written by a newer pigeon-gateway (schema {found}, this one knows {known}); upgrade, or move the database aside"
     )]
     TooNew { found: i64, known: i64 },
+    #[error("the outbox database is damaged: {0}")]
+    Corrupt(String),
+}
+
+impl OutboxError {
+    /// Whether the database file itself is damaged (as opposed to locked, full, missing).
+    pub fn is_corruption(&self) -> bool {
+        match self {
+            OutboxError::Corrupt(_) => true,
+            OutboxError::Db(e) => matches!(
+                e.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+            ),
+            _ => false,
+        }
+    }
 }
 
 impl From<rusqlite::Error> for OutboxError {
