@@ -18,11 +18,15 @@
 //! * [`NotifySocket`] — systemd's end of `NOTIFY_SOCKET`, to see `READY=1`, watchdog
 //!   pings and `STOPPING=1`.
 //! * [`http_get`] and [`metric_value`] — the binaries' HTTP endpoints and `/metrics`.
+//! * [`PureFtpd`] — a real pure-ftpd with one virtual user, writing uploads in place or
+//!   (`-0`) to a temporary then renamed file; curl as the camera that uploads to it
+//!   ([`PureFtpd::upload`], [`PureFtpd::upload_slowly`]).
 //!
 //! Every wait is bounded ([`wait_until`]); timeouts can be stretched on a slow machine with
 //! `PIGEON_E2E_TIMEOUT_SCALE`. See `docs/testing.md`.
 
 mod dir;
+mod ftp;
 mod gateway;
 mod http;
 mod mosquitto;
@@ -36,6 +40,9 @@ mod relay;
 mod stream;
 
 pub use dir::TestDir;
+pub use ftp::{
+    PUREFTPD_UPLOAD_PREFIX, PureFtpd, PureFtpdOptions, SlowUpload, UploadMode, is_pureftpd_temp,
+};
 pub use gateway::{Gateway, GatewayConfig, Subscription, Token};
 pub use http::{http_get, metric_value};
 pub use mosquitto::{Mosquitto, MosquittoOptions};
