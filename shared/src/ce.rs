@@ -25,6 +25,12 @@ pub const EXT_SEQUENCE: &str = "sequence";
 /// Name of the extension attribute that says which outbox assigned the sequence.
 pub const EXT_PRODUCER_ID: &str = "producerid";
 
+/// Name of the [dataref extension] (claim check): where the event's payload is stored.
+/// The relay sets it on the events of uploaded files.
+///
+/// [dataref extension]: https://github.com/cloudevents/spec/blob/main/cloudevents/extensions/dataref.md
+pub const EXT_DATAREF: &str = "dataref";
+
 /// Content type of a structured-mode CloudEvent (one event, JSON format).
 pub const CONTENT_TYPE_STRUCTURED: &str = "application/cloudevents+json";
 /// Content type of a batch of structured CloudEvents (a JSON array).
