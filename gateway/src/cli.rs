@@ -145,7 +145,50 @@ fn load(path: &std::path::Path) -> Result<(Config, Option<String>), String> {
     // does not restart a gateway that cannot work until someone fixes it.
     pigeon_shared::dirs::check_writable_dir("gateway.data_dir", &config.gateway.data_dir)
         .map_err(|e| format!("{}: {e}", path.display()))?;
+    if let Some(files) = &config.files {
+        check_files(files, &config).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
     Ok((config, token))
+}
+
+/// The directories `[files]` names must be usable before the gateway starts: a typo in a
+/// watched path is exit 64 naming it, not a gateway that silently watches nothing.
+fn check_files(files: &crate::sources::files::FilesConfig, config: &Config) -> Result<(), String> {
+    pigeon_shared::dirs::check_writable_dir("files.spool_dir", &config.spool_dir())?;
+    for w in &files.watch {
+        match std::fs::metadata(&w.path) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(format!(
+                    "files.watch.path: {} (watch {:?}) is not a directory",
+                    w.path.display(),
+                    w.name
+                ));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "files.watch.path: {} (watch {:?}): {e}",
+                    w.path.display(),
+                    w.name
+                ));
+            }
+        }
+        // Picking a file up moves it out of its directory (or, with after_upload =
+        // "keep", only reads it).
+        if w.after_upload != crate::sources::files::AfterUpload::Keep {
+            pigeon_shared::dirs::check_writable_dir("files.watch.path", &w.path).map_err(|e| {
+                format!(
+                    "{e} (watch {:?}: picked-up files are moved out of it)",
+                    w.name
+                )
+            })?;
+        }
+        if let Some(to) = &w.move_to {
+            pigeon_shared::dirs::check_writable_dir("files.watch.move_to", to)
+                .map_err(|e| format!("{e} (watch {:?})", w.name))?;
+        }
+    }
+    Ok(())
 }
 
 /// For `check-config`: whether the relay and the MQTT broker answer right now. Not an

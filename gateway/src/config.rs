@@ -11,6 +11,7 @@ use pigeon_shared::ce::GatewayId;
 use pigeon_shared::units::{ByteSize, Duration};
 use serde::Deserialize;
 
+use crate::sources::files::FilesConfig;
 use crate::sources::health::HealthConfig;
 use crate::sources::mqtt::MqttConfig;
 
@@ -24,6 +25,8 @@ pub struct Config {
     pub outbox: OutboxConfig,
     /// Absent: no MQTT source.
     pub mqtt: Option<MqttConfig>,
+    /// Absent: no drop directories are watched.
+    pub files: Option<FilesConfig>,
     #[serde(default)]
     pub health: HealthConfig,
     #[serde(default)]
@@ -158,6 +161,14 @@ pub struct RelayConfig {
     /// Times of day (the Pi's local time) with another limit, e.g. full speed at night.
     #[serde(default)]
     pub upload_schedule: Vec<UploadWindow>,
+    /// Files uploaded at the same time (each over its own connection, beside the event
+    /// batches), so that snapshots do not wait behind a long video.
+    #[serde(default = "default_max_file_uploads")]
+    pub max_file_uploads: usize,
+}
+
+fn default_max_file_uploads() -> usize {
+    2
 }
 
 fn default_batch_max_events() -> usize {
@@ -342,6 +353,9 @@ impl Config {
                 "must be at least 1KiB (per second); leave it out for no limit".into(),
             ));
         }
+        if !(1..=16).contains(&r.max_file_uploads) {
+            return Err(("relay.max_file_uploads", "must be between 1 and 16".into()));
+        }
         if r.request_timeout.get().is_zero() {
             return Err(("relay.request_timeout", "must be more than 0".into()));
         }
@@ -357,9 +371,21 @@ impl Config {
         if let Some(mqtt) = &self.mqtt {
             mqtt.validate()?;
         }
+        if let Some(files) = &self.files {
+            files.validate()?;
+        }
         self.health.validate()?;
         self.http.listen_addr().map_err(|m| ("http.listen", m))?;
         Ok(())
+    }
+
+    /// Where picked-up files wait for upload (also when `[files]` was removed since: dead
+    /// letters may still refer to files there).
+    pub fn spool_dir(&self) -> PathBuf {
+        match &self.files {
+            Some(f) => f.spool_dir(&self.gateway.data_dir),
+            None => self.gateway.data_dir.join("spool"),
+        }
     }
 
     /// The relay token, read from `token` or `token_file`. `None` when neither is set.

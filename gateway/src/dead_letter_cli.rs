@@ -84,7 +84,7 @@ pub fn run(config_path: &Path, command: DeadLetterCommand) -> ExitCode {
         }
     };
     let path = db::path_in(&config.gateway.data_dir);
-    match execute(&path, &command) {
+    match execute(&path, &config.spool_dir(), &command) {
         Ok(text) => {
             print!("{text}");
             ExitCode::SUCCESS
@@ -106,7 +106,7 @@ struct ListJson<'a> {
 }
 
 /// Does what `command` asks to the outbox at `path` and returns what to print.
-fn execute(path: &Path, command: &DeadLetterCommand) -> Result<String, String> {
+fn execute(path: &Path, spool_dir: &Path, command: &DeadLetterCommand) -> Result<String, String> {
     let writable = !matches!(command, DeadLetterCommand::List { .. });
     let mut conn = dead_letters::open_existing(path, writable).map_err(|e| e.to_string())?;
     let out = match command {
@@ -155,7 +155,7 @@ fn execute(path: &Path, command: &DeadLetterCommand) -> Result<String, String> {
                 chrono::Utc::now().timestamp_micros()
                     - i64::try_from(d.0.as_micros()).unwrap_or(i64::MAX)
             });
-            let deleted = dead_letters::purge(&mut conn, &command.selection(), before)
+            let deleted = dead_letters::purge(&mut conn, &command.selection(), before, spool_dir)
                 .map_err(|e| e.to_string())?;
             let mut s = format!(
                 "Deleted {}",
@@ -333,6 +333,7 @@ mod tests {
             content_type: None,
             size_bytes: 8192,
             preview: Some("{\"n\":250}".into()),
+            file: None,
         };
         let text = render_list(Path::new("/x/outbox.db"), 3, &[d]);
         assert!(text.starts_with("3 dead letters in /x/outbox.db; the first 1 by sequence"));

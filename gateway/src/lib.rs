@@ -83,10 +83,17 @@ pub async fn run(
     }
 
     let health_source = config.gateway.id.source("health");
-    let mut sources = vec![("health", health_source)];
+    let mut sources = vec![("health".to_owned(), health_source)];
     if config.mqtt.is_some() {
-        sources.push(("mqtt", config.gateway.id.source("mqtt")));
+        sources.push(("mqtt".to_owned(), config.gateway.id.source("mqtt")));
     }
+    if let Some(f) = &config.files {
+        sources.extend(sources::files::FilesSource::sources(f, &config.gateway.id));
+    }
+    let sources: Vec<(&str, String)> = sources
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.clone()))
+        .collect();
     let mut stats = Stats::new(&sources, config.mqtt.as_ref());
     stats.last_error = last_error;
     let stats = Arc::new(stats);
@@ -119,15 +126,32 @@ pub async fn run(
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let uplink = uplink::Uplink::new(
+    let uplink = Arc::new(uplink::Uplink::new(
         config.relay.clone(),
         token,
         reader.clone(),
         writer.clone(),
         stats.clone(),
         producer_id,
-    )?;
-    let uplink_task = tokio::spawn(uplink.run(stop_rx.clone()));
+    )?);
+    let uplink_task = tokio::spawn(uplink.clone().run(stop_rx.clone()));
+    // Files have a lane of their own (also with [files] removed: some may still wait).
+    let spool = Arc::new(sources::files::spool::Spool::at(&config.spool_dir()));
+    let file_lane_task = tokio::spawn(uplink::run_files(uplink, spool, stop_rx.clone()));
+    let files_task = match config.files.clone() {
+        Some(f) => {
+            let source = sources::files::FilesSource::new(
+                f,
+                &config.gateway.id,
+                &data_dir,
+                writer.clone(),
+                reader.clone(),
+                stats.clone(),
+            )?;
+            Some(tokio::spawn(source.run(stop_rx.clone())))
+        }
+        None => None,
+    };
     let mqtt_task = config.mqtt.clone().map(|m| {
         let source = sources::mqtt::MqttSource::new(
             m,
@@ -166,7 +190,15 @@ pub async fn run(
         })
     });
 
-    let mut watched = vec![("uplink", uplink_task.abort_handle())];
+    let mut watched = vec![
+        ("uplink", uplink_task.abort_handle()),
+        ("file uplink", file_lane_task.abort_handle()),
+    ];
+    watched.extend(
+        files_task
+            .as_ref()
+            .map(|t| ("files source", t.abort_handle())),
+    );
     watched.extend(
         mqtt_task
             .as_ref()
@@ -217,11 +249,17 @@ pub async fn run(
     // Sources first (they stop taking data and acknowledge what was committed), then the
     // uplink's request in flight. Whatever is still running at the deadline is aborted:
     // its uncommitted records were never acknowledged, so nothing is lost.
-    for (name, task) in [("MQTT source", mqtt_task), ("health source", health_task)] {
+    for (name, task) in [
+        ("MQTT source", mqtt_task),
+        ("health source", health_task),
+        ("files source", files_task),
+    ] {
         if let Some(t) = task {
             finish_by(deadline, name, t).await;
         }
     }
+    // A file upload in flight is abandoned where it is: the relay keeps what it got.
+    finish_by(deadline, "file uplink", file_lane_task).await;
     if !finish_by(deadline, "uplink", uplink_task).await {
         warn!(
             "The relay did not answer before the shutdown deadline; the events in flight stay in the outbox and are sent after the next start."

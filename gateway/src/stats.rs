@@ -45,6 +45,21 @@ pub struct Stats {
     pub outbox_expired: AtomicU64,
     /// Whether the last outbox transaction failed.
     pub outbox_failing: AtomicBool,
+    /// Files taken into the spool and committed, and their bytes.
+    pub files_picked_up: AtomicU64,
+    pub file_bytes_picked_up: AtomicU64,
+    /// Finished files that could not be picked up (each logged with its reason).
+    pub file_pickup_errors: AtomicU64,
+    /// Files in the drop directories being written, or waiting for their quiet period.
+    pub files_being_written: AtomicU64,
+    /// Files the relay stored (objects and events durable), and the bytes sent for
+    /// files (upload bodies, so resumed uploads count only what was sent).
+    pub files_delivered: AtomicU64,
+    pub file_bytes_sent: AtomicU64,
+    /// File uploads that continued from bytes the relay already had.
+    pub file_upload_resumes: AtomicU64,
+    /// File uploads in progress now.
+    pub file_uploads_active: AtomicU64,
     /// Records committed, per source (registered with [`Stats::new`]).
     pub sources: Vec<SourceCounter>,
     /// Committed MQTT records per subscription, in configuration order.
@@ -254,6 +269,7 @@ mod tests {
             content_type: None,
             data: bytes::Bytes::new(),
             delivery: None,
+            file: None,
         }
     }
 

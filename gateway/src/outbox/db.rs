@@ -52,6 +52,37 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE records ADD COLUMN expires_us INTEGER;
     CREATE INDEX records_expiry ON records (expires_us) WHERE expires_us IS NOT NULL;
     "#,
+    // 3: files. A file record holds a path into the spool, never the bytes; a claim is a
+    // file on its way from a drop directory into the spool (see sources::files::spool).
+    r#"
+    ALTER TABLE records ADD COLUMN file TEXT;          -- name in the spool directory
+    ALTER TABLE records ADD COLUMN file_size INTEGER;
+    ALTER TABLE records ADD COLUMN file_sha256 BLOB;
+    ALTER TABLE records ADD COLUMN file_move_to BLOB;  -- after delivery: NULL = delete
+    CREATE INDEX records_files ON records (seq) WHERE file IS NOT NULL;
+    ALTER TABLE dead_letters ADD COLUMN file TEXT;
+    ALTER TABLE dead_letters ADD COLUMN file_size INTEGER;
+    ALTER TABLE dead_letters ADD COLUMN file_sha256 BLOB;
+    ALTER TABLE dead_letters ADD COLUMN file_move_to BLOB;
+    CREATE TABLE file_claims (
+        spool        TEXT PRIMARY KEY,  -- the name it gets in the spool directory
+        watch        TEXT NOT NULL,
+        original     BLOB NOT NULL,     -- absolute path in the drop directory
+        rel          BLOB NOT NULL,     -- the same, relative to the watched directory
+        dev          INTEGER NOT NULL,
+        ino          INTEGER NOT NULL,
+        copy         INTEGER NOT NULL,  -- 1: copied (the original stays), 0: moved
+        claimed_us   INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    -- Files left in place (after_upload = "keep") that were sent, so a scan skips them.
+    CREATE TABLE kept_files (
+        path     BLOB PRIMARY KEY,
+        dev      INTEGER NOT NULL,
+        ino      INTEGER NOT NULL,
+        size     INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 pub(crate) const META_PRODUCER_ID: &str = "producer_id";

@@ -40,9 +40,14 @@ pub struct DeadLetter {
     /// The relay's reason.
     pub reason: String,
     pub content_type: Option<String>,
+    /// The data's size; for a file, the file's.
     pub size_bytes: u64,
-    /// The start of the data when it is UTF-8 text (control characters escaped).
+    /// The start of the data when it is UTF-8 text (control characters escaped); for a
+    /// file, its description.
     pub preview: Option<String>,
+    /// For a file: its name in the spool directory, where it waits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
 }
 
 fn as_string<S: serde::Serializer>(id: &uuid::Uuid, s: S) -> Result<S::Ok, S::Error> {
@@ -84,15 +89,19 @@ fn list(seqs: &[u64]) -> String {
 const PREVIEW_CHARS: usize = 60;
 
 const LIST: &str = "SELECT seq, id, source, type, subject, time_us, failed_at_us, reason,
-    content_type, length(data), substr(data, 1, 256) FROM dead_letters ORDER BY seq LIMIT ?1";
+    content_type, coalesce(file_size, length(data)), substr(data, 1, 256), file
+    FROM dead_letters ORDER BY seq LIMIT ?1";
 const COUNT: &str = "SELECT count(*) FROM dead_letters";
 const SEQS: &str = "SELECT seq FROM dead_letters ORDER BY seq";
 const EXISTS: &str = "SELECT 1 FROM dead_letters WHERE seq = ?1";
 const FAILED_AT: &str = "SELECT failed_at_us FROM dead_letters WHERE seq = ?1";
 const RESTORE: &str = "INSERT INTO records
-    (seq, id, source, type, subject, time_us, content_type, data)
-    SELECT ?2, id, source, type, subject, time_us, content_type, data
+    (seq, id, source, type, subject, time_us, content_type, data,
+     file, file_size, file_sha256, file_move_to)
+    SELECT ?2, id, source, type, subject, time_us, content_type, data,
+     file, file_size, file_sha256, file_move_to
     FROM dead_letters WHERE seq = ?1";
+const FILE_OF: &str = "SELECT file FROM dead_letters WHERE seq = ?1";
 const DELETE: &str = "DELETE FROM dead_letters WHERE seq = ?1";
 const SET_NEXT_SEQ: &str = "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)";
 
@@ -140,6 +149,7 @@ pub fn list_first(conn: &Connection, limit: u64) -> Result<(u64, Vec<DeadLetter>
             content_type: r.get(8)?,
             size_bytes: r.get::<_, i64>(9)? as u64,
             preview: preview(&head),
+            file: r.get(11)?,
         })
     })?;
     let letters = rows.collect::<Result<Vec<_>, _>>()?;
@@ -244,11 +254,15 @@ pub fn retry(
 }
 
 /// Deletes the selected dead letters — of those, only the ones that failed before
-/// `failed_before_us` when given — in one transaction. Returns the sequences deleted.
+/// `failed_before_us` when given — in one transaction, and the spooled files of those
+/// that are files (from `spool_dir`, before the rows go: a row without its file is
+/// harmless, a file without its row would be kept forever). Returns the sequences
+/// deleted.
 pub fn purge(
     conn: &mut Connection,
     selection: &Selection,
     failed_before_us: Option<i64>,
+    spool_dir: &Path,
 ) -> Result<Vec<u64>, DeadLetterError> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -257,6 +271,7 @@ pub fn purge(
     let mut deleted = Vec::new();
     {
         let mut failed_at = tx.prepare(FAILED_AT).map_err(OutboxError::from)?;
+        let mut file_of = tx.prepare(FILE_OF).map_err(OutboxError::from)?;
         let mut delete = tx.prepare(DELETE).map_err(OutboxError::from)?;
         for seq in seqs {
             if let Some(before) = failed_before_us {
@@ -265,6 +280,21 @@ pub fn purge(
                     .map_err(OutboxError::from)?;
                 if at >= before {
                     continue;
+                }
+            }
+            let file: Option<String> = file_of
+                .query_row([seq as i64], |r| r.get(0))
+                .map_err(OutboxError::from)?;
+            if let Some(name) = file {
+                match std::fs::remove_file(spool_dir.join(&name)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(DeadLetterError::Outbox(OutboxError::DataDir {
+                            path: spool_dir.join(&name).display().to_string(),
+                            message: format!("cannot delete the spooled file: {e}"),
+                        }));
+                    }
                 }
             }
             delete.execute([seq as i64]).map_err(OutboxError::from)?;
@@ -291,6 +321,7 @@ mod tests {
             content_type: None,
             data: bytes::Bytes::copy_from_slice(data),
             delivery: None,
+            file: None,
         }
     }
 
@@ -377,16 +408,16 @@ mod tests {
         let (w, h, mut conn) = outbox_with_dead_letters(dir.path()).await;
         let long_ago = 1_000_000;
         assert_eq!(
-            purge(&mut conn, &Selection::All, Some(long_ago)).unwrap(),
+            purge(&mut conn, &Selection::All, Some(long_ago), dir.path()).unwrap(),
             Vec::<u64>::new()
         );
         assert_eq!(
-            purge(&mut conn, &Selection::Seqs(vec![4]), None).unwrap(),
+            purge(&mut conn, &Selection::Seqs(vec![4]), None, dir.path()).unwrap(),
             vec![4]
         );
         let later = chrono::Utc::now().timestamp_micros() + 1;
         assert_eq!(
-            purge(&mut conn, &Selection::All, Some(later)).unwrap(),
+            purge(&mut conn, &Selection::All, Some(later), dir.path()).unwrap(),
             vec![2]
         );
         assert_eq!(list_first(&conn, 10).unwrap().0, 0);

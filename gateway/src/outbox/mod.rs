@@ -25,6 +25,18 @@ pub use depth::{Depth, DepthCache};
 pub use reader::{OutboxReader, Pending};
 pub use writer::{Appended, OutboxWriter};
 
+/// A path as the bytes SQLite keeps it as (file names need not be UTF-8).
+pub(crate) fn path_bytes(p: &std::path::Path) -> &[u8] {
+    use std::os::unix::ffi::OsStrExt;
+    p.as_os_str().as_bytes()
+}
+
+/// The inverse of [`path_bytes`].
+pub(crate) fn path_from_bytes(b: Vec<u8>) -> std::path::PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    std::path::PathBuf::from(std::ffi::OsString::from_vec(b))
+}
+
 /// A record a source wants committed.
 #[derive(Debug, Clone)]
 pub struct NewRecord {
@@ -43,6 +55,56 @@ pub struct NewRecord {
     /// Set for MQTT messages, to recognise a broker's re-delivery of a message that was
     /// committed but whose acknowledgement was lost (a crash between commit and PUBACK).
     pub delivery: Option<DeliveryMark>,
+    /// Set for files: the record's `data` describes the file, which waits in the spool.
+    pub file: Option<Box<NewFile>>,
+}
+
+/// A file in the spool that a record describes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRef {
+    /// Its name in the spool directory.
+    pub spool: String,
+    pub size: u64,
+    pub sha256: [u8; 32],
+    /// Where it goes once the relay has it; `None`: it is deleted.
+    pub move_to: Option<std::path::PathBuf>,
+}
+
+/// A file record about to be committed.
+#[derive(Debug, Clone)]
+pub struct NewFile {
+    pub file: FileRef,
+    /// For files left in place (`after_upload = "keep"`): remember them as sent.
+    pub kept: Option<KeptFile>,
+}
+
+/// A file left in its drop directory that was sent: a scan that finds it unchanged
+/// (same inode, size and modification time) does not send it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptFile {
+    pub path: std::path::PathBuf,
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+}
+
+/// A file on its way from a drop directory into the spool, recorded before it moves so
+/// that a crash in between is finished (or undone) at the next start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileClaim {
+    /// The name it gets in the spool directory.
+    pub spool: String,
+    pub watch: String,
+    /// Absolute path in the drop directory.
+    pub original: std::path::PathBuf,
+    /// `original` relative to the watched directory.
+    pub rel: std::path::PathBuf,
+    pub dev: u64,
+    pub ino: u64,
+    /// Copied (the original stays) rather than moved.
+    pub copy: bool,
+    pub claimed_us: i64,
 }
 
 /// What identifies one MQTT delivery: the broker re-sends an unacknowledged message with
@@ -68,6 +130,8 @@ pub struct Record {
     pub time_us: i64,
     pub content_type: Option<String>,
     pub data: Vec<u8>,
+    /// For a file record: the spooled file.
+    pub file: Option<FileRef>,
 }
 
 /// An outbox operation that failed. Cloned to every waiter of a failed group commit.

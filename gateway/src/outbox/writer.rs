@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use rusqlite::{Connection, Transaction, TransactionBehavior, params};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use super::{NewRecord, OutboxError, db};
+use super::{FileClaim, NewRecord, OutboxError, db, path_bytes};
 use crate::stats::Stats;
 
 /// How many commands may wait for the writer before senders are made to wait.
@@ -51,6 +51,18 @@ enum Command {
         now_us: i64,
         reply: Reply<Vec<(String, u64)>>,
     },
+    /// Records files about to move into the spool, and forgets claims that were given up
+    /// (a committed file record forgets its own claim).
+    Claims {
+        add: Vec<FileClaim>,
+        remove: Vec<String>,
+        reply: Reply<()>,
+    },
+    /// Forgets the marks of kept files (`after_upload = "keep"`) that are gone or changed.
+    ForgetKept {
+        paths: Vec<std::path::PathBuf>,
+        reply: Reply<()>,
+    },
 }
 
 impl Command {
@@ -59,6 +71,8 @@ impl Command {
             Command::Append(..) => 1,
             Command::Ping(_) => 0,
             Command::Expire { .. } => 1,
+            Command::Claims { add, remove, .. } => add.len() + remove.len(),
+            Command::ForgetKept { paths, .. } => paths.len(),
             Command::Settle {
                 delivered,
                 rejected,
@@ -72,8 +86,10 @@ impl Command {
 #[derive(Clone)]
 pub struct OutboxWriter {
     tx: mpsc::Sender<Command>,
-    /// Signalled after every commit that stored new records.
+    /// Signalled after every commit that stored new records that are not files.
     committed: Arc<Notify>,
+    /// Signalled after every commit that stored file records.
+    files_committed: Arc<Notify>,
 }
 
 impl OutboxWriter {
@@ -95,12 +111,14 @@ impl OutboxWriter {
         let deliveries = load_deliveries(&conn)?;
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let committed = Arc::new(Notify::new());
+        let files_committed = Arc::new(Notify::new());
         let mut state = WriterState {
             conn,
             next_seq,
             deliveries,
             max_records: commit_max_records.max(1),
             committed: committed.clone(),
+            files_committed: files_committed.clone(),
             stats,
         };
         let handle = std::thread::Builder::new()
@@ -110,7 +128,14 @@ impl OutboxWriter {
                 path: "outbox writer thread".into(),
                 message: e.to_string(),
             })?;
-        Ok((Self { tx, committed }, handle))
+        Ok((
+            Self {
+                tx,
+                committed,
+                files_committed,
+            },
+            handle,
+        ))
     }
 
     /// Queues a record for commit. Waits while the writer is saturated. The returned
@@ -163,6 +188,31 @@ impl OutboxWriter {
         rx.await.map_err(|_| OutboxError::Closed)?
     }
 
+    /// Records `add` (files about to move into the spool) and forgets the claims named in
+    /// `remove`, in one transaction.
+    pub async fn claims(
+        &self,
+        add: Vec<FileClaim>,
+        remove: Vec<String>,
+    ) -> Result<(), OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Claims { add, remove, reply })
+            .await
+            .map_err(|_| OutboxError::Closed)?;
+        rx.await.map_err(|_| OutboxError::Closed)?
+    }
+
+    /// Forgets the kept-file marks of `paths`.
+    pub async fn forget_kept(&self, paths: Vec<std::path::PathBuf>) -> Result<(), OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::ForgetKept { paths, reply })
+            .await
+            .map_err(|_| OutboxError::Closed)?;
+        rx.await.map_err(|_| OutboxError::Closed)?
+    }
+
     /// Resolves once the writer thread took a ping from its queue: it is alive and got
     /// through what was queued before. An error if it has stopped.
     pub async fn ping(&self) -> Result<(), OutboxError> {
@@ -174,10 +224,16 @@ impl OutboxWriter {
         rx.await.map_err(|_| OutboxError::Closed)
     }
 
-    /// Resolves after the next commit that stored records (or at once if one happened
-    /// since the last call).
+    /// Resolves after the next commit that stored records other than files (or at once
+    /// if one happened since the last call).
     pub async fn committed(&self) {
         self.committed.notified().await
+    }
+
+    /// Resolves after the next commit that stored file records (or at once if one
+    /// happened since the last call).
+    pub async fn files_committed(&self) {
+        self.files_committed.notified().await
     }
 }
 
@@ -206,12 +262,21 @@ struct WriterState {
     deliveries: Deliveries,
     max_records: usize,
     committed: Arc<Notify>,
+    files_committed: Arc<Notify>,
     stats: Arc<Stats>,
 }
 
 const INSERT_RECORD: &str = "INSERT INTO records
-    (seq, id, source, type, subject, time_us, content_type, data, expires_us)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+    (seq, id, source, type, subject, time_us, content_type, data, expires_us,
+     file, file_size, file_sha256, file_move_to)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+const INSERT_CLAIM: &str = "INSERT OR REPLACE INTO file_claims
+    (spool, watch, original, rel, dev, ino, copy, claimed_us)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+const DELETE_CLAIM: &str = "DELETE FROM file_claims WHERE spool = ?1";
+const INSERT_KEPT: &str = "INSERT OR REPLACE INTO kept_files (path, dev, ino, size, mtime_ns)
+    VALUES (?1, ?2, ?3, ?4, ?5)";
+const DELETE_KEPT: &str = "DELETE FROM kept_files WHERE path = ?1";
 const EXPIRED_BY_TYPE: &str = "SELECT type, count(*) FROM records
     WHERE expires_us IS NOT NULL AND expires_us < ?1 GROUP BY type ORDER BY type";
 const DELETE_EXPIRED: &str = "DELETE FROM records WHERE expires_us IS NOT NULL AND expires_us < ?1";
@@ -220,8 +285,10 @@ const UPSERT_DELIVERY: &str =
 const SET_NEXT_SEQ: &str = "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)";
 const DELETE_RECORD: &str = "DELETE FROM records WHERE seq = ?1";
 const DEAD_LETTER: &str = "INSERT OR REPLACE INTO dead_letters
-    (seq, id, source, type, subject, time_us, content_type, data, reason, failed_at_us)
-    SELECT seq, id, source, type, subject, time_us, content_type, data, ?2, ?3
+    (seq, id, source, type, subject, time_us, content_type, data, reason, failed_at_us,
+     file, file_size, file_sha256, file_move_to)
+    SELECT seq, id, source, type, subject, time_us, content_type, data, ?2, ?3,
+     file, file_size, file_sha256, file_move_to
     FROM records WHERE seq = ?1";
 
 impl WriterState {
@@ -284,6 +351,13 @@ impl WriterState {
                     } => settle(&tx, delivered, rejected)?,
                     Command::Ping(_) => {}
                     Command::Expire { now_us, .. } => expired.push(expire(&tx, *now_us)?),
+                    Command::Claims { add, remove, .. } => claims(&tx, add, remove)?,
+                    Command::ForgetKept { paths, .. } => {
+                        let mut del = tx.prepare_cached(DELETE_KEPT)?;
+                        for p in paths {
+                            del.execute([path_bytes(p)])?;
+                        }
+                    }
                 }
             }
             let stored_any = appended
@@ -296,6 +370,11 @@ impl WriterState {
             tx.commit()?;
             Ok(stored_any)
         })();
+        let (files, others) = batch.iter().fold((false, false), |(f, o), c| match c {
+            Command::Append(rec, _) if rec.file.is_some() => (true, o),
+            Command::Append(..) => (f, true),
+            _ => (f, o),
+        });
         match result {
             Ok(stored_any) => {
                 self.next_seq = next_seq;
@@ -314,7 +393,9 @@ impl WriterState {
                                 let _ = reply.send(Ok(a));
                             }
                         }
-                        Command::Settle { reply, .. } => {
+                        Command::Settle { reply, .. }
+                        | Command::Claims { reply, .. }
+                        | Command::ForgetKept { reply, .. } => {
                             let _ = reply.send(Ok(()));
                         }
                         Command::Ping(reply) => {
@@ -328,8 +409,11 @@ impl WriterState {
                         }
                     }
                 }
-                if stored_any {
+                if stored_any && others {
                     self.committed.notify_one();
+                }
+                if stored_any && files {
+                    self.files_committed.notify_one();
                 }
             }
             Err(e) => {
@@ -344,7 +428,9 @@ impl WriterState {
                         Command::Append(_, reply) => {
                             let _ = reply.send(Err(err.clone()));
                         }
-                        Command::Settle { reply, .. } => {
+                        Command::Settle { reply, .. }
+                        | Command::Claims { reply, .. }
+                        | Command::ForgetKept { reply, .. } => {
                             let _ = reply.send(Err(err.clone()));
                         }
                         Command::Ping(reply) => {
@@ -358,6 +444,31 @@ impl WriterState {
             }
         }
     }
+}
+
+fn claims(
+    tx: &Transaction<'_>,
+    add: &[FileClaim],
+    remove: &[String],
+) -> Result<(), rusqlite::Error> {
+    let mut insert = tx.prepare_cached(INSERT_CLAIM)?;
+    for c in add {
+        insert.execute(params![
+            c.spool,
+            c.watch,
+            path_bytes(&c.original),
+            path_bytes(&c.rel),
+            c.dev as i64,
+            c.ino as i64,
+            c.copy,
+            c.claimed_us,
+        ])?;
+    }
+    let mut delete = tx.prepare_cached(DELETE_CLAIM)?;
+    for spool in remove {
+        delete.execute([spool])?;
+    }
+    Ok(())
 }
 
 /// Deletes what expired before `now_us`; how many, by event type.
@@ -404,6 +515,7 @@ fn append_one(
     }
     let seq = *next_seq;
     let id = uuid::Uuid::now_v7();
+    let file = rec.file.as_ref().map(|f| &f.file);
     tx.prepare_cached(INSERT_RECORD)?.execute(params![
         seq as i64,
         &id.as_bytes()[..],
@@ -414,7 +526,24 @@ fn append_one(
         rec.content_type,
         &rec.data[..],
         rec.expires_us,
+        file.map(|f| &f.spool),
+        file.map(|f| f.size as i64),
+        file.map(|f| &f.sha256[..]),
+        file.and_then(|f| f.move_to.as_deref()).map(path_bytes),
     ])?;
+    if let Some(f) = &rec.file {
+        // The file is in the spool and described by this record: its claim is done.
+        tx.prepare_cached(DELETE_CLAIM)?.execute([&f.file.spool])?;
+        if let Some(k) = &f.kept {
+            tx.prepare_cached(INSERT_KEPT)?.execute(params![
+                path_bytes(&k.path),
+                k.dev as i64,
+                k.ino as i64,
+                k.size as i64,
+                k.mtime_ns,
+            ])?;
+        }
+    }
     *next_seq += 1;
     Ok(Appended::Stored { seq })
 }
@@ -454,6 +583,7 @@ mod tests {
             content_type: Some("application/json".into()),
             data: Bytes::from(format!("{{\"n\":{n}}}")),
             delivery,
+            file: None,
         }
     }
 

@@ -202,6 +202,7 @@ pub fn heartbeat_record(source: &str, hb: &Heartbeat, time_us: i64) -> NewRecord
         // A struct of numbers, strings and options always serialises.
         data: Bytes::from(serde_json::to_vec(hb).unwrap_or_default()),
         delivery: None,
+        file: None,
     }
 }
 
@@ -312,6 +313,7 @@ mod tests {
                 bytes: 120,
                 min_seq: Some(7),
                 oldest_time_us: Some(now_us() - 5_000_000),
+                ..Pending::default()
             },
             dead_letters: 1,
         };

@@ -2,7 +2,9 @@
 //! acknowledges the data to its producer.
 //!
 //! * [`mqtt`] — readings from an MQTT broker;
+//! * [`files`] — camera drop directories;
 //! * [`health`] — heartbeat events about the Pi and the gateway itself.
 
+pub mod files;
 pub mod health;
 pub mod mqtt;

@@ -114,6 +114,7 @@ mod tests {
             time_us: 1_763_000_000_123_456,
             content_type: Some(ct.into()),
             data: data.to_vec(),
+            file: None,
         }
     }
 

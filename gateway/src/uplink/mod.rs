@@ -12,7 +12,9 @@
 //!   cannot read is found and dead-lettered and the others flow on.
 
 mod backoff;
+mod body;
 mod encode;
+mod files;
 mod limit;
 
 use std::sync::Arc;
@@ -26,6 +28,7 @@ use tracing::{debug, error, info, warn};
 
 pub use backoff::Backoff;
 pub use encode::{encode_batch, to_event};
+pub use files::run_files;
 
 use crate::config::{Compression, RelayConfig};
 use crate::outbox::{OutboxReader, OutboxWriter, Record};
@@ -51,6 +54,9 @@ enum Answer {
 
 pub struct Uplink {
     config: RelayConfig,
+    /// The relay's base URL.
+    base: reqwest::Url,
+    /// The ingest endpoint.
     url: reqwest::Url,
     token: Option<String>,
     client: reqwest::Client,
@@ -72,7 +78,8 @@ impl Uplink {
         stats: Arc<Stats>,
         producer_id: String,
     ) -> anyhow::Result<Self> {
-        let url = reqwest::Url::parse(&config.url)?.join(wire::INGEST_PATH)?;
+        let base = reqwest::Url::parse(&config.url)?;
+        let url = base.join(wire::INGEST_PATH)?;
         let mut builder = reqwest::Client::builder()
             .timeout(config.request_timeout.get())
             .connect_timeout(config.request_timeout.get().min(Duration::from_secs(10)))
@@ -97,6 +104,7 @@ impl Uplink {
         })?;
         Ok(Self {
             config,
+            base,
             url,
             token,
             client,
@@ -108,9 +116,10 @@ impl Uplink {
         })
     }
 
-    /// Runs until `shutdown` turns true. A request already sent is finished first (the
-    /// caller bounds that with the shutdown deadline).
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    /// Runs the batch lane until `shutdown` turns true. A request already sent is
+    /// finished first (the caller bounds that with the shutdown deadline). Files have a
+    /// lane of their own ([`run_files`]).
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut cursor = 0u64;
         let max_events = self.config.batch_max_events;
         let mut limit = max_events;
@@ -126,7 +135,7 @@ impl Uplink {
         let mut settling: Option<tokio::task::JoinHandle<()>> = None;
         while !*shutdown.borrow() {
             let t_read = Instant::now();
-            let batch = match self.read(cursor, limit).await {
+            let (batch, min_seq) = match self.read(cursor, limit).await {
                 Ok(b) => b,
                 Err(e) => {
                     error!(error = %e, "Cannot read the outbox; retrying.");
@@ -144,8 +153,9 @@ impl Uplink {
                 }
                 continue;
             };
-            // Every sequence below this one has had its result from the relay.
-            let settled_below = first.seq;
+            // Every sequence below this one has had its result from the relay (a file
+            // still uploading in the other lane keeps it down).
+            let settled_below = min_seq.map_or(first.seq, |m| m.min(first.seq));
             let last_seq = batch.last().map_or(cursor, |r| r.seq);
             let t_send = Instant::now();
             if std::mem::take(&mut retrying) {
@@ -238,16 +248,25 @@ impl Uplink {
         debug!("The uplink stopped.");
     }
 
+    /// The next batch after `cursor`, and the lowest sequence in the outbox.
     async fn read(
         &self,
         cursor: u64,
         limit: usize,
-    ) -> Result<Vec<Record>, crate::outbox::OutboxError> {
+    ) -> Result<(Vec<Record>, Option<u64>), crate::outbox::OutboxError> {
         let reader = self.reader.clone();
         let max_bytes = self.config.batch_max_bytes.get();
-        tokio::task::spawn_blocking(move || reader.read_after(cursor, limit, max_bytes))
-            .await
-            .unwrap_or_else(|_| Err(crate::outbox::OutboxError::Closed))
+        tokio::task::spawn_blocking(move || {
+            let batch = reader.read_after(cursor, limit, max_bytes)?;
+            let min = if batch.is_empty() {
+                None
+            } else {
+                reader.min_seq()?
+            };
+            Ok((batch, min))
+        })
+        .await
+        .unwrap_or_else(|_| Err(crate::outbox::OutboxError::Closed))
     }
 
     /// How long to hold a request of `bytes` for the upload limit in force now (the
@@ -330,18 +349,9 @@ impl Uplink {
         };
         self.stats.bytes_sent.fetch_add(len, Ordering::Relaxed);
         let status = resp.status();
-        let retry_after = resp
-            .headers()
-            .get(header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = retry_after(resp.headers());
         let text = resp.text().await.unwrap_or_default();
-        let message = || {
-            serde_json::from_str::<wire::ErrorBody>(&text)
-                .map(|b| b.error)
-                .unwrap_or_else(|_| text.chars().take(300).collect())
-        };
+        let message = || error_message(&text);
         match status.as_u16() {
             200..=299 => match serde_json::from_str::<IngestResponse>(&text) {
                 Ok(r) if r.results.len() == batch.len() => Answer::Results(r.results),
@@ -438,6 +448,22 @@ impl Uplink {
             error!(error = %e, "Could not move an event to the dead-letter table.");
         }
     }
+}
+
+/// The relay's `Retry-After` (whole seconds), if it sent one.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
+/// The sentence of an error answer (`wire::ErrorBody`), or the start of whatever it was.
+fn error_message(text: &str) -> String {
+    serde_json::from_str::<wire::ErrorBody>(text)
+        .map(|b| b.error)
+        .unwrap_or_else(|_| text.chars().take(300).collect())
 }
 
 /// The error and its causes in one line ("error sending request: connection refused").

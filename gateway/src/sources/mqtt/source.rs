@@ -533,6 +533,7 @@ pub fn record_from_publish(
             dup: p.dup,
             digest,
         }),
+        file: None,
     }
 }
 

@@ -1,0 +1,18 @@
+//! Camera drop directories: every finished upload becomes a file in the spool and a
+//! record in the outbox, then an object and an event at the relay.
+//!
+//! * [`config`] — `[files]` and `[[files.watch]]`;
+//! * [`rules`] — ignore patterns, subject template, content and event types (pure);
+//! * [`tracker`] — when a file counts as finished (pure);
+//! * [`spool`] — taking a finished file into the spool, crash-safely, and what happens
+//!   to it once delivered;
+//! * [`source`] — the running task: watchers, scans, the tracker and pickups.
+
+mod config;
+pub mod rules;
+mod source;
+pub mod spool;
+pub mod tracker;
+
+pub use config::{AfterUpload, FilesConfig, Finished, RuleConfig, WatchConfig, valid_watch_name};
+pub use source::FilesSource;

@@ -1,0 +1,416 @@
+//! What a watch decides about a file from its name and first bytes, as pure functions:
+//! whether to ignore it, its subject, content type, event type and object extension.
+
+use std::path::Path;
+
+use super::config::{RuleConfig, WatchConfig};
+
+/// A file-name pattern with `*` (any run of characters) and `?` (one character).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Glob(Vec<char>);
+
+impl Glob {
+    pub fn new(pattern: &str) -> Result<Self, String> {
+        if pattern.is_empty() {
+            return Err("an empty pattern matches nothing; remove it".into());
+        }
+        if pattern.contains('/') {
+            return Err(format!(
+                "{pattern:?}: patterns match file names, not paths (no '/')"
+            ));
+        }
+        Ok(Self(pattern.chars().collect()))
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        let name: Vec<char> = name.chars().collect();
+        // Iterative wildcard matching with one backtracking point for the last `*`.
+        let (p, n) = (&self.0, &name);
+        let (mut pi, mut ni) = (0, 0);
+        let mut star: Option<(usize, usize)> = None;
+        while ni < n.len() {
+            if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+                pi += 1;
+                ni += 1;
+            } else if pi < p.len() && p[pi] == '*' {
+                star = Some((pi, ni));
+                pi += 1;
+            } else if let Some((sp, sn)) = star {
+                pi = sp + 1;
+                ni = sn + 1;
+                star = Some((sp, sn + 1));
+            } else {
+                return false;
+            }
+        }
+        p[pi..].iter().all(|&c| c == '*')
+    }
+}
+
+/// The parts of a subject template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Text(String),
+    Top,
+    Dir,
+    Path,
+    Name,
+    Watch,
+}
+
+/// A parsed `subject` setting, e.g. `"{top}"` or `"site-4/{top}/{name}"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubjectTemplate(Vec<Part>);
+
+impl SubjectTemplate {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut rest = s;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Text(rest[..open].to_owned()));
+            }
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| format!("{s:?}: a '{{' without its '}}'"))?;
+            let name = &rest[open + 1..open + close];
+            parts.push(match name {
+                "top" => Part::Top,
+                "dir" => Part::Dir,
+                "path" => Part::Path,
+                "name" => Part::Name,
+                "watch" => Part::Watch,
+                other => {
+                    return Err(format!(
+                        "{s:?}: unknown placeholder {{{other}}}; use {{top}}, {{dir}}, {{path}}, {{name}} or {{watch}}"
+                    ));
+                }
+            });
+            rest = &rest[open + close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Text(rest.to_owned()));
+        }
+        if parts.is_empty() {
+            return Err("is empty".into());
+        }
+        Ok(Self(parts))
+    }
+
+    /// The subject of the file at `rel` (relative to the watch's directory).
+    pub fn render(&self, watch: &str, rel: &Path) -> String {
+        let path = lossy(rel);
+        let name = rel.file_name().map(lossy_os).unwrap_or_default();
+        let dir = rel
+            .parent()
+            .map(lossy)
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| watch.to_owned());
+        let top = if rel.components().count() > 1 {
+            rel.components()
+                .next()
+                .map(|c| lossy_os(c.as_os_str()))
+                .unwrap_or_default()
+        } else {
+            watch.to_owned()
+        };
+        let mut out = String::new();
+        for p in &self.0 {
+            match p {
+                Part::Text(t) => out.push_str(t),
+                Part::Top => out.push_str(&top),
+                Part::Dir => out.push_str(&dir),
+                Part::Path => out.push_str(&path),
+                Part::Name => out.push_str(&name),
+                Part::Watch => out.push_str(watch),
+            }
+        }
+        out
+    }
+}
+
+/// A path as text; bytes that are not UTF-8 become U+FFFD.
+pub fn lossy(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+fn lossy_os(s: &std::ffi::OsStr) -> String {
+    s.to_string_lossy().into_owned()
+}
+
+/// The file name's extension, lowercased, if it is a plausible one for an object key:
+/// 1 to 16 characters from `a-z 0-9` (so `snap.JPG` → `jpg`, `clip.tar.gz` → `gz`,
+/// `weird.ü` → none).
+pub fn extension(name: &str) -> Option<String> {
+    let (stem, ext) = name.rsplit_once('.')?;
+    if stem.is_empty() {
+        return None;
+    }
+    let ext = ext.to_ascii_lowercase();
+    pigeon_shared::wire::valid_extension(&ext).then_some(ext)
+}
+
+/// Content types by extension, for what cameras and NVRs write.
+const BY_EXTENSION: &[(&str, &str)] = &[
+    ("jpg", "image/jpeg"),
+    ("jpeg", "image/jpeg"),
+    ("png", "image/png"),
+    ("gif", "image/gif"),
+    ("bmp", "image/bmp"),
+    ("webp", "image/webp"),
+    ("heic", "image/heic"),
+    ("tif", "image/tiff"),
+    ("tiff", "image/tiff"),
+    ("mp4", "video/mp4"),
+    ("m4v", "video/mp4"),
+    ("mov", "video/quicktime"),
+    ("avi", "video/x-msvideo"),
+    ("mkv", "video/x-matroska"),
+    ("webm", "video/webm"),
+    ("ts", "video/mp2t"),
+    ("h264", "video/h264"),
+    ("264", "video/h264"),
+    ("h265", "video/h265"),
+    ("265", "video/h265"),
+    ("hevc", "video/h265"),
+    ("json", "application/json"),
+    ("txt", "text/plain"),
+    ("log", "text/plain"),
+    ("csv", "text/csv"),
+    ("xml", "application/xml"),
+];
+
+/// The content type of a file named `name` whose first bytes are `head`: by extension
+/// when it is a known one, else by magic bytes, else `application/octet-stream`.
+pub fn content_type(name: &str, head: &[u8]) -> &'static str {
+    if let Some(ext) = extension(name)
+        && let Some((_, ct)) = BY_EXTENSION.iter().find(|(e, _)| *e == ext)
+    {
+        return ct;
+    }
+    sniff(head).unwrap_or("application/octet-stream")
+}
+
+/// How many first bytes [`sniff`] looks at.
+pub const SNIFF_LEN: usize = 16;
+
+/// The content type the first bytes of a file give away, for the formats cameras write.
+pub fn sniff(head: &[u8]) -> Option<&'static str> {
+    let at = |i: usize, m: &[u8]| head.get(i..i + m.len()) == Some(m);
+    if at(0, &[0xFF, 0xD8, 0xFF]) {
+        Some("image/jpeg")
+    } else if at(0, b"\x89PNG\r\n\x1a\n") {
+        Some("image/png")
+    } else if at(0, b"GIF87a") || at(0, b"GIF89a") {
+        Some("image/gif")
+    } else if at(0, b"BM") && head.len() >= 14 {
+        Some("image/bmp")
+    } else if at(0, b"RIFF") && at(8, b"WEBP") {
+        Some("image/webp")
+    } else if at(0, b"RIFF") && at(8, b"AVI ") {
+        Some("video/x-msvideo")
+    } else if at(4, b"ftypqt") {
+        Some("video/quicktime")
+    } else if at(4, b"ftypheic") || at(4, b"ftypmif1") {
+        Some("image/heic")
+    } else if at(4, b"ftyp") {
+        Some("video/mp4")
+    } else if at(0, &[0x1A, 0x45, 0xDF, 0xA3]) {
+        Some("video/x-matroska")
+    } else if at(0, &[0, 0, 0, 1]) || at(0, &[0, 0, 1]) {
+        // An Annex B elementary stream (a bare H.264 dump, as some cameras write).
+        Some("video/h264")
+    } else {
+        None
+    }
+}
+
+/// A watch's decisions, compiled from its configuration and the global ignore list.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    ignore: Vec<Glob>,
+    subject: SubjectTemplate,
+    rules: Vec<RuleConfig>,
+    default_type: String,
+}
+
+/// What the rules say about one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Described {
+    pub event_type: String,
+    pub content_type: String,
+    pub subject: String,
+}
+
+impl Rules {
+    /// Compiles a validated watch; `global_ignore` is `files.ignore`.
+    pub fn new(watch: &WatchConfig, global_ignore: &[String]) -> Result<Self, String> {
+        let ignore = global_ignore
+            .iter()
+            .chain(&watch.ignore)
+            .map(|p| Glob::new(p))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            ignore,
+            subject: SubjectTemplate::parse(&watch.subject)?,
+            rules: watch.rules.clone(),
+            default_type: watch.event_type.clone(),
+        })
+    }
+
+    /// Whether a file named `name` is a temporary or otherwise ignored one.
+    pub fn ignored(&self, name: &str) -> bool {
+        self.ignore.iter().any(|g| g.matches(name))
+    }
+
+    /// Type, content type and subject of the file at `rel` with first bytes `head`.
+    pub fn describe(&self, watch: &str, rel: &Path, head: &[u8]) -> Described {
+        let name = rel.file_name().map(lossy_os).unwrap_or_default();
+        let guessed = content_type(&name, head);
+        let ext = extension(&name);
+        let rule = self.rules.iter().find(|r| {
+            ext.as_ref()
+                .is_some_and(|e| r.extensions.iter().any(|x| x.eq_ignore_ascii_case(e)))
+                || r.content_types
+                    .iter()
+                    .any(|p| content_type_matches(p, guessed))
+        });
+        Described {
+            event_type: rule.map_or(&self.default_type, |r| &r.event_type).clone(),
+            content_type: rule
+                .and_then(|r| r.content_type.clone())
+                .unwrap_or_else(|| guessed.to_owned()),
+            subject: self.subject.render(watch, rel),
+        }
+    }
+}
+
+/// `image/*` matches every `image/…`; anything else must be equal (any case).
+fn content_type_matches(pattern: &str, ct: &str) -> bool {
+    match pattern.strip_suffix("/*") {
+        Some(family) => ct
+            .split_once('/')
+            .is_some_and(|(f, _)| f.eq_ignore_ascii_case(family)),
+        None => pattern.eq_ignore_ascii_case(ct),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        let g = |p: &str| Glob::new(p).unwrap();
+        assert!(g(".*").matches(".pureftpd-upload.5f3c1a2b.15.1b2a.3c4d"));
+        assert!(!g(".*").matches("snap.jpg"));
+        assert!(g("*.part").matches("clip.mp4.part"));
+        assert!(!g("*.part").matches("clip.part.mp4"));
+        assert!(g("snap_??.jpg").matches("snap_01.jpg"));
+        assert!(!g("snap_??.jpg").matches("snap_1.jpg"));
+        assert!(g("*a*b*").matches("xaxxbx"));
+        assert!(!g("*a*b").matches("xaxxbx"));
+        assert!(g("*").matches(""));
+        assert!(g("ü*").matches("ünïcode"));
+        assert!(Glob::new("").is_err());
+        assert!(Glob::new("a/*").is_err());
+    }
+
+    #[test]
+    fn subjects() {
+        let t = |s: &str, rel: &str| {
+            SubjectTemplate::parse(s)
+                .unwrap()
+                .render("cameras", Path::new(rel))
+        };
+        assert_eq!(t("{top}", "cam-3/2026-12-01/snap.jpg"), "cam-3");
+        assert_eq!(t("{top}", "snap.jpg"), "cameras", "no folder: the watch");
+        assert_eq!(t("{dir}", "cam-3/2026-12-01/snap.jpg"), "cam-3/2026-12-01");
+        assert_eq!(t("{dir}", "snap.jpg"), "cameras");
+        assert_eq!(t("site/{top}/{name}", "cam 1/ü.jpg"), "site/cam 1/ü.jpg");
+        assert_eq!(t("{path}", "a/b.jpg"), "a/b.jpg");
+        assert_eq!(t("{watch}", "a/b.jpg"), "cameras");
+        assert!(SubjectTemplate::parse("{camera}").is_err());
+        assert!(SubjectTemplate::parse("{top").is_err());
+        assert!(SubjectTemplate::parse("").is_err());
+    }
+
+    #[test]
+    fn extensions_and_content_types() {
+        assert_eq!(extension("snap.JPG").as_deref(), Some("jpg"));
+        assert_eq!(extension("clip.tar.gz").as_deref(), Some("gz"));
+        assert_eq!(extension(".hidden"), None);
+        assert_eq!(extension("noext"), None);
+        assert_eq!(extension("weird.ü"), None);
+        assert_eq!(extension(&format!("a.{}", "x".repeat(17))), None);
+        assert_eq!(content_type("a.jpeg", b""), "image/jpeg");
+        assert_eq!(content_type("a.MP4", b""), "video/mp4");
+        // No extension, or an unknown one: the first bytes tell.
+        assert_eq!(
+            content_type("snapshot", &[0xFF, 0xD8, 0xFF, 0xE0]),
+            "image/jpeg"
+        );
+        assert_eq!(
+            content_type("clip.dav", b"\0\0\0\x18ftypisom\0\0\0\0"),
+            "video/mp4"
+        );
+        assert_eq!(content_type("x", b"\0\0\0\x14ftypqt  "), "video/quicktime");
+        assert_eq!(
+            content_type("x", b"RIFF\0\0\0\0AVI LIST"),
+            "video/x-msvideo"
+        );
+        assert_eq!(content_type("x", b"\x1aE\xdf\xa3"), "video/x-matroska");
+        assert_eq!(content_type("x", b"\x89PNG\r\n\x1a\n"), "image/png");
+        assert_eq!(content_type("x", b"hello"), "application/octet-stream");
+        assert_eq!(content_type("x", b""), "application/octet-stream");
+    }
+
+    fn watch(extra: &str) -> WatchConfig {
+        toml::from_str(&format!("name = \"cameras\"\npath = \"/srv\"\n{extra}")).unwrap()
+    }
+
+    #[test]
+    fn default_rules_split_images_and_videos() {
+        let r = Rules::new(&watch(""), &super::super::config::default_ignore()).unwrap();
+        let d = r.describe("cameras", Path::new("cam-3/snap.jpg"), b"");
+        assert_eq!(d.event_type, "io.pigeon.camera.image");
+        assert_eq!(d.content_type, "image/jpeg");
+        assert_eq!(d.subject, "cam-3");
+        let d = r.describe("cameras", Path::new("cam-3/clip"), b"\0\0\0\x18ftypmp42");
+        assert_eq!(d.event_type, "io.pigeon.camera.video");
+        let d = r.describe("cameras", Path::new("notes.txt"), b"");
+        assert_eq!(d.event_type, "io.pigeon.file");
+        assert_eq!(d.content_type, "text/plain");
+        assert!(r.ignored(".pureftpd-upload.abc"));
+        assert!(r.ignored("clip.mp4.part"));
+        assert!(!r.ignored("snap.jpg"));
+    }
+
+    #[test]
+    fn configured_rules_first_match_wins() {
+        let w = watch(
+            r#"
+            type = "other"
+            ignore = ["*.idx"]
+            [[rules]]
+            extensions = ["dav"]
+            type = "dahua.video"
+            content_type = "video/x-dahua"
+            [[rules]]
+            content_types = ["video/mp4", "image/*"]
+            type = "media"
+            "#,
+        );
+        let r = Rules::new(&w, &[]).unwrap();
+        let d = r.describe("cameras", Path::new("a.DAV"), b"");
+        assert_eq!(
+            (d.event_type.as_str(), d.content_type.as_str()),
+            ("dahua.video", "video/x-dahua")
+        );
+        assert_eq!(r.describe("c", Path::new("a.png"), b"").event_type, "media");
+        assert_eq!(r.describe("c", Path::new("a.mp4"), b"").event_type, "media");
+        assert_eq!(r.describe("c", Path::new("a.mkv"), b"").event_type, "other");
+        assert!(r.ignored("x.idx"));
+        assert!(!r.ignored(".hidden"), "the global list was not given");
+    }
+}

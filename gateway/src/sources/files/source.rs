@@ -1,0 +1,882 @@
+//! The running files source.
+//!
+//! One task owns the [`Tracker`]. Watchers (inotify through `notify`, or polling for
+//! network filesystems) feed it events over a bounded channel; when the channel is full
+//! the watcher's thread waits, the kernel queues, and if the kernel's queue overflows the
+//! next event says so and every watch is scanned again. Finished files are picked up in
+//! batches: claimed, taken into the spool and committed (see [`super::spool`]).
+//!
+//! At start, before anything is watched: claims left by the last run are finished or
+//! undone, spool files the outbox does not know are sent as recovered files, and every
+//! watch is scanned — files that arrived while the gateway was stopped are taken, and a
+//! file taken before is never taken again (it is no longer in the drop directory, or, for
+//! `after_upload = "keep"`, its mark says it was sent).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant, SystemTime};
+
+use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
+use notify::{Event, EventKind, RecursiveMode, Watcher};
+use pigeon_shared::ce::GatewayId;
+use pigeon_shared::wire::sha256_hex;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, info, warn};
+
+use super::config::{AfterUpload, FilesConfig, Finished, WatchConfig};
+use super::rules::{Rules, lossy};
+use super::spool::{PickupError, Prepared, Spool, Taken, sync_dirs};
+use super::tracker::{Seen, Stamp, Tracker};
+use crate::outbox::{
+    FileClaim, FileRef, KeptFile, NewFile, NewRecord, OutboxError, OutboxReader, OutboxWriter,
+};
+use crate::stats::Stats;
+
+/// Most files picked up in one batch (one claim and one commit transaction).
+const BATCH: usize = 64;
+/// Events the watcher threads may queue before they wait.
+const EVENT_QUEUE: usize = 4096;
+/// How soon a file whose pickup failed for a passing reason (outbox or spool full) is
+/// tried again, and a watch that could not be set up.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// The watch name of spool files the outbox did not know (after a damaged outbox was
+/// replaced): they are sent under `/gateways/<id>/files/recovered`.
+pub const RECOVERED_WATCH: &str = "recovered";
+
+/// A watch, compiled.
+struct WatchRt {
+    cfg: WatchConfig,
+    rules: Rules,
+    /// The CloudEvent source of its files.
+    source: String,
+    mode: Finished,
+    /// Its watcher, once set up (dropping it stops the watch). In a mutex only to make
+    /// the source `Sync`; nothing contends for it.
+    watcher: std::sync::Mutex<Option<Box<dyn Watcher + Send>>>,
+}
+
+impl WatchRt {
+    fn is_watching(&self) -> bool {
+        self.watcher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+}
+
+pub struct FilesSource {
+    config: FilesConfig,
+    watches: Vec<WatchRt>,
+    /// Rules for spool files the outbox did not know.
+    recovered_rules: Rules,
+    recovered_source: String,
+    spool: Arc<Spool>,
+    writer: OutboxWriter,
+    reader: Arc<OutboxReader>,
+    stats: Arc<Stats>,
+    /// Directories whose events are the gateway's own doing (spool, `move_to`).
+    excluded: Vec<PathBuf>,
+    tracker: Tracker,
+    /// Files to try again at the given time (a passing failure).
+    deferred: Vec<(Instant, PathBuf, usize)>,
+    /// A pickup failed after the file was in the spool: finish its claim soon.
+    claims_pending: bool,
+}
+
+/// One pickup candidate: path and watch index.
+type Candidate = (PathBuf, usize);
+
+impl FilesSource {
+    /// Compiles the watches (validated config) and opens the spool.
+    pub fn new(
+        config: FilesConfig,
+        gateway: &GatewayId,
+        data_dir: &Path,
+        writer: OutboxWriter,
+        reader: Arc<OutboxReader>,
+        stats: Arc<Stats>,
+    ) -> anyhow::Result<Self> {
+        let spool_dir = config.spool_dir(data_dir);
+        let spool = Spool::open(&spool_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create the spool directory {} (files.spool_dir): {e}",
+                spool_dir.display()
+            )
+        })?;
+        let mut excluded = vec![spool_dir.clone()];
+        let mut watches = Vec::new();
+        for w in &config.watch {
+            let rules = Rules::new(w, &config.ignore).map_err(anyhow::Error::msg)?;
+            if let Some(to) = &w.move_to {
+                excluded.push(to.clone());
+            }
+            if w.after_upload != AfterUpload::Keep && !spool.same_filesystem(&w.path) {
+                warn!(
+                    watch = %w.name,
+                    path = %w.path.display(),
+                    spool = %spool_dir.display(),
+                    "The drop directory is on another filesystem than the spool: every file is copied into the spool instead of moved (twice the disk writes). Put files.spool_dir on the drop directory's filesystem to avoid it."
+                );
+            }
+            watches.push(WatchRt {
+                source: gateway.source(&format!("files/{}", w.name)),
+                mode: if w.poll { Finished::Quiet } else { w.finished },
+                rules,
+                cfg: w.clone(),
+                watcher: std::sync::Mutex::new(None),
+            });
+        }
+        let recovered: WatchConfig = WatchConfig {
+            name: RECOVERED_WATCH.into(),
+            path: spool_dir.clone(),
+            recursive: false,
+            finished: Finished::Close,
+            poll: false,
+            poll_interval: pigeon_shared::units::Duration::from_secs(5),
+            subject: "{watch}".into(),
+            event_type: "io.pigeon.file".into(),
+            after_upload: AfterUpload::Delete,
+            move_to: None,
+            ignore: Vec::new(),
+            rules: config
+                .watch
+                .first()
+                .map(|w| w.rules.clone())
+                .unwrap_or_default(),
+        };
+        Ok(Self {
+            tracker: Tracker::new(config.quiet_period.get()),
+            recovered_rules: Rules::new(&recovered, &[]).map_err(anyhow::Error::msg)?,
+            recovered_source: gateway.source(&format!("files/{RECOVERED_WATCH}")),
+            config,
+            watches,
+            spool: Arc::new(spool),
+            writer,
+            reader,
+            stats,
+            excluded,
+            deferred: Vec::new(),
+            claims_pending: false,
+        })
+    }
+
+    /// The CloudEvent sources of the watches' files, `(name, source)`, for the stats.
+    pub fn sources(config: &FilesConfig, gateway: &GatewayId) -> Vec<(String, String)> {
+        config
+            .watch
+            .iter()
+            .map(|w| {
+                let input = format!("files/{}", w.name);
+                (input.clone(), gateway.source(&input))
+            })
+            .chain(std::iter::once((
+                format!("files/{RECOVERED_WATCH}"),
+                gateway.source(&format!("files/{RECOVERED_WATCH}")),
+            )))
+            .collect()
+    }
+
+    /// Runs until `shutdown` turns true. A batch being picked up is finished first.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        if let Err(e) = self.recover().await {
+            error!(error = %e, "Could not finish the pickups the last run left; they are tried again at the next start.");
+        }
+        let (tx, mut rx) = mpsc::channel::<notify::Result<Event>>(EVENT_QUEUE);
+        self.start_watchers(&tx);
+        let mut ready = self.scan_all(false).await;
+        let mut next_rescan = tokio::time::Instant::now() + self.config.rescan_interval.get();
+        let mut next_retry = tokio::time::Instant::now() + RETRY_AFTER;
+        loop {
+            while !ready.is_empty() && !*shutdown.borrow() {
+                let batch: Vec<_> = ready.drain(..ready.len().min(BATCH)).collect();
+                self.pickup(batch).await;
+            }
+            self.stats
+                .files_being_written
+                .store(self.tracker.len() as u64, Relaxed);
+            let due = self
+                .tracker
+                .next_due()
+                .map(|i| tokio::time::Instant::from_std(i) + Duration::from_millis(5))
+                .unwrap_or(next_rescan)
+                .min(next_rescan)
+                .min(next_retry);
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                ev = rx.recv() => {
+                    let Some(ev) = ev else { break };
+                    ready.extend(self.on_event(ev).await);
+                    // Take whatever else is queued before picking up.
+                    while ready.len() < BATCH {
+                        match rx.try_recv() {
+                            Ok(ev) => ready.extend(self.on_event(ev).await),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(due) => {}
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+            let now = tokio::time::Instant::now();
+            ready.extend(self.tracker.tick(Instant::now(), stamp_of));
+            if now >= next_retry {
+                next_retry = now + RETRY_AFTER;
+                ready.extend(self.take_deferred(Instant::now()));
+                if self.watches.iter().any(|w| !w.is_watching()) {
+                    self.start_watchers(&tx);
+                }
+                if std::mem::take(&mut self.claims_pending)
+                    && let Err(e) = self.recover().await
+                {
+                    error!(error = %e, "Could not finish a pickup; retrying.");
+                    self.claims_pending = true;
+                }
+            }
+            if now >= next_rescan {
+                next_rescan = now + self.config.rescan_interval.get();
+                ready.extend(self.scan_all(false).await);
+            }
+        }
+        debug!("The files source stopped.");
+    }
+
+    /// Sets up the watchers not set up yet; a failure is logged and retried later.
+    fn start_watchers(&mut self, tx: &mpsc::Sender<notify::Result<Event>>) {
+        for w in self.watches.iter().filter(|w| !w.is_watching()) {
+            let tx = tx.clone();
+            let handler = move |ev: notify::Result<Event>| {
+                // The watcher's own thread: waiting here is the backpressure.
+                let _ = tx.blocking_send(ev);
+            };
+            let made: notify::Result<Box<dyn Watcher + Send>> = if w.cfg.poll {
+                let config =
+                    notify::Config::default().with_poll_interval(w.cfg.poll_interval.get());
+                notify::PollWatcher::new(handler, config).map(|p| Box::new(p) as _)
+            } else {
+                notify::RecommendedWatcher::new(handler, notify::Config::default())
+                    .map(|p| Box::new(p) as _)
+            };
+            let mode = if w.cfg.recursive {
+                RecursiveMode::Recursive
+            } else {
+                RecursiveMode::NonRecursive
+            };
+            match made.and_then(|mut watcher| watcher.watch(&w.cfg.path, mode).map(|()| watcher)) {
+                Ok(watcher) => {
+                    info!(watch = %w.cfg.name, path = %w.cfg.path.display(), poll = w.cfg.poll, "Watching a drop directory.");
+                    *w.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(watcher);
+                }
+                Err(e) => {
+                    let hint = match &e.kind {
+                        notify::ErrorKind::MaxFilesWatch => {
+                            " (the kernel's limit of inotify watches is reached: raise fs.inotify.max_user_watches with sysctl)"
+                        }
+                        notify::ErrorKind::PathNotFound => " (the directory does not exist)",
+                        _ => "",
+                    };
+                    error!(watch = %w.cfg.name, path = %w.cfg.path.display(), error = %e, "Cannot watch a drop directory{hint}; files there are not picked up until it works. Retrying.", hint = hint);
+                }
+            }
+        }
+    }
+
+    /// Which watch `path` belongs to, and the path relative to it; `None` for paths of
+    /// no watch, in excluded or ignored places.
+    fn locate(&self, path: &Path) -> Option<(usize, PathBuf)> {
+        if self.excluded.iter().any(|x| path.starts_with(x)) {
+            return None;
+        }
+        let (i, w) = self
+            .watches
+            .iter()
+            .enumerate()
+            .find(|(_, w)| path.starts_with(&w.cfg.path))?;
+        let rel = path.strip_prefix(&w.cfg.path).ok()?.to_owned();
+        if rel.as_os_str().is_empty() {
+            return None;
+        }
+        if !w.cfg.recursive && rel.components().count() > 1 {
+            return None;
+        }
+        let ignored = rel
+            .components()
+            .any(|c| w.rules.ignored(&c.as_os_str().to_string_lossy()));
+        (!ignored).then_some((i, rel))
+    }
+
+    async fn on_event(&mut self, ev: notify::Result<Event>) -> Vec<Candidate> {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                warn!(error = %e, "A watcher reported an error; scanning every drop directory again.");
+                return self.scan_all(true).await;
+            }
+        };
+        if ev.need_rescan() {
+            warn!(
+                "The kernel dropped file events (too many at once); scanning every drop directory again."
+            );
+            return self.scan_all(true).await;
+        }
+        let now = Instant::now();
+        let mut ready = Vec::new();
+        let mut scan_dirs = Vec::new();
+        let seen: &[(usize, Seen)] = match ev.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => &[(0, Seen::Closed)],
+            EventKind::Access(_) => &[],
+            EventKind::Create(CreateKind::Folder) => {
+                scan_dirs.extend(ev.paths.iter().cloned());
+                &[]
+            }
+            EventKind::Create(_) => &[(0, Seen::Created)],
+            EventKind::Modify(ModifyKind::Name(RenameMode::From)) => &[(0, Seen::Removed)],
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)) => &[(0, Seen::MovedIn)],
+            // notify reports the two halves (From, To) too.
+            EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => &[],
+            EventKind::Modify(ModifyKind::Name(_)) => {
+                // Which side is unknown: look at what is there now.
+                scan_dirs.extend(ev.paths.iter().cloned());
+                &[]
+            }
+            EventKind::Modify(ModifyKind::Metadata(_)) => &[(0, Seen::Touched)],
+            EventKind::Modify(_) => &[(0, Seen::Written)],
+            EventKind::Remove(_) => &[(0, Seen::Removed)],
+            EventKind::Any | EventKind::Other => &[],
+        };
+        for &(i, s) in seen {
+            let Some(path) = ev.paths.get(i) else {
+                continue;
+            };
+            let Some((w, rel)) = self.locate(path) else {
+                continue;
+            };
+            if s == Seen::MovedIn && path.is_dir() {
+                // A directory renamed into the watch: what is in it arrived with it.
+                scan_dirs.push(path.clone());
+                continue;
+            }
+            if s == Seen::Removed {
+                self.tracker.event(path, w, self.watches[w].mode, s, now);
+                continue;
+            }
+            debug!(watch = %self.watches[w].cfg.name, file = %lossy(&rel), event = ?s, "File event.");
+            if let Some(r) = self.tracker.event(path, w, self.watches[w].mode, s, now) {
+                ready.push(r);
+            }
+        }
+        for dir in scan_dirs {
+            if let Some((w, _)) = self.locate(&dir) {
+                ready.extend(self.scan(w, &dir, false).await);
+            }
+        }
+        ready
+    }
+
+    /// Scans every watch (at start, periodically, and after lost events).
+    async fn scan_all(&mut self, lost_events: bool) -> Vec<Candidate> {
+        let mut ready = Vec::new();
+        for w in 0..self.watches.len() {
+            let root = self.watches[w].cfg.path.clone();
+            ready.extend(self.scan(w, &root, lost_events).await);
+        }
+        ready
+    }
+
+    /// Scans `dir` (of watch `w`) for files, recursively when the watch is.
+    async fn scan(&mut self, w: usize, dir: &Path, lost_events: bool) -> Vec<Candidate> {
+        let recursive = self.watches[w].cfg.recursive;
+        let root = dir.to_owned();
+        let found = tokio::task::spawn_blocking(move || list_files(&root, recursive))
+            .await
+            .unwrap_or_default();
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let keep = self.watches[w].cfg.after_upload == AfterUpload::Keep;
+        let mut ready = Vec::new();
+        let mut seen_paths = Vec::new();
+        for (path, stamp) in found {
+            if self.locate(&path).is_none_or(|(i, _)| i != w) {
+                continue;
+            }
+            if keep {
+                seen_paths.push(path.clone());
+            }
+            if let Some(r) = self.tracker.found(
+                &path,
+                w,
+                self.watches[w].mode,
+                stamp,
+                now,
+                wall,
+                lost_events,
+            ) {
+                ready.push(r);
+            }
+        }
+        if keep && dir == self.watches[w].cfg.path {
+            self.forget_kept_gone(w, &seen_paths).await;
+        }
+        ready
+    }
+
+    /// Whether `path` is a kept file that was sent and has not changed since.
+    async fn is_kept(&self, path: &Path) -> bool {
+        let reader = self.reader.clone();
+        let p = path.to_owned();
+        let mark = tokio::task::spawn_blocking(move || {
+            let mark = reader.kept(&p).ok().flatten()?;
+            let now = super::spool::FileStat::of(&std::fs::symlink_metadata(&p).ok()?);
+            Some(
+                mark.dev == now.dev
+                    && mark.ino == now.ino
+                    && mark.size == now.size
+                    && mark.mtime_ns == now.mtime_ns,
+            )
+        })
+        .await
+        .ok()
+        .flatten();
+        mark == Some(true)
+    }
+
+    /// Forgets the kept marks of watch `w`'s files that a full scan did not find.
+    async fn forget_kept_gone(&self, w: usize, present: &[PathBuf]) {
+        let reader = self.reader.clone();
+        let root = self.watches[w].cfg.path.clone();
+        let present: HashSet<PathBuf> = present.iter().cloned().collect();
+        let gone = tokio::task::spawn_blocking(move || {
+            reader.kept_paths().map(|all| {
+                all.into_iter()
+                    .filter(|p| p.starts_with(&root) && !present.contains(p))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .await;
+        if let Ok(Ok(gone)) = gone
+            && !gone.is_empty()
+            && let Err(e) = self.writer.forget_kept(gone).await
+        {
+            warn!(error = %e, "Could not forget the marks of kept files that are gone.");
+        }
+    }
+
+    fn take_deferred(&mut self, now: Instant) -> Vec<Candidate> {
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deferred)
+            .into_iter()
+            .partition(|(at, _, _)| *at <= now);
+        self.deferred = later;
+        due.into_iter().map(|(_, p, w)| (p, w)).collect()
+    }
+
+    fn defer(&mut self, path: PathBuf, w: usize) {
+        self.deferred.push((Instant::now() + RETRY_AFTER, path, w));
+    }
+
+    /// Claims, takes and commits a batch of finished files.
+    async fn pickup(&mut self, mut batch: Vec<Candidate>) {
+        let now_us = chrono::Utc::now().timestamp_micros();
+        let mut unique = HashSet::new();
+        batch.retain(|(p, _)| unique.insert(p.clone()));
+        // Kept files (after_upload = "keep") that were sent and have not changed since.
+        let mut fresh = Vec::with_capacity(batch.len());
+        for (path, w) in batch {
+            if self.watches[w].cfg.after_upload == AfterUpload::Keep && self.is_kept(&path).await {
+                continue;
+            }
+            fresh.push((path, w));
+        }
+        let batch = fresh;
+        // 1. Open and check each, and give it its spool name.
+        let spool = self.spool.clone();
+        let jobs: Vec<_> = batch
+            .into_iter()
+            .filter_map(|(path, w)| {
+                let rel = path
+                    .strip_prefix(&self.watches[w].cfg.path)
+                    .ok()?
+                    .to_owned();
+                let keep = self.watches[w].cfg.after_upload == AfterUpload::Keep;
+                Some((path, rel, w, self.watches[w].cfg.name.clone(), keep))
+            })
+            .collect();
+        let prepared = tokio::task::spawn_blocking(move || {
+            jobs.into_iter()
+                .map(|(path, rel, w, name, keep)| {
+                    let r = spool.prepare(&name, &path, &rel, keep, now_us);
+                    (path, w, r)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        let mut ok: Vec<(usize, Prepared)> = Vec::new();
+        for (path, w, r) in prepared {
+            match r {
+                Ok(p) => ok.push((w, p)),
+                Err(e) => self.failed(w, &path, e),
+            }
+        }
+        if ok.is_empty() {
+            return;
+        }
+        // 2. Claim them all in one transaction.
+        let claims: Vec<FileClaim> = ok.iter().map(|(_, p)| p.claim.clone()).collect();
+        if let Err(e) = self.writer.claims(claims, Vec::new()).await {
+            self.outbox_failed(&e, ok.into_iter().map(|(w, p)| (p.claim.original, w)));
+            return;
+        }
+        // 3. Move or copy them into the spool, sync, hash.
+        let spool = self.spool.clone();
+        let taken = tokio::task::spawn_blocking(move || {
+            let mut dirs: Vec<PathBuf> = vec![spool.dir().to_owned()];
+            let out: Vec<_> = ok
+                .into_iter()
+                .map(|(w, p)| {
+                    let claim = p.claim.clone();
+                    let stat = p.stat;
+                    if !claim.copy
+                        && let Some(d) = claim.original.parent()
+                    {
+                        dirs.push(d.to_owned());
+                    }
+                    (w, claim, stat, spool.take(p))
+                })
+                .collect();
+            let synced = sync_dirs(dirs.iter().map(PathBuf::as_path));
+            (out, synced)
+        })
+        .await;
+        let Ok((taken, synced)) = taken else {
+            error!(
+                "A file pickup task failed unexpectedly; its files are finished at the next start."
+            );
+            self.claims_pending = true;
+            return;
+        };
+        if let Err(e) = synced {
+            // The files are in the spool but their directory entries may not survive a
+            // power cut yet: keep the claims (the recovery syncs again), commit nothing.
+            error!(error = %e, "Could not sync the spool directory; the files are committed once it works.");
+            self.claims_pending = true;
+            return;
+        }
+        // 4. Commit a record for each taken file; forget the claims of the others.
+        let mut unclaim = Vec::new();
+        let mut waits = Vec::new();
+        for (w, claim, stat, r) in taken {
+            match r {
+                Ok(t) => {
+                    let rec = self.record(w, &claim, stat, &t);
+                    match self.writer.append(rec).await {
+                        Ok(rx) => waits.push((w, claim, t, rx)),
+                        Err(e) => {
+                            error!(error = %e, "The outbox writer stopped; the file is committed at the next start.");
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    if self.spool.path(&claim.spool).exists() {
+                        // In the spool already; its claim finishes it later.
+                        error!(file = %claim.original.display(), error = %e, "A file was moved into the spool but could not be read there; it is tried again.");
+                        self.claims_pending = true;
+                    } else {
+                        unclaim.push(claim.spool.clone());
+                        self.failed(w, &claim.original, e);
+                    }
+                }
+            }
+        }
+        for (w, claim, t, rx) in waits {
+            match rx.await {
+                Ok(Ok(_)) => {
+                    self.stats.files_picked_up.fetch_add(1, Relaxed);
+                    self.stats.file_bytes_picked_up.fetch_add(t.size, Relaxed);
+                    if t.size == 0 {
+                        warn!(watch = %self.watches[w].cfg.name, file = %lossy(&claim.rel), "An empty file was finished (a camera's failed upload?); it is sent as an empty object.");
+                    } else {
+                        info!(watch = %self.watches[w].cfg.name, file = %lossy(&claim.rel), bytes = t.size, spool = %t.spool, "Picked up a file.");
+                    }
+                }
+                Ok(Err(_)) | Err(_) => {
+                    // The writer logged why; the claim stays and is finished later.
+                    self.claims_pending = true;
+                }
+            }
+        }
+        if !unclaim.is_empty()
+            && let Err(e) = self.writer.claims(Vec::new(), unclaim).await
+        {
+            warn!(error = %e, "Could not forget abandoned claims; they are cleaned up at the next start.");
+        }
+    }
+
+    /// Logs a file that was not taken, counts it, and defers it if that may help.
+    fn failed(&mut self, w: usize, path: &Path, e: PickupError) {
+        self.stats.file_pickup_errors.fetch_add(1, Relaxed);
+        let watch = &self.watches[w].cfg.name;
+        let file = path
+            .strip_prefix(&self.watches[w].cfg.path)
+            .map(lossy)
+            .unwrap_or_else(|_| lossy(path));
+        match &e {
+            PickupError::Vanished => {
+                info!(watch = %watch, file = %file, "A finished file was gone before it could be picked up (deleted or renamed by someone else).");
+            }
+            _ if e.is_transient() => {
+                warn!(watch = %watch, file = %file, reason = e.kind(), error = %e, "Could not pick up a file; trying again shortly.");
+                self.defer(path.to_owned(), w);
+            }
+            _ => {
+                error!(watch = %watch, file = %file, reason = e.kind(), error = %e, "Cannot pick up a file; it is left where it is (it is tried again at the next scan).");
+            }
+        }
+    }
+
+    fn outbox_failed(&mut self, e: &OutboxError, files: impl Iterator<Item = (PathBuf, usize)>) {
+        error!(error = %e, "Cannot record files in the outbox (is the disk full?); they stay in the drop directory and are tried again shortly.");
+        for (path, w) in files {
+            self.stats.file_pickup_errors.fetch_add(1, Relaxed);
+            self.defer(path, w);
+        }
+    }
+
+    /// The outbox record of a file taken into the spool.
+    fn record(
+        &self,
+        w: usize,
+        claim: &FileClaim,
+        stat: super::spool::FileStat,
+        t: &Taken,
+    ) -> NewRecord {
+        let (rules, source, watch_name, after, move_to) = match self.watches.get(w) {
+            Some(wr) => (
+                &wr.rules,
+                wr.source.as_str(),
+                wr.cfg.name.as_str(),
+                wr.cfg.after_upload,
+                wr.cfg.move_to.as_deref(),
+            ),
+            None => (
+                &self.recovered_rules,
+                self.recovered_source.as_str(),
+                RECOVERED_WATCH,
+                AfterUpload::Delete,
+                None,
+            ),
+        };
+        let d = rules.describe(watch_name, &claim.rel, &t.head);
+        let name = claim
+            .rel
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| t.spool.clone());
+        let modified = chrono::DateTime::from_timestamp_nanos(t.mtime_ns)
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let data = serde_json::json!({
+            "filename": name,
+            "path": lossy(&claim.rel),
+            "size": t.size,
+            "sha256": sha256_hex(&t.sha256),
+            "contenttype": d.content_type,
+            "modified": modified,
+        });
+        let kept = (after == AfterUpload::Keep).then(|| KeptFile {
+            path: claim.original.clone(),
+            dev: stat.dev,
+            ino: stat.ino,
+            size: stat.size,
+            mtime_ns: stat.mtime_ns,
+        });
+        NewRecord {
+            source: source.to_owned(),
+            event_type: d.event_type,
+            subject: Some(d.subject),
+            time_us: chrono::Utc::now().timestamp_micros(),
+            content_type: Some("application/json".into()),
+            data: bytes::Bytes::from(serde_json::to_vec(&data).unwrap_or_default()),
+            expires_us: None,
+            delivery: None,
+            file: Some(Box::new(NewFile {
+                file: FileRef {
+                    spool: t.spool.clone(),
+                    size: t.size,
+                    sha256: t.sha256,
+                    move_to: match after {
+                        AfterUpload::Move => move_to.map(|m| m.join(&claim.rel)),
+                        _ => None,
+                    },
+                },
+                kept,
+            })),
+        }
+    }
+
+    /// Finishes or undoes the claims the last run left, and sends spool files the outbox
+    /// does not know as recovered files.
+    async fn recover(&mut self) -> Result<(), OutboxError> {
+        let reader = self.reader.clone();
+        let spool = self.spool.clone();
+        let (claims, known, listed) = tokio::task::spawn_blocking(move || {
+            let claims = reader.claims()?;
+            let known = reader.spool_names()?;
+            Ok::<_, OutboxError>((claims, known, spool.list().unwrap_or_default()))
+        })
+        .await
+        .map_err(|_| OutboxError::Closed)??;
+        let mut finish: Vec<(usize, FileClaim, super::spool::FileStat)> = Vec::new();
+        let mut redo: Vec<Candidate> = Vec::new();
+        let mut drop = Vec::new();
+        for c in claims {
+            let w = self
+                .watches
+                .iter()
+                .position(|w| w.cfg.name == c.watch)
+                .unwrap_or(usize::MAX);
+            let in_spool = self.spool.path(&c.spool).exists();
+            let original = std::fs::symlink_metadata(&c.original)
+                .ok()
+                .map(|m| super::spool::FileStat::of(&m));
+            let same_original = original.is_some_and(|s| s.dev == c.dev && s.ino == c.ino);
+            if in_spool {
+                let stat = original.unwrap_or(super::spool::FileStat {
+                    dev: c.dev,
+                    ino: c.ino,
+                    size: 0,
+                    mtime_ns: 0,
+                });
+                finish.push((w, c, stat));
+            } else {
+                let _ = std::fs::remove_file(self.spool.path(&format!(
+                    "{}{}",
+                    c.spool,
+                    super::spool::TMP_SUFFIX
+                )));
+                if same_original && w != usize::MAX {
+                    info!(file = %c.original.display(), "A file was being picked up when the gateway stopped; picking it up again.");
+                    redo.push((c.original.clone(), w));
+                } else if !same_original {
+                    warn!(file = %c.original.display(), "A file was being picked up when the gateway stopped and is gone since; nothing to send.");
+                }
+                drop.push(c.spool);
+            }
+        }
+        if !drop.is_empty() {
+            self.writer.claims(Vec::new(), drop).await?;
+        }
+        // Claims whose file reached the spool: sync, hash, commit.
+        let spool = self.spool.clone();
+        let names: Vec<String> = finish.iter().map(|(_, c, _)| c.spool.clone()).collect();
+        let hashed = tokio::task::spawn_blocking(move || {
+            let _ = super::spool::sync_dir(spool.dir());
+            names.iter().map(|n| spool.rehash(n)).collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|_| OutboxError::Closed)?;
+        for ((w, c, stat), t) in finish.into_iter().zip(hashed) {
+            match t {
+                Ok(t) => {
+                    let rec = self.record(w, &c, stat, &t);
+                    self.writer.append_and_wait(rec).await?;
+                    info!(file = %c.original.display(), spool = %c.spool, "Finished a pickup the gateway was doing when it stopped.");
+                }
+                Err(e) => {
+                    error!(file = %c.original.display(), spool = %c.spool, error = %e, "Cannot read a spooled file; it is tried again.");
+                    self.claims_pending = true;
+                }
+            }
+        }
+        // Spool files nothing refers to: the outbox lost them (it was damaged and replaced).
+        let orphans: Vec<String> = listed
+            .into_iter()
+            .filter(|n| !known.contains(n))
+            .filter(|n| !n.ends_with(super::spool::TMP_SUFFIX))
+            .collect();
+        for name in &orphans {
+            warn!(spool = %name, "A spooled file is not in the outbox (was the outbox replaced after damage?); sending it as a recovered file.");
+            let spool = self.spool.clone();
+            let n = name.clone();
+            let Ok(Ok(t)) = tokio::task::spawn_blocking(move || spool.rehash(&n)).await else {
+                continue;
+            };
+            let claim = FileClaim {
+                spool: name.clone(),
+                watch: RECOVERED_WATCH.into(),
+                original: self.spool.path(name),
+                rel: PathBuf::from(name),
+                dev: 0,
+                ino: 0,
+                copy: false,
+                claimed_us: 0,
+            };
+            let rec = self.record(
+                usize::MAX,
+                &claim,
+                super::spool::FileStat {
+                    dev: 0,
+                    ino: 0,
+                    size: t.size,
+                    mtime_ns: t.mtime_ns,
+                },
+                &t,
+            );
+            self.writer.append_and_wait(rec).await?;
+        }
+        // Leftover copies in progress without a claim.
+        for name in self.spool.list().unwrap_or_default() {
+            if name.ends_with(super::spool::TMP_SUFFIX)
+                && !known.contains(name.trim_end_matches(super::spool::TMP_SUFFIX))
+            {
+                let _ = std::fs::remove_file(self.spool.path(&name));
+            }
+        }
+        if !redo.is_empty() {
+            self.pickup(redo).await;
+        }
+        Ok(())
+    }
+}
+
+/// Size and modification time of `path`, `None` if it is gone.
+fn stamp_of(path: &Path) -> Option<Stamp> {
+    let m = std::fs::symlink_metadata(path).ok()?;
+    Some(Stamp {
+        size: m.len(),
+        mtime: m.modified().ok()?,
+    })
+}
+
+/// The regular files under `dir` (recursively if asked), with their stamps. Unreadable
+/// directories are logged and skipped. Symbolic links are not followed.
+fn list_files(dir: &Path, recursive: bool) -> Vec<(PathBuf, Stamp)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let entries = match std::fs::read_dir(&d) {
+            Ok(e) => e,
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    warn!(dir = %d.display(), error = %e, "Cannot list a drop directory.");
+                }
+                continue;
+            }
+        };
+        for e in entries.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            let path = e.path();
+            if ft.is_dir() {
+                if recursive {
+                    stack.push(path);
+                }
+            } else if let Some(s) = stamp_of(&path) {
+                // Non-regular files are reported (and refused) at pickup.
+                out.push((path, s));
+            }
+        }
+    }
+    out
+}
