@@ -27,6 +27,8 @@ pub struct RelayConfig {
     pub shutdown_timeout: Duration,
     pub limits: LimitsConfig,
     pub sink: SinkConfig,
+    pub objects: ObjectsConfig,
+    pub uploads: UploadsConfig,
     pub gateways: Vec<GatewayConfig>,
 }
 
@@ -39,6 +41,8 @@ impl Default for RelayConfig {
             shutdown_timeout: Duration::from_secs(10),
             limits: LimitsConfig::default(),
             sink: SinkConfig::default(),
+            objects: ObjectsConfig::default(),
+            uploads: UploadsConfig::default(),
             gateways: Vec::new(),
         }
     }
@@ -53,6 +57,8 @@ pub struct LimitsConfig {
     pub max_event_bytes: ByteSize,
     pub max_events_per_request: usize,
     pub max_concurrent_requests: usize,
+    pub max_object_bytes: ByteSize,
+    pub max_concurrent_uploads: usize,
 }
 
 impl Default for LimitsConfig {
@@ -63,6 +69,8 @@ impl Default for LimitsConfig {
             max_event_bytes: ByteSize::mib(1),
             max_events_per_request: 100_000,
             max_concurrent_requests: 256,
+            max_object_bytes: ByteSize::mib(4 * 1024),
+            max_concurrent_uploads: 64,
         }
     }
 }
@@ -82,6 +90,30 @@ impl Default for SinkConfig {
             checkpoint_interval: Duration::from_secs(1),
             queue_depth: 1024,
             retry_after: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `[objects]`: where uploaded files are stored, and how events point at them.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObjectsConfig {
+    /// The prefix of every `dataref`; absent: `file://` and the absolute path of
+    /// `<data_dir>/objects/`.
+    pub base_url: Option<String>,
+}
+
+/// `[uploads]`: the resumable upload endpoint.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UploadsConfig {
+    pub abandon_after: Duration,
+}
+
+impl Default for UploadsConfig {
+    fn default() -> Self {
+        Self {
+            abandon_after: Duration::from_secs(7 * 86_400),
         }
     }
 }
@@ -106,6 +138,8 @@ pub struct Config {
     pub shutdown_timeout: std::time::Duration,
     pub limits: Limits,
     pub sink: SinkSettings,
+    pub objects: ObjectSettings,
+    pub uploads: UploadSettings,
     pub gateways: Vec<Credential>,
 }
 
@@ -117,6 +151,8 @@ pub struct Limits {
     pub max_event_bytes: u64,
     pub max_events_per_request: usize,
     pub max_concurrent_requests: usize,
+    pub max_object_bytes: u64,
+    pub max_concurrent_uploads: usize,
 }
 
 /// Checked `[sink]`.
@@ -125,6 +161,42 @@ pub struct SinkSettings {
     pub checkpoint_interval: std::time::Duration,
     pub queue_depth: usize,
     pub retry_after: std::time::Duration,
+}
+
+/// Checked `[objects]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectSettings {
+    /// Ends with `/`; the object key follows it.
+    pub base_url: String,
+}
+
+/// Checked `[uploads]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadSettings {
+    pub abandon_after: std::time::Duration,
+}
+
+/// The shortest `uploads.abandon_after`.
+pub const MIN_ABANDON_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The most a concurrency limit may allow (tokio's semaphore has a hard upper bound on
+/// permits).
+const MAX_PERMITS: usize = 1_000_000;
+
+/// A `file://` URL for an absolute path: bytes other than `A-Z a-z 0-9 - . _ ~ /` are
+/// percent-encoded, so a data dir with spaces still gives a valid URL.
+pub fn file_url(path: &Path) -> String {
+    use std::fmt::Write as _;
+    use std::os::unix::ffi::OsStrExt;
+    let mut url = String::from("file://");
+    for &b in path.as_os_str().as_bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
+            url.push(b as char);
+        } else {
+            let _ = write!(url, "%{b:02X}");
+        }
+    }
+    url
 }
 
 /// A configuration that cannot be used.
@@ -205,12 +277,23 @@ impl RelayConfig {
                 "must be at least 1",
             ));
         }
-        // tokio's semaphore has a hard upper bound on permits.
-        if l.max_concurrent_requests > 1_000_000 {
+        if l.max_concurrent_requests > MAX_PERMITS {
             return Err(invalid(
                 "limits.max_concurrent_requests",
-                "must be at most 1000000",
+                format!("must be at most {MAX_PERMITS}"),
             ));
+        }
+        if l.max_object_bytes.get() == 0 {
+            return Err(invalid("limits.max_object_bytes", "must be more than 0"));
+        }
+        if !(1..=MAX_PERMITS).contains(&l.max_concurrent_uploads) {
+            return Err(invalid(
+                "limits.max_concurrent_uploads",
+                format!("must be from 1 to {MAX_PERMITS}"),
+            ));
+        }
+        if self.uploads.abandon_after.get() < MIN_ABANDON_AFTER {
+            return Err(invalid("uploads.abandon_after", "must be at least 1m"));
         }
         let s = &self.sink;
         if s.checkpoint_interval.get() < std::time::Duration::from_millis(10) {
@@ -228,6 +311,36 @@ impl RelayConfig {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
         }
+        // Absolute, so the default `dataref`s name the objects wherever they are read.
+        let data_dir = std::path::absolute(&self.data_dir).map_err(|e| {
+            invalid(
+                "data_dir",
+                format!("cannot be made absolute (the current directory is unusable: {e})"),
+            )
+        })?;
+        let base_url = match &self.objects.base_url {
+            None => format!(
+                "{}/",
+                file_url(&data_dir.join(crate::sink::stream::OBJECTS_DIR))
+            ),
+            Some(url) => {
+                if !url.ends_with('/') {
+                    return Err(invalid(
+                        "objects.base_url",
+                        format!("({url:?}) must end with \"/\": the object key is appended to it"),
+                    ));
+                }
+                if !url.contains(':') || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    return Err(invalid(
+                        "objects.base_url",
+                        format!(
+                            "({url:?}) must be a URL such as \"s3://bucket/prefix/\", without spaces"
+                        ),
+                    ));
+                }
+                url.clone()
+            }
+        };
 
         let mut ids = HashSet::new();
         let mut digests = HashSet::new();
@@ -287,7 +400,7 @@ impl RelayConfig {
 
         Ok(Config {
             listen: self.listen,
-            data_dir: self.data_dir.clone(),
+            data_dir,
             allow_unauthenticated: self.allow_unauthenticated,
             shutdown_timeout: self.shutdown_timeout.get(),
             limits: Limits {
@@ -296,11 +409,17 @@ impl RelayConfig {
                 max_event_bytes: l.max_event_bytes.get(),
                 max_events_per_request: l.max_events_per_request,
                 max_concurrent_requests: l.max_concurrent_requests,
+                max_object_bytes: l.max_object_bytes.get(),
+                max_concurrent_uploads: l.max_concurrent_uploads,
             },
             sink: SinkSettings {
                 checkpoint_interval: s.checkpoint_interval.get(),
                 queue_depth: s.queue_depth,
                 retry_after: s.retry_after.get(),
+            },
+            objects: ObjectSettings { base_url },
+            uploads: UploadSettings {
+                abandon_after: self.uploads.abandon_after.get(),
             },
             gateways,
         })
@@ -318,6 +437,58 @@ mod tests {
         let checked = parsed.validate().unwrap();
         assert!(checked.gateways.is_empty());
         assert_eq!(checked.limits.max_request_bytes, 16 << 20);
+        assert_eq!(checked.limits.max_object_bytes, 4 << 30);
+        assert_eq!(checked.limits.max_concurrent_uploads, 64);
+        assert_eq!(
+            checked.uploads.abandon_after,
+            std::time::Duration::from_secs(7 * 86_400)
+        );
+        // The data dir is made absolute, and the default base URL names its objects/.
+        assert!(checked.data_dir.is_absolute(), "{:?}", checked.data_dir);
+        let url = &checked.objects.base_url;
+        assert!(url.starts_with("file:///"), "{url}");
+        assert!(url.ends_with("/pigeon-relay-data/objects/"), "{url}");
+    }
+
+    #[test]
+    fn objects_and_uploads_tables() {
+        let c = RelayConfig::parse(
+            r#"
+            data_dir = "/srv/pigeon relay"
+            [limits]
+            max_object_bytes = "100MiB"
+            max_concurrent_uploads = 4
+            [objects]
+            base_url = "https://files.example.com/pigeon/"
+            [uploads]
+            abandon_after = "2h"
+            "#,
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(c.limits.max_object_bytes, 100 << 20);
+        assert_eq!(c.limits.max_concurrent_uploads, 4);
+        assert_eq!(c.objects.base_url, "https://files.example.com/pigeon/");
+        assert_eq!(
+            c.uploads.abandon_after,
+            std::time::Duration::from_secs(7200)
+        );
+        // Without base_url: the objects directory as a file URL, spaces encoded.
+        let c = RelayConfig::parse("data_dir = \"/srv/pigeon relay\"\n")
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(c.objects.base_url, "file:///srv/pigeon%20relay/objects/");
+    }
+
+    #[test]
+    fn file_urls_encode_what_is_not_plain() {
+        assert_eq!(
+            file_url(Path::new("/var/lib/pigeon-relay/objects")),
+            "file:///var/lib/pigeon-relay/objects"
+        );
+        assert_eq!(file_url(Path::new("/a b/ü%")), "file:///a%20b/%C3%BC%25");
     }
 
     #[test]
@@ -436,6 +607,25 @@ mod tests {
             "limits.max_concurrent_requests"
         );
         assert_eq!(invalid_key("[sink]\nqueue_depth = 0\n"), "sink.queue_depth");
+        assert_eq!(
+            invalid_key("[limits]\nmax_object_bytes = 0\n"),
+            "limits.max_object_bytes"
+        );
+        assert_eq!(
+            invalid_key("[limits]\nmax_concurrent_uploads = 0\n"),
+            "limits.max_concurrent_uploads"
+        );
+        assert_eq!(
+            invalid_key("[uploads]\nabandon_after = \"59s\"\n"),
+            "uploads.abandon_after"
+        );
+        for bad in ["file:///srv/objects", "no-scheme/", "s3://bucket/a b/"] {
+            assert_eq!(
+                invalid_key(&format!("[objects]\nbase_url = {bad:?}\n")),
+                "objects.base_url",
+                "{bad}"
+            );
+        }
         assert_eq!(
             invalid_key("[sink]\nretry_after = \"500ms\"\n"),
             "sink.retry_after"

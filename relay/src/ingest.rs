@@ -88,7 +88,7 @@ impl Rejection {
 }
 
 /// The media type of a `Content-Type` value: lowercase, without parameters.
-fn media_type(value: &str) -> String {
+pub(crate) fn media_type(value: &str) -> String {
     value
         .split(';')
         .next()
@@ -306,6 +306,19 @@ fn structured_event(raw: &RawValue) -> Result<Event, Rejection> {
             id,
             reason: format!("not a valid CloudEvent: {e}"),
         }
+    })
+}
+
+/// One structured event from JSON parsed already (the `event` of an upload's
+/// `CreateUpload`), with the same rejections as a structured event of a batch.
+pub fn event_from_value(value: &Value) -> Result<Event, Rejection> {
+    use serde::Deserialize as _;
+    if !value.is_object() {
+        return Err(Rejection::new(None, "an event must be a JSON object"));
+    }
+    Event::deserialize(value).map_err(|e| Rejection {
+        id: value.get("id").and_then(Value::as_str).map(str::to_owned),
+        reason: format!("not a valid CloudEvent: {e}"),
     })
 }
 
@@ -726,6 +739,20 @@ mod tests {
         let line: Value = serde_json::from_slice(&checked.line).unwrap();
         assert_eq!(line["data"], json!({"t": 21.5}));
         assert_eq!(line["sequence"], "00000000000000000007");
+    }
+
+    #[test]
+    fn events_from_parsed_json() {
+        let ev = event_from_value(&event_json(3)).unwrap();
+        assert_eq!(check_event(&ev, &pi1(), 1 << 20).unwrap().sequence, 3);
+        let mut bad = event_json(4);
+        bad.as_object_mut().unwrap().remove("type");
+        let r = event_from_value(&bad).unwrap_err();
+        assert_eq!(r.id.as_deref(), Some("id-4"));
+        assert!(r.reason.contains("not a valid CloudEvent"), "{}", r.reason);
+        let r = event_from_value(&json!([1])).unwrap_err();
+        assert_eq!(r.id, None);
+        assert!(r.reason.contains("JSON object"), "{}", r.reason);
     }
 
     fn binary_headers(ct: Option<&str>) -> HeaderMap {

@@ -17,7 +17,7 @@ use pigeon_shared::ce::GatewayId;
 
 /// The directory under the data dir that holds the stream.
 pub const STREAM_DIR: &str = "stream";
-/// The directory under the data dir reserved for file payloads.
+/// The directory under the data dir that holds uploaded files (see [`crate::upload`]).
 pub const OBJECTS_DIR: &str = "objects";
 /// The directory under the data dir that holds the deduplication checkpoint.
 pub const STATE_DIR: &str = "state";

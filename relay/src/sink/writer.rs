@@ -77,8 +77,20 @@ struct WriteRequest {
     reply: oneshot::Sender<Result<Vec<Outcome>, SinkError>>,
 }
 
+/// Whether an identity is durable already (the index has it).
+struct ContainsQuery {
+    gateway: GatewayId,
+    producer: String,
+    sequence: u64,
+    reply: oneshot::Sender<bool>,
+}
+
 enum Command {
     Write(WriteRequest),
+    /// Answered from the index as the writer takes it. Writes still queued or in the
+    /// group being collected are not in the index yet, so `false` can be stale — never
+    /// `true`: the index holds only what a commit made durable.
+    Contains(ContainsQuery),
     /// Wakes the writer to write a due checkpoint.
     Tick,
     /// Answered as the writer takes it: it is alive and not stuck (the watchdog asks).
@@ -112,6 +124,27 @@ impl SinkHandle {
             .await
             .map_err(|_| SinkError::ShuttingDown)?;
         answer.await.map_err(|_| SinkError::ShuttingDown)?
+    }
+
+    /// Whether (gateway, producer, sequence) is already durable in the stream (or below
+    /// a settled floor): an event with that identity would be a duplicate.
+    pub async fn contains(
+        &self,
+        gateway: &GatewayId,
+        producer: &str,
+        sequence: u64,
+    ) -> Result<bool, SinkError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::Contains(ContainsQuery {
+                gateway: gateway.clone(),
+                producer: producer.to_owned(),
+                sequence,
+                reply,
+            }))
+            .await
+            .map_err(|_| SinkError::ShuttingDown)?;
+        answer.await.map_err(|_| SinkError::ShuttingDown)
     }
 
     /// Whether the writer is running and its last write succeeded.
@@ -227,6 +260,12 @@ impl Writer {
                         group.push(w);
                     }
                     Command::Tick => {}
+                    Command::Contains(q) => {
+                        let known =
+                            self.index
+                                .contains(q.gateway.as_str(), &q.producer, q.sequence);
+                        let _ = q.reply.send(known);
+                    }
                     Command::Ping(reply) => {
                         let _ = reply.send(());
                     }
@@ -467,6 +506,23 @@ mod tests {
         assert_eq!(stream_lines(dir.path()).len(), 3);
         sink.shutdown().await;
         thread.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn contains_answers_from_the_durable_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, thread) = start(dir.path(), settings(), Arc::new(Metrics::new())).unwrap();
+        let pi1 = GatewayId::new("pi-1").unwrap();
+        assert!(!sink.contains(&pi1, "p", 1).await.unwrap());
+        sink.write(vec![ev("pi-1", "p", 1)], None).await.unwrap();
+        assert!(sink.contains(&pi1, "p", 1).await.unwrap());
+        assert!(!sink.contains(&pi1, "p", 2).await.unwrap());
+        assert!(!sink.contains(&pi1, "q", 1).await.unwrap());
+        let pi2 = GatewayId::new("pi-2").unwrap();
+        assert!(!sink.contains(&pi2, "p", 1).await.unwrap());
+        sink.shutdown().await;
+        thread.join().unwrap();
+        assert!(sink.contains(&pi1, "p", 1).await.is_err(), "stopped");
     }
 
     #[tokio::test]
