@@ -7,10 +7,13 @@
 //! * [`auth`] — bearer tokens → gateway ids;
 //! * [`ingest`] — the CloudEvents HTTP binding (batch, structured, binary; gzip) and
 //!   Pigeon's per-event rules, as pure functions;
-//! * [`server`] — the axum routes: the ingest endpoint, `/live`, `/ready`, `/metrics`;
+//! * [`server`] — the axum routes: the ingest endpoint, the upload endpoint, `/live`,
+//!   `/ready`, `/metrics`;
 //! * [`sink`] — the embedded stream sink: the deduplication index, the `.jsonl` stream
 //!   files, the checkpoint that makes the index survive restarts, and the single writer
 //!   thread that does group commits;
+//! * [`upload`] — resumable file uploads: bytes into `objects/`, then the file's event
+//!   (with `dataref`) through the sink;
 //! * [`metrics`] — counters and histograms in the Prometheus text format;
 //! * [`service`] — what systemd is told: ready, watchdog pings, status, stopping.
 //!
@@ -24,6 +27,7 @@ pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod sink;
+pub mod upload;
 
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;
@@ -69,6 +73,24 @@ pub async fn run(
             .await
             .map_err(|e| RelayError::Internal(format!("startup task failed: {e}")))??;
     let ticker = sink.spawn_ticker(config.sink.checkpoint_interval);
+    let data_dir = config.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || upload::UploadStore::open(&data_dir))
+        .await
+        .map_err(|e| RelayError::Internal(format!("startup task failed: {e}")))??;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let uploads = Arc::new(upload::Uploads::new(
+        store,
+        sink.clone(),
+        metrics.clone(),
+        upload::Settings {
+            base_url: config.objects.base_url.clone(),
+            max_object_bytes: config.limits.max_object_bytes,
+            max_event_bytes: config.limits.max_event_bytes,
+            abandon_after: config.uploads.abandon_after,
+        },
+        stop_rx.clone(),
+    ));
+    let sweeper = uploads.spawn_sweeper();
 
     if config.gateways.is_empty() {
         if config.allow_unauthenticated {
@@ -91,10 +113,11 @@ pub async fn run(
         retry_after: config.sink.retry_after,
         metrics: metrics.clone(),
         permits: Arc::new(Semaphore::new(config.limits.max_concurrent_requests)),
+        uploads,
+        upload_permits: Arc::new(Semaphore::new(config.limits.max_concurrent_uploads)),
     });
     let app = server::router(state);
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let stopping = notifier.clone();
     tokio::spawn(async move {
         shutdown.await;
@@ -117,7 +140,12 @@ pub async fn run(
         // Small request/response exchanges on kept-alive connections: no Nagle delays.
         let _ = tcp.set_nodelay(true);
     });
-    tracing::info!(%addr, data_dir = %config.data_dir.display(), "The relay is listening.");
+    tracing::info!(
+        %addr,
+        data_dir = %config.data_dir.display(),
+        objects = %config.objects.base_url,
+        "The relay is listening."
+    );
     let line = service::status_line(&addr.to_string(), &metrics);
     service::notify(&notifier, &[State::Ready, State::Status(&line)]);
     let watchdog = notifier.is_enabled().then(|| {
@@ -149,6 +177,7 @@ pub async fn run(
     if let Some(w) = watchdog {
         w.abort();
     }
+    sweeper.abort();
     sink.shutdown().await;
     ticker.abort();
     tokio::task::spawn_blocking(move || writer_thread.join())

@@ -75,6 +75,15 @@ pub struct Metrics {
     pub checkpoint_errors: AtomicU64,
     pub dedup_producers: AtomicU64,
     pub sink_healthy: AtomicBool,
+    pub uploads_created: AtomicU64,
+    pub uploads_resumed: AtomicU64,
+    pub upload_bytes_received: AtomicU64,
+    pub uploads_accepted: AtomicU64,
+    pub uploads_duplicate: AtomicU64,
+    pub upload_digest_mismatches: AtomicU64,
+    pub uploads_in_progress: AtomicU64,
+    pub uploads_abandoned: AtomicU64,
+    pub object_bytes_written: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -100,6 +109,15 @@ impl Metrics {
             checkpoint_errors: AtomicU64::new(0),
             dedup_producers: AtomicU64::new(0),
             sink_healthy: AtomicBool::new(true),
+            uploads_created: AtomicU64::new(0),
+            uploads_resumed: AtomicU64::new(0),
+            upload_bytes_received: AtomicU64::new(0),
+            uploads_accepted: AtomicU64::new(0),
+            uploads_duplicate: AtomicU64::new(0),
+            upload_digest_mismatches: AtomicU64::new(0),
+            uploads_in_progress: AtomicU64::new(0),
+            uploads_abandoned: AtomicU64::new(0),
+            object_bytes_written: AtomicU64::new(0),
         }
     }
 
@@ -209,6 +227,61 @@ impl Metrics {
             "1 while the stream sink's last write succeeded, 0 after a failure.",
             u64::from(self.sink_healthy.load(Relaxed)),
         );
+
+        counter(
+            &mut out,
+            "pigeon_relay_uploads_created_total",
+            "File uploads created (answered 201).",
+            self.uploads_created.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "pigeon_relay_uploads_resumed_total",
+            "File uploads continued from bytes the relay already held (a PATCH from an offset above 0, or a create that finished the job).",
+            self.uploads_resumed.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "pigeon_relay_upload_bytes_received_total",
+            "File bytes received and appended to unfinished uploads.",
+            self.upload_bytes_received.load(Relaxed),
+        );
+        let name = "pigeon_relay_uploads_completed_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} File uploads finished with their event durable, by result."
+        );
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for (result, c) in [
+            ("accepted", &self.uploads_accepted),
+            ("duplicate", &self.uploads_duplicate),
+        ] {
+            let _ = writeln!(out, "{name}{{result=\"{result}\"}} {}", c.load(Relaxed));
+        }
+        counter(
+            &mut out,
+            "pigeon_relay_upload_digest_mismatches_total",
+            "Uploaded files whose SHA-256 was not the one announced (their bytes were discarded).",
+            self.upload_digest_mismatches.load(Relaxed),
+        );
+        gauge(
+            &mut out,
+            "pigeon_relay_uploads_in_progress",
+            "Upload PATCH requests being handled now.",
+            self.uploads_in_progress.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "pigeon_relay_uploads_abandoned_total",
+            "Unfinished uploads deleted after uploads.abandon_after without a touch.",
+            self.uploads_abandoned.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "pigeon_relay_object_bytes_written_total",
+            "Bytes of files stored as objects.",
+            self.object_bytes_written.load(Relaxed),
+        );
         out
     }
 }
@@ -225,6 +298,8 @@ mod tests {
         m.count_request(413);
         m.count_request(418);
         m.events_accepted.fetch_add(20, Relaxed);
+        m.uploads_duplicate.fetch_add(3, Relaxed);
+        m.uploads_in_progress.fetch_add(2, Relaxed);
         m.sink_commit_seconds.observe(Duration::from_micros(300));
         m.sink_commit_seconds.observe(Duration::from_millis(20));
         let text = m.render();
@@ -239,6 +314,11 @@ mod tests {
             "pigeon_relay_sink_write_seconds_bucket{le=\"+Inf\"} 2",
             "pigeon_relay_sink_write_seconds_count 2",
             "# TYPE pigeon_relay_stream_bytes_written_total counter",
+            "pigeon_relay_uploads_completed_total{result=\"accepted\"} 0",
+            "pigeon_relay_uploads_completed_total{result=\"duplicate\"} 3",
+            "# TYPE pigeon_relay_uploads_in_progress gauge",
+            "pigeon_relay_uploads_in_progress 2",
+            "pigeon_relay_object_bytes_written_total 0",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }

@@ -1,9 +1,11 @@
-//! The HTTP server: the ingest endpoint, `/live`, `/ready` and `/metrics`.
+//! The HTTP server: the ingest endpoint, the upload endpoint, `/live`, `/ready` and
+//! `/metrics`.
 //!
 //! The ingest handler is glue: it checks the concurrency limit and the token, reads the
 //! body within its limit, hands the bytes to [`crate::ingest`] (pure parsing and checks),
 //! gives the surviving events to the [sink writer](crate::sink::writer) and answers with
-//! the per-event results once they are durable.
+//! the per-event results once they are durable. The upload handlers are in
+//! [`crate::upload::routes`].
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -16,17 +18,18 @@ use axum::extract::State;
 use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, EXPECT, RETRY_AFTER, WWW_AUTHENTICATE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, head, post};
 use futures_util::StreamExt;
 use pigeon_shared::ce::GatewayId;
 use pigeon_shared::wire::{self, ErrorBody, EventResult, EventStatus, IngestResponse};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::auth::{Authenticator, Principal};
+use crate::auth::{AuthError, Authenticator, Principal};
 use crate::config::Limits;
 use crate::ingest::{self, CheckedEvent, Rejection, RequestError};
 use crate::metrics::Metrics;
 use crate::sink::{Outcome, Settle, SinkEvent, SinkHandle};
+use crate::upload::{Uploads, routes as upload_routes};
 
 /// Bodies larger than this (as received) are parsed on a blocking thread, so a 16 MiB
 /// batch does not stall the other connections on this worker.
@@ -36,8 +39,8 @@ const PARSE_INLINE_MAX: usize = 256 * 1024;
 /// so that the client, still sending, gets to read the answer.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Retry-After when the concurrency limit is reached.
-const OVERLOAD_RETRY_AFTER_SECS: u64 = 1;
+/// Retry-After when a concurrency limit is reached.
+pub(crate) const OVERLOAD_RETRY_AFTER_SECS: u64 = 1;
 
 /// What every handler shares.
 pub struct AppState {
@@ -46,13 +49,26 @@ pub struct AppState {
     pub limits: Limits,
     pub retry_after: Duration,
     pub metrics: Arc<Metrics>,
+    /// `limits.max_concurrent_requests`: ingest requests, and upload requests other than
+    /// `PATCH`.
     pub permits: Arc<Semaphore>,
+    pub uploads: Arc<Uploads>,
+    /// `limits.max_concurrent_uploads`: upload `PATCH`es.
+    pub upload_permits: Arc<Semaphore>,
 }
 
 /// The relay's routes.
 pub fn router(state: Arc<AppState>) -> Router {
+    let upload_path = format!("{}/{{id}}", wire::UPLOADS_PATH);
     Router::new()
         .route(wire::INGEST_PATH, post(ingest))
+        .route(wire::UPLOADS_PATH, post(upload_routes::create))
+        .route(
+            &upload_path,
+            head(upload_routes::head)
+                .patch(upload_routes::patch)
+                .delete(upload_routes::delete),
+        )
         .route("/live", get(live))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -113,14 +129,14 @@ async fn ingest(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body)
 }
 
 /// A whole-request failure, answered with an [`ErrorBody`].
-struct Failure {
+pub(crate) struct Failure {
     status: StatusCode,
     message: String,
     headers: Vec<(axum::http::HeaderName, HeaderValue)>,
 }
 
 impl Failure {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self {
             status,
             message: message.into(),
@@ -128,9 +144,24 @@ impl Failure {
         }
     }
 
-    fn retry_after(mut self, secs: u64) -> Self {
-        self.headers.push((RETRY_AFTER, HeaderValue::from(secs)));
+    pub(crate) fn retry_after(self, secs: u64) -> Self {
+        self.header(RETRY_AFTER, HeaderValue::from(secs))
+    }
+
+    pub(crate) fn header(mut self, name: axum::http::HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
         self
+    }
+
+    /// 401 with the `WWW-Authenticate` challenge for `e`.
+    pub(crate) fn unauthorized(e: &AuthError) -> Self {
+        Failure::new(StatusCode::UNAUTHORIZED, e.to_string())
+            .header(WWW_AUTHENTICATE, HeaderValue::from_static(e.challenge()))
+    }
+
+    /// 503 with `Retry-After: 1`: a concurrency limit is reached.
+    pub(crate) fn overloaded(what: String) -> Self {
+        Failure::new(StatusCode::SERVICE_UNAVAILABLE, what).retry_after(OVERLOAD_RETRY_AFTER_SECS)
     }
 }
 
@@ -142,7 +173,7 @@ impl From<RequestError> for Failure {
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
-        tracing::debug!(status = self.status.as_u16(), error = %self.message, "Refused an ingest request.");
+        tracing::debug!(status = self.status.as_u16(), error = %self.message, "Refused a request.");
         let mut r = (
             self.status,
             Json(ErrorBody {
@@ -155,6 +186,16 @@ impl IntoResponse for Failure {
         }
         r
     }
+}
+
+/// One of `limits.max_concurrent_requests`, or a 503 at once.
+pub(crate) fn request_permit(st: &AppState) -> Result<OwnedSemaphorePermit, Failure> {
+    st.permits.clone().try_acquire_owned().map_err(|_| {
+        Failure::overloaded(format!(
+            "the relay is handling its maximum of {} concurrent requests; retry later",
+            st.limits.max_concurrent_requests
+        ))
+    })
 }
 
 /// What the headers alone decided about an admitted request.
@@ -170,22 +211,11 @@ struct Admitted {
 /// The checks that need only the headers: concurrency, token, Pigeon headers, content
 /// type and encoding, declared length.
 fn admit(st: &AppState, headers: &HeaderMap) -> Result<Admitted, Failure> {
-    let Ok(permit) = st.permits.clone().try_acquire_owned() else {
-        return Err(Failure::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "the relay is handling its maximum of {} concurrent requests; retry later",
-                st.limits.max_concurrent_requests
-            ),
-        )
-        .retry_after(OVERLOAD_RETRY_AFTER_SECS));
-    };
-    let principal = st.auth.authenticate(headers).map_err(|e| {
-        let mut f = Failure::new(StatusCode::UNAUTHORIZED, e.to_string());
-        f.headers
-            .push((WWW_AUTHENTICATE, HeaderValue::from_static(e.challenge())));
-        f
-    })?;
+    let permit = request_permit(st)?;
+    let principal = st
+        .auth
+        .authenticate(headers)
+        .map_err(|e| Failure::unauthorized(&e))?;
     let settled = ingest::settled_below(headers)?;
     let encoding = ingest::content_encoding(headers)?;
     let mode = ingest::detect_mode(headers)?;
@@ -215,12 +245,7 @@ async fn handle_ingest(st: &AppState, headers: &HeaderMap, body: Body) -> Respon
     } = match admit(st, headers) {
         Ok(a) => a,
         Err(f) => {
-            drain(
-                headers,
-                body.into_data_stream(),
-                st.limits.max_request_bytes,
-            )
-            .await;
+            drain(headers, body.into_data_stream(), drain_cap(&st.limits)).await;
             return f.into_response();
         }
     };
@@ -228,7 +253,7 @@ async fn handle_ingest(st: &AppState, headers: &HeaderMap, body: Body) -> Respon
     let raw = match read_body(body.into_data_stream(), st.limits.max_request_bytes).await {
         Ok(b) => b,
         Err(ReadError::TooLarge(rest)) => {
-            drain(headers, rest, st.limits.max_request_bytes).await;
+            drain(headers, rest, drain_cap(&st.limits)).await;
             return too_large(st.limits.max_request_bytes).into_response();
         }
         Err(ReadError::Failed(e)) => {
@@ -371,14 +396,14 @@ fn single_gateway(checked: &[Result<CheckedEvent, Rejection>]) -> Option<Gateway
     gws.all(|g| g == first).then(|| first.clone())
 }
 
-enum ReadError {
+pub(crate) enum ReadError {
     /// Over the limit; the rest of the body is still to be drained.
     TooLarge(BodyDataStream),
     Failed(String),
 }
 
 /// Reads the body, stopping once it exceeds `limit` bytes.
-async fn read_body(mut stream: BodyDataStream, limit: u64) -> Result<Bytes, ReadError> {
+pub(crate) async fn read_body(mut stream: BodyDataStream, limit: u64) -> Result<Bytes, ReadError> {
     let mut first: Option<Bytes> = None;
     let mut buf: Vec<u8> = Vec::new();
     let mut total: u64 = 0;
@@ -402,11 +427,16 @@ async fn read_body(mut stream: BodyDataStream, limit: u64) -> Result<Bytes, Read
     Ok(first.unwrap_or_else(|| Bytes::from(buf)))
 }
 
-/// Reads and discards what is left of a refused request's body (up to four times the
-/// request limit, for at most [`DRAIN_TIMEOUT`]), so the client reads the answer instead
-/// of a connection reset. Not when the client waits for `100 Continue`: it has not sent
-/// the body, and reading would ask it to.
-async fn drain(headers: &HeaderMap, mut stream: BodyDataStream, limit: u64) {
+/// How much of a refused ingest request's body is read away: four times the limit.
+fn drain_cap(limits: &Limits) -> u64 {
+    limits.max_request_bytes.saturating_mul(4)
+}
+
+/// Reads and discards what is left of a refused request's body (up to `cap` bytes, for
+/// at most [`DRAIN_TIMEOUT`]), so the client reads the answer instead of a connection
+/// reset. Not when the client waits for `100 Continue`: it has not sent the body, and
+/// reading would ask it to.
+pub(crate) async fn drain(headers: &HeaderMap, mut stream: BodyDataStream, cap: u64) {
     let expects_continue = headers
         .get(EXPECT)
         .and_then(|v| v.to_str().ok())
@@ -414,7 +444,6 @@ async fn drain(headers: &HeaderMap, mut stream: BodyDataStream, limit: u64) {
     if expects_continue {
         return;
     }
-    let cap = limit.saturating_mul(4);
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
         let mut n: u64 = 0;
         while let Some(Ok(chunk)) = stream.next().await {

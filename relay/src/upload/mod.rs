@@ -1,0 +1,20 @@
+//! The resumable upload endpoint (`docs/protocol.md`, "Files"): a gateway creates an
+//! upload for a file's event, `PATCH`es the bytes (resuming after any break), and the
+//! relay checks the SHA-256, moves the file to its object key and publishes the event
+//! with a `dataref` through the stream sink.
+//!
+//! * [`key`] — the upload id and the object key, pure functions;
+//! * [`store`] — the manifests, `.part` files and the commit into `objects/` (blocking I/O);
+//! * [`registry`] — one lease per upload, newest request takes over, and the cached hash;
+//! * [`service`] — create, `PATCH`, `HEAD`, `DELETE`, completion and the abandoned-upload
+//!   sweep, without HTTP;
+//! * [`routes`] — the axum handlers.
+
+pub mod key;
+pub mod registry;
+pub mod routes;
+pub mod service;
+pub mod store;
+
+pub use service::{Settings, UploadError, Uploads};
+pub use store::{UPLOADS_DIR, UploadStore};

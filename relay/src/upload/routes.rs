@@ -1,0 +1,317 @@
+//! The upload endpoint's HTTP handlers: headers, limits and the token in, status codes
+//! and tus headers out; [`Uploads`](super::Uploads) does the work.
+//!
+//! `POST`, `HEAD` and `DELETE` count against `limits.max_concurrent_requests` like ingest
+//! requests; `PATCH`es, which can take long, have their own `limits.max_concurrent_uploads`.
+//! When either is full the answer is `503` with `Retry-After: 1`, at once.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use pigeon_shared::ce::GatewayId;
+use pigeon_shared::wire::{self, CreateUpload, UploadState};
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::key::is_upload_id;
+use super::service::{Created, PatchRequest, Patched, UploadError, not_found};
+use crate::auth::{AuthError, Principal};
+use crate::ingest::media_type;
+use crate::server::{AppState, Failure, ReadError, drain, read_body, request_permit};
+
+/// Room in a create's body for what surrounds its event.
+const CREATE_OVERHEAD: u64 = 64 * 1024;
+/// How much of a refused `PATCH`'s body is read away before the answer, so a client
+/// still sending reads it instead of a connection reset. A longer body may see the
+/// reset; its gateway creates the upload again and learns the offset.
+const PATCH_DRAIN_CAP: u64 = 8 << 20;
+
+const UPLOAD_OFFSET: HeaderName = HeaderName::from_static(wire::HEADER_UPLOAD_OFFSET);
+const UPLOAD_LENGTH: HeaderName = HeaderName::from_static(wire::HEADER_UPLOAD_LENGTH);
+
+/// Uploads always need a token, even with `allow_unauthenticated`.
+fn gateway(st: &AppState, headers: &HeaderMap) -> Result<GatewayId, Failure> {
+    match st.auth.authenticate(headers) {
+        Ok(Principal::Gateway(g)) => Ok(g),
+        Ok(Principal::Anonymous) => Err(Failure::unauthorized(&AuthError::Missing)),
+        Err(e) => Err(Failure::unauthorized(&e)),
+    }
+}
+
+fn failure(st: &AppState, e: UploadError) -> Failure {
+    let message = e.to_string();
+    let offset = |f: Failure, n: u64| f.header(UPLOAD_OFFSET, HeaderValue::from(n));
+    match e {
+        UploadError::BadRequest(_) => Failure::new(StatusCode::BAD_REQUEST, message),
+        UploadError::NotFound(_) => Failure::new(StatusCode::NOT_FOUND, message),
+        UploadError::Idle { offset: n, .. } => {
+            offset(Failure::new(StatusCode::REQUEST_TIMEOUT, message), n)
+        }
+        UploadError::Conflict { offset: n, .. } => {
+            offset(Failure::new(StatusCode::CONFLICT, message), n)
+        }
+        UploadError::TooLarge { offset: n, .. } => {
+            let f = Failure::new(StatusCode::PAYLOAD_TOO_LARGE, message);
+            match n {
+                Some(n) => offset(f, n),
+                None => f,
+            }
+        }
+        UploadError::DigestMismatch { .. } => {
+            offset(Failure::new(StatusCode::UNPROCESSABLE_ENTITY, message), 0)
+        }
+        UploadError::Unavailable(_) => Failure::new(StatusCode::SERVICE_UNAVAILABLE, message)
+            .retry_after(st.retry_after.as_secs().max(1)),
+        UploadError::Internal(_) => {
+            tracing::error!(error = %message, "An upload request failed unexpectedly.");
+            Failure::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+        }
+    }
+}
+
+/// Adds `Upload-Offset`, `Upload-Length` and `Cache-Control: no-store` (offsets change).
+fn with_offsets(mut r: Response, offset: u64, length: u64) -> Response {
+    let h = r.headers_mut();
+    h.insert(UPLOAD_OFFSET, HeaderValue::from(offset));
+    h.insert(UPLOAD_LENGTH, HeaderValue::from(length));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// An [`UploadState`] body; the tus headers when it has a `location` (and `Location`
+/// itself on `201`).
+fn state_response(status: StatusCode, state: UploadState) -> Response {
+    let location = state.location.clone();
+    let (offset, length) = (state.offset, state.length);
+    let mut r = (status, Json(state)).into_response();
+    if let Some(loc) = location {
+        if status == StatusCode::CREATED
+            && let Ok(v) = HeaderValue::from_str(&loc)
+        {
+            r.headers_mut().insert(LOCATION, v);
+        }
+        r = with_offsets(r, offset, length);
+    }
+    r
+}
+
+fn check_upload_id(gateway: &GatewayId, id: &str) -> Result<(), Failure> {
+    if is_upload_id(id) {
+        Ok(())
+    } else {
+        Err(Failure::new(
+            StatusCode::NOT_FOUND,
+            not_found(gateway, id).to_string(),
+        ))
+    }
+}
+
+/// `POST /v1/uploads`.
+pub async fn create(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    let stream = body.into_data_stream();
+    let limit = st.limits.max_event_bytes.saturating_add(CREATE_OVERHEAD);
+    let too_large = || {
+        Failure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the body is larger than {limit} bytes: an upload's event may be at most limits.max_event_bytes"
+            ),
+        )
+    };
+    let admitted = (|| {
+        let permit = request_permit(&st)?;
+        let gw = gateway(&st, &headers)?;
+        let ct = headers
+            .get(CONTENT_TYPE)
+            .map(|v| v.to_str().map(media_type).unwrap_or_default());
+        if ct.is_some_and(|t| t != "application/json") {
+            return Err(Failure::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Content-Type must be application/json (a CreateUpload)",
+            ));
+        }
+        let declared = headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err(too_large());
+        }
+        Ok((permit, gw))
+    })();
+    let (_permit, gw) = match admitted {
+        Ok(a) => a,
+        Err(f) => {
+            drain(&headers, stream, limit).await;
+            return f.into_response();
+        }
+    };
+    let raw = match read_body(stream, limit).await {
+        Ok(b) => b,
+        Err(ReadError::TooLarge(rest)) => {
+            drain(&headers, rest, limit).await;
+            return too_large().into_response();
+        }
+        Err(ReadError::Failed(e)) => {
+            return Failure::new(
+                StatusCode::BAD_REQUEST,
+                format!("could not read the request body: {e}"),
+            )
+            .into_response();
+        }
+    };
+    let req: CreateUpload = match serde_json::from_slice(&raw) {
+        Ok(r) => r,
+        Err(e) => {
+            return Failure::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the body is not a CreateUpload ({{\"event\", \"length\", \"sha256\", \"extension\"}}): {e}"
+                ),
+            )
+            .into_response();
+        }
+    };
+    match st.uploads.create(&gw, req).await {
+        Ok(Created::New(s)) => state_response(StatusCode::CREATED, s),
+        Ok(Created::Existing(s) | Created::Done(s)) => state_response(StatusCode::OK, s),
+        Err(e) => failure(&st, e).into_response(),
+    }
+}
+
+/// The checks of a `PATCH` that need only its headers.
+fn admit_patch(
+    st: &AppState,
+    headers: &HeaderMap,
+    id: &str,
+) -> Result<(OwnedSemaphorePermit, PatchRequest), Failure> {
+    let permit = st.upload_permits.clone().try_acquire_owned().map_err(|_| {
+        Failure::overloaded(format!(
+            "the relay is receiving its maximum of {} uploads at once (limits.max_concurrent_uploads); retry later",
+            st.limits.max_concurrent_uploads
+        ))
+    })?;
+    let gateway = gateway(st, headers)?;
+    let ct = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(media_type);
+    if ct.as_deref() != Some(wire::CONTENT_TYPE_UPLOAD_CHUNK) {
+        return Err(Failure::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "Content-Type must be {} (the file's bytes)",
+                wire::CONTENT_TYPE_UPLOAD_CHUNK
+            ),
+        ));
+    }
+    let offset = headers
+        .get(&UPLOAD_OFFSET)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or_else(|| {
+            Failure::new(
+                StatusCode::BAD_REQUEST,
+                "header Upload-Offset must be the decimal number of bytes the relay holds (from the create's answer)",
+            )
+        })?;
+    check_upload_id(&gateway, id)?;
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    Ok((
+        permit,
+        PatchRequest {
+            gateway,
+            id: id.to_owned(),
+            offset,
+            declared,
+        },
+    ))
+}
+
+/// `PATCH /v1/uploads/<id>`.
+pub async fn patch(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let stream = body.into_data_stream();
+    let (permit, req) = match admit_patch(&st, &headers, &id) {
+        Ok(a) => a,
+        Err(f) => {
+            drain(&headers, stream, PATCH_DRAIN_CAP).await;
+            return f.into_response();
+        }
+    };
+    // A task of its own: if the client goes away, hyper drops this handler, but the
+    // bytes received so far are still written (and their hash kept) before the upload
+    // is let go.
+    let task = tokio::spawn(st.uploads.clone().patch(req, stream, permit));
+    let answer = match task.await {
+        Ok(a) => a,
+        Err(e) => {
+            return failure(&st, UploadError::Internal(format!("the PATCH failed: {e}")))
+                .into_response();
+        }
+    };
+    if let Some(rest) = answer.unread {
+        drain(&headers, rest, PATCH_DRAIN_CAP).await;
+    }
+    match answer.result {
+        Ok(Patched::Partial { offset, length }) => {
+            with_offsets(StatusCode::NO_CONTENT.into_response(), offset, length)
+        }
+        Ok(Patched::Done(s)) => {
+            let (offset, length) = (s.offset, s.length);
+            with_offsets(state_response(StatusCode::OK, s), offset, length)
+        }
+        Err(e) => failure(&st, e).into_response(),
+    }
+}
+
+/// `HEAD /v1/uploads/<id>`.
+pub async fn head(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let answer = async {
+        let _permit = request_permit(&st)?;
+        let gw = gateway(&st, &headers)?;
+        check_upload_id(&gw, &id)?;
+        st.uploads.head(&gw, &id).await.map_err(|e| failure(&st, e))
+    };
+    match answer.await {
+        Ok((offset, length)) => with_offsets(StatusCode::OK.into_response(), offset, length),
+        Err(f) => f.into_response(),
+    }
+}
+
+/// `DELETE /v1/uploads/<id>`.
+pub async fn delete(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let answer = async {
+        let _permit = request_permit(&st)?;
+        let gw = gateway(&st, &headers)?;
+        check_upload_id(&gw, &id)?;
+        st.uploads
+            .delete(&gw, &id)
+            .await
+            .map_err(|e| failure(&st, e))
+    };
+    match answer.await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(f) => f.into_response(),
+    }
+}
