@@ -173,6 +173,35 @@ impl Relay {
         }
     }
 
+    /// The value of one sample of `/metrics`, by its name with labels
+    /// (`pigeon_relay_uploads_completed_total{result="accepted"}`); 0 if absent.
+    pub fn metric(&self, sample: &str) -> u64 {
+        let r = request(self.port, "GET", "/metrics", &[], b"");
+        String::from_utf8_lossy(&r.body)
+            .lines()
+            .filter_map(|l| l.rsplit_once(' '))
+            .find(|(name, _)| *name == sample)
+            .and_then(|(_, v)| v.parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    }
+
+    /// Waits (at most 20 s) until the sample's value satisfies `ok`; returns it.
+    pub fn wait_metric(&self, sample: &str, ok: impl Fn(u64) -> bool) -> u64 {
+        let start = Instant::now();
+        loop {
+            let v = self.metric(sample);
+            if ok(v) {
+                return v;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{sample} stayed at {v}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// POSTs to the ingest endpoint.
     pub fn post(&self, headers: &[(&str, &str)], body: &[u8]) -> Response {
         request(self.port, "POST", "/v1/events", headers, body)
@@ -355,8 +384,12 @@ pub fn gzip(bytes: &[u8]) -> Vec<u8> {
 }
 
 pub fn sha256_hex(s: &str) -> String {
+    sha256_of(s.as_bytes())
+}
+
+pub fn sha256_of(bytes: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(s.as_bytes())
+    sha2::Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
@@ -408,9 +441,23 @@ impl RawConn {
 
     /// Sends the head of a POST to the ingest endpoint announcing `len` body bytes.
     pub fn send_head(&mut self, port: u16, headers: &[(&str, &str)], len: usize) {
-        let mut head = format!(
-            "POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {len}\r\n"
-        );
+        let len = len.to_string();
+        let mut all = vec![("content-length", len.as_str())];
+        all.extend_from_slice(headers);
+        self.send_request_head(port, "POST", "/v1/events", &all);
+    }
+
+    /// Sends the head of any request (`Connection: close`); `headers` say how the body
+    /// is framed (`content-length` or `transfer-encoding`).
+    pub fn send_request_head(
+        &mut self,
+        port: u16,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) {
+        let mut head =
+            format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
         for (k, v) in headers {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -423,9 +470,14 @@ impl RawConn {
     }
 
     /// Reads until the server closes the connection.
-    pub fn response(mut self) -> Response {
+    pub fn response(self) -> Response {
+        self.try_response().expect("read response")
+    }
+
+    /// Like [`RawConn::response`], but a connection reset is an error, not a panic.
+    pub fn try_response(mut self) -> std::io::Result<Response> {
         let mut raw = Vec::new();
-        self.stream.read_to_end(&mut raw).expect("read response");
-        parse_response(&raw).expect("parse response")
+        self.stream.read_to_end(&mut raw)?;
+        parse_response(&raw)
     }
 }
