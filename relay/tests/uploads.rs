@@ -304,6 +304,12 @@ fn a_body_that_breaks_off_is_resumed_without_sending_a_byte_twice() {
         "nothing re-sent"
     );
     assert_eq!(relay.metric("pigeon_relay_uploads_resumed_total"), 1);
+    // The same process kept the hash of the first half: nothing was read back from disk.
+    assert!(
+        !relay.log().contains("Re-hashed"),
+        "the bytes were hashed twice:\n{}",
+        relay.log()
+    );
     assert_eq!(relay.stream_events().len(), 1);
 }
 
@@ -753,4 +759,36 @@ fn objects_base_url_prefixes_the_dataref() {
     let want = format!("s3://landing/pigeon/{}", key(1));
     assert_eq!(v["dataref"], want);
     assert_eq!(relay.stream_events()[0]["dataref"], want);
+}
+
+#[test]
+fn sigterm_stops_a_running_patch_at_once_and_keeps_its_bytes() {
+    let mut relay = Relay::start();
+    let bytes = file_bytes(1 << 20, 14);
+    let location = created(&relay, 1, &bytes);
+    let conn = start_patch(&relay, &location, 0, bytes.len(), &bytes[..400_000]);
+    relay.wait_metric(RECEIVED, |n| n >= 256 * 1024);
+    let status = relay.terminate();
+    assert_eq!(status.code(), Some(0), "{}", relay.log());
+    assert!(
+        !relay
+            .log()
+            .contains("did not finish within the shutdown timeout"),
+        "the PATCH held up the shutdown:\n{}",
+        relay.log()
+    );
+    if let Ok(r) = conn.try_response() {
+        assert_eq!(r.status, 503, "{}", body_text(&r));
+        assert!(error_of(&r).contains("shutting down"), "{}", error_of(&r));
+    }
+
+    relay.spawn();
+    let r = create(&relay, 1, &bytes);
+    let held = r.json()["offset"].as_u64().unwrap();
+    assert!((256 * 1024..=400_000).contains(&held), "held {held}");
+    assert_done(
+        &patch(&relay, &location, held, &bytes[held as usize..]),
+        "accepted",
+    );
+    assert_eq!(std::fs::read(object_path(&relay, &key(1))).unwrap(), bytes);
 }
