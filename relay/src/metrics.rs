@@ -58,6 +58,23 @@ impl Histogram {
     }
 }
 
+/// Adds one to a gauge for as long as it lives (also when a handler is dropped
+/// mid-way because its client went away).
+pub struct GaugeGuard<'a>(&'a AtomicU64);
+
+impl<'a> GaugeGuard<'a> {
+    pub fn new(gauge: &'a AtomicU64) -> Self {
+        gauge.fetch_add(1, Relaxed);
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
 /// Everything `/metrics` shows.
 #[derive(Debug)]
 pub struct Metrics {

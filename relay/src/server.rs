@@ -27,7 +27,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::auth::{AuthError, Authenticator, Principal};
 use crate::config::Limits;
 use crate::ingest::{self, CheckedEvent, Rejection, RequestError};
-use crate::metrics::Metrics;
+use crate::metrics::{GaugeGuard, Metrics};
 use crate::sink::{Outcome, Settle, SinkEvent, SinkHandle};
 use crate::upload::{Uploads, routes as upload_routes};
 
@@ -102,26 +102,9 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-/// Counts a request in flight for as long as it lives (also when the client goes away
-/// and the handler is dropped mid-way).
-struct InFlight<'a>(&'a Metrics);
-
-impl<'a> InFlight<'a> {
-    fn new(m: &'a Metrics) -> Self {
-        m.requests_in_flight.fetch_add(1, Relaxed);
-        Self(m)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.requests_in_flight.fetch_sub(1, Relaxed);
-    }
-}
-
 async fn ingest(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
-    let _in_flight = InFlight::new(&st.metrics);
+    let _in_flight = GaugeGuard::new(&st.metrics.requests_in_flight);
     let response = handle_ingest(&st, &headers, body).await;
     st.metrics.count_request(response.status().as_u16());
     st.metrics.request_seconds.observe(started.elapsed());

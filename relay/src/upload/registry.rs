@@ -85,10 +85,28 @@ impl Registry {
             *g += 1;
             generation = *g;
         });
-        let takeovers = slot.takeovers.subscribe();
-        let mut guard = slot.held.clone().lock_owned().await;
+        let guard = slot.held.clone().lock_owned().await;
+        self.lease(key, slot, guard, generation)
+    }
+
+    /// The lease of `key` if nobody holds it now; stops nobody.
+    pub fn try_lease(&self, key: &str) -> Option<Lease> {
+        let slot = self.slot(key);
+        let guard = slot.held.clone().try_lock_owned().ok()?;
+        let generation = *slot.takeovers.borrow();
+        Some(self.lease(key, slot, guard, generation))
+    }
+
+    fn lease(
+        &self,
+        key: &str,
+        slot: Arc<Slot>,
+        mut guard: OwnedMutexGuard<Held>,
+        generation: u64,
+    ) -> Lease {
         // Whether the upload is gone is for this holder to find out again.
         guard.gone = false;
+        let takeovers = slot.takeovers.subscribe();
         Lease {
             slots: self.slots.clone(),
             key: key.to_owned(),
@@ -97,23 +115,6 @@ impl Registry {
             generation,
             takeovers,
         }
-    }
-
-    /// The lease of `key` if nobody holds it now; stops nobody.
-    pub fn try_lease(&self, key: &str) -> Option<Lease> {
-        let slot = self.slot(key);
-        let mut guard = slot.held.clone().try_lock_owned().ok()?;
-        guard.gone = false;
-        let takeovers = slot.takeovers.subscribe();
-        let generation = *takeovers.borrow();
-        Some(Lease {
-            slots: self.slots.clone(),
-            key: key.to_owned(),
-            slot,
-            guard,
-            generation,
-            takeovers,
-        })
     }
 
     /// How many uploads are remembered (being worked on, or with a cached hash).

@@ -277,6 +277,18 @@ pub async fn patch(
     }
 }
 
+/// The checks of a `HEAD` or `DELETE`: a request slot, the token, an id that can exist.
+fn admit_short(
+    st: &AppState,
+    headers: &HeaderMap,
+    id: &str,
+) -> Result<(OwnedSemaphorePermit, GatewayId), Failure> {
+    let permit = request_permit(st)?;
+    let gw = gateway(st, headers)?;
+    check_upload_id(&gw, id)?;
+    Ok((permit, gw))
+}
+
 /// `HEAD /v1/uploads/<id>`.
 pub async fn head(
     State(st): State<Arc<AppState>>,
@@ -284,9 +296,7 @@ pub async fn head(
     headers: HeaderMap,
 ) -> Response {
     let answer = async {
-        let _permit = request_permit(&st)?;
-        let gw = gateway(&st, &headers)?;
-        check_upload_id(&gw, &id)?;
+        let (_permit, gw) = admit_short(&st, &headers, &id)?;
         st.uploads.head(&gw, &id).await.map_err(|e| failure(&st, e))
     };
     match answer.await {
@@ -302,9 +312,7 @@ pub async fn delete(
     headers: HeaderMap,
 ) -> Response {
     let answer = async {
-        let _permit = request_permit(&st)?;
-        let gw = gateway(&st, &headers)?;
-        check_upload_id(&gw, &id)?;
+        let (_permit, gw) = admit_short(&st, &headers, &id)?;
         st.uploads
             .delete(&gw, &id)
             .await

@@ -35,7 +35,7 @@ use super::registry::{Lease, Registry};
 use super::store::{Hashed, Manifest, UploadStore, hash_prefix, now_ms, resume_hasher};
 use crate::auth::Principal;
 use crate::ingest::{self, Rejection};
-use crate::metrics::Metrics;
+use crate::metrics::{GaugeGuard, Metrics};
 use crate::sink::{Outcome, SinkEvent, SinkHandle};
 
 /// Bytes of a `PATCH` body collected before they are written (and hashed) in one go.
@@ -289,22 +289,6 @@ async fn stopping(rx: &mut watch::Receiver<bool>) {
     }
 }
 
-/// Counts a `PATCH` in progress for as long as it lives.
-struct InProgress<'a>(&'a Metrics);
-
-impl<'a> InProgress<'a> {
-    fn new(m: &'a Metrics) -> Self {
-        m.uploads_in_progress.fetch_add(1, Relaxed);
-        Self(m)
-    }
-}
-
-impl Drop for InProgress<'_> {
-    fn drop(&mut self) {
-        self.0.uploads_in_progress.fetch_sub(1, Relaxed);
-    }
-}
-
 /// The `.part` being appended to, with the hash of everything written and the bytes
 /// not written yet.
 struct PartWriter {
@@ -545,7 +529,7 @@ impl Uploads {
         permit: OwnedSemaphorePermit,
     ) -> PatchAnswer {
         let _permit = permit;
-        let _in_progress = InProgress::new(&self.metrics);
+        let _in_progress = GaugeGuard::new(&self.metrics.uploads_in_progress);
         let started = Instant::now();
         let PatchRequest {
             gateway,
@@ -1157,6 +1141,18 @@ mod tests {
             }
         }
 
+        async fn create(&self, seq: u64, bytes: &[u8]) -> Created {
+            self.uploads
+                .create(&pi1(), create_req(seq, bytes))
+                .await
+                .unwrap()
+        }
+
+        /// Creates the upload and returns its id.
+        async fn id(&self, seq: u64, bytes: &[u8]) -> String {
+            id_of(&self.create(seq, bytes).await)
+        }
+
         async fn patch(&self, id: &str, offset: u64, bytes: &[u8]) -> Result<Patched, UploadError> {
             let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
             let req = PatchRequest {
@@ -1251,19 +1247,11 @@ mod tests {
     async fn create_patch_complete_and_create_again() {
         let f = Fixture::new();
         let bytes = b"0123456789".repeat(1000);
-        let created = f
-            .uploads
-            .create(&pi1(), create_req(7, &bytes))
-            .await
-            .unwrap();
+        let created = f.create(7, &bytes).await;
         let id = id_of(&created);
         assert!(matches!(&created, Created::New(s) if s.offset == 0));
         // Again: the same upload, nothing held yet.
-        let again = f
-            .uploads
-            .create(&pi1(), create_req(7, &bytes))
-            .await
-            .unwrap();
+        let again = f.create(7, &bytes).await;
         assert!(matches!(&again, Created::Existing(s) if s.offset == 0 && id_of(&again) == id));
 
         assert_eq!(
@@ -1316,11 +1304,7 @@ mod tests {
             Err(UploadError::NotFound(_))
         ));
 
-        let again = f
-            .uploads
-            .create(&pi1(), create_req(7, &bytes))
-            .await
-            .unwrap();
+        let again = f.create(7, &bytes).await;
         let Created::Done(s) = again else {
             panic!("{again:?}")
         };
@@ -1353,18 +1337,9 @@ mod tests {
     async fn a_full_part_and_an_object_in_place_are_finished_by_create() {
         let f = Fixture::new();
         // All bytes held, not committed (a crash after the last write).
-        let id = id_of(
-            &f.uploads
-                .create(&pi1(), create_req(1, b"abc"))
-                .await
-                .unwrap(),
-        );
+        let id = f.id(1, b"abc").await;
         std::fs::write(f.uploads.store.part_path(&pi1(), &id), b"abc").unwrap();
-        let done = f
-            .uploads
-            .create(&pi1(), create_req(1, b"abc"))
-            .await
-            .unwrap();
+        let done = f.create(1, b"abc").await;
         assert!(
             matches!(&done, Created::Done(s) if s.result.as_ref().unwrap().status == EventStatus::Accepted),
             "{done:?}"
@@ -1388,7 +1363,7 @@ mod tests {
     #[tokio::test]
     async fn zero_length_files_complete_on_an_empty_patch() {
         let f = Fixture::new();
-        let created = f.uploads.create(&pi1(), create_req(3, b"")).await.unwrap();
+        let created = f.create(3, b"").await;
         assert!(matches!(&created, Created::New(s) if s.length == 0));
         let Ok(Patched::Done(s)) = f.patch(&id_of(&created), 0, b"").await else {
             panic!("not done")
@@ -1400,18 +1375,8 @@ mod tests {
     #[tokio::test]
     async fn the_sweep_deletes_only_untouched_unused_uploads() {
         let f = Fixture::new();
-        let a = id_of(
-            &f.uploads
-                .create(&pi1(), create_req(1, b"abc"))
-                .await
-                .unwrap(),
-        );
-        let b = id_of(
-            &f.uploads
-                .create(&pi1(), create_req(2, b"abc"))
-                .await
-                .unwrap(),
-        );
+        let a = f.id(1, b"abc").await;
+        let b = f.id(2, b"abc").await;
         f.patch(&b, 0, b"ab").await.unwrap();
         let now = SystemTime::now();
         assert_eq!(f.uploads.sweep(now), 0, "all fresh");
@@ -1447,12 +1412,7 @@ mod tests {
     #[tokio::test]
     async fn delete_removes_and_another_gateway_cannot_see() {
         let f = Fixture::new();
-        let id = id_of(
-            &f.uploads
-                .create(&pi1(), create_req(1, b"abc"))
-                .await
-                .unwrap(),
-        );
+        let id = f.id(1, b"abc").await;
         let pi2 = GatewayId::new("pi-2").unwrap();
         assert!(matches!(
             f.uploads.head(&pi2, &id).await,
