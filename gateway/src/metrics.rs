@@ -215,6 +215,60 @@ pub fn render(r: &StatusReport) -> String {
             "Heartbeat events committed to the outbox.",
             l.heartbeats,
         );
+        if let Some(f) = &l.files {
+            for (name, kind, help, v) in [
+                (
+                    "pigeon_gateway_files_picked_up_total",
+                    C,
+                    "Files taken from the drop directories into the spool and committed.",
+                    f.picked_up,
+                ),
+                (
+                    "pigeon_gateway_file_bytes_picked_up_total",
+                    C,
+                    "Bytes of the files picked up.",
+                    f.picked_up_bytes,
+                ),
+                (
+                    "pigeon_gateway_file_pickup_errors_total",
+                    C,
+                    "Finished files that could not be picked up (logged with the reason).",
+                    f.pickup_errors,
+                ),
+                (
+                    "pigeon_gateway_files_being_written",
+                    G,
+                    "Files in the drop directories being written now, or waiting for their quiet period.",
+                    f.being_written,
+                ),
+                (
+                    "pigeon_gateway_files_delivered_total",
+                    C,
+                    "Files the relay stored (object and event durable).",
+                    f.delivered,
+                ),
+                (
+                    "pigeon_gateway_file_bytes_sent_total",
+                    C,
+                    "File bytes sent to the relay (a resumed upload counts only what was sent again).",
+                    f.bytes_sent,
+                ),
+                (
+                    "pigeon_gateway_file_upload_resumes_total",
+                    C,
+                    "File uploads that continued from what the relay already had.",
+                    f.resumed,
+                ),
+                (
+                    "pigeon_gateway_file_uploads_active",
+                    G,
+                    "File uploads in progress.",
+                    f.uploading,
+                ),
+            ] {
+                e.one(name, kind, help, v);
+            }
+        }
     }
     if let Some(o) = &r.outbox {
         e.one(
@@ -226,7 +280,7 @@ pub fn render(r: &StatusReport) -> String {
         e.one(
             "pigeon_gateway_outbox_bytes",
             G,
-            "Data bytes of the events waiting in the outbox.",
+            "Bytes waiting to be uploaded: event data, and the size of waiting files.",
             o.waiting_bytes,
         );
         e.one(
@@ -240,6 +294,18 @@ pub fn render(r: &StatusReport) -> String {
             G,
             "Events in the dead-letter table.",
             o.dead_letters,
+        );
+        e.one(
+            "pigeon_gateway_outbox_files",
+            G,
+            "Of the waiting events, files (their bytes wait in the spool).",
+            o.waiting_files,
+        );
+        e.one(
+            "pigeon_gateway_outbox_file_bytes",
+            G,
+            "Bytes of the waiting files.",
+            o.waiting_file_bytes,
         );
     }
     if let Some(d) = &r.disk {
@@ -286,7 +352,11 @@ mod tests {
             "pigeon_gateway_mqtt_subscription_records_total{filter=\"org/#\",type=\"com.example.reading\"} 10200",
             "pigeon_gateway_mqtt_connected 1",
             "pigeon_gateway_outbox_records 12",
-            "pigeon_gateway_outbox_bytes 4300",
+            "pigeon_gateway_outbox_bytes 3004300",
+            "pigeon_gateway_outbox_files 2",
+            "pigeon_gateway_files_picked_up_total 40",
+            "pigeon_gateway_file_upload_resumes_total 1",
+            "# TYPE pigeon_gateway_file_uploads_active gauge",
             "pigeon_gateway_outbox_oldest_age_seconds 5",
             "pigeon_gateway_upload_failures_total 1",
             "pigeon_gateway_upload_retries_total 1",

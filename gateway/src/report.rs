@@ -64,6 +64,11 @@ pub struct OutboxStatus {
     pub oldest_age_seconds: Option<f64>,
     /// Events the relay rejected, kept in the dead-letter table.
     pub dead_letters: u64,
+    /// Of `waiting`, files (their bytes wait in the spool; included in `waiting_bytes`).
+    #[serde(default)]
+    pub waiting_files: u64,
+    #[serde(default)]
+    pub waiting_file_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,7 +115,30 @@ pub struct LiveStatus {
     pub subscriptions: Vec<SubscriptionCount>,
     /// MQTT records on topics no configured filter matches.
     pub mqtt_unmatched: u64,
+    /// `None` when no drop directories are watched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<FilesStatus>,
     pub last_error: Option<ErrorStatus>,
+}
+
+/// Camera files since the start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilesStatus {
+    /// Files taken into the spool, and their bytes.
+    pub picked_up: u64,
+    pub picked_up_bytes: u64,
+    /// Finished files that could not be picked up (each logged with the reason).
+    pub pickup_errors: u64,
+    /// Files being written in the drop directories now (or settling).
+    pub being_written: u64,
+    /// Files the relay stored.
+    pub delivered: u64,
+    /// File bytes sent (resumed uploads count only what was sent again).
+    pub bytes_sent: u64,
+    /// Uploads continued from what the relay already had.
+    pub resumed: u64,
+    /// Uploads in progress now.
+    pub uploading: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +174,8 @@ pub struct Live {
     pub started_unix: i64,
     /// Set when the gateway begins to stop.
     pub stopping: AtomicBool,
+    /// Whether drop directories are watched.
+    pub files: bool,
 }
 
 impl Live {
@@ -163,6 +193,7 @@ impl Live {
             started: Instant::now(),
             started_unix: chrono::Utc::now().timestamp(),
             stopping: AtomicBool::new(false),
+            files: config.files.is_some(),
         }
     }
 
@@ -195,6 +226,8 @@ impl Live {
                     oldest_time_us: d.pending.oldest_time_us,
                     oldest_age_seconds: crate::sources::health::oldest_age_seconds(&d, now_us),
                     dead_letters: d.dead_letters,
+                    waiting_files: d.pending.files,
+                    waiting_file_bytes: d.pending.file_bytes,
                 }),
                 None,
             ),
@@ -257,6 +290,16 @@ impl Live {
                 })
                 .collect(),
             mqtt_unmatched: s.mqtt_unmatched.load(Relaxed),
+            files: self.files.then(|| FilesStatus {
+                picked_up: s.files_picked_up.load(Relaxed),
+                picked_up_bytes: s.file_bytes_picked_up.load(Relaxed),
+                pickup_errors: s.file_pickup_errors.load(Relaxed),
+                being_written: s.files_being_written.load(Relaxed),
+                delivered: s.files_delivered.load(Relaxed),
+                bytes_sent: s.file_bytes_sent.load(Relaxed),
+                resumed: s.file_upload_resumes.load(Relaxed),
+                uploading: s.file_uploads_active.load(Relaxed),
+            }),
             last_error: s.last_error().map(|e| ErrorStatus {
                 unix: e.unix,
                 level: e.level.into(),
@@ -300,6 +343,8 @@ impl StatusReport {
                         now_us,
                     ),
                     dead_letters,
+                    waiting_files: pending.files,
+                    waiting_file_bytes: pending.file_bytes,
                 }),
                 None,
             ),
@@ -440,8 +485,17 @@ pub fn render_text(r: &StatusReport) -> String {
                     .oldest_time_us
                     .map(|t| format!(", the oldest received {}", ago(t.div_euclid(1_000_000))))
                     .unwrap_or_default();
+                let files = if o.waiting_files > 0 {
+                    format!(
+                        ", of them {} ({})",
+                        counted(o.waiting_files, "file", "files"),
+                        human_bytes(o.waiting_file_bytes)
+                    )
+                } else {
+                    String::new()
+                };
                 format!(
-                    "{} ({}){since}",
+                    "{} ({}){files}{since}",
                     counted(o.waiting, "event", "events"),
                     human_bytes(o.waiting_bytes)
                 )
@@ -473,6 +527,37 @@ pub fn render_text(r: &StatusReport) -> String {
                 counted(l.upload_retries, "retry", "retries")
             ),
         );
+        if let Some(f) = &l.files {
+            let mut text = format!(
+                "{} picked up ({}), {} delivered ({} sent)",
+                counted(f.picked_up, "file", "files"),
+                human_bytes(f.picked_up_bytes),
+                count(f.delivered),
+                human_bytes(f.bytes_sent)
+            );
+            if f.uploading > 0 {
+                text.push_str(&format!(", {} uploading now", count(f.uploading)));
+            }
+            if f.being_written > 0 {
+                text.push_str(&format!(
+                    ", {} being written by cameras",
+                    count(f.being_written)
+                ));
+            }
+            if f.resumed > 0 {
+                text.push_str(&format!(
+                    ", {} resumed",
+                    counted(f.resumed, "upload", "uploads")
+                ));
+            }
+            if f.pickup_errors > 0 {
+                text.push_str(&format!(
+                    "; {} NOT picked up (see the log)",
+                    count(f.pickup_errors)
+                ));
+            }
+            row(&mut out, "Files", text);
+        }
     }
     if let Some(o) = &r.outbox {
         let text = if o.dead_letters == 0 {
@@ -614,10 +699,12 @@ pub(crate) mod tests {
             outbox: Some(OutboxStatus {
                 path: "/var/lib/pigeon/outbox.db".into(),
                 waiting: 12,
-                waiting_bytes: 4300,
+                waiting_bytes: 3_004_300,
                 oldest_time_us: Some(1_799_999_995_000_000),
                 oldest_age_seconds: Some(5.0),
                 dead_letters: 0,
+                waiting_files: 2,
+                waiting_file_bytes: 3_000_000,
             }),
             outbox_error: None,
             disk: Some(DiskStatus {
@@ -671,6 +758,16 @@ pub(crate) mod tests {
                     },
                 ],
                 mqtt_unmatched: 0,
+                files: Some(FilesStatus {
+                    picked_up: 40,
+                    picked_up_bytes: 90_000_000,
+                    pickup_errors: 1,
+                    being_written: 1,
+                    delivered: 38,
+                    bytes_sent: 87_000_000,
+                    resumed: 1,
+                    uploading: 1,
+                }),
                 last_error: Some(ErrorStatus {
                     unix: 1_799_999_000,
                     level: "warn".into(),
@@ -688,7 +785,8 @@ pub(crate) mod tests {
             "(pid 4242, version 0.1.0, up 2 h 5 min)",
             "MQTT broker    connected to 127.0.0.1:1883; 10,250 messages received",
             "Relay          reachable at https://relay.example.com; last upload 3 s ago",
-            "Waiting        12 events (4.2 KiB), the oldest received 5 s ago",
+            "Waiting        12 events (2.9 MiB), of them 2 files (2.9 MiB), the oldest received 5 s ago",
+            "Files          40 files picked up (85.8 MiB), 38 delivered (83.0 MiB sent), 1 uploading now, 1 being written by cameras, 1 upload resumed; 1 NOT picked up (see the log)",
             "Delivered      10,234 events since the start (2 already at the relay), 1.2 MiB sent",
             "Dead letters   none",
             "Disk           12.0 GiB free of 29.0 GiB (41%) on the filesystem of /var/lib/pigeon",

@@ -48,6 +48,14 @@ pub struct GatewayConfig {
     pub health_interval: Option<String>,
     /// `gateway.shutdown_timeout`; `None` leaves the gateway's default.
     pub shutdown_timeout: Option<String>,
+    /// Whether to write the `[mqtt]` section (true by default); file tests may not need a
+    /// broker.
+    pub mqtt_enabled: bool,
+    /// The `[files]` section (see [`crate::files_section`]); `None` leaves it out.
+    pub files: Option<toml::Table>,
+    /// Run the gateway as `nobody` (through `setpriv`), so that file permissions mean
+    /// something when the tests run as root. The harness makes its directories usable.
+    pub run_as_nobody: bool,
 }
 
 impl GatewayConfig {
@@ -72,6 +80,19 @@ impl GatewayConfig {
             http_port: Some(free_port()),
             health_interval: None,
             shutdown_timeout: None,
+            mqtt_enabled: true,
+            files: None,
+            run_as_nobody: false,
+        }
+    }
+
+    /// A gateway without MQTT that watches the drop directories in `files` (a `[files]`
+    /// table, see [`crate::files_section`]).
+    pub fn for_files(id: &str, token: &str, relay_url: &str, files: toml::Table) -> Self {
+        GatewayConfig {
+            mqtt_enabled: false,
+            files: Some(files),
+            ..GatewayConfig::new(id, token, relay_url, 0)
         }
     }
 
@@ -143,7 +164,12 @@ impl GatewayConfig {
         let mut root = toml::Table::new();
         root.insert("gateway".into(), gateway.into());
         root.insert("relay".into(), relay.into());
-        root.insert("mqtt".into(), mqtt.into());
+        if self.mqtt_enabled {
+            root.insert("mqtt".into(), mqtt.into());
+        }
+        if let Some(files) = &self.files {
+            root.insert("files".into(), files.clone().into());
+        }
         root.insert("health".into(), health.into());
         root.insert("http".into(), http.into());
         root
@@ -179,9 +205,20 @@ impl Gateway {
         let config_path = dir.join(format!("{label}.toml"));
         let data_dir = dir.join(&label);
         config.write(&config_path, &data_dir);
-        let mut proc = Proc::new(&label, gateway_bin(), dir.log_file(&label))
-            .arg("--config")
-            .arg(&config_path);
+        let mut proc = if config.run_as_nobody {
+            make_usable_by_nobody(dir.path(), &data_dir);
+            // setpriv executes the gateway in its own place (no fork), so signals reach it.
+            Proc::new(&label, "setpriv", dir.log_file(&label))
+                .arg("--reuid=65534")
+                .arg("--regid=65534")
+                .arg("--clear-groups")
+                .arg("--")
+                .arg(gateway_bin())
+        } else {
+            Proc::new(&label, gateway_bin(), dir.log_file(&label))
+        }
+        .arg("--config")
+        .arg(&config_path);
         if std::env::var_os("PIGEON_LOG").is_none() {
             proc = proc.env("PIGEON_LOG", "info");
         }
@@ -198,6 +235,17 @@ impl Gateway {
         gw
     }
 
+    /// The spool directory (`files.spool_dir`, by default `<data dir>/spool`).
+    pub fn spool_dir(&self) -> PathBuf {
+        self.config
+            .files
+            .as_ref()
+            .and_then(|f| f.get("spool_dir"))
+            .and_then(|v| v.as_str())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.data_dir.join("spool"))
+    }
+
     /// Starts the gateway and waits until the broker has logged its subscriptions, so that
     /// nothing published afterwards can miss its (persistent) session.
     pub async fn start_subscribed(
@@ -212,6 +260,9 @@ impl Gateway {
 
     /// Waits until the broker has logged every configured subscription of this gateway.
     pub async fn wait_subscribed(&mut self, mosquitto: &Mosquitto) {
+        if !self.config.mqtt_enabled {
+            return;
+        }
         let client_id = self.config.effective_client_id();
         for s in &self.config.subscriptions {
             mosquitto
@@ -324,4 +375,15 @@ impl Gateway {
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         self.proc.wait_exit(timeout).await
     }
+}
+
+/// Lets `nobody` reach the test directory and own the gateway's data directory (the test
+/// directory is private to root otherwise).
+fn make_usable_by_nobody(test_dir: &Path, data_dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(test_dir, std::fs::Permissions::from_mode(0o755))
+        .expect("open up the test directory");
+    std::fs::create_dir_all(data_dir).expect("create the gateway's data dir");
+    std::os::unix::fs::chown(data_dir, Some(65534), Some(65534))
+        .expect("give the data dir to nobody");
 }

@@ -26,6 +26,7 @@
 //! `PIGEON_E2E_TIMEOUT_SCALE`. See `docs/testing.md`.
 
 mod dir;
+mod files;
 mod ftp;
 mod gateway;
 mod http;
@@ -40,6 +41,10 @@ mod relay;
 mod stream;
 
 pub use dir::TestDir;
+pub use files::{
+    CameraFile, FileEvent, file_events, files_section, random_bytes, regular_files,
+    wait_until_no_files, watch_table,
+};
 pub use ftp::{
     PUREFTPD_UPLOAD_PREFIX, PureFtpd, PureFtpdOptions, SlowUpload, UploadMode, is_pureftpd_temp,
 };

@@ -5,6 +5,7 @@
 //! mosquitto this makes a gateway's PUBACKs disappear after the gateway committed the
 //! messages — the window a crash must not turn into duplicates.
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -16,8 +17,18 @@ use tokio::task::JoinHandle;
 pub struct Proxy {
     port: u16,
     hold: watch::Sender<bool>,
+    counters: Arc<Counters>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
+}
+
+/// Bytes forwarded from clients to the server, and a one-shot cut.
+#[derive(Debug, Default)]
+struct Counters {
+    up: AtomicU64,
+    /// When `up` reaches this, the connection that reached it is cut (once); 0: never.
+    cut_at: AtomicU64,
+    cuts: AtomicU64,
 }
 
 impl Proxy {
@@ -26,14 +37,17 @@ impl Proxy {
         let port = listener.local_addr().expect("proxy addr").port();
         let (hold, hold_rx) = watch::channel(false);
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let counters: Arc<Counters> = Arc::default();
         let accept = {
             let conns = conns.clone();
+            let counters = counters.clone();
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
                     let Ok(server) = TcpStream::connect(("127.0.0.1", target)).await else {
                         continue;
                     };
-                    let task = tokio::spawn(pipe(client, server, hold_rx.clone()));
+                    let task =
+                        tokio::spawn(pipe(client, server, hold_rx.clone(), counters.clone()));
                     conns.lock().expect("proxy lock").push(task);
                 }
             })
@@ -41,9 +55,27 @@ impl Proxy {
         Proxy {
             port,
             hold,
+            counters,
             conns,
             accept,
         }
+    }
+
+    /// Bytes forwarded from clients to the server so far.
+    pub fn bytes_up(&self) -> u64 {
+        self.counters.up.load(Relaxed)
+    }
+
+    /// Cuts the connection that carries client bytes past `total` forwarded in all (as
+    /// counted by [`Proxy::bytes_up`]), once: the bytes up to the cut reach the server,
+    /// the rest of that connection's are lost. Connections made later are not affected.
+    pub fn cut_once_at(&self, total: u64) {
+        self.counters.cut_at.store(total.max(1), Relaxed);
+    }
+
+    /// How many connections were cut by [`Proxy::cut_once_at`].
+    pub fn cuts(&self) -> u64 {
+        self.counters.cuts.load(Relaxed)
     }
 
     pub fn port(&self) -> u16 {
@@ -71,7 +103,12 @@ impl Drop for Proxy {
     }
 }
 
-async fn pipe(client: TcpStream, server: TcpStream, mut hold: watch::Receiver<bool>) {
+async fn pipe(
+    client: TcpStream,
+    server: TcpStream,
+    mut hold: watch::Receiver<bool>,
+    counters: Arc<Counters>,
+) {
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
     let down = async move {
@@ -83,7 +120,20 @@ async fn pipe(client: TcpStream, server: TcpStream, mut hold: watch::Receiver<bo
         loop {
             tokio::select! {
                 r = cr.read(&mut buf) => {
-                    let n = match r { Ok(0) | Err(_) => return, Ok(n) => n };
+                    let mut n = match r { Ok(0) | Err(_) => return, Ok(n) => n };
+                    let before = counters.up.fetch_add(n as u64, Relaxed);
+                    let cut_at = counters.cut_at.load(Relaxed);
+                    let cut = cut_at > 0 && before + n as u64 >= cut_at
+                        && counters.cut_at.compare_exchange(cut_at, 0, Relaxed, Relaxed).is_ok();
+                    if cut {
+                        // Forward up to the mark, then drop both sides.
+                        let whole = n;
+                        n = (cut_at.saturating_sub(before)) as usize;
+                        counters.up.fetch_sub((whole - n) as u64, Relaxed);
+                        let _ = sw.write_all(&buf[..n]).await;
+                        counters.cuts.fetch_add(1, Relaxed);
+                        return;
+                    }
                     if *hold.borrow() {
                         held.extend_from_slice(&buf[..n]);
                     } else if sw.write_all(&buf[..n]).await.is_err() {

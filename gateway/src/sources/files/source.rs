@@ -180,6 +180,7 @@ impl FilesSource {
 
     /// Runs until `shutdown` turns true. A batch being picked up is finished first.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        super::spool::ignore_lease_breaks();
         if let Err(e) = self.recover().await {
             error!(error = %e, "Could not finish the pickups the last run left; they are tried again at the next start.");
         }
@@ -617,6 +618,13 @@ impl FilesSource {
 
     /// Logs a file that was not taken, counts it, and defers it if that may help.
     fn failed(&mut self, w: usize, path: &Path, e: PickupError) {
+        if let PickupError::StillOpen = e {
+            // Its end was guessed from a pause; now its close decides.
+            debug!(watch = %self.watches[w].cfg.name, file = %path.display(), "A file is still open for writing; waiting for its writer to close it.");
+            self.tracker
+                .event(path, w, self.watches[w].mode, Seen::Written, Instant::now());
+            return;
+        }
         self.stats.file_pickup_errors.fetch_add(1, Relaxed);
         let watch = &self.watches[w].cfg.name;
         let file = path

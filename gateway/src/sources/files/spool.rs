@@ -58,6 +58,8 @@ pub enum PickupError {
     SpoolFull(io::Error),
     #[error("it changed while it was being copied; it is tried again")]
     Changed,
+    #[error("something still has it open for writing")]
+    StillOpen,
     #[error("{0}")]
     Io(io::Error),
 }
@@ -72,6 +74,7 @@ impl PickupError {
             PickupError::CannotMove(_) => "cannot_move",
             PickupError::SpoolFull(_) => "spool_full",
             PickupError::Changed => "changed",
+            PickupError::StillOpen => "still_open",
             PickupError::Io(_) => "io",
         }
     }
@@ -200,6 +203,11 @@ impl Spool {
             } else {
                 "a device"
             }));
+        }
+        // A file whose end was guessed from a quiet period (found by a scan, in a new
+        // directory, after lost events) may still be open: its writer only paused.
+        if is_open_for_writing(&file) == Some(true) {
+            return Err(PickupError::StillOpen);
         }
         let stat = FileStat::of(&meta);
         let ext = path
@@ -366,6 +374,41 @@ impl Spool {
         }
         sync_dir(parent)?;
         Ok(Some(target))
+    }
+}
+
+/// Whether any process has `file` open for writing: `Some(true)` or `Some(false)` when the
+/// kernel can tell, `None` when it cannot (not the file's owner and no `CAP_LEASE`, or a
+/// filesystem without leases, e.g. NFS).
+///
+/// A read lease can only be taken on a file nobody has open for writing (`EAGAIN`
+/// otherwise). It is given back at once; a writer opening the file meanwhile waits those
+/// microseconds for it (and the lease-break signal, SIGIO, is ignored: see
+/// [`ignore_lease_breaks`]).
+pub fn is_open_for_writing(file: &File) -> Option<bool> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own; F_SETLEASE takes an int argument.
+    let r = unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) };
+    if r == 0 {
+        // SAFETY: as above; gives the lease back.
+        unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK) };
+        return Some(false);
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::EAGAIN) => Some(true),
+        _ => None,
+    }
+}
+
+/// Makes the lease-break signal harmless: [`is_open_for_writing`] holds a lease for
+/// microseconds, and a writer opening the file right then would otherwise send SIGIO,
+/// whose default is to end the process.
+pub fn ignore_lease_breaks() {
+    // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions; nothing
+    // in the gateway uses SIGIO.
+    unsafe {
+        libc::signal(libc::SIGIO, libc::SIG_IGN);
     }
 }
 
@@ -537,6 +580,26 @@ mod tests {
             .prepare("c", &drop.join("cam1"), Path::new("cam1"), false, 1)
             .unwrap_err();
         assert!(e.to_string().contains("directory"), "{e}");
+    }
+
+    #[test]
+    fn a_file_still_open_for_writing_is_refused_until_closed() {
+        let (_d, spool, drop) = setup();
+        ignore_lease_breaks();
+        let f = drop.join("open.jpg");
+        let mut w = File::create(&f).unwrap();
+        w.write_all(b"half").unwrap();
+        let me_owner = unsafe { libc::geteuid() } == 0
+            || fs::metadata(&f).unwrap().uid() == unsafe { libc::geteuid() };
+        if me_owner {
+            let e = spool
+                .prepare("c", &f, Path::new("open.jpg"), false, 1)
+                .unwrap_err();
+            assert!(matches!(e, PickupError::StillOpen), "{e}");
+        }
+        std::mem::drop(w);
+        let p = spool.prepare("c", &f, Path::new("open.jpg"), false, 1).unwrap();
+        assert_eq!(is_open_for_writing(&p.file), Some(false));
     }
 
     #[test]
