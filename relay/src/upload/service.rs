@@ -815,7 +815,7 @@ impl Uploads {
     ) -> Result<Hashed, UploadError> {
         let cached = lease.held().hashed.take();
         let part = self.store.part_path(gateway, id);
-        if cached.as_ref().is_some_and(|h| h.offset == len) {
+        if len == 0 || cached.as_ref().is_some_and(|h| h.offset == len) {
             // No I/O on this path.
             return resume_hasher(cached, &part, len)
                 .map(|(h, _)| h)
@@ -1369,6 +1369,19 @@ mod tests {
             panic!("not done")
         };
         assert_eq!(s.result.unwrap().status, EventStatus::Accepted);
+
+        // Created twice without a PATCH: the second create has "all bytes" and finishes.
+        assert!(matches!(f.create(4, b"").await, Created::New(_)));
+        let done = f.create(4, b"").await;
+        assert!(
+            matches!(&done, Created::Done(s) if s.result.as_ref().unwrap().status == EventStatus::Accepted),
+            "{done:?}"
+        );
+        let object = f
+            .dir
+            .path()
+            .join("objects/pi-1/files/cameras/2026-12-01/21/img-4.jpg");
+        assert_eq!(std::fs::metadata(object).unwrap().len(), 0);
         f.stop().await;
     }
 

@@ -234,10 +234,13 @@ impl UploadStore {
         Ok(Some(m))
     }
 
-    /// Writes the manifest atomically, creating the gateway's directory if needed.
+    /// Writes the manifest of a new upload atomically, creating the gateway's directory
+    /// if needed, and deletes bytes a previous upload of the id may have left without a
+    /// manifest, so that the new upload is at offset 0.
     pub fn save(&self, id: &str, m: &Manifest) -> io::Result<()> {
         let dir = self.gateway_dir(&m.gateway);
         ensure_dir(&dir)?;
+        remove_if_there(&self.part_path(&m.gateway, id))?;
         let path = self.manifest_path(&m.gateway, id);
         let tmp = dir.join(format!("{id}{MANIFEST_SUFFIX}{TMP_SUFFIX}"));
         let json = serde_json::to_vec(m).map_err(io::Error::other)?;
@@ -296,7 +299,12 @@ impl UploadStore {
     /// directories. An object already at the key is replaced (atomically).
     pub fn commit(&self, gateway: &GatewayId, id: &str, key: &str) -> io::Result<()> {
         let part = self.part_path(gateway, id);
-        File::open(&part)?.sync_all()?;
+        // Created if missing: a zero-length file may never have had a byte appended.
+        OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&part)?
+            .sync_all()?;
         let target = self.object_path(key);
         let rel_dir = Path::new(key)
             .parent()
@@ -482,6 +490,23 @@ mod tests {
         );
         assert!(!store.remove(&pi1(), ID).unwrap());
         assert_eq!(store.touched(&pi1(), ID).unwrap(), None);
+
+        // A zero-length file never had a .part: committing makes an empty object.
+        let mut empty = manifest();
+        empty.length = 0;
+        empty.key = "pi-1/ftp/2026-12-01/21/empty".into();
+        store.save(ID, &empty).unwrap();
+        store.commit(&pi1(), ID, &empty.key).unwrap();
+        assert_eq!(store.object_len(&empty.key).unwrap(), Some(0));
+    }
+
+    #[test]
+    fn a_new_manifest_starts_without_stray_bytes() {
+        let (_dir, store) = store();
+        fs::create_dir_all(store.gateway_dir(&pi1())).unwrap();
+        fs::write(store.part_path(&pi1(), ID), b"stray").unwrap();
+        store.save(ID, &manifest()).unwrap();
+        assert_eq!(store.part_len(&pi1(), ID).unwrap(), 0);
     }
 
     #[test]
