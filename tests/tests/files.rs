@@ -230,3 +230,88 @@ async fn a_file_still_being_written_is_not_picked_up_early() {
     );
     gw.stop().await;
 }
+
+/// `after_upload = "move"` puts delivered files below `move_to` (keeping their path);
+/// `after_upload = "keep"` leaves them where the camera put them and, across a restart,
+/// never sends them again — until the camera writes one anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_files_are_moved_or_kept_and_kept_files_are_not_sent_again() {
+    let dir = TestDir::new("files-move-keep");
+    let relay = Relay::start(&dir, &[(GW, TOKEN)]).await;
+    let (moving, keeping, done) = (dir.join("moving"), dir.join("keeping"), dir.join("done"));
+    for d in [&moving, &keeping] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let files = files_section(
+        vec![
+            watch_table(
+                "front",
+                &moving,
+                &[
+                    ("after_upload", "move".into()),
+                    ("move_to", done.display().to_string().into()),
+                ],
+            ),
+            watch_table("back", &keeping, &[("after_upload", "keep".into())]),
+        ],
+        &[],
+    );
+    let mut gw = Gateway::start(
+        &dir,
+        GatewayConfig::for_files(GW, TOKEN, &relay.url(), files),
+    );
+    wait_until("both watches", secs(20), || {
+        let n = gw.log_text().matches("Watching a drop directory.").count();
+        async move { if n == 2 { Ok(()) } else { Err(format!("{n}")) } }
+    })
+    .await;
+    let front = vec![
+        CameraFile::jpeg("door/a.jpg", 30_000, 1),
+        CameraFile::jpeg("door/b.jpg", 30_000, 2),
+    ];
+    let back = vec![
+        CameraFile::jpeg("yard/c.jpg", 30_000, 3),
+        CameraFile::jpeg("yard/d.jpg", 30_000, 4),
+    ];
+    for f in &front {
+        f.write_into(&moving);
+    }
+    for f in &back {
+        f.write_into(&keeping);
+    }
+    let all = [front.clone(), back.clone()].concat();
+    relay.assert_files_exactly_once(&all, secs(60)).await;
+    for f in &front {
+        wait_until_no_files("the moved files to leave", &moving).await;
+        assert_eq!(
+            std::fs::read(done.join(&f.path)).unwrap(),
+            f.bytes,
+            "{}",
+            f.path
+        );
+    }
+    for f in &back {
+        assert_eq!(
+            std::fs::read(keeping.join(&f.path)).unwrap(),
+            f.bytes,
+            "{}",
+            f.path
+        );
+    }
+
+    // A restart scans the directories again: the kept files are not sent again.
+    gw.stop().await;
+    gw.restart();
+    wait_until("the gateway to watch again", secs(20), || {
+        let n = gw.log_text().matches("Watching a drop directory.").count();
+        async move { if n == 4 { Ok(()) } else { Err(format!("{n}")) } }
+    })
+    .await;
+    // The camera writes d.jpg again, with new content: that is a new file.
+    let d2 = CameraFile::jpeg("yard/d.jpg", 31_000, 44);
+    d2.write_into(&keeping);
+    let mut all = all;
+    all.push(d2);
+    relay.assert_files_exactly_once(&all, secs(60)).await;
+    gw.stop().await;
+}

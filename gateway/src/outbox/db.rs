@@ -72,6 +72,11 @@ const MIGRATIONS: &[&str] = &[
         dev          INTEGER NOT NULL,
         ino          INTEGER NOT NULL,
         copy         INTEGER NOT NULL,  -- 1: copied (the original stays), 0: moved
+        size         INTEGER NOT NULL,  -- the original's size and modification time
+        mtime_ns     INTEGER NOT NULL,
+        -- 1: the file's record is committed, but the original (copied, not kept) is
+        -- still to be deleted from the drop directory.
+        committed    INTEGER NOT NULL DEFAULT 0,
         claimed_us   INTEGER NOT NULL
     ) WITHOUT ROWID;
     -- Files left in place (after_upload = "keep") that were sent, so a scan skips them.

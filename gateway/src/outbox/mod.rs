@@ -76,6 +76,10 @@ pub struct NewFile {
     pub file: FileRef,
     /// For files left in place (`after_upload = "keep"`): remember them as sent.
     pub kept: Option<KeptFile>,
+    /// The file was copied into the spool and its original is to be deleted from the
+    /// drop directory once this record is committed: its claim stays (marked committed)
+    /// until that is done, so that a crash in between neither loses nor resends it.
+    pub release_original: bool,
 }
 
 /// A file left in its drop directory that was sent: a scan that finds it unchanged
@@ -104,6 +108,11 @@ pub struct FileClaim {
     pub ino: u64,
     /// Copied (the original stays) rather than moved.
     pub copy: bool,
+    /// The original's size and modification time when it was claimed.
+    pub size: u64,
+    pub mtime_ns: i64,
+    /// Its record is committed; only the original is left to delete.
+    pub committed: bool,
     pub claimed_us: i64,
 }
 

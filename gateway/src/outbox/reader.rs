@@ -41,8 +41,8 @@ const DEAD_LETTERS: &str = "SELECT count(*) FROM dead_letters";
 const PENDING: &str = "SELECT count(*), coalesce(sum(coalesce(file_size, length(data))), 0),
     min(seq), (SELECT time_us FROM records ORDER BY seq LIMIT 1),
     count(file), coalesce(sum(file_size), 0) FROM records";
-const CLAIMS: &str = "SELECT spool, watch, original, rel, dev, ino, copy, claimed_us
-    FROM file_claims ORDER BY spool";
+const CLAIMS: &str = "SELECT spool, watch, original, rel, dev, ino, copy, size, mtime_ns,
+    committed, claimed_us FROM file_claims ORDER BY spool";
 const KEPT: &str = "SELECT dev, ino, size, mtime_ns FROM kept_files WHERE path = ?1";
 const ALL_KEPT: &str = "SELECT path FROM kept_files";
 const SPOOL_NAMES: &str = "SELECT file FROM records WHERE file IS NOT NULL
@@ -142,7 +142,10 @@ impl OutboxReader {
                 dev: r.get::<_, i64>(4)? as u64,
                 ino: r.get::<_, i64>(5)? as u64,
                 copy: r.get(6)?,
-                claimed_us: r.get(7)?,
+                size: r.get::<_, i64>(7)? as u64,
+                mtime_ns: r.get(8)?,
+                committed: r.get(9)?,
+                claimed_us: r.get(10)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

@@ -271,9 +271,10 @@ const INSERT_RECORD: &str = "INSERT INTO records
      file, file_size, file_sha256, file_move_to)
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
 const INSERT_CLAIM: &str = "INSERT OR REPLACE INTO file_claims
-    (spool, watch, original, rel, dev, ino, copy, claimed_us)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+    (spool, watch, original, rel, dev, ino, copy, size, mtime_ns, committed, claimed_us)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
 const DELETE_CLAIM: &str = "DELETE FROM file_claims WHERE spool = ?1";
+const COMMIT_CLAIM: &str = "UPDATE file_claims SET committed = 1 WHERE spool = ?1";
 const INSERT_KEPT: &str = "INSERT OR REPLACE INTO kept_files (path, dev, ino, size, mtime_ns)
     VALUES (?1, ?2, ?3, ?4, ?5)";
 const DELETE_KEPT: &str = "DELETE FROM kept_files WHERE path = ?1";
@@ -461,6 +462,9 @@ fn claims(
             c.dev as i64,
             c.ino as i64,
             c.copy,
+            c.size as i64,
+            c.mtime_ns,
+            c.committed,
             c.claimed_us,
         ])?;
     }
@@ -532,8 +536,14 @@ fn append_one(
         file.and_then(|f| f.move_to.as_deref()).map(path_bytes),
     ])?;
     if let Some(f) = &rec.file {
-        // The file is in the spool and described by this record: its claim is done.
-        tx.prepare_cached(DELETE_CLAIM)?.execute([&f.file.spool])?;
+        // The file is in the spool and described by this record: its claim is done, or
+        // (a copy whose original is still to be deleted) nearly.
+        let claim = if f.release_original {
+            COMMIT_CLAIM
+        } else {
+            DELETE_CLAIM
+        };
+        tx.prepare_cached(claim)?.execute([&f.file.spool])?;
         if let Some(k) = &f.kept {
             tx.prepare_cached(INSERT_KEPT)?.execute(params![
                 path_bytes(&k.path),

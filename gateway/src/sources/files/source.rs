@@ -41,6 +41,9 @@ const EVENT_QUEUE: usize = 4096;
 /// How soon a file whose pickup failed for a passing reason (outbox or spool full) is
 /// tried again, and a watch that could not be set up.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// How soon a file the gateway may not read or move is tried again (someone may fix
+/// the permissions).
+const RETRY_DENIED_AFTER: Duration = Duration::from_secs(60);
 /// The watch name of spool files the outbox did not know (after a damaged outbox was
 /// replaced): they are sent under `/gateways/<id>/files/recovered`.
 pub const RECOVERED_WATCH: &str = "recovered";
@@ -388,10 +391,19 @@ impl FilesSource {
     }
 
     /// Scans `dir` (of watch `w`) for files, recursively when the watch is.
+    ///
+    /// In a `finished = "close"` watch a file nobody has open for writing is finished
+    /// now (its writer closed it before anyone was watching: a file in a directory made
+    /// a moment ago, or one that arrived while the gateway was stopped); one still open
+    /// waits for its close. When the kernel cannot tell (see
+    /// [`is_open_for_writing`](super::spool::is_open_for_writing)), the quiet period
+    /// decides.
     async fn scan(&mut self, w: usize, dir: &Path, lost_events: bool) -> Vec<Candidate> {
         let recursive = self.watches[w].cfg.recursive;
+        let mode = self.watches[w].mode;
+        let probe = mode == Finished::Close;
         let root = dir.to_owned();
-        let found = tokio::task::spawn_blocking(move || list_files(&root, recursive))
+        let found = tokio::task::spawn_blocking(move || list_files(&root, recursive, probe))
             .await
             .unwrap_or_default();
         let now = Instant::now();
@@ -399,23 +411,29 @@ impl FilesSource {
         let keep = self.watches[w].cfg.after_upload == AfterUpload::Keep;
         let mut ready = Vec::new();
         let mut seen_paths = Vec::new();
-        for (path, stamp) in found {
+        for (path, stamp, writing) in found {
             if self.locate(&path).is_none_or(|(i, _)| i != w) {
                 continue;
             }
             if keep {
                 seen_paths.push(path.clone());
             }
-            if let Some(r) = self.tracker.found(
-                &path,
-                w,
-                self.watches[w].mode,
-                stamp,
-                now,
-                wall,
-                lost_events,
-            ) {
-                ready.push(r);
+            match writing {
+                Some(false) => {
+                    self.tracker.event(&path, w, mode, Seen::Removed, now);
+                    ready.push((path, w));
+                }
+                Some(true) => {
+                    self.tracker.event(&path, w, mode, Seen::Written, now);
+                }
+                None => {
+                    if let Some(r) =
+                        self.tracker
+                            .found(&path, w, mode, stamp, now, wall, lost_events)
+                    {
+                        ready.push(r);
+                    }
+                }
             }
         }
         if keep && dir == self.watches[w].cfg.path {
@@ -473,8 +491,10 @@ impl FilesSource {
         due.into_iter().map(|(_, p, w)| (p, w)).collect()
     }
 
-    fn defer(&mut self, path: PathBuf, w: usize) {
-        self.deferred.push((Instant::now() + RETRY_AFTER, path, w));
+    fn defer(&mut self, path: PathBuf, w: usize, after: Duration) {
+        if !self.deferred.iter().any(|(_, p, _)| *p == path) {
+            self.deferred.push((Instant::now() + after, path, w));
+        }
     }
 
     /// Claims, takes and commits a batch of finished files.
@@ -538,13 +558,12 @@ impl FilesSource {
                 .into_iter()
                 .map(|(w, p)| {
                     let claim = p.claim.clone();
-                    let stat = p.stat;
                     if !claim.copy
                         && let Some(d) = claim.original.parent()
                     {
                         dirs.push(d.to_owned());
                     }
-                    (w, claim, stat, spool.take(p))
+                    (w, claim, spool.take(p))
                 })
                 .collect();
             let synced = sync_dirs(dirs.iter().map(PathBuf::as_path));
@@ -568,10 +587,10 @@ impl FilesSource {
         // 4. Commit a record for each taken file; forget the claims of the others.
         let mut unclaim = Vec::new();
         let mut waits = Vec::new();
-        for (w, claim, stat, r) in taken {
+        for (w, claim, r) in taken {
             match r {
                 Ok(t) => {
-                    let rec = self.record(w, &claim, stat, &t);
+                    let rec = self.record(w, &claim, &t);
                     match self.writer.append(rec).await {
                         Ok(rx) => waits.push((w, claim, t, rx)),
                         Err(e) => {
@@ -592,9 +611,15 @@ impl FilesSource {
                 }
             }
         }
+        let mut release = Vec::new();
         for (w, claim, t, rx) in waits {
+            let copied_away =
+                (t.copied || claim.copy) && self.watches[w].cfg.after_upload != AfterUpload::Keep;
             match rx.await {
                 Ok(Ok(_)) => {
+                    if copied_away {
+                        release.push(claim.clone());
+                    }
                     self.stats.files_picked_up.fetch_add(1, Relaxed);
                     self.stats.file_bytes_picked_up.fetch_add(t.size, Relaxed);
                     if t.size == 0 {
@@ -613,6 +638,41 @@ impl FilesSource {
             && let Err(e) = self.writer.claims(Vec::new(), unclaim).await
         {
             warn!(error = %e, "Could not forget abandoned claims; they are cleaned up at the next start.");
+        }
+        self.release_originals(release).await;
+    }
+
+    /// Deletes the originals of files copied into the spool whose records are committed,
+    /// then their claims. What fails stays claimed and is tried again.
+    async fn release_originals(&mut self, claims: Vec<FileClaim>) {
+        if claims.is_empty() {
+            return;
+        }
+        let spool = self.spool.clone();
+        let results = tokio::task::spawn_blocking(move || {
+            claims
+                .into_iter()
+                .map(|c| {
+                    let r = spool.release_original(&c);
+                    (c, r)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        let mut done = Vec::new();
+        for (c, r) in results {
+            match r {
+                Ok(_) => done.push(c.spool),
+                Err(e) => {
+                    error!(file = %c.original.display(), error = %e, "Cannot delete a file from the drop directory after copying it into the spool; it is tried again (it will not be sent twice).");
+                    self.claims_pending = true;
+                }
+            }
+        }
+        if let Err(e) = self.writer.claims(Vec::new(), done).await {
+            warn!(error = %e, "Could not forget finished claims; they are finished at the next start.");
+            self.claims_pending = true;
         }
     }
 
@@ -637,10 +697,14 @@ impl FilesSource {
             }
             _ if e.is_transient() => {
                 warn!(watch = %watch, file = %file, reason = e.kind(), error = %e, "Could not pick up a file; trying again shortly.");
-                self.defer(path.to_owned(), w);
+                self.defer(path.to_owned(), w, RETRY_AFTER);
+            }
+            PickupError::Unreadable(_) | PickupError::CannotMove(_) => {
+                error!(watch = %watch, file = %file, reason = e.kind(), error = %e, "Cannot pick up a file; it is left where it is and tried again every minute.");
+                self.defer(path.to_owned(), w, RETRY_DENIED_AFTER);
             }
             _ => {
-                error!(watch = %watch, file = %file, reason = e.kind(), error = %e, "Cannot pick up a file; it is left where it is (it is tried again at the next scan).");
+                error!(watch = %watch, file = %file, reason = e.kind(), error = %e, "Cannot pick up a file; it is left where it is (it is looked at again at the next scan).");
             }
         }
     }
@@ -649,18 +713,12 @@ impl FilesSource {
         error!(error = %e, "Cannot record files in the outbox (is the disk full?); they stay in the drop directory and are tried again shortly.");
         for (path, w) in files {
             self.stats.file_pickup_errors.fetch_add(1, Relaxed);
-            self.defer(path, w);
+            self.defer(path, w, RETRY_AFTER);
         }
     }
 
     /// The outbox record of a file taken into the spool.
-    fn record(
-        &self,
-        w: usize,
-        claim: &FileClaim,
-        stat: super::spool::FileStat,
-        t: &Taken,
-    ) -> NewRecord {
+    fn record(&self, w: usize, claim: &FileClaim, t: &Taken) -> NewRecord {
         let (rules, source, watch_name, after, move_to) = match self.watches.get(w) {
             Some(wr) => (
                 &wr.rules,
@@ -693,12 +751,13 @@ impl FilesSource {
             "contenttype": d.content_type,
             "modified": modified,
         });
+        let release_original = (t.copied || claim.copy) && after != AfterUpload::Keep;
         let kept = (after == AfterUpload::Keep).then(|| KeptFile {
             path: claim.original.clone(),
-            dev: stat.dev,
-            ino: stat.ino,
-            size: stat.size,
-            mtime_ns: stat.mtime_ns,
+            dev: claim.dev,
+            ino: claim.ino,
+            size: claim.size,
+            mtime_ns: claim.mtime_ns,
         });
         NewRecord {
             source: source.to_owned(),
@@ -720,6 +779,7 @@ impl FilesSource {
                     },
                 },
                 kept,
+                release_original,
             })),
         }
     }
@@ -736,10 +796,16 @@ impl FilesSource {
         })
         .await
         .map_err(|_| OutboxError::Closed)??;
-        let mut finish: Vec<(usize, FileClaim, super::spool::FileStat)> = Vec::new();
+        let mut finish: Vec<(usize, FileClaim)> = Vec::new();
         let mut redo: Vec<Candidate> = Vec::new();
         let mut drop = Vec::new();
+        let mut release = Vec::new();
         for c in claims {
+            if c.committed {
+                // Sent to the outbox; only the copied original is left to delete.
+                release.push(c);
+                continue;
+            }
             let w = self
                 .watches
                 .iter()
@@ -751,13 +817,7 @@ impl FilesSource {
                 .map(|m| super::spool::FileStat::of(&m));
             let same_original = original.is_some_and(|s| s.dev == c.dev && s.ino == c.ino);
             if in_spool {
-                let stat = original.unwrap_or(super::spool::FileStat {
-                    dev: c.dev,
-                    ino: c.ino,
-                    size: 0,
-                    mtime_ns: 0,
-                });
-                finish.push((w, c, stat));
+                finish.push((w, c));
             } else {
                 let _ = std::fs::remove_file(self.spool.path(&format!(
                     "{}{}",
@@ -776,21 +836,27 @@ impl FilesSource {
         if !drop.is_empty() {
             self.writer.claims(Vec::new(), drop).await?;
         }
+        self.release_originals(release).await;
         // Claims whose file reached the spool: sync, hash, commit.
         let spool = self.spool.clone();
-        let names: Vec<String> = finish.iter().map(|(_, c, _)| c.spool.clone()).collect();
+        let names: Vec<String> = finish.iter().map(|(_, c)| c.spool.clone()).collect();
         let hashed = tokio::task::spawn_blocking(move || {
             let _ = super::spool::sync_dir(spool.dir());
             names.iter().map(|n| spool.rehash(n)).collect::<Vec<_>>()
         })
         .await
         .map_err(|_| OutboxError::Closed)?;
-        for ((w, c, stat), t) in finish.into_iter().zip(hashed) {
+        let mut copied = Vec::new();
+        for ((w, c), t) in finish.into_iter().zip(hashed) {
             match t {
                 Ok(t) => {
-                    let rec = self.record(w, &c, stat, &t);
+                    let rec = self.record(w, &c, &t);
+                    let release = rec.file.as_ref().is_some_and(|f| f.release_original);
                     self.writer.append_and_wait(rec).await?;
                     info!(file = %c.original.display(), spool = %c.spool, "Finished a pickup the gateway was doing when it stopped.");
+                    if release {
+                        copied.push(c);
+                    }
                 }
                 Err(e) => {
                     error!(file = %c.original.display(), spool = %c.spool, error = %e, "Cannot read a spooled file; it is tried again.");
@@ -798,6 +864,7 @@ impl FilesSource {
                 }
             }
         }
+        self.release_originals(copied).await;
         // Spool files nothing refers to: the outbox lost them (it was damaged and replaced).
         let orphans: Vec<String> = listed
             .into_iter()
@@ -819,19 +886,12 @@ impl FilesSource {
                 dev: 0,
                 ino: 0,
                 copy: false,
+                size: t.size,
+                mtime_ns: t.mtime_ns,
+                committed: false,
                 claimed_us: 0,
             };
-            let rec = self.record(
-                usize::MAX,
-                &claim,
-                super::spool::FileStat {
-                    dev: 0,
-                    ino: 0,
-                    size: t.size,
-                    mtime_ns: t.mtime_ns,
-                },
-                &t,
-            );
+            let rec = self.record(usize::MAX, &claim, &t);
             self.writer.append_and_wait(rec).await?;
         }
         // Leftover copies in progress without a claim.
@@ -858,9 +918,11 @@ fn stamp_of(path: &Path) -> Option<Stamp> {
     })
 }
 
-/// The regular files under `dir` (recursively if asked), with their stamps. Unreadable
-/// directories are logged and skipped. Symbolic links are not followed.
-fn list_files(dir: &Path, recursive: bool) -> Vec<(PathBuf, Stamp)> {
+/// The files under `dir` (recursively if asked), with their stamps and, when `probe`,
+/// whether something has them open for writing (`None`: the kernel cannot tell).
+/// Unreadable directories are logged and skipped. Symbolic links are not followed
+/// (non-regular files are listed: they are refused, with the reason, at pickup).
+fn list_files(dir: &Path, recursive: bool, probe: bool) -> Vec<(PathBuf, Stamp, Option<bool>)> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
@@ -880,10 +942,17 @@ fn list_files(dir: &Path, recursive: bool) -> Vec<(PathBuf, Stamp)> {
                 if recursive {
                     stack.push(path);
                 }
-            } else if let Some(s) = stamp_of(&path) {
-                // Non-regular files are reported (and refused) at pickup.
-                out.push((path, s));
+                continue;
             }
+            let Some(s) = stamp_of(&path) else { continue };
+            let writing = if probe && ft.is_file() {
+                super::spool::open_for_reading(&path)
+                    .ok()
+                    .and_then(|f| super::spool::is_open_for_writing(&f))
+            } else {
+                None
+            };
+            out.push((path, s, writing));
         }
     }
     out

@@ -132,6 +132,8 @@ pub struct Taken {
     pub head: Vec<u8>,
     /// The modification time the camera left (ns since the epoch).
     pub mtime_ns: i64,
+    /// Copied (the original is still in the drop directory), not moved.
+    pub copied: bool,
 }
 
 impl Spool {
@@ -178,18 +180,13 @@ impl Spool {
         keep: bool,
         now_us: i64,
     ) -> Result<Prepared, PickupError> {
-        let file = OpenOptions::new()
-            .read(true)
-            // Never follow a link out of the drop directory; never block on a FIFO.
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(path)
-            .map_err(|e| match e.kind() {
-                io::ErrorKind::NotFound => PickupError::Vanished,
-                _ if e.raw_os_error() == Some(libc::ELOOP) => {
-                    PickupError::NotRegular("a symbolic link")
-                }
-                _ => PickupError::Unreadable(e),
-            })?;
+        let file = open_for_reading(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => PickupError::Vanished,
+            _ if e.raw_os_error() == Some(libc::ELOOP) => {
+                PickupError::NotRegular("a symbolic link")
+            }
+            _ => PickupError::Unreadable(e),
+        })?;
         let meta = file.metadata().map_err(PickupError::Io)?;
         let ft = meta.file_type();
         if !ft.is_file() {
@@ -210,10 +207,10 @@ impl Spool {
             return Err(PickupError::StillOpen);
         }
         let stat = FileStat::of(&meta);
+        // A name that is not UTF-8 may still end in ".jpg".
         let ext = path
             .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(super::rules::extension);
+            .and_then(|n| super::rules::extension(&n.to_string_lossy()));
         let spool = match ext {
             Some(e) => format!("{}.{e}", uuid::Uuid::now_v7()),
             None => uuid::Uuid::now_v7().to_string(),
@@ -228,6 +225,9 @@ impl Spool {
                 dev: stat.dev,
                 ino: stat.ino,
                 copy,
+                size: stat.size,
+                mtime_ns: stat.mtime_ns,
+                committed: false,
                 claimed_us: now_us,
             },
             stat,
@@ -316,6 +316,7 @@ impl Spool {
                 sha256: hasher.finalize().into(),
                 head,
                 mtime_ns: p.stat.mtime_ns,
+                copied: true,
             })
         })();
         if result.is_err() {
@@ -344,6 +345,34 @@ impl Spool {
         }
         out.sort();
         Ok(out)
+    }
+
+    /// Deletes the original of a file copied into the spool (whose record is committed),
+    /// if it is still the file that was copied: same inode, size and modification time.
+    /// A camera that wrote the name again meanwhile keeps its new file. Returns whether
+    /// it was deleted.
+    pub fn release_original(&self, claim: &FileClaim) -> io::Result<bool> {
+        let now = match fs::symlink_metadata(&claim.original) {
+            Ok(m) => FileStat::of(&m),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let same = now.dev == claim.dev
+            && now.ino == claim.ino
+            && now.size == claim.size
+            && now.mtime_ns == claim.mtime_ns;
+        if !same {
+            return Ok(false);
+        }
+        match fs::remove_file(&claim.original) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        if let Some(dir) = claim.original.parent() {
+            sync_dir(dir)?;
+        }
+        Ok(true)
     }
 
     /// Lets a delivered file go: deleted, or moved to its `move_to` place (created as
@@ -375,6 +404,15 @@ impl Spool {
         sync_dir(parent)?;
         Ok(Some(target))
     }
+}
+
+/// Opens a file in a drop directory to read it: never following a link out of the
+/// directory, never blocking on a FIFO.
+pub fn open_for_reading(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
 }
 
 /// Whether any process has `file` open for writing: `Some(true)` or `Some(false)` when the
@@ -469,6 +507,7 @@ fn hash_and_sync(path: &Path, spool: &str) -> Result<Taken, PickupError> {
         sha256: hasher.finalize().into(),
         head,
         mtime_ns: stat.mtime_ns,
+        copied: false,
     })
 }
 
@@ -555,6 +594,35 @@ mod tests {
     }
 
     #[test]
+    fn a_copied_original_is_deleted_only_if_the_camera_did_not_write_it_again() {
+        let (_d, spool, drop) = setup();
+        let f = drop.join("snap.jpg");
+        fs::write(&f, b"first").unwrap();
+        let mut p = spool
+            .prepare("c", &f, Path::new("snap.jpg"), true, 1)
+            .unwrap();
+        p.claim.copy = true;
+        let claim = p.claim.clone();
+        let t = spool.take(p).unwrap();
+        assert!(t.copied && f.exists());
+        assert!(spool.release_original(&claim).unwrap());
+        assert!(!f.exists());
+        assert!(!spool.release_original(&claim).unwrap(), "twice is fine");
+
+        // The camera wrote the name again after the copy: its new file stays.
+        fs::write(&f, b"second").unwrap();
+        let p = spool
+            .prepare("c", &f, Path::new("snap.jpg"), true, 1)
+            .unwrap();
+        let claim = p.claim.clone();
+        spool.take(p).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        fs::write(&f, b"third, longer").unwrap();
+        assert!(!spool.release_original(&claim).unwrap());
+        assert_eq!(fs::read(&f).unwrap(), b"third, longer");
+    }
+
+    #[test]
     fn odd_files_are_refused_with_their_reason() {
         let (_d, spool, drop) = setup();
         let gone = drop.join("gone.jpg");
@@ -598,7 +666,9 @@ mod tests {
             assert!(matches!(e, PickupError::StillOpen), "{e}");
         }
         std::mem::drop(w);
-        let p = spool.prepare("c", &f, Path::new("open.jpg"), false, 1).unwrap();
+        let p = spool
+            .prepare("c", &f, Path::new("open.jpg"), false, 1)
+            .unwrap();
         assert_eq!(is_open_for_writing(&p.file), Some(false));
     }
 

@@ -1,0 +1,213 @@
+//! Camera files when things break: the connection is cut in the middle of a large file,
+//! the relay is killed mid-transfer, the gateway is killed while it picks files up and
+//! while it uploads them. Each file lands exactly once, byte-identical, and a resumed
+//! upload sends only what the relay did not have.
+
+use std::time::Duration;
+
+use pigeon_e2e::{
+    CameraFile, Gateway, GatewayConfig, Proxy, Relay, TestDir, files_section, secs, wait_until,
+    wait_until_no_files, watch_table,
+};
+
+const GW: &str = "pi-cams";
+const TOKEN: &str = "camera-token-0123456789";
+
+/// A 24 MB clip: at the 6 MiB/s upload limit the tests set, about 4 s on the wire.
+const CLIP_LEN: usize = 24_000_000;
+
+fn limited(files: toml::Table, relay_url: &str) -> GatewayConfig {
+    let mut c = GatewayConfig::for_files(GW, TOKEN, relay_url, files);
+    c.relay_options
+        .insert("max_upload_rate".into(), "6MiB".into());
+    c
+}
+
+async fn watching(dir: &TestDir, config: GatewayConfig) -> Gateway {
+    let gw = Gateway::start(dir, config);
+    wait_until("the gateway to watch its drop directory", secs(20), || {
+        let ok = gw.log_text().contains("Watching a drop directory.");
+        async move {
+            if ok {
+                Ok(())
+            } else {
+                Err("not yet".to_string())
+            }
+        }
+    })
+    .await;
+    gw
+}
+
+async fn relay_metric(relay: &Relay, name: &str) -> f64 {
+    relay.metric(name).await.ok().flatten().unwrap_or(0.0)
+}
+
+/// The offsets the gateway logged when it resumed uploads.
+fn resume_offsets(gw: &Gateway) -> Vec<u64> {
+    gw.log_text()
+        .lines()
+        .filter(|l| l.contains("Resuming a file upload"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("offset="))
+                .and_then(|v| v.parse().ok())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cut_mid_file_resumes_with_only_the_remainder() {
+    let dir = TestDir::new("files-cut");
+    let relay = Relay::start(&dir, &[(GW, TOKEN)]).await;
+    let proxy = Proxy::start(relay.port()).await;
+    let drop_dir = dir.join("drop");
+    std::fs::create_dir_all(&drop_dir).unwrap();
+    let files = files_section(vec![watch_table("cameras", &drop_dir, &[])], &[]);
+    let mut gw = watching(
+        &dir,
+        limited(files, &format!("http://127.0.0.1:{}", proxy.port())),
+    )
+    .await;
+
+    // Cut the connection when about half of the clip has gone through the proxy.
+    proxy.cut_once_at(CLIP_LEN as u64 / 2);
+    let clip = CameraFile::mp4("cam-1/clip.mp4", CLIP_LEN, 77);
+    clip.write_into(&drop_dir);
+    relay
+        .assert_files_exactly_once(std::slice::from_ref(&clip), secs(120))
+        .await;
+
+    assert_eq!(proxy.cuts(), 1, "the proxy did not cut the upload");
+    let offsets = resume_offsets(&gw);
+    assert_eq!(offsets.len(), 1, "one resume expected: {offsets:?}");
+    assert!(
+        offsets[0] > CLIP_LEN as u64 / 3 && offsets[0] < CLIP_LEN as u64,
+        "resumed at {} of {CLIP_LEN}",
+        offsets[0]
+    );
+    // Nothing reached the relay twice: the second attempt sent only the remainder.
+    assert_eq!(
+        relay_metric(&relay, "pigeon_relay_upload_bytes_received_total").await,
+        CLIP_LEN as f64,
+        "the relay received bytes twice"
+    );
+    assert_eq!(
+        gw.metric("pigeon_gateway_file_upload_resumes_total")
+            .await
+            .unwrap(),
+        Some(1.0)
+    );
+    wait_until_no_files("the spool to be empty", &gw.spool_dir()).await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_mid_file_is_resumed_from_what_it_stored() {
+    let dir = TestDir::new("files-relay-kill");
+    let mut relay = Relay::start(&dir, &[(GW, TOKEN)]).await;
+    let drop_dir = dir.join("drop");
+    std::fs::create_dir_all(&drop_dir).unwrap();
+    let files = files_section(vec![watch_table("cameras", &drop_dir, &[])], &[]);
+    let mut gw = watching(&dir, limited(files, &relay.url())).await;
+
+    let clip = CameraFile::mp4("cam-1/clip.mp4", CLIP_LEN, 78);
+    clip.write_into(&drop_dir);
+    wait_until("a third of the clip at the relay", secs(60), || {
+        let r = &relay;
+        async move {
+            let got = relay_metric(r, "pigeon_relay_upload_bytes_received_total").await;
+            if got >= CLIP_LEN as f64 / 3.0 {
+                Ok(())
+            } else {
+                Err(format!("{got} bytes"))
+            }
+        }
+    })
+    .await;
+    relay.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay.restart().await;
+    relay
+        .assert_files_exactly_once(std::slice::from_ref(&clip), secs(120))
+        .await;
+
+    let offsets = resume_offsets(&gw);
+    assert!(
+        offsets.iter().any(|&o| o >= CLIP_LEN as u64 / 4),
+        "the upload did not resume from what the killed relay had stored: {offsets:?}"
+    );
+    // The restarted relay received only the remainder.
+    let after = relay_metric(&relay, "pigeon_relay_upload_bytes_received_total").await;
+    assert!(
+        after <= (CLIP_LEN as u64 - offsets[0]) as f64 && after > 0.0,
+        "the restarted relay received {after} bytes; the gateway resumed at {offsets:?}"
+    );
+    gw.stop().await;
+}
+
+/// The gateway is SIGKILLed again and again while a burst of snapshots is being picked up
+/// and while a clip uploads; after the last restart, every file arrives exactly once and
+/// nothing is left in the drop directory or the spool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_during_pickup_and_upload_sends_each_file_once() {
+    let dir = TestDir::new("files-gateway-kill");
+    let relay = Relay::start(&dir, &[(GW, TOKEN)]).await;
+    let drop_dir = dir.join("drop");
+    std::fs::create_dir_all(&drop_dir).unwrap();
+    let files = files_section(vec![watch_table("cameras", &drop_dir, &[])], &[]);
+    let mut gw = watching(&dir, limited(files, &relay.url())).await;
+
+    let mut sent = Vec::new();
+    let clip = CameraFile::mp4("cam-9/clip.mp4", CLIP_LEN, 99);
+    clip.write_into(&drop_dir);
+    sent.push(clip);
+    // Bursts of snapshots, the gateway killed in the middle of each.
+    for round in 0..6u64 {
+        for i in 0..40u64 {
+            let f = CameraFile::jpeg(
+                &format!("cam-{}/r{round}-{i:02}.jpg", i % 4),
+                20_000 + (i as usize) * 997,
+                round * 100 + i,
+            );
+            f.write_into(&drop_dir);
+            sent.push(f);
+            if i == 20 + round * 3 {
+                gw.kill();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(150 * round)).await;
+        gw.restart();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // And once while the clip is on the wire.
+    wait_until("the clip to be uploading", secs(60), || {
+        let r = &relay;
+        async move {
+            let got = relay_metric(r, "pigeon_relay_upload_bytes_received_total").await;
+            if got > 1_000_000.0 {
+                Ok(())
+            } else {
+                Err(format!("{got} bytes"))
+            }
+        }
+    })
+    .await;
+    gw.kill();
+    gw.restart();
+
+    relay.assert_files_exactly_once(&sent, secs(180)).await;
+    wait_until_no_files("the drop directory to be empty", &drop_dir).await;
+    wait_until_no_files("the spool to be empty", &gw.spool_dir()).await;
+    let log = gw.log_text();
+    assert!(
+        gw.proc().starts() >= 8,
+        "the gateway was started {} times",
+        gw.proc().starts()
+    );
+    assert!(
+        !log.contains("panicked"),
+        "the gateway panicked: see its log"
+    );
+    gw.stop().await;
+}
