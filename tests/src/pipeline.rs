@@ -36,11 +36,21 @@ impl Pipeline {
         options: MosquittoOptions,
         edit: impl FnOnce(&mut GatewayConfig),
     ) -> Pipeline {
+        Self::start_in(name, options, |_, c| edit(c)).await
+    }
+
+    /// Like [`Pipeline::start_with`], the edit also given the test directory (e.g. to
+    /// make a drop directory in it).
+    pub async fn start_in(
+        name: &str,
+        options: MosquittoOptions,
+        edit: impl FnOnce(&TestDir, &mut GatewayConfig),
+    ) -> Pipeline {
         let dir = TestDir::new(name);
         let mosquitto = Mosquitto::start_with(&dir, options).await;
         let relay = Relay::start(&dir, &[(GATEWAY_ID, TOKEN)]).await;
         let mut config = GatewayConfig::new(GATEWAY_ID, TOKEN, &relay.url(), mosquitto.port());
-        edit(&mut config);
+        edit(&dir, &mut config);
         let gateway = Gateway::start_subscribed(&dir, config, &mosquitto).await;
         Pipeline {
             gateway,

@@ -203,9 +203,12 @@ impl Stream {
     }
 
     /// Every event has a `producerid` and a 20-digit zero-padded `sequence`, and within
-    /// each producer the sequences strictly increase in stream order (so none repeats).
+    /// each producer the sequences strictly increase in stream order (so none repeats) —
+    /// but for file events (those with a `dataref`): files travel in a lane of their own,
+    /// beside the batches, and arrive in the order their uploads end; none may repeat.
     pub fn check_sequences(&self) -> Result<(), String> {
         let mut last: BTreeMap<&str, (u64, usize)> = BTreeMap::new();
+        let mut files: BTreeMap<(&str, u64), usize> = BTreeMap::new();
         let mut problems = Vec::new();
         for (i, e) in self.events.iter().enumerate() {
             let Some(p) = e.get(EXT_PRODUCER_ID).and_then(Value::as_str) else {
@@ -226,6 +229,17 @@ impl Stream {
                     continue;
                 }
             };
+            if e.get("dataref").is_some() {
+                if let Some(&pi) = files.get(&(p, seq)) {
+                    problems.push(format!(
+                        "{}: producer {p} file sequence {seq} again (first at {})",
+                        self.origin(i),
+                        self.origin(pi)
+                    ));
+                }
+                files.insert((p, seq), i);
+                continue;
+            }
             if let Some(&(prev, pi)) = last.get(p)
                 && seq <= prev
             {

@@ -211,3 +211,51 @@ async fn a_gateway_killed_during_pickup_and_upload_sends_each_file_once() {
     );
     gw.stop().await;
 }
+
+/// Readings keep flowing while a large file uploads: the file has a lane of its own, so
+/// the outbox is not blocked behind it (both share the upload limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_are_not_held_up_behind_a_large_file() {
+    let p = pigeon_e2e::Pipeline::start_in(
+        "files-no-head-of-line",
+        pigeon_e2e::MosquittoOptions::default(),
+        |dir, c| {
+            let d = dir.join("drop");
+            std::fs::create_dir_all(&d).unwrap();
+            c.files = Some(files_section(vec![watch_table("cameras", &d, &[])], &[]));
+            c.relay_options
+                .insert("max_upload_rate".into(), "4MiB".into());
+        },
+    )
+    .await;
+    let drop_dir = p.dir.join("drop");
+    // 40 MB at 4 MiB/s: about ten seconds on the wire.
+    let clip = CameraFile::mp4("cam-1/long.mp4", 40_000_000, 5);
+    clip.write_into(&drop_dir);
+    wait_until("the clip to be uploading", secs(60), || {
+        let r = &p.relay;
+        async move {
+            let got = relay_metric(r, "pigeon_relay_upload_bytes_received_total").await;
+            if got > 2_000_000.0 {
+                Ok(())
+            } else {
+                Err(format!("{got} bytes"))
+            }
+        }
+    })
+    .await;
+    let expected = p.publish(0..500).await;
+    p.relay.wait_for_readings("n", &expected, secs(60)).await;
+    let received = relay_metric(&p.relay, "pigeon_relay_upload_bytes_received_total").await;
+    assert!(
+        received < clip.bytes.len() as f64,
+        "the readings arrived only after the whole clip ({received} bytes of it)"
+    );
+    p.relay
+        .assert_files_exactly_once(std::slice::from_ref(&clip), secs(120))
+        .await;
+    p.relay
+        .assert_delivered_exactly_once(&expected, secs(30))
+        .await;
+    let _ = std::fs::remove_dir_all(&drop_dir);
+}
