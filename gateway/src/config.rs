@@ -488,6 +488,25 @@ mod tests {
     }
 
     #[test]
+    fn the_default_configs_commented_files_section_works_when_uncommented() {
+        let start = DEFAULT_CONFIG.find("# [files]").expect("a commented [files] section");
+        let block: String = DEFAULT_CONFIG[start..]
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let text = format!(
+            "{}\n{block}",
+            DEFAULT_CONFIG[..start].replace("\"change-me\"", "\"issued\"")
+        );
+        let c = parse(&text).unwrap();
+        let files = c.files.as_ref().expect("[files] parses");
+        assert_eq!(files.watch[0].name, "cameras");
+        assert_eq!(files.watch[0].rules[0].event_type, "io.pigeon.camera.image");
+        assert_eq!(c.spool_dir(), PathBuf::from("/srv/pigeon/spool"));
+    }
+
+    #[test]
     fn upload_schedule_picks_the_window_of_the_hour() {
         let c = parse(&format!(
             r#"{MINIMAL}
