@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use pigeon_e2e::{
     Gateway, GatewayConfig, Mosquitto, MosquittoOptions, Publisher, PublisherOptions, Relay,
-    Stream, TestDir, climate_readings,
+    Stream, TestDir, climate_readings, rss_kib, write_bytes,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
@@ -138,30 +138,6 @@ async fn baseline(n: usize) -> f64 {
     }
     let secs = start.expect("connected").elapsed().as_secs_f64();
     n as f64 / secs
-}
-
-fn rss_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// Bytes the process caused to be written to storage (`/proc/PID/io` `write_bytes`).
-fn write_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/io"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("write_bytes:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// Payload bytes of the N readings the scenarios publish.

@@ -18,6 +18,9 @@
 //! * [`NotifySocket`] — systemd's end of `NOTIFY_SOCKET`, to see `READY=1`, watchdog
 //!   pings and `STOPPING=1`.
 //! * [`http_get`] and [`metric_value`] — the binaries' HTTP endpoints and `/metrics`.
+//! * [`CameraFile`], [`files_section`], [`watch_table`] — camera files and the `[files]`
+//!   config that watches them; `Relay::assert_files_exactly_once` checks what arrived.
+//! * [`rss_kib`] and [`write_bytes`] — a process's memory and disk writes, for benchmarks.
 //! * [`PureFtpd`] — a real pure-ftpd with one virtual user, writing uploads in place or
 //!   (`-0`) to a temporary then renamed file; curl as the camera that uploads to it
 //!   ([`PureFtpd::upload`], [`PureFtpd::upload_slowly`]).
@@ -34,6 +37,7 @@ mod mosquitto;
 mod notify;
 mod pipeline;
 mod process;
+mod procfs;
 mod proxy;
 mod publisher;
 mod readings;
@@ -54,6 +58,7 @@ pub use mosquitto::{Mosquitto, MosquittoOptions};
 pub use notify::NotifySocket;
 pub use pipeline::{GATEWAY_ID, Pipeline, TOKEN};
 pub use process::{Proc, describe, free_port, gateway_bin, is_root, relay_bin, run_command};
+pub use procfs::{rss_kib, write_bytes};
 pub use proxy::Proxy;
 pub use publisher::{PublishReport, Publisher, PublisherOptions, Reading};
 pub use readings::{READING_TYPE, climate_payload, climate_readings, climate_topic};
