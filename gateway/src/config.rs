@@ -489,7 +489,9 @@ mod tests {
 
     #[test]
     fn the_default_configs_commented_files_section_works_when_uncommented() {
-        let start = DEFAULT_CONFIG.find("# [files]").expect("a commented [files] section");
+        let start = DEFAULT_CONFIG
+            .find("# [files]")
+            .expect("a commented [files] section");
         let block: String = DEFAULT_CONFIG[start..]
             .lines()
             .map(|l| l.strip_prefix("# ").unwrap_or(l))

@@ -46,12 +46,7 @@ async fn setup(name: &str) -> Setup {
     let files = files_section(vec![watch_table("cameras", &drop_dir, &[])], &[]);
     // Heartbeats off: every line in the stream is then a file's event.
     let config = GatewayConfig::for_files(GATEWAY, TOKEN, &relay.url(), files);
-    let gateway = Gateway::start(&dir, config);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !gateway.log_text().contains("Watching a drop directory.") {
-        assert!(Instant::now() < deadline, "the gateway did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let gateway = Gateway::start_watching(&dir, config).await;
     Setup {
         dir,
         relay,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::http::{http_get, metric_value};
 use crate::process::{Proc, free_port, gateway_bin, run_command};
 use crate::readings::READING_TYPE;
-use crate::{Mosquitto, TestDir, secs};
+use crate::{Mosquitto, TestDir, secs, wait_until};
 
 /// How the gateway authenticates to the relay.
 #[derive(Debug, Clone)]
@@ -244,6 +244,43 @@ impl Gateway {
             .and_then(|v| v.as_str())
             .map(PathBuf::from)
             .unwrap_or_else(|| self.data_dir.join("spool"))
+    }
+
+    /// Starts a gateway with a `[files]` section and waits until it watches every one of
+    /// its drop directories.
+    pub async fn start_watching(dir: &TestDir, config: GatewayConfig) -> Gateway {
+        let watches = config
+            .files
+            .as_ref()
+            .and_then(|f| f.get("watch"))
+            .and_then(|w| w.as_array())
+            .map_or(0, Vec::len);
+        let gw = Gateway::start(dir, config);
+        gw.wait_watching(watches).await;
+        gw
+    }
+
+    /// Waits until the gateway has logged that it watches `n` drop directories (over all
+    /// its starts), so that files written afterwards are seen as they are written.
+    pub async fn wait_watching(&self, n: usize) {
+        wait_until(
+            "the gateway to watch its drop directories",
+            secs(20),
+            || {
+                let seen = self
+                    .log_text()
+                    .matches("Watching a drop directory.")
+                    .count();
+                async move {
+                    if seen >= n {
+                        Ok(())
+                    } else {
+                        Err(format!("{seen} of {n} watches set up"))
+                    }
+                }
+            },
+        )
+        .await
     }
 
     /// Starts the gateway and waits until the broker has logged its subscriptions, so that

@@ -36,22 +36,11 @@ async fn watching_gateway(
     extra: &[(&str, toml::Value)],
 ) -> Gateway {
     let files = files_section(vec![watch_table("cameras", ftp.root(), &[])], extra);
-    let gw = Gateway::start(
+    Gateway::start_watching(
         dir,
         GatewayConfig::for_files(GW, TOKEN, &relay.url(), files),
-    );
-    wait_until("the gateway to watch the FTP root", secs(20), || {
-        let ok = gw.log_text().contains("Watching a drop directory.");
-        async move {
-            if ok {
-                Ok(())
-            } else {
-                Err("not yet".to_string())
-            }
-        }
-    })
-    .await;
-    gw
+    )
+    .await
 }
 
 async fn ftp_to_relay(name: &str, mode: UploadMode) {
@@ -256,14 +245,10 @@ async fn delivered_files_are_moved_or_kept_and_kept_files_are_not_sent_again() {
         ],
         &[],
     );
-    let mut gw = Gateway::start(
+    let mut gw = Gateway::start_watching(
         &dir,
         GatewayConfig::for_files(GW, TOKEN, &relay.url(), files),
-    );
-    wait_until("both watches", secs(20), || {
-        let n = gw.log_text().matches("Watching a drop directory.").count();
-        async move { if n == 2 { Ok(()) } else { Err(format!("{n}")) } }
-    })
+    )
     .await;
     let front = vec![
         CameraFile::jpeg("door/a.jpg", 30_000, 1),
@@ -302,11 +287,7 @@ async fn delivered_files_are_moved_or_kept_and_kept_files_are_not_sent_again() {
     // A restart scans the directories again: the kept files are not sent again.
     gw.stop().await;
     gw.restart();
-    wait_until("the gateway to watch again", secs(20), || {
-        let n = gw.log_text().matches("Watching a drop directory.").count();
-        async move { if n == 4 { Ok(()) } else { Err(format!("{n}")) } }
-    })
-    .await;
+    gw.wait_watching(4).await;
     // The camera writes d.jpg again, with new content: that is a new file.
     let d2 = CameraFile::jpeg("yard/d.jpg", 31_000, 44);
     d2.write_into(&keeping);

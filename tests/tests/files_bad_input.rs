@@ -23,22 +23,6 @@ const TEMPORARIES: [&str; 3] = [
 ];
 const TOKEN: &str = "odd-files-token-0123456789";
 
-async fn watching(dir: &TestDir, config: GatewayConfig) -> Gateway {
-    let gw = Gateway::start(dir, config);
-    wait_until("the gateway to watch its drop directory", secs(20), || {
-        let ok = gw.log_text().contains("Watching a drop directory.");
-        async move {
-            if ok {
-                Ok(())
-            } else {
-                Err("not yet".to_string())
-            }
-        }
-    })
-    .await;
-    gw
-}
-
 /// A drop directory the gateway's user owns (nobody when the tests run as root).
 fn drop_dir(dir: &TestDir) -> PathBuf {
     let d = dir.join("drop");
@@ -71,7 +55,7 @@ async fn odd_files_are_each_handled_and_do_not_stop_the_others() {
     let mut config = GatewayConfig::for_files(GW, TOKEN, &relay.url(), files);
     // As root, permissions would mean nothing: run the gateway as nobody.
     config.run_as_nobody = is_root();
-    let mut gw = watching(&dir, config).await;
+    let mut gw = Gateway::start_watching(&dir, config).await;
 
     let long_name = format!("{}.jpg", "x".repeat(251)); // 255 bytes, the limit
     let deep: String = (0..30).map(|i| format!("level-{i:02}/")).collect();
@@ -283,7 +267,7 @@ async fn a_full_spool_holds_back_only_what_does_not_fit() {
         vec![watch_table("cameras", &inbox, &[])],
         &[("spool_dir", spool.display().to_string().into())],
     );
-    let mut gw = watching(
+    let mut gw = Gateway::start_watching(
         &dir,
         GatewayConfig::for_files(GW, TOKEN, &relay.url(), files),
     )

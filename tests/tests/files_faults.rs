@@ -23,24 +23,21 @@ fn limited(files: toml::Table, relay_url: &str) -> GatewayConfig {
     c
 }
 
-async fn watching(dir: &TestDir, config: GatewayConfig) -> Gateway {
-    let gw = Gateway::start(dir, config);
-    wait_until("the gateway to watch its drop directory", secs(20), || {
-        let ok = gw.log_text().contains("Watching a drop directory.");
-        async move {
-            if ok {
-                Ok(())
-            } else {
-                Err("not yet".to_string())
-            }
-        }
-    })
-    .await;
-    gw
-}
-
 async fn relay_metric(relay: &Relay, name: &str) -> f64 {
     relay.metric(name).await.ok().flatten().unwrap_or(0.0)
+}
+
+/// Waits until the relay has received at least `min` upload bytes.
+async fn wait_for_relay_bytes(relay: &Relay, min: f64, what: &str) {
+    wait_until(what, secs(60), || async move {
+        let got = relay_metric(relay, "pigeon_relay_upload_bytes_received_total").await;
+        if got >= min {
+            Ok(())
+        } else {
+            Err(format!("{got} bytes"))
+        }
+    })
+    .await
 }
 
 /// The offsets the gateway logged when it resumed uploads.
@@ -64,7 +61,7 @@ async fn a_connection_cut_mid_file_resumes_with_only_the_remainder() {
     let drop_dir = dir.join("drop");
     std::fs::create_dir_all(&drop_dir).unwrap();
     let files = files_section(vec![watch_table("cameras", &drop_dir, &[])], &[]);
-    let mut gw = watching(
+    let mut gw = Gateway::start_watching(
         &dir,
         limited(files, &format!("http://127.0.0.1:{}", proxy.port())),
     )
@@ -109,21 +106,15 @@ async fn a_relay_killed_mid_file_is_resumed_from_what_it_stored() {
     let drop_dir = dir.join("drop");
     std::fs::create_dir_all(&drop_dir).unwrap();
     let files = files_section(vec![watch_table("cameras", &drop_dir, &[])], &[]);
-    let mut gw = watching(&dir, limited(files, &relay.url())).await;
+    let mut gw = Gateway::start_watching(&dir, limited(files, &relay.url())).await;
 
     let clip = CameraFile::mp4("cam-1/clip.mp4", CLIP_LEN, 78);
     clip.write_into(&drop_dir);
-    wait_until("a third of the clip at the relay", secs(60), || {
-        let r = &relay;
-        async move {
-            let got = relay_metric(r, "pigeon_relay_upload_bytes_received_total").await;
-            if got >= CLIP_LEN as f64 / 3.0 {
-                Ok(())
-            } else {
-                Err(format!("{got} bytes"))
-            }
-        }
-    })
+    wait_for_relay_bytes(
+        &relay,
+        CLIP_LEN as f64 / 3.0,
+        "a third of the clip at the relay",
+    )
     .await;
     relay.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -156,7 +147,7 @@ async fn a_gateway_killed_during_pickup_and_upload_sends_each_file_once() {
     let drop_dir = dir.join("drop");
     std::fs::create_dir_all(&drop_dir).unwrap();
     let files = files_section(vec![watch_table("cameras", &drop_dir, &[])], &[]);
-    let mut gw = watching(&dir, limited(files, &relay.url())).await;
+    let mut gw = Gateway::start_watching(&dir, limited(files, &relay.url())).await;
 
     let mut sent = Vec::new();
     let clip = CameraFile::mp4("cam-9/clip.mp4", CLIP_LEN, 99);
@@ -181,18 +172,7 @@ async fn a_gateway_killed_during_pickup_and_upload_sends_each_file_once() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     // And once while the clip is on the wire.
-    wait_until("the clip to be uploading", secs(60), || {
-        let r = &relay;
-        async move {
-            let got = relay_metric(r, "pigeon_relay_upload_bytes_received_total").await;
-            if got > 1_000_000.0 {
-                Ok(())
-            } else {
-                Err(format!("{got} bytes"))
-            }
-        }
-    })
-    .await;
+    wait_for_relay_bytes(&relay, 1_000_000.0, "the clip to be uploading").await;
     gw.kill();
     gw.restart();
 
@@ -232,18 +212,7 @@ async fn readings_are_not_held_up_behind_a_large_file() {
     // 40 MB at 4 MiB/s: about ten seconds on the wire.
     let clip = CameraFile::mp4("cam-1/long.mp4", 40_000_000, 5);
     clip.write_into(&drop_dir);
-    wait_until("the clip to be uploading", secs(60), || {
-        let r = &p.relay;
-        async move {
-            let got = relay_metric(r, "pigeon_relay_upload_bytes_received_total").await;
-            if got > 2_000_000.0 {
-                Ok(())
-            } else {
-                Err(format!("{got} bytes"))
-            }
-        }
-    })
-    .await;
+    wait_for_relay_bytes(&p.relay, 2_000_000.0, "the clip to be uploading").await;
     let expected = p.publish(0..500).await;
     p.relay.wait_for_readings("n", &expected, secs(60)).await;
     let received = relay_metric(&p.relay, "pigeon_relay_upload_bytes_received_total").await;

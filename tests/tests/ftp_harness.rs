@@ -11,32 +11,18 @@ use std::path::{Path, PathBuf};
 
 use pigeon_e2e::{
     PUREFTPD_UPLOAD_PREFIX, PureFtpd, PureFtpdOptions, SlowUpload, TestDir, UploadMode,
-    is_pureftpd_temp, secs, wait_until,
+    is_pureftpd_temp, random_bytes, secs, wait_until,
 };
 
 /// Slow uploads: 1 MB at 200 KB/s takes about 5 s, long enough to look at it mid-way.
 const SLOW_LEN: usize = 1_000_000;
 const SLOW_RATE: u64 = 200 * 1024;
 
-/// `len` pseudo-random bytes (xorshift64*, seeded differently each run), so a byte-identical
-/// comparison means something.
-fn random_bytes(len: usize) -> Vec<u8> {
-    use std::hash::{BuildHasher, RandomState};
-    let mut x = RandomState::new().hash_one(len) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// Writes a random file of `len` bytes into the test directory (outside the FTP root).
 fn local_file(dir: &TestDir, name: &str, len: usize) -> (PathBuf, Vec<u8>) {
-    let bytes = random_bytes(len);
+    // Seeded differently each run, so a byte-identical comparison means something.
+    let seed = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), len);
+    let bytes = random_bytes(len, seed);
     let path = dir.join(name);
     std::fs::write(&path, &bytes).expect("write the local file");
     (path, bytes)

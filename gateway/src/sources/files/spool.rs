@@ -271,31 +271,16 @@ impl Spool {
                 }
             })?;
             let mut src = &p.file;
-            let mut hasher = Sha256::new();
-            let mut head = Vec::with_capacity(SNIFF_LEN);
-            let mut size = 0u64;
-            let mut buf = vec![0u8; CHUNK];
-            loop {
-                let n = match src.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(PickupError::Unreadable(e)),
-                };
-                out.write_all(&buf[..n]).map_err(|e| {
+            let digest = read_hashed(&mut src, PickupError::Unreadable, |chunk| {
+                out.write_all(chunk).map_err(|e| {
                     if is_full(&e) {
                         PickupError::SpoolFull(e)
                     } else {
                         PickupError::Io(e)
                     }
-                })?;
-                hasher.update(&buf[..n]);
-                if head.len() < SNIFF_LEN {
-                    let want = (SNIFF_LEN - head.len()).min(n);
-                    head.extend_from_slice(&buf[..want]);
-                }
-                size += n as u64;
-            }
+                })
+            })?;
+            let Digested { size, sha256, head } = digest;
             // A writer still at it (or the camera rewriting the file in place) would
             // leave a copy of something that never existed as a whole.
             let after = FileStat::of(&p.file.metadata().map_err(PickupError::Io)?);
@@ -313,7 +298,7 @@ impl Spool {
             Ok(Taken {
                 spool: p.claim.spool.clone(),
                 size,
-                sha256: hasher.finalize().into(),
+                sha256,
                 head,
                 mtime_ns: p.stat.mtime_ns,
                 copied: true,
@@ -483,17 +468,44 @@ fn hash_and_sync(path: &Path, spool: &str) -> Result<Taken, PickupError> {
     })?;
     f.sync_all().map_err(PickupError::Io)?;
     let stat = FileStat::of(&f.metadata().map_err(PickupError::Io)?);
+    let d = read_hashed(&mut f, PickupError::Io, |_| Ok(()))?;
+    Ok(Taken {
+        spool: spool.to_owned(),
+        size: d.size,
+        sha256: d.sha256,
+        head: d.head,
+        mtime_ns: stat.mtime_ns,
+        copied: false,
+    })
+}
+
+/// What reading a whole file gave.
+struct Digested {
+    size: u64,
+    sha256: [u8; 32],
+    /// The first [`SNIFF_LEN`] bytes.
+    head: Vec<u8>,
+}
+
+/// Reads `src` to its end in [`CHUNK`]s, hashing it and handing each chunk to `sink`;
+/// a read error becomes `on_read`'s.
+fn read_hashed(
+    src: &mut impl Read,
+    on_read: fn(io::Error) -> PickupError,
+    mut sink: impl FnMut(&[u8]) -> Result<(), PickupError>,
+) -> Result<Digested, PickupError> {
     let mut hasher = Sha256::new();
     let mut head = Vec::with_capacity(SNIFF_LEN);
     let mut size = 0u64;
     let mut buf = vec![0u8; CHUNK];
     loop {
-        let n = match f.read(&mut buf) {
+        let n = match src.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(PickupError::Io(e)),
+            Err(e) => return Err(on_read(e)),
         };
+        sink(&buf[..n])?;
         hasher.update(&buf[..n]);
         if head.len() < SNIFF_LEN {
             let want = (SNIFF_LEN - head.len()).min(n);
@@ -501,13 +513,10 @@ fn hash_and_sync(path: &Path, spool: &str) -> Result<Taken, PickupError> {
         }
         size += n as u64;
     }
-    Ok(Taken {
-        spool: spool.to_owned(),
+    Ok(Digested {
         size,
         sha256: hasher.finalize().into(),
         head,
-        mtime_ns: stat.mtime_ns,
-        copied: false,
     })
 }
 
