@@ -291,6 +291,9 @@ impl Uplink {
             .await
             .map_err(|e| retry(error_chain(&e)))?;
         let status = resp.status();
+        if status.is_success() {
+            self.stats.upload_successes.fetch_add(1, Relaxed);
+        }
         let after = retry_after(resp.headers());
         let text = resp.text().await.unwrap_or_default();
         match status.as_u16() {
@@ -379,6 +382,9 @@ impl Uplink {
             Err(e) => return retry(error_chain(&e)),
         };
         let status = resp.status();
+        if status.is_success() {
+            self.stats.upload_successes.fetch_add(1, Relaxed);
+        }
         let after = retry_after(resp.headers());
         let text = resp.text().await.unwrap_or_default();
         match status {
