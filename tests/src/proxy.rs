@@ -29,6 +29,9 @@ struct Counters {
     /// When `up` reaches this, the connection that reached it is cut (once); 0: never.
     cut_at: AtomicU64,
     cuts: AtomicU64,
+    /// When `up` passes this, the byte at this position is flipped (once); 0: never.
+    flip_at: AtomicU64,
+    flips: AtomicU64,
 }
 
 impl Proxy {
@@ -71,6 +74,18 @@ impl Proxy {
     /// the rest of that connection's are lost. Connections made later are not affected.
     pub fn cut_once_at(&self, total: u64) {
         self.counters.cut_at.store(total.max(1), Relaxed);
+    }
+
+    /// Flips the bits of the client byte at position `total` of everything forwarded (as
+    /// counted by [`Proxy::bytes_up`]), once: damage on the way that TCP's checksum
+    /// missed, or a bad NIC.
+    pub fn corrupt_once_at(&self, total: u64) {
+        self.counters.flip_at.store(total.max(1), Relaxed);
+    }
+
+    /// How many bytes [`Proxy::corrupt_once_at`] flipped.
+    pub fn flips(&self) -> u64 {
+        self.counters.flips.load(Relaxed)
     }
 
     /// How many connections were cut by [`Proxy::cut_once_at`].
@@ -133,6 +148,13 @@ async fn pipe(
                         let _ = sw.write_all(&buf[..n]).await;
                         counters.cuts.fetch_add(1, Relaxed);
                         return;
+                    }
+                    let flip_at = counters.flip_at.load(Relaxed);
+                    if flip_at > 0 && before < flip_at && before + n as u64 >= flip_at
+                        && counters.flip_at.compare_exchange(flip_at, 0, Relaxed, Relaxed).is_ok()
+                    {
+                        buf[(flip_at - 1 - before) as usize] ^= 0xFF;
+                        counters.flips.fetch_add(1, Relaxed);
                     }
                     if *hold.borrow() {
                         held.extend_from_slice(&buf[..n]);

@@ -99,6 +99,38 @@ async fn a_connection_cut_mid_file_resumes_with_only_the_remainder() {
     gw.stop().await;
 }
 
+/// A byte damaged on the way: the relay's SHA-256 check refuses the file (nothing is
+/// stored), the gateway checks its spooled copy is still intact and sends it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_damaged_on_the_way_is_refused_and_sent_again() {
+    let dir = TestDir::new("files-corrupt");
+    let relay = Relay::start(&dir, &[(GW, TOKEN)]).await;
+    let proxy = Proxy::start(relay.port()).await;
+    let drop_dir = dir.join("drop");
+    std::fs::create_dir_all(&drop_dir).unwrap();
+    let files = files_section(vec![watch_table("cameras", &drop_dir, &[])], &[]);
+    let url = format!("http://127.0.0.1:{}", proxy.port());
+    let mut gw =
+        Gateway::start_watching(&dir, GatewayConfig::for_files(GW, TOKEN, &url, files)).await;
+    proxy.corrupt_once_at(2_000_000);
+    let clip = CameraFile::mp4("cam-1/clip.mp4", 4_000_000, 79);
+    clip.write_into(&drop_dir);
+    relay
+        .assert_files_exactly_once(std::slice::from_ref(&clip), secs(60))
+        .await;
+    assert_eq!(proxy.flips(), 1, "the proxy did not damage the upload");
+    assert_eq!(
+        relay_metric(&relay, "pigeon_relay_upload_digest_mismatches_total").await,
+        1.0
+    );
+    assert!(
+        gw.log_text()
+            .contains("The relay received bytes that do not match the file's SHA-256"),
+        "the gateway did not say why it sent the file again"
+    );
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_killed_mid_file_is_resumed_from_what_it_stored() {
     let dir = TestDir::new("files-relay-kill");
