@@ -173,15 +173,14 @@ fn check_files(files: &crate::sources::files::FilesConfig, config: &Config) -> R
                 ));
             }
         }
-        // Picking a file up moves it out of its directory (or, with after_upload =
-        // "keep", only reads it).
-        if w.after_upload != crate::sources::files::AfterUpload::Keep {
-            pigeon_shared::dirs::check_writable_dir("files.watch.path", &w.path).map_err(|e| {
-                format!(
-                    "{e} (watch {:?}: picked-up files are moved out of it)",
-                    w.name
-                )
-            })?;
+        // The gateway must be able to look into it; moving a file out needs write access
+        // to the directory the file is in, which is told per file at pickup.
+        if let Err(e) = std::fs::read_dir(&w.path) {
+            return Err(format!(
+                "files.watch.path: {} (watch {:?}) cannot be read: {e}",
+                w.path.display(),
+                w.name
+            ));
         }
         if let Some(to) = &w.move_to {
             pigeon_shared::dirs::check_writable_dir("files.watch.move_to", to)

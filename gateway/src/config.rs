@@ -504,7 +504,10 @@ mod tests {
         let c = parse(&text).unwrap();
         let files = c.files.as_ref().expect("[files] parses");
         assert_eq!(files.watch[0].name, "cameras");
-        assert_eq!(files.watch[0].rules[0].event_type, "io.pigeon.camera.image");
+        assert!(
+            files.watch[0].rules.is_empty(),
+            "the example rule stays commented"
+        );
         assert_eq!(c.spool_dir(), PathBuf::from("/srv/pigeon/spool"));
     }
 

@@ -232,8 +232,14 @@ pub fn render(r: &StatusReport) -> String {
                 (
                     "pigeon_gateway_file_pickup_errors_total",
                     C,
-                    "Finished files that could not be picked up (logged with the reason).",
+                    "Finished files whose pickup failed, each counted once (logged with the reason).",
                     f.pickup_errors,
+                ),
+                (
+                    "pigeon_gateway_file_pickups_failing",
+                    G,
+                    "Files whose pickup fails now and is retried.",
+                    f.failing,
                 ),
                 (
                     "pigeon_gateway_files_being_written",

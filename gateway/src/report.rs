@@ -127,8 +127,11 @@ pub struct FilesStatus {
     /// Files taken into the spool, and their bytes.
     pub picked_up: u64,
     pub picked_up_bytes: u64,
-    /// Finished files that could not be picked up (each logged with the reason).
+    /// Finished files whose pickup failed (each counted once, logged with the reason).
     pub pickup_errors: u64,
+    /// Of those, the files still failing (retried).
+    #[serde(default)]
+    pub failing: u64,
     /// Files being written in the drop directories now (or settling).
     pub being_written: u64,
     /// Files the relay stored.
@@ -294,6 +297,7 @@ impl Live {
                 picked_up: s.files_picked_up.load(Relaxed),
                 picked_up_bytes: s.file_bytes_picked_up.load(Relaxed),
                 pickup_errors: s.file_pickup_errors.load(Relaxed),
+                failing: s.file_pickups_failing.load(Relaxed),
                 being_written: s.files_being_written.load(Relaxed),
                 delivered: s.files_delivered.load(Relaxed),
                 bytes_sent: s.file_bytes_sent.load(Relaxed),
@@ -550,10 +554,10 @@ pub fn render_text(r: &StatusReport) -> String {
                     counted(f.resumed, "upload", "uploads")
                 ));
             }
-            if f.pickup_errors > 0 {
+            if f.failing > 0 {
                 text.push_str(&format!(
-                    "; {} NOT picked up (see the log)",
-                    count(f.pickup_errors)
+                    "; {} cannot be picked up (see the log)",
+                    counted(f.failing, "file", "files")
                 ));
             }
             row(&mut out, "Files", text);
@@ -564,8 +568,8 @@ pub fn render_text(r: &StatusReport) -> String {
             "none".to_owned()
         } else {
             format!(
-                "{} events the relay rejected (kept in the outbox's dead_letters table)",
-                count(o.dead_letters)
+                "{} the relay rejected (kept in the outbox's dead_letters table)",
+                counted(o.dead_letters, "event", "events")
             )
         };
         row(&mut out, "Dead letters", text);
@@ -762,6 +766,7 @@ pub(crate) mod tests {
                     picked_up: 40,
                     picked_up_bytes: 90_000_000,
                     pickup_errors: 1,
+                    failing: 1,
                     being_written: 1,
                     delivered: 38,
                     bytes_sent: 87_000_000,
@@ -786,7 +791,7 @@ pub(crate) mod tests {
             "MQTT broker    connected to 127.0.0.1:1883; 10,250 messages received",
             "Relay          reachable at https://relay.example.com; last upload 3 s ago",
             "Waiting        12 events (2.9 MiB), of them 2 files (2.9 MiB), the oldest received 5 s ago",
-            "Files          40 files picked up (85.8 MiB), 38 delivered (83.0 MiB sent), 1 uploading now, 1 being written by cameras, 1 upload resumed; 1 NOT picked up (see the log)",
+            "Files          40 files picked up (85.8 MiB), 38 delivered (83.0 MiB sent), 1 uploading now, 1 being written by cameras, 1 upload resumed; 1 file cannot be picked up (see the log)",
             "Delivered      10,234 events since the start (2 already at the relay), 1.2 MiB sent",
             "Dead letters   none",
             "Disk           12.0 GiB free of 29.0 GiB (41%) on the filesystem of /var/lib/pigeon",

@@ -48,8 +48,11 @@ pub struct Stats {
     /// Files taken into the spool and committed, and their bytes.
     pub files_picked_up: AtomicU64,
     pub file_bytes_picked_up: AtomicU64,
-    /// Finished files that could not be picked up (each logged with its reason).
+    /// Finished files that could not be picked up (each counted once, at its first
+    /// failure, and logged with its reason).
     pub file_pickup_errors: AtomicU64,
+    /// Files whose pickup fails now (retried).
+    pub file_pickups_failing: AtomicU64,
     /// Files in the drop directories being written, or waiting for their quiet period.
     pub files_being_written: AtomicU64,
     /// Files the relay stored (objects and events durable), and the bytes sent for

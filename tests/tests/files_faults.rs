@@ -260,3 +260,74 @@ async fn readings_are_not_held_up_behind_a_large_file() {
         .await;
     let _ = std::fs::remove_dir_all(&drop_dir);
 }
+
+/// Files waiting in the spool when the outbox is damaged (a power cut on a failing SD
+/// card) are not lost with it: the fresh outbox does not know them, so they are sent as
+/// recovered files (`/gateways/<id>/files/recovered`), byte-identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spooled_files_survive_a_damaged_outbox_as_recovered_files() {
+    let dir = TestDir::new("files-recovered");
+    let mut relay = Relay::start(&dir, &[(GW, TOKEN)]).await;
+    let drop_dir = dir.join("drop");
+    std::fs::create_dir_all(&drop_dir).unwrap();
+    let files = files_section(vec![watch_table("cameras", &drop_dir, &[])], &[]);
+    let mut gw = Gateway::start_watching(
+        &dir,
+        GatewayConfig::for_files(GW, TOKEN, &relay.url(), files),
+    )
+    .await;
+    relay.stop().await;
+    let sent: Vec<CameraFile> = (0..3)
+        .map(|i| CameraFile::jpeg(&format!("cam-1/s{i}.jpg"), 50_000 + i * 1000, i as u64))
+        .collect();
+    for f in &sent {
+        f.write_into(&drop_dir);
+    }
+    wait_until_no_files("the files to move into the spool", &drop_dir).await;
+    gw.stop().await;
+    for name in ["outbox.db", "outbox.db-wal"] {
+        let path = gw.data_dir().join(name);
+        let Ok(mut bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        let n = bytes.len().min(100);
+        bytes[..n].fill(0xA5);
+        std::fs::write(&path, bytes).expect("damage the outbox");
+    }
+    relay.restart().await;
+    gw.restart();
+    // Their names and paths were in the damaged outbox: they arrive under their spool
+    // names, from the recovered source.
+    let want_n = sent.len();
+    let recovered = wait_until("the spooled files to arrive", secs(60), || {
+        let evs = pigeon_e2e::file_events(&relay.read_stream()).unwrap_or_default();
+        async move {
+            if evs.len() >= want_n {
+                Ok(evs)
+            } else {
+                Err(format!("{} of {want_n}", evs.len()))
+            }
+        }
+    })
+    .await;
+    relay.wait_for_stream_quiet(Duration::from_secs(2)).await;
+    assert_eq!(recovered.len(), sent.len());
+    let mut stored: Vec<Vec<u8>> = recovered
+        .iter()
+        .map(|e| {
+            assert_eq!(e.event["source"], format!("/gateways/{GW}/files/recovered"));
+            assert_eq!(e.event["type"], "io.pigeon.camera.image");
+            std::fs::read(&e.object).unwrap()
+        })
+        .collect();
+    let mut want: Vec<Vec<u8>> = sent.iter().map(|f| f.bytes.clone()).collect();
+    stored.sort();
+    want.sort();
+    assert!(
+        stored == want,
+        "the recovered objects differ from the files"
+    );
+    assert!(gw.log_text().contains("sending it as a recovered file"));
+    wait_until_no_files("the spool to be empty", &gw.spool_dir()).await;
+    gw.stop().await;
+}

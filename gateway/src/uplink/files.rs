@@ -116,7 +116,11 @@ async fn deliver(
         if *shutdown.borrow() {
             return;
         }
-        let attempt = match up.attempt(&spool, &rec, &file).await {
+        let attempt = up.attempt(&spool, &rec, &file).await;
+        up.stats
+            .relay_last_attempt_unix
+            .store(chrono::Utc::now().timestamp() as u64, Relaxed);
+        let attempt = match attempt {
             // The relay said where to go on; a relay that says so again and again is
             // not making progress, though.
             Attempt::Again if agains < 5 => {
@@ -198,11 +202,19 @@ async fn deliver(
             up.stats
                 .last_upload_unix
                 .store(chrono::Utc::now().timestamp() as u64, Relaxed);
-            if let Err(e) = up.writer.settle(vec![rec.seq], vec![]).await {
-                error!(error = %e, "Could not remove a delivered file's record from the outbox.");
+            // Until its record is gone the file would be sent again after a restart (the
+            // relay would say duplicate): keep trying, it is cheap.
+            let mut backoff =
+                Backoff::new(up.config.backoff_initial.get(), up.config.backoff_max.get());
+            while let Err(e) = up.writer.settle(vec![rec.seq], vec![]).await {
+                error!(error = %e, "Could not remove a delivered file's record from the outbox; retrying.");
+                if sleep_or_shutdown(&mut shutdown, backoff.next_delay()).await {
+                    return;
+                }
             }
         }
         Attempt::Refused(reason) => {
+            up.stats.relay_reachable.store(true, Relaxed);
             up.dead_letter(&rec, reason).await;
             up.abandon_upload(&rec).await;
         }

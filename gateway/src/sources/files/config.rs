@@ -28,6 +28,7 @@ pub struct FilesConfig {
     /// overflowed or a directory appeared while nobody looked.
     #[serde(default = "default_rescan_interval")]
     pub rescan_interval: Duration,
+    #[serde(default)]
     pub watch: Vec<WatchConfig>,
 }
 
@@ -68,8 +69,10 @@ pub struct WatchConfig {
     #[serde(default)]
     pub ignore: Vec<String>,
     /// Rules that pick the event type (and content type) of a file, first match wins.
-    /// None given: images are `io.pigeon.camera.image`, videos `io.pigeon.camera.video`.
-    #[serde(default = "default_rules")]
+    /// After them, the default rules apply ([`default_rules`]: images are
+    /// `io.pigeon.camera.image`, videos `io.pigeon.camera.video`); a rule for
+    /// `content_types = ["*/*"]` turns those off.
+    #[serde(default)]
     pub rules: Vec<RuleConfig>,
 }
 
@@ -149,7 +152,8 @@ pub fn default_ignore() -> Vec<String> {
     .map(String::from)
     .to_vec()
 }
-fn default_rules() -> Vec<RuleConfig> {
+/// The rules every watch ends with: images and videos by content type.
+pub fn default_rules() -> Vec<RuleConfig> {
     let rule = |family: &str, ty: &str| RuleConfig {
         extensions: Vec::new(),
         content_types: vec![format!("{family}/*")],
@@ -230,6 +234,15 @@ impl FilesConfig {
 
 impl WatchConfig {
     fn validate(&self) -> Result<(), Invalid> {
+        if self.name == super::source::RECOVERED_WATCH {
+            return Err((
+                "files.watch.name",
+                format!(
+                    "{:?} is the name the gateway gives files it recovers from its spool; choose another",
+                    self.name
+                ),
+            ));
+        }
         if !valid_watch_name(&self.name) {
             return Err((
                 "files.watch.name",
@@ -300,24 +313,29 @@ impl WatchConfig {
                 ));
             }
             for e in &r.extensions {
-                if e.is_empty() || e.starts_with('.') || e.contains('/') {
+                if e.is_empty() || e.contains('.') || e.contains('/') {
                     return Err((
                         "files.watch.rules.extensions",
                         named(format!(
-                            "{e:?}: write extensions without the dot, e.g. \"jpg\""
+                            "{e:?}: write a file name's last extension without the dot, e.g. \"jpg\" (for clip.tar.gz: \"gz\")"
                         )),
                     ));
                 }
             }
-            for c in r.content_types.iter().chain(&r.content_type) {
+            let not_a_type = |c: &String| {
+                named(format!(
+                    "{c:?} is not a content type like \"image/jpeg\" or \"image/*\""
+                ))
+            };
+            for c in &r.content_types {
                 if !c.contains('/') {
-                    return Err((
-                        "files.watch.rules.content_types",
-                        named(format!(
-                            "{c:?} is not a content type like \"image/jpeg\" or \"image/*\""
-                        )),
-                    ));
+                    return Err(("files.watch.rules.content_types", not_a_type(c)));
                 }
+            }
+            if let Some(c) = &r.content_type
+                && (!c.contains('/') || c.contains('*'))
+            {
+                return Err(("files.watch.rules.content_type", not_a_type(c)));
             }
         }
         Ok(())
@@ -348,7 +366,10 @@ mod tests {
         assert_eq!(w.finished, Finished::Close);
         assert_eq!(w.after_upload, AfterUpload::Delete);
         assert_eq!(w.subject, "{top}");
-        assert_eq!(w.rules.len(), 2);
+        assert!(
+            w.rules.is_empty(),
+            "the default rules apply after the configured ones"
+        );
         assert_eq!(c.quiet_period.get().as_secs(), 30);
         assert!(c.ignore.iter().any(|p| p == ".*"));
         assert_eq!(
@@ -397,6 +418,21 @@ mod tests {
     fn bad_values_are_named() {
         for (text, key) in [
             ("watch = []", "files.watch"),
+            ("quiet_period = \"5s\"", "files.watch"),
+            (
+                &ONE.replace("\"cameras\"", "\"recovered\""),
+                "files.watch.name",
+            ),
+            (
+                &format!("{ONE}[[watch.rules]]\nextensions = [\"tar.gz\"]\ntype = \"x\"\n"),
+                "files.watch.rules.extensions",
+            ),
+            (
+                &format!(
+                    "{ONE}[[watch.rules]]\nextensions = [\"dav\"]\ntype = \"x\"\ncontent_type = \"video/*\"\n"
+                ),
+                "files.watch.rules.content_type",
+            ),
             (&ONE.replace("cameras\"", "cam eras\""), "files.watch.name"),
             (
                 &ONE.replace("/srv/ftp/cameras", "srv/ftp"),

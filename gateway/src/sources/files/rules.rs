@@ -243,17 +243,20 @@ pub struct Described {
 }
 
 impl Rules {
-    /// Compiles a validated watch; `global_ignore` is `files.ignore`.
+    /// Compiles a validated watch; `global_ignore` is `files.ignore`. The watch's rules
+    /// come first, then the [default rules](super::config::default_rules).
     pub fn new(watch: &WatchConfig, global_ignore: &[String]) -> Result<Self, String> {
         let ignore = global_ignore
             .iter()
             .chain(&watch.ignore)
             .map(|p| Glob::new(p))
             .collect::<Result<_, _>>()?;
+        let mut rules = watch.rules.clone();
+        rules.extend(super::config::default_rules());
         Ok(Self {
             ignore,
             subject: SubjectTemplate::parse(&watch.subject)?,
-            rules: watch.rules.clone(),
+            rules,
             default_type: watch.event_type.clone(),
         })
     }
@@ -285,8 +288,12 @@ impl Rules {
     }
 }
 
-/// `image/*` matches every `image/…`; anything else must be equal (any case).
+/// `*/*` matches everything, `image/*` every `image/…`; anything else must be equal
+/// (any case).
 fn content_type_matches(pattern: &str, ct: &str) -> bool {
+    if pattern == "*/*" {
+        return true;
+    }
     match pattern.strip_suffix("/*") {
         Some(family) => ct
             .split_once('/')
@@ -409,8 +416,17 @@ mod tests {
         );
         assert_eq!(r.describe("c", Path::new("a.png"), b"").event_type, "media");
         assert_eq!(r.describe("c", Path::new("a.mp4"), b"").event_type, "media");
-        assert_eq!(r.describe("c", Path::new("a.mkv"), b"").event_type, "other");
+        // After the configured rules, the default ones still sort videos out.
+        assert_eq!(
+            r.describe("c", Path::new("a.mkv"), b"").event_type,
+            "io.pigeon.camera.video"
+        );
+        assert_eq!(r.describe("c", Path::new("a.txt"), b"").event_type, "other");
         assert!(r.ignored("x.idx"));
         assert!(!r.ignored(".hidden"), "the global list was not given");
+        // A rule for everything turns the default rules off.
+        let everything = watch("[[rules]]\ncontent_types = [\"*/*\"]\ntype = \"all\"\n");
+        let r = Rules::new(&everything, &[]).unwrap();
+        assert_eq!(r.describe("c", Path::new("a.mkv"), b"").event_type, "all");
     }
 }

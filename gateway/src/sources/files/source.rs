@@ -44,6 +44,9 @@ const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// How soon a file the gateway may not read or move is tried again (someone may fix
 /// the permissions).
 const RETRY_DENIED_AFTER: Duration = Duration::from_secs(60);
+/// A file that keeps failing is logged again every this many attempts (about hourly
+/// for one retried every minute).
+const REMIND_EVERY: u32 = 60;
 /// The watch name of spool files the outbox did not know (after a damaged outbox was
 /// replaced): they are sent under `/gateways/<id>/files/recovered`.
 pub const RECOVERED_WATCH: &str = "recovered";
@@ -55,6 +58,9 @@ struct WatchRt {
     /// The CloudEvent source of its files.
     source: String,
     mode: Finished,
+    /// Copy its files into the spool: a rename across mounts failed (the kernel could
+    /// not say beforehand that the spool is on another mount).
+    copy: bool,
     /// Its watcher, once set up (dropping it stops the watch). In a mutex only to make
     /// the source `Sync`; nothing contends for it.
     watcher: std::sync::Mutex<Option<Box<dyn Watcher + Send>>>,
@@ -86,6 +92,8 @@ pub struct FilesSource {
     deferred: Vec<(Instant, PathBuf, usize)>,
     /// A pickup failed after the file was in the spool: finish its claim soon.
     claims_pending: bool,
+    /// Files whose pickup failed, and how many times: counted and logged once each.
+    failing: std::collections::HashMap<PathBuf, u32>,
 }
 
 /// One pickup candidate: path and watch index.
@@ -127,6 +135,7 @@ impl FilesSource {
                 source: gateway.source(&format!("files/{}", w.name)),
                 mode: if w.poll { Finished::Quiet } else { w.finished },
                 rules,
+                copy: false,
                 cfg: w.clone(),
                 watcher: std::sync::Mutex::new(None),
             });
@@ -143,11 +152,7 @@ impl FilesSource {
             after_upload: AfterUpload::Delete,
             move_to: None,
             ignore: Vec::new(),
-            rules: config
-                .watch
-                .first()
-                .map(|w| w.rules.clone())
-                .unwrap_or_default(),
+            rules: Vec::new(),
         };
         Ok(Self {
             tracker: Tracker::new(config.quiet_period.get()),
@@ -162,6 +167,7 @@ impl FilesSource {
             excluded,
             deferred: Vec::new(),
             claims_pending: false,
+            failing: std::collections::HashMap::new(),
         })
     }
 
@@ -520,14 +526,15 @@ impl FilesSource {
                     .strip_prefix(&self.watches[w].cfg.path)
                     .ok()?
                     .to_owned();
-                let keep = self.watches[w].cfg.after_upload == AfterUpload::Keep;
-                Some((path, rel, w, self.watches[w].cfg.name.clone(), keep))
+                let wr = &self.watches[w];
+                let copy = wr.copy || wr.cfg.after_upload == AfterUpload::Keep;
+                Some((path, rel, w, wr.cfg.name.clone(), copy))
             })
             .collect();
         let prepared = tokio::task::spawn_blocking(move || {
             jobs.into_iter()
-                .map(|(path, rel, w, name, keep)| {
-                    let r = spool.prepare(&name, &path, &rel, keep, now_us);
+                .map(|(path, rel, w, name, copy)| {
+                    let r = spool.prepare(&name, &path, &rel, copy, now_us);
                     (path, w, r)
                 })
                 .collect::<Vec<_>>()
@@ -620,6 +627,12 @@ impl FilesSource {
                     if copied_away {
                         release.push(claim.clone());
                     }
+                    if let Some(n) = self.failing.remove(&claim.original) {
+                        info!(watch = %self.watches[w].cfg.name, file = %lossy(&claim.rel), failed_attempts = n, "A file that could not be picked up before was picked up.");
+                        self.stats
+                            .file_pickups_failing
+                            .store(self.failing.len() as u64, Relaxed);
+                    }
                     self.stats.files_picked_up.fetch_add(1, Relaxed);
                     self.stats.file_bytes_picked_up.fetch_add(t.size, Relaxed);
                     if t.size == 0 {
@@ -685,34 +698,63 @@ impl FilesSource {
                 .event(path, w, self.watches[w].mode, Seen::Written, Instant::now());
             return;
         }
-        self.stats.file_pickup_errors.fetch_add(1, Relaxed);
-        let watch = &self.watches[w].cfg.name;
+        if let PickupError::CrossMount = e
+            && !self.watches[w].copy
+        {
+            warn!(watch = %self.watches[w].cfg.name, spool = %self.spool.dir().display(), "A file cannot be renamed into the spool (another mount, e.g. systemd's ReadWritePaths): files of this watch are copied from now on (twice the disk writes). Put files.spool_dir on the drop directory's mount to avoid it.");
+            self.watches[w].copy = true;
+            self.defer(path.to_owned(), w, Duration::ZERO);
+            return;
+        }
+        let watch = self.watches[w].cfg.name.clone();
         let file = path
             .strip_prefix(&self.watches[w].cfg.path)
             .map(lossy)
             .unwrap_or_else(|_| lossy(path));
+        if let PickupError::Vanished = e {
+            self.failing.remove(path);
+            info!(watch = %watch, file = %file, "A finished file was gone before it could be picked up (deleted or renamed by someone else).");
+            return;
+        }
+        // Counted and logged once per file; a file that keeps failing is mentioned again
+        // about every REMIND_EVERY attempts.
+        let attempts = self.failing.entry(path.to_owned()).or_insert(0);
+        *attempts += 1;
+        let attempts = *attempts;
+        if attempts == 1 {
+            self.stats.file_pickup_errors.fetch_add(1, Relaxed);
+        }
+        let say = attempts == 1 || attempts.is_multiple_of(REMIND_EVERY);
+        self.stats
+            .file_pickups_failing
+            .store(self.failing.len() as u64, Relaxed);
         match &e {
-            PickupError::Vanished => {
-                info!(watch = %watch, file = %file, "A finished file was gone before it could be picked up (deleted or renamed by someone else).");
-            }
             _ if e.is_transient() => {
-                warn!(watch = %watch, file = %file, reason = e.kind(), error = %e, "Could not pick up a file; trying again shortly.");
+                if say {
+                    warn!(watch = %watch, file = %file, reason = e.kind(), error = %e, attempts, "Could not pick up a file; trying again shortly.");
+                }
                 self.defer(path.to_owned(), w, RETRY_AFTER);
             }
             PickupError::Unreadable(_) | PickupError::CannotMove(_) => {
-                error!(watch = %watch, file = %file, reason = e.kind(), error = %e, "Cannot pick up a file; it is left where it is and tried again every minute.");
+                if say {
+                    error!(watch = %watch, file = %file, reason = e.kind(), error = %e, attempts, "Cannot pick up a file; it is left where it is and tried again every minute.");
+                }
                 self.defer(path.to_owned(), w, RETRY_DENIED_AFTER);
             }
             _ => {
-                error!(watch = %watch, file = %file, reason = e.kind(), error = %e, "Cannot pick up a file; it is left where it is (it is looked at again at the next scan).");
+                if say {
+                    error!(watch = %watch, file = %file, reason = e.kind(), error = %e, attempts, "Cannot pick up a file; it is left where it is (it is looked at again at the next scan).");
+                }
             }
+        }
+        if !say {
+            debug!(watch = %watch, file = %file, reason = e.kind(), attempts, "Still cannot pick up a file.");
         }
     }
 
     fn outbox_failed(&mut self, e: &OutboxError, files: impl Iterator<Item = (PathBuf, usize)>) {
         error!(error = %e, "Cannot record files in the outbox (is the disk full?); they stay in the drop directory and are tried again shortly.");
         for (path, w) in files {
-            self.stats.file_pickup_errors.fetch_add(1, Relaxed);
             self.defer(path, w, RETRY_AFTER);
         }
     }
@@ -763,7 +805,12 @@ impl FilesSource {
             source: source.to_owned(),
             event_type: d.event_type,
             subject: Some(d.subject),
-            time_us: chrono::Utc::now().timestamp_micros(),
+            // When the gateway took the file (a pickup finished after a restart keeps it).
+            time_us: if claim.claimed_us > 0 {
+                claim.claimed_us
+            } else {
+                chrono::Utc::now().timestamp_micros()
+            },
             content_type: Some("application/json".into()),
             data: bytes::Bytes::from(serde_json::to_vec(&data).unwrap_or_default()),
             expires_us: None,

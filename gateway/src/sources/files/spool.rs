@@ -37,6 +37,9 @@ pub const TMP_SUFFIX: &str = ".tmp";
 pub struct Spool {
     dir: PathBuf,
     dev: u64,
+    /// The mount it is on, when the kernel tells (`statx`, Linux 5.8+): a rename cannot
+    /// cross mounts even on one filesystem (systemd's `ReadWritePaths=` bind mounts).
+    mount: Option<u64>,
 }
 
 /// Why a file was not taken.
@@ -58,6 +61,10 @@ pub enum PickupError {
     SpoolFull(io::Error),
     #[error("it changed while it was being copied; it is tried again")]
     Changed,
+    #[error(
+        "it cannot be renamed into the spool, which is on another mount; it is copied from now on"
+    )]
+    CrossMount,
     #[error("something still has it open for writing")]
     StillOpen,
     #[error("{0}")]
@@ -74,6 +81,7 @@ impl PickupError {
             PickupError::CannotMove(_) => "cannot_move",
             PickupError::SpoolFull(_) => "spool_full",
             PickupError::Changed => "changed",
+            PickupError::CrossMount => "cross_mount",
             PickupError::StillOpen => "still_open",
             PickupError::Io(_) => "io",
         }
@@ -83,7 +91,10 @@ impl PickupError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            PickupError::SpoolFull(_) | PickupError::Changed | PickupError::Io(_)
+            PickupError::SpoolFull(_)
+                | PickupError::Changed
+                | PickupError::CrossMount
+                | PickupError::Io(_)
         )
     }
 }
@@ -144,6 +155,7 @@ impl Spool {
         Ok(Self {
             dir: dir.to_owned(),
             dev,
+            mount: mount_id(dir),
         })
     }
 
@@ -153,6 +165,7 @@ impl Spool {
         Self {
             dir: dir.to_owned(),
             dev: fs::metadata(dir).map_or(0, |m| m.dev()),
+            mount: mount_id(dir),
         }
     }
 
@@ -164,20 +177,29 @@ impl Spool {
         self.dir.join(name)
     }
 
-    /// Whether `dir` is on the spool's filesystem (so files move instead of copying).
+    /// Whether files in `dir` can be renamed into the spool (same filesystem, same
+    /// mount), so that they move instead of being copied.
     pub fn same_filesystem(&self, dir: &Path) -> bool {
-        fs::metadata(dir).is_ok_and(|m| m.dev() == self.dev)
+        fs::metadata(dir).is_ok_and(|m| m.dev() == self.dev) && self.same_mount(mount_id(dir))
+    }
+
+    fn same_mount(&self, other: Option<u64>) -> bool {
+        match (self.mount, other) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        }
     }
 
     /// Opens and checks a finished file for a claim: it must be a regular file (not a
-    /// link, pipe or device) that the gateway can read. `keep`: it stays in place, so
-    /// it is copied.
+    /// link, pipe or device) that the gateway can read. `copy`: it is copied into the
+    /// spool even if it could be moved (`after_upload = "keep"`: it stays in place; or
+    /// a rename across mounts failed before).
     pub fn prepare(
         &self,
         watch: &str,
         path: &Path,
         rel: &Path,
-        keep: bool,
+        copy: bool,
         now_us: i64,
     ) -> Result<Prepared, PickupError> {
         let file = open_for_reading(path).map_err(|e| match e.kind() {
@@ -215,7 +237,7 @@ impl Spool {
             Some(e) => format!("{}.{e}", uuid::Uuid::now_v7()),
             None => uuid::Uuid::now_v7().to_string(),
         };
-        let copy = keep || stat.dev != self.dev;
+        let copy = copy || stat.dev != self.dev || !self.same_mount(fd_mount_id(&file));
         Ok(Prepared {
             claim: FileClaim {
                 spool,
@@ -247,12 +269,9 @@ impl Spool {
         match fs::rename(&p.claim.original, &target) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(PickupError::Vanished),
-            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-                // Another filesystem after all (a mount appeared): copy instead.
-                let mut p = p;
-                p.claim.copy = true;
-                return self.copy_in(p, &target);
-            }
+            // Another mount after all (the kernel did not say which mount it is on): the
+            // claim says "moved", so give up here; the next claim says "copied".
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => return Err(PickupError::CrossMount),
             Err(e) => return Err(PickupError::CannotMove(e)),
         }
         // What was renamed may be a newer file the camera put under the same name after
@@ -377,18 +396,54 @@ impl Spool {
         }
         let parent = to.parent().unwrap_or(Path::new("/"));
         fs::create_dir_all(parent)?;
-        let target = free_name(to, &file.spool);
-        match fs::rename(&from, &target) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-                copy_file_synced(&from, &target)?;
-                fs::remove_file(&from)?;
+        // Never over something already there: the name itself, else with the spool
+        // name's stem added.
+        let mut target = to.to_owned();
+        for attempt in 0..2 {
+            match rename_noreplace(&from, &target) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt == 0 => {
+                    target = with_stem(to, &file.spool);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                    copy_file_synced(&from, &target)?;
+                    fs::remove_file(&from)?;
+                    break;
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         }
         sync_dir(parent)?;
         Ok(Some(target))
     }
+}
+
+/// The id of the mount `path` is on (`statx` `STATX_MNT_ID`), if the kernel tells.
+fn mount_id(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    statx_mount(libc::AT_FDCWD, &c, 0)
+}
+
+/// The id of the mount an open file is on.
+fn fd_mount_id(file: &File) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    statx_mount(file.as_raw_fd(), c"", libc::AT_EMPTY_PATH)
+}
+
+fn statx_mount(dirfd: libc::c_int, path: &std::ffi::CStr, flags: libc::c_int) -> Option<u64> {
+    // SAFETY: statx fills the zeroed struct it is given; `path` is NUL-terminated.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    let r = unsafe {
+        libc::statx(
+            dirfd,
+            path.as_ptr(),
+            flags | libc::AT_STATX_SYNC_AS_STAT,
+            libc::STATX_MNT_ID,
+            &mut st,
+        )
+    };
+    (r == 0 && st.stx_mask & libc::STATX_MNT_ID != 0).then_some(st.stx_mnt_id)
 }
 
 /// Opens a file in a drop directory to read it: never following a link out of the
@@ -435,12 +490,40 @@ pub fn ignore_lease_breaks() {
     }
 }
 
-/// `to`, or — when something is there already — `to` with `-<spool stem>` before its
-/// extension (`snap.jpg` → `snap-0190c7a4-….jpg`).
-fn free_name(to: &Path, spool: &str) -> PathBuf {
-    if fs::symlink_metadata(to).is_err() {
-        return to.to_owned();
+/// Renames `from` to `to` unless something is at `to` (`AlreadyExists` then).
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in a path"))
+    };
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: both paths are NUL-terminated and outlive the call.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        return Ok(());
     }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EINVAL) {
+        // A filesystem without RENAME_NOREPLACE: look, then rename.
+        if fs::symlink_metadata(to).is_ok() {
+            return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+        }
+        return fs::rename(from, to);
+    }
+    Err(e)
+}
+
+/// `to` with `-<spool stem>` before its extension (`snap.jpg` → `snap-0190c7a4-….jpg`).
+fn with_stem(to: &Path, spool: &str) -> PathBuf {
     let stem = spool.split('.').next().unwrap_or(spool);
     let name = to
         .file_name()
