@@ -208,6 +208,14 @@ pub struct OutboxConfig {
     /// The most records one transaction commits (group commit).
     #[serde(default = "default_commit_max_records")]
     pub commit_max_records: usize,
+    /// The most disk the outbox and the spool may use together. None: no cap (only
+    /// `min_free`).
+    #[serde(default)]
+    pub max_bytes: Option<ByteSize>,
+    /// Space to leave free on the filesystems of the data dir and the spool, for the
+    /// rest of the Pi. None: 100 MiB, or 5% of a filesystem smaller than 2 GiB.
+    #[serde(default)]
+    pub min_free: Option<ByteSize>,
 }
 
 impl Default for OutboxConfig {
@@ -215,6 +223,8 @@ impl Default for OutboxConfig {
         Self {
             synchronous: Synchronous::default(),
             commit_max_records: default_commit_max_records(),
+            max_bytes: None,
+            min_free: None,
         }
     }
 }
@@ -367,6 +377,16 @@ impl Config {
         }
         if self.outbox.commit_max_records == 0 {
             return Err(("outbox.commit_max_records", "must be at least 1".into()));
+        }
+        if self
+            .outbox
+            .max_bytes
+            .is_some_and(|b| b.get() < ByteSize::mib(16).get())
+        {
+            return Err((
+                "outbox.max_bytes",
+                "must be at least 16MiB (the write-ahead log alone may take that)".into(),
+            ));
         }
         if let Some(mqtt) = &self.mqtt {
             mqtt.validate()?;

@@ -98,8 +98,18 @@ pub async fn run(
     stats.last_error = last_error;
     let stats = Arc::new(stats);
 
-    let (writer, writer_thread) =
-        OutboxWriter::start_with_stats(conn, config.outbox.commit_max_records, stats.clone())?;
+    let quota = outbox::quota::QuotaSettings {
+        max_bytes: config.outbox.max_bytes.map(|b| b.get()),
+        min_free: config.outbox.min_free.map(|b| b.get()),
+        data_dir: data_dir.clone(),
+        spool_dir: config.spool_dir(),
+    };
+    let (writer, writer_thread) = OutboxWriter::start_with(
+        conn,
+        config.outbox.commit_max_records,
+        stats.clone(),
+        Some(quota),
+    )?;
     let reader = Arc::new(OutboxReader::open(&db::path_in(&data_dir))?);
     let depth = Arc::new(DepthCache::new(reader.clone()));
     let pending = depth.get().await?.pending;

@@ -148,6 +148,38 @@ pub fn render(r: &StatusReport) -> String {
             l.outbox_expired,
         );
         e.one(
+            "pigeon_gateway_outbox_dropped_total",
+            C,
+            "Events and files a full outbox dropped to make room (when_full = \"drop_oldest\"); each drop is logged with its type.",
+            l.outbox_dropped,
+        );
+        e.one(
+            "pigeon_gateway_outbox_dropped_bytes_total",
+            C,
+            "Bytes of what a full outbox dropped.",
+            l.outbox_dropped_bytes,
+        );
+        e.one(
+            "pigeon_gateway_outbox_refused_total",
+            C,
+            "New events and files a full outbox refused (when_full = \"refuse\": not acknowledged to the broker, or left in the drop directory) — counted per attempt.",
+            l.outbox_refused,
+        );
+        e.one(
+            "pigeon_gateway_outbox_used_bytes",
+            G,
+            "What the outbox database's pages in use and the spool's files take, as outbox.max_bytes counts it.",
+            l.outbox_used_bytes,
+        );
+        if let Some(max) = l.outbox_max_bytes {
+            e.one(
+                "pigeon_gateway_outbox_max_bytes",
+                G,
+                "outbox.max_bytes: the most the outbox and the spool may use.",
+                max,
+            );
+        }
+        e.one(
             "pigeon_gateway_upload_requests_total",
             C,
             "Upload requests sent to the relay, retries included.",

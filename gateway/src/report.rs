@@ -108,6 +108,20 @@ pub struct LiveStatus {
     /// Records dropped unsent because their route's TTL ran out.
     #[serde(default)]
     pub outbox_expired: u64,
+    /// Records and files a full outbox dropped to make room (`when_full =
+    /// "drop_oldest"`), and their bytes; new ones it refused (`when_full = "refuse"`).
+    #[serde(default)]
+    pub outbox_dropped: u64,
+    #[serde(default)]
+    pub outbox_dropped_bytes: u64,
+    #[serde(default)]
+    pub outbox_refused: u64,
+    /// What the outbox and the spool use, as the budget counts it, and the budget
+    /// (`outbox.max_bytes`; `None`: only `outbox.min_free`).
+    #[serde(default)]
+    pub outbox_used_bytes: u64,
+    #[serde(default)]
+    pub outbox_max_bytes: Option<u64>,
     pub heartbeats: u64,
     /// Records committed per source since the start.
     pub sources: Vec<SourceCount>,
@@ -179,6 +193,8 @@ pub struct Live {
     pub stopping: AtomicBool,
     /// Whether drop directories are watched.
     pub files: bool,
+    /// `outbox.max_bytes`.
+    pub outbox_max_bytes: Option<u64>,
 }
 
 impl Live {
@@ -197,6 +213,7 @@ impl Live {
             started_unix: chrono::Utc::now().timestamp(),
             stopping: AtomicBool::new(false),
             files: config.files.is_some(),
+            outbox_max_bytes: config.outbox.max_bytes.map(|b| b.get()),
         }
     }
 
@@ -274,6 +291,11 @@ impl Live {
             outbox_commits: s.outbox_commits.load(Relaxed),
             outbox_commit_failures: s.outbox_commit_failures.load(Relaxed),
             outbox_expired: s.outbox_expired.load(Relaxed),
+            outbox_dropped: s.outbox_dropped.load(Relaxed),
+            outbox_dropped_bytes: s.outbox_dropped_bytes.load(Relaxed),
+            outbox_refused: s.outbox_refused.load(Relaxed),
+            outbox_used_bytes: s.outbox_used_bytes.load(Relaxed),
+            outbox_max_bytes: self.outbox_max_bytes,
             heartbeats: s.heartbeats.load(Relaxed),
             sources: s
                 .sources
@@ -531,6 +553,30 @@ pub fn render_text(r: &StatusReport) -> String {
                 counted(l.upload_retries, "retry", "retries")
             ),
         );
+        if l.outbox_dropped > 0 || l.outbox_refused > 0 || l.outbox_max_bytes.is_some() {
+            let mut text = match l.outbox_max_bytes {
+                Some(max) => format!(
+                    "{} used of {} (outbox.max_bytes)",
+                    human_bytes(l.outbox_used_bytes),
+                    human_bytes(max)
+                ),
+                None => format!("{} used", human_bytes(l.outbox_used_bytes)),
+            };
+            if l.outbox_dropped > 0 {
+                text.push_str(&format!(
+                    "; FULL: {} ({}) dropped to make room",
+                    counted(l.outbox_dropped, "event", "events"),
+                    human_bytes(l.outbox_dropped_bytes)
+                ));
+            }
+            if l.outbox_refused > 0 {
+                text.push_str(&format!(
+                    "; {} refused (when_full = \"refuse\")",
+                    count(l.outbox_refused)
+                ));
+            }
+            row(&mut out, "Outbox budget", text);
+        }
         if let Some(f) = &l.files {
             let mut text = format!(
                 "{} picked up ({}), {} delivered ({} sent)",
@@ -738,6 +784,11 @@ pub(crate) mod tests {
                 outbox_commits: 300,
                 outbox_commit_failures: 0,
                 outbox_expired: 0,
+                outbox_dropped: 1_200,
+                outbox_dropped_bytes: 52_000_000,
+                outbox_refused: 3,
+                outbox_used_bytes: 1_900_000_000,
+                outbox_max_bytes: Some(2 << 30),
                 heartbeats: 125,
                 sources: vec![
                     SourceCount {
@@ -791,6 +842,7 @@ pub(crate) mod tests {
             "MQTT broker    connected to 127.0.0.1:1883; 10,250 messages received",
             "Relay          reachable at https://relay.example.com; last upload 3 s ago",
             "Waiting        12 events (2.9 MiB), of them 2 files (2.9 MiB), the oldest received 5 s ago",
+            "Outbox budget  1.8 GiB used of 2.0 GiB (outbox.max_bytes); FULL: 1,200 events (49.6 MiB) dropped to make room; 3 refused (when_full = \"refuse\")",
             "Files          40 files picked up (85.8 MiB), 38 delivered (83.0 MiB sent), 1 uploading now, 1 being written by cameras, 1 upload resumed; 1 file cannot be picked up (see the log)",
             "Delivered      10,234 events since the start (2 already at the relay), 1.2 MiB sent",
             "Dead letters   none",

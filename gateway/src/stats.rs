@@ -43,6 +43,14 @@ pub struct Stats {
     pub outbox_commit_failures: AtomicU64,
     /// Records dropped unsent because their route's TTL ran out.
     pub outbox_expired: AtomicU64,
+    /// Records (and files) a full outbox dropped to make room, and their bytes.
+    pub outbox_dropped: AtomicU64,
+    pub outbox_dropped_bytes: AtomicU64,
+    /// New records and files a full outbox refused (their routes do not allow drops).
+    pub outbox_refused: AtomicU64,
+    /// Bytes the outbox and the spool use on disk, as the budget counts them (0 without
+    /// a budget).
+    pub outbox_used_bytes: AtomicU64,
     /// Whether the last outbox transaction failed.
     pub outbox_failing: AtomicBool,
     /// Files taken into the spool and committed, and their bytes.
@@ -273,6 +281,7 @@ mod tests {
             data: bytes::Bytes::new(),
             delivery: None,
             file: None,
+            policy: crate::outbox::Policy::default(),
         }
     }
 

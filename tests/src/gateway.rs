@@ -56,6 +56,10 @@ pub struct GatewayConfig {
     /// Run the gateway as `nobody` (through `setpriv`), so that file permissions mean
     /// something when the tests run as root. The harness makes its directories usable.
     pub run_as_nobody: bool,
+    /// More keys for each `[[mqtt.subscriptions]]` block, by index (e.g. `priority`).
+    pub subscription_options: Vec<toml::Table>,
+    /// More top-level sections or keys (e.g. `[outbox]`), merged into the config.
+    pub extra: toml::Table,
 }
 
 impl GatewayConfig {
@@ -83,6 +87,8 @@ impl GatewayConfig {
             mqtt_enabled: true,
             files: None,
             run_as_nobody: false,
+            subscription_options: Vec::new(),
+            extra: toml::Table::new(),
         }
     }
 
@@ -135,8 +141,13 @@ impl GatewayConfig {
         let subs = self
             .subscriptions
             .iter()
-            .map(|s| {
-                let mut t = toml::Table::new();
+            .enumerate()
+            .map(|(i, s)| {
+                let mut t = self
+                    .subscription_options
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_default();
                 t.insert("filter".into(), s.filter.clone().into());
                 t.insert("qos".into(), i64::from(s.qos).into());
                 t.insert("type".into(), s.event_type.clone().into());
@@ -170,6 +181,7 @@ impl GatewayConfig {
         if let Some(files) = &self.files {
             root.insert("files".into(), files.clone().into());
         }
+        root.extend(self.extra.clone());
         root.insert("health".into(), health.into());
         root.insert("http".into(), http.into());
         root

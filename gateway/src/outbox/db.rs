@@ -88,6 +88,17 @@ const MIGRATIONS: &[&str] = &[
         mtime_ns INTEGER NOT NULL
     ) WITHOUT ROWID;
     "#,
+    // 4: priorities (higher drains first, is dropped last) and whether a full outbox may
+    // drop a record to make room (its route's when_full = "drop_oldest").
+    r#"
+    ALTER TABLE records ADD COLUMN priority INTEGER NOT NULL DEFAULT 5;
+    ALTER TABLE records ADD COLUMN evictable INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE dead_letters ADD COLUMN priority INTEGER NOT NULL DEFAULT 5;
+    ALTER TABLE dead_letters ADD COLUMN evictable INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE file_claims ADD COLUMN priority INTEGER NOT NULL DEFAULT 5;
+    CREATE INDEX records_lane ON records (priority, seq) WHERE file IS NULL;
+    CREATE INDEX records_evict ON records (priority, seq) WHERE evictable = 1;
+    "#,
 ];
 
 pub(crate) const META_PRODUCER_ID: &str = "producer_id";

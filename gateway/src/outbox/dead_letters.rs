@@ -97,9 +97,9 @@ const EXISTS: &str = "SELECT 1 FROM dead_letters WHERE seq = ?1";
 const FAILED_AT: &str = "SELECT failed_at_us FROM dead_letters WHERE seq = ?1";
 const RESTORE: &str = "INSERT INTO records
     (seq, id, source, type, subject, time_us, content_type, data,
-     file, file_size, file_sha256, file_move_to)
+     file, file_size, file_sha256, file_move_to, priority, evictable)
     SELECT ?2, id, source, type, subject, time_us, content_type, data,
-     file, file_size, file_sha256, file_move_to
+     file, file_size, file_sha256, file_move_to, priority, evictable
     FROM dead_letters WHERE seq = ?1";
 const FILE_OF: &str = "SELECT file FROM dead_letters WHERE seq = ?1";
 const DELETE: &str = "DELETE FROM dead_letters WHERE seq = ?1";
@@ -322,6 +322,7 @@ mod tests {
             data: bytes::Bytes::copy_from_slice(data),
             delivery: None,
             file: None,
+            policy: crate::outbox::Policy::default(),
         }
     }
 

@@ -10,10 +10,13 @@
 //! * [`dead_letters`] lists, re-queues and deletes dead letters from another process
 //!   (`pigeon-gateway dead-letter …`), safely while the gateway runs.
 //! * [`depth`] caches how much is waiting, for metrics, status and heartbeats.
+//! * [`quota`] keeps the outbox and the spool within their disk budget, dropping the
+//!   oldest data of the lowest priority where its route allows.
 
 pub mod db;
 pub mod dead_letters;
 pub mod depth;
+pub mod quota;
 pub mod reader;
 pub mod writer;
 
@@ -57,6 +60,45 @@ pub struct NewRecord {
     pub delivery: Option<DeliveryMark>,
     /// Set for files: the record's `data` describes the file, which waits in the spool.
     pub file: Option<Box<NewFile>>,
+    /// Its route's priority and what a full outbox does with it.
+    pub policy: Policy,
+}
+
+/// How a route's records are treated when there is more to send than time or room:
+/// `priority` orders the upload (higher first) and the drops (lower first);
+/// `when_full` says whether a full outbox may drop them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// 0 (least) to 9 (most important).
+    pub priority: u8,
+    pub when_full: WhenFull,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            priority: DEFAULT_PRIORITY,
+            when_full: WhenFull::DropOldest,
+        }
+    }
+}
+
+/// The priority of routes that do not say.
+pub const DEFAULT_PRIORITY: u8 = 5;
+
+/// What a full outbox (`outbox.max_bytes`, `outbox.min_free`) does with a route's records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Make room by dropping the oldest records of the lowest priority (this route's
+    /// own included; never a higher priority's); a new record that still does not fit is
+    /// dropped itself. Every drop is logged and counted.
+    #[default]
+    DropOldest,
+    /// Never drop this route's records: while there is no room its new data is not
+    /// taken (MQTT messages are not acknowledged, so the broker keeps them; files stay
+    /// in their drop directory).
+    Refuse,
 }
 
 /// A file in the spool that a record describes.
@@ -114,6 +156,8 @@ pub struct FileClaim {
     /// Its record is committed; only the original is left to delete.
     pub committed: bool,
     pub claimed_us: i64,
+    /// The watch's policy (its priority decides what a full outbox may drop for it).
+    pub policy: Policy,
 }
 
 /// What identifies one MQTT delivery: the broker re-sends an unacknowledged message with
@@ -141,6 +185,8 @@ pub struct Record {
     pub data: Vec<u8>,
     /// For a file record: the spooled file.
     pub file: Option<FileRef>,
+    /// Its route's priority (0–9).
+    pub priority: u8,
 }
 
 /// An outbox operation that failed. Cloned to every waiter of a failed group commit.
@@ -164,6 +210,10 @@ pub enum OutboxError {
     TooNew { found: i64, known: i64 },
     #[error("the outbox database is damaged: {0}")]
     Corrupt(String),
+    #[error(
+        "the outbox is full (outbox.max_bytes or outbox.min_free) and its route does not let older data be dropped (when_full = \"refuse\")"
+    )]
+    Full,
 }
 
 impl OutboxError {

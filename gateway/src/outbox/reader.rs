@@ -12,6 +12,12 @@ pub struct OutboxReader {
     conn: Mutex<Connection>,
 }
 
+/// Priorities, 0 to 9.
+pub const PRIORITIES: u8 = 10;
+
+/// Per priority, the highest sequence of that priority the batch lane has sent.
+pub type Cursors = [u64; PRIORITIES as usize];
+
 /// How much is waiting in the outbox.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Pending {
@@ -29,20 +35,28 @@ pub struct Pending {
     pub oldest_time_us: Option<i64>,
 }
 
-/// Events for the batch lane: everything but files, which have a lane of their own.
+/// Events for the batch lane — everything but files, which have a lane of their own — in
+/// sequence order, whatever their priority.
 const READ_AFTER: &str = "SELECT seq, id, source, type, subject, time_us, content_type, data,
-    file, file_size, file_sha256, file_move_to
+    file, file_size, file_sha256, file_move_to, priority
     FROM records WHERE seq > ?1 AND file IS NULL ORDER BY seq LIMIT ?2";
-const READ_FILES_AFTER: &str = "SELECT seq, id, source, type, subject, time_us, content_type,
-    data, file, file_size, file_sha256, file_move_to
-    FROM records WHERE seq > ?1 AND file IS NOT NULL ORDER BY seq LIMIT ?2";
+/// The batch lane's events of one priority after its cursor.
+const READ_LANE: &str = "SELECT seq, id, source, type, subject, time_us, content_type, data,
+    file, file_size, file_sha256, file_move_to, priority
+    FROM records WHERE file IS NULL AND priority = ?3 AND seq > ?1 ORDER BY seq LIMIT ?2";
+/// Files, most important first, then oldest first.
+const READ_FILES: &str = "SELECT seq, id, source, type, subject, time_us, content_type,
+    data, file, file_size, file_sha256, file_move_to, priority
+    FROM records WHERE file IS NOT NULL ORDER BY priority DESC, seq LIMIT ?2 OFFSET ?1";
 const MIN_SEQ: &str = "SELECT min(seq) FROM records";
+const OLDEST_OF: &str =
+    "SELECT time_us FROM records WHERE file IS NULL AND priority = ?1 ORDER BY seq LIMIT 1";
 const DEAD_LETTERS: &str = "SELECT count(*) FROM dead_letters";
 const PENDING: &str = "SELECT count(*), coalesce(sum(coalesce(file_size, length(data))), 0),
     min(seq), (SELECT time_us FROM records ORDER BY seq LIMIT 1),
     count(file), coalesce(sum(file_size), 0) FROM records";
 const CLAIMS: &str = "SELECT spool, watch, original, rel, dev, ino, copy, size, mtime_ns,
-    committed, claimed_us FROM file_claims ORDER BY spool";
+    committed, claimed_us, priority FROM file_claims ORDER BY spool";
 const KEPT: &str = "SELECT dev, ino, size, mtime_ns FROM kept_files WHERE path = ?1";
 const ALL_KEPT: &str = "SELECT path FROM kept_files";
 const SPOOL_NAMES: &str = "SELECT file FROM records WHERE file IS NOT NULL
@@ -75,24 +89,72 @@ impl OutboxReader {
     }
 
     /// Up to `max_events` records (not files) with a sequence above `after`, in sequence
-    /// order, stopping before `max_bytes` of data is exceeded (but always at least one
-    /// record).
+    /// order whatever their priority, stopping before `max_bytes` of data is exceeded (but
+    /// always at least one record).
     pub fn read_after(
         &self,
         after: u64,
         max_events: usize,
         max_bytes: u64,
     ) -> Result<Vec<Record>, OutboxError> {
-        self.read(READ_AFTER, after, max_events, max_bytes)
+        self.read(READ_AFTER, after, max_events, max_bytes, None)
     }
 
-    /// Up to `max_files` file records with a sequence above `after`, in sequence order.
-    pub fn read_files_after(
+    /// The batch lane's next batch: up to `max_events` records (not files) and about
+    /// `max_bytes` of data (always at least one record), taken priority by priority —
+    /// highest first, or lowest first when `lowest_first` — each in sequence order after
+    /// its cursor (the highest sequence of that priority sent so far).
+    pub fn read_batch(
         &self,
-        after: u64,
-        max_files: usize,
+        cursors: &Cursors,
+        lowest_first: bool,
+        max_events: usize,
+        max_bytes: u64,
     ) -> Result<Vec<Record>, OutboxError> {
-        self.read(READ_FILES_AFTER, after, max_files, u64::MAX)
+        let mut out: Vec<Record> = Vec::new();
+        let mut bytes = 0u64;
+        let order: Vec<u8> = if lowest_first {
+            (0..PRIORITIES).collect()
+        } else {
+            (0..PRIORITIES).rev().collect()
+        };
+        for p in order {
+            if out.len() >= max_events || (!out.is_empty() && bytes >= max_bytes) {
+                break;
+            }
+            let left = max_events - out.len();
+            let more = self.read(READ_LANE, cursors[p as usize], left, max_bytes, Some(p))?;
+            for r in more {
+                // At least one record, then only what keeps the batch under max_bytes.
+                if !out.is_empty() && bytes + r.data.len() as u64 > max_bytes {
+                    return Ok(out);
+                }
+                bytes += r.data.len() as u64;
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// File records, most important first and oldest first within a priority, from the
+    /// `skip`-th on: up to `max_files`.
+    pub fn read_files(&self, skip: usize, max_files: usize) -> Result<Vec<Record>, OutboxError> {
+        self.read(READ_FILES, skip as u64, max_files, u64::MAX, None)
+    }
+
+    /// Whether events (not files) of a priority above `priority` have waited since before
+    /// `before_us` (receive time, µs): the batch lane is behind with more important data.
+    pub fn behind_above(&self, priority: u8, before_us: i64) -> Result<bool, OutboxError> {
+        use rusqlite::OptionalExtension;
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(OLDEST_OF)?;
+        for p in (priority.saturating_add(1)..PRIORITIES).rev() {
+            let oldest: Option<i64> = stmt.query_row([p], |r| r.get(0)).optional()?;
+            if oldest.is_some_and(|t| t < before_us) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// The lowest sequence still in the outbox (of any lane): every sequence below it has
@@ -110,10 +172,14 @@ impl OutboxReader {
         after: u64,
         max_events: usize,
         max_bytes: u64,
+        priority: Option<u8>,
     ) -> Result<Vec<Record>, OutboxError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(sql)?;
-        let mut rows = stmt.query((after as i64, max_events as i64))?;
+        let mut rows = match priority {
+            Some(p) => stmt.query((after as i64, max_events as i64, p as i64))?,
+            None => stmt.query((after as i64, max_events as i64))?,
+        };
         let mut out = Vec::new();
         let mut bytes = 0u64;
         while let Some(row) = rows.next()? {
@@ -146,6 +212,10 @@ impl OutboxReader {
                 mtime_ns: r.get(8)?,
                 committed: r.get(9)?,
                 claimed_us: r.get(10)?,
+                policy: crate::outbox::Policy {
+                    priority: r.get(11)?,
+                    when_full: crate::outbox::WhenFull::default(),
+                },
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -243,5 +313,6 @@ fn record_from_row(row: &rusqlite::Row<'_>) -> Result<Record, rusqlite::Error> {
         content_type: row.get(6)?,
         data: Vec::new(),
         file,
+        priority: row.get(12)?,
     })
 }

@@ -10,10 +10,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
-use rusqlite::{Connection, Transaction, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use super::{FileClaim, NewRecord, OutboxError, db, path_bytes};
+use super::quota::{Dropped, Incoming, Quota, QuotaSettings, ROW_OVERHEAD};
+use super::{FileClaim, NewRecord, OutboxError, WhenFull, db, path_bytes};
 use crate::stats::Stats;
 
 /// How many commands may wait for the writer before senders are made to wait.
@@ -26,6 +27,9 @@ pub enum Appended {
     Stored { seq: u64 },
     /// A broker's re-delivery of a record committed earlier; nothing new was stored.
     Redelivery,
+    /// The outbox is full and nothing of its priority or lower was left to drop: this
+    /// record (of a `when_full = "drop_oldest"` route) was dropped itself, and counted.
+    Dropped,
 }
 
 /// Packet-id marks by (MQTT session, packet id): the digest of the last committed PUBLISH.
@@ -52,11 +56,12 @@ enum Command {
         reply: Reply<Vec<(String, u64)>>,
     },
     /// Records files about to move into the spool, and forgets claims that were given up
-    /// (a committed file record forgets its own claim).
+    /// (a committed file record forgets its own claim). Answers, per claim added, whether
+    /// it was taken: a full outbox refuses what it cannot make room for.
     Claims {
         add: Vec<FileClaim>,
         remove: Vec<String>,
-        reply: Reply<()>,
+        reply: Reply<Vec<bool>>,
     },
     /// Forgets the marks of kept files (`after_upload = "keep"`) that are gone or changed.
     ForgetKept {
@@ -93,22 +98,29 @@ pub struct OutboxWriter {
 }
 
 impl OutboxWriter {
-    /// Starts the writer thread on an opened and migrated connection.
+    /// Starts the writer thread on an opened and migrated connection, without a disk
+    /// budget.
     pub fn start(
         conn: Connection,
         commit_max_records: usize,
     ) -> Result<(Self, std::thread::JoinHandle<()>), OutboxError> {
-        Self::start_with_stats(conn, commit_max_records, Arc::new(Stats::default()))
+        Self::start_with(conn, commit_max_records, Arc::new(Stats::default()), None)
     }
 
-    /// [`OutboxWriter::start`], counting commits and committed records in `stats`.
-    pub fn start_with_stats(
+    /// [`OutboxWriter::start`], counting commits and committed records in `stats`, and
+    /// keeping the outbox and the spool within `quota` when given.
+    pub fn start_with(
         conn: Connection,
         commit_max_records: usize,
         stats: Arc<Stats>,
+        quota: Option<QuotaSettings>,
     ) -> Result<(Self, std::thread::JoinHandle<()>), OutboxError> {
         let next_seq = db::next_seq(&conn)?;
         let deliveries = load_deliveries(&conn)?;
+        let quota = quota.map(|q| Quota::new(q, &conn)).transpose()?;
+        if let Some(q) = &quota {
+            stats.outbox_used_bytes.store(q.used(&conn), Relaxed);
+        }
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let committed = Arc::new(Notify::new());
         let files_committed = Arc::new(Notify::new());
@@ -120,6 +132,8 @@ impl OutboxWriter {
             committed: committed.clone(),
             files_committed: files_committed.clone(),
             stats,
+            quota,
+            drops: DropLog::default(),
         };
         let handle = std::thread::Builder::new()
             .name("outbox-writer".into())
@@ -189,12 +203,13 @@ impl OutboxWriter {
     }
 
     /// Records `add` (files about to move into the spool) and forgets the claims named in
-    /// `remove`, in one transaction.
+    /// `remove`, in one transaction. Says, per claim added, whether it was taken (a full
+    /// outbox refuses a file it cannot make room for).
     pub async fn claims(
         &self,
         add: Vec<FileClaim>,
         remove: Vec<String>,
-    ) -> Result<(), OutboxError> {
+    ) -> Result<Vec<bool>, OutboxError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Claims { add, remove, reply })
@@ -264,16 +279,80 @@ struct WriterState {
     committed: Arc<Notify>,
     files_committed: Arc<Notify>,
     stats: Arc<Stats>,
+    /// The disk budget, when one is configured.
+    quota: Option<Quota>,
+    drops: DropLog,
+}
+
+/// What a full outbox dropped since it last said so: logged at most every
+/// [`DROP_LOG_EVERY`], with the counts by event type (the metrics count at once).
+#[derive(Debug, Default)]
+struct DropLog {
+    pending: Dropped,
+    last: Option<std::time::Instant>,
+}
+
+const DROP_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Adds one dropped record (or file) to `dropped`.
+fn count_drop(dropped: &mut Dropped, ty: &str, bytes: u64, time_us: i64) {
+    match dropped.iter_mut().find(|d| d.0 == ty) {
+        Some(d) => {
+            d.1 += 1;
+            d.2 += bytes;
+            d.3 = d.3.min(time_us);
+        }
+        None => dropped.push((ty.to_owned(), 1, bytes, time_us)),
+    }
+}
+
+impl DropLog {
+    fn add(&mut self, dropped: Dropped) {
+        for (ty, n, bytes, oldest) in dropped {
+            match self.pending.iter_mut().find(|d| d.0 == ty) {
+                Some(d) => {
+                    d.1 += n;
+                    d.2 += bytes;
+                    d.3 = d.3.min(oldest);
+                }
+                None => self.pending.push((ty, n, bytes, oldest)),
+            }
+        }
+    }
+
+    /// Logs what is pending, if it is time (or `force`).
+    fn flush(&mut self, force: bool) {
+        if self.pending.is_empty()
+            || !(force || self.last.is_none_or(|t| t.elapsed() >= DROP_LOG_EVERY))
+        {
+            return;
+        }
+        self.last = Some(std::time::Instant::now());
+        let now_us = chrono::Utc::now().timestamp_micros();
+        for (ty, n, bytes, oldest) in self.pending.drain(..) {
+            tracing::warn!(
+                r#type = %ty,
+                dropped = n,
+                bytes,
+                oldest_age_s = (now_us - oldest).max(0) / 1_000_000,
+                "The outbox is full (outbox.max_bytes, outbox.min_free): dropped the oldest data of the lowest priority to make room (when_full = \"drop_oldest\")."
+            );
+        }
+    }
 }
 
 const INSERT_RECORD: &str = "INSERT INTO records
     (seq, id, source, type, subject, time_us, content_type, data, expires_us,
-     file, file_size, file_sha256, file_move_to)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+     file, file_size, file_sha256, file_move_to, priority, evictable)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)";
 const INSERT_CLAIM: &str = "INSERT OR REPLACE INTO file_claims
-    (spool, watch, original, rel, dev, ino, copy, size, mtime_ns, committed, claimed_us)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
+    (spool, watch, original, rel, dev, ino, copy, size, mtime_ns, committed, claimed_us,
+     priority)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
 const DELETE_CLAIM: &str = "DELETE FROM file_claims WHERE spool = ?1";
+/// A claim given up: its file is not coming into the spool (unless it is committed).
+const DROP_CLAIM: &str =
+    "DELETE FROM file_claims WHERE spool = ?1 RETURNING size * (1 - committed)";
 const COMMIT_CLAIM: &str = "UPDATE file_claims SET committed = 1 WHERE spool = ?1";
 const INSERT_KEPT: &str = "INSERT OR REPLACE INTO kept_files (path, dev, ino, size, mtime_ns)
     VALUES (?1, ?2, ?3, ?4, ?5)";
@@ -284,12 +363,12 @@ const DELETE_EXPIRED: &str = "DELETE FROM records WHERE expires_us IS NOT NULL A
 const UPSERT_DELIVERY: &str =
     "INSERT OR REPLACE INTO mqtt_deliveries (session, pkid, digest) VALUES (?1, ?2, ?3)";
 const SET_NEXT_SEQ: &str = "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)";
-const DELETE_RECORD: &str = "DELETE FROM records WHERE seq = ?1";
+const DELETE_RECORD: &str = "DELETE FROM records WHERE seq = ?1 RETURNING coalesce(file_size, 0)";
 const DEAD_LETTER: &str = "INSERT OR REPLACE INTO dead_letters
     (seq, id, source, type, subject, time_us, content_type, data, reason, failed_at_us,
-     file, file_size, file_sha256, file_move_to)
+     file, file_size, file_sha256, file_move_to, priority, evictable)
     SELECT seq, id, source, type, subject, time_us, content_type, data, ?2, ?3,
-     file, file_size, file_sha256, file_move_to
+     file, file_size, file_sha256, file_move_to, priority, evictable
     FROM records WHERE seq = ?1";
 
 impl WriterState {
@@ -317,15 +396,20 @@ impl WriterState {
                 self.commit_round(&mut batch);
             }
         }
+        self.drops.flush(true);
         tracing::debug!("The outbox writer stopped: every sender is gone.");
     }
 
     fn commit_round(&mut self, batch: &mut Vec<Command>) {
         let mut next_seq = self.next_seq;
         let mut new_deliveries = Vec::new();
-        let mut appended = Vec::with_capacity(batch.len());
+        let mut appended: Vec<Result<Appended, OutboxError>> = Vec::with_capacity(batch.len());
         let mut expired = Vec::new();
+        let mut claimed = Vec::new();
+        let mut dropped: Dropped = Vec::new();
+        let mut spool_delta = 0i64;
         let appends = batch.iter().any(|c| matches!(c, Command::Append(..)));
+        let quota = &mut self.quota;
         let result = (|| -> Result<bool, OutboxError> {
             // IMMEDIATE: take the write lock first, so the sequence read below cannot be
             // overtaken by another connection (`pigeon-gateway dead-letter retry` assigns
@@ -336,23 +420,36 @@ impl WriterState {
             if appends {
                 next_seq = next_seq.max(db::next_seq(&tx)?);
             }
-            for cmd in batch.iter() {
+            // Room for this round's new records, made by dropping what may be dropped.
+            let verdicts = match quota.as_mut() {
+                Some(q) if appends => admit(q, &tx, batch, &mut dropped)?,
+                _ => vec![None; batch.len()],
+            };
+            for (cmd, verdict) in batch.iter().zip(verdicts) {
                 match cmd {
-                    Command::Append(rec, _) => appended.push(append_one(
-                        &tx,
-                        rec,
-                        &mut next_seq,
-                        &self.deliveries,
-                        &mut new_deliveries,
-                    )?),
+                    Command::Append(rec, _) => appended.push(match verdict {
+                        Some(v) => v,
+                        None => Ok(append_one(
+                            &tx,
+                            rec,
+                            &mut next_seq,
+                            &self.deliveries,
+                            &mut new_deliveries,
+                        )?),
+                    }),
                     Command::Settle {
                         delivered,
                         rejected,
                         ..
-                    } => settle(&tx, delivered, rejected)?,
+                    } => spool_delta -= settle(&tx, delivered, rejected)? as i64,
                     Command::Ping(_) => {}
                     Command::Expire { now_us, .. } => expired.push(expire(&tx, *now_us)?),
-                    Command::Claims { add, remove, .. } => claims(&tx, add, remove)?,
+                    Command::Claims { add, remove, .. } => {
+                        let (taken, delta) =
+                            claims(&tx, quota.as_mut(), add, remove, spool_delta, &mut dropped)?;
+                        spool_delta += delta;
+                        claimed.push(taken);
+                    }
                     Command::ForgetKept { paths, .. } => {
                         let mut del = tx.prepare_cached(DELETE_KEPT)?;
                         for p in paths {
@@ -363,7 +460,7 @@ impl WriterState {
             }
             let stored_any = appended
                 .iter()
-                .any(|a| matches!(a, Appended::Stored { .. }));
+                .any(|a| matches!(a, Ok(Appended::Stored { .. })));
             if stored_any {
                 tx.prepare_cached(SET_NEXT_SEQ)?
                     .execute(params![db::META_NEXT_SEQ, next_seq as i64])?;
@@ -376,6 +473,25 @@ impl WriterState {
             Command::Append(..) => (f, true),
             _ => (f, o),
         });
+        if let Some(q) = self.quota.as_mut() {
+            // Files evictions removed from the spool are gone whether the transaction
+            // committed or not; the rest counts only if it did. The resync every minute
+            // mends what this misses.
+            if result.is_ok() {
+                q.add_spool(spool_delta);
+            }
+            q.maybe_resync(&self.conn);
+            self.stats
+                .outbox_used_bytes
+                .store(q.used(&self.conn), Relaxed);
+        }
+        if result.is_ok() && !dropped.is_empty() {
+            let (n, bytes) = dropped.iter().fold((0, 0), |(n, b), d| (n + d.1, b + d.2));
+            self.stats.outbox_dropped.fetch_add(n, Relaxed);
+            self.stats.outbox_dropped_bytes.fetch_add(bytes, Relaxed);
+            self.drops.add(dropped);
+        }
+        self.drops.flush(false);
         match result {
             Ok(stored_any) => {
                 self.next_seq = next_seq;
@@ -384,19 +500,28 @@ impl WriterState {
                 self.stats.outbox_failing.store(false, Relaxed);
                 let mut appended = appended.into_iter();
                 let mut expired = expired.into_iter();
+                let mut claimed = claimed.into_iter();
                 for cmd in batch.drain(..) {
                     match cmd {
                         Command::Append(rec, reply) => {
                             if let Some(a) = appended.next() {
-                                if let Appended::Stored { .. } = a {
-                                    self.stats.count_stored(&rec);
+                                match &a {
+                                    Ok(Appended::Stored { .. }) => self.stats.count_stored(&rec),
+                                    Err(OutboxError::Full) => {
+                                        self.stats.outbox_refused.fetch_add(1, Relaxed);
+                                    }
+                                    _ => {}
                                 }
-                                let _ = reply.send(Ok(a));
+                                let _ = reply.send(a);
                             }
                         }
-                        Command::Settle { reply, .. }
-                        | Command::Claims { reply, .. }
-                        | Command::ForgetKept { reply, .. } => {
+                        Command::Claims { reply, .. } => {
+                            let taken = claimed.next().unwrap_or_default();
+                            let refused = taken.iter().filter(|t| !**t).count() as u64;
+                            self.stats.outbox_refused.fetch_add(refused, Relaxed);
+                            let _ = reply.send(Ok(taken));
+                        }
+                        Command::Settle { reply, .. } | Command::ForgetKept { reply, .. } => {
                             let _ = reply.send(Ok(()));
                         }
                         Command::Ping(reply) => {
@@ -429,9 +554,10 @@ impl WriterState {
                         Command::Append(_, reply) => {
                             let _ = reply.send(Err(err.clone()));
                         }
-                        Command::Settle { reply, .. }
-                        | Command::Claims { reply, .. }
-                        | Command::ForgetKept { reply, .. } => {
+                        Command::Claims { reply, .. } => {
+                            let _ = reply.send(Err(err.clone()));
+                        }
+                        Command::Settle { reply, .. } | Command::ForgetKept { reply, .. } => {
                             let _ = reply.send(Err(err.clone()));
                         }
                         Command::Ping(reply) => {
@@ -447,13 +573,99 @@ impl WriterState {
     }
 }
 
+/// What a record costs the budget as it is written (a file's bytes were counted when it
+/// was claimed).
+fn record_bytes(rec: &NewRecord) -> u64 {
+    rec.data.len() as u64 + ROW_OVERHEAD
+}
+
+/// What [`admit`] decided for one command: `None`, it goes in (or is not an append).
+type Verdict = Option<Result<Appended, OutboxError>>;
+
+/// Decides, for each command of a round, whether its new record fits: `None` — it goes
+/// in; `Some(Ok(Dropped))` — dropped itself (its route lets a full outbox drop);
+/// `Some(Err(Full))` — refused (its route does not). Makes room first by dropping, for
+/// each priority present (highest first), stored records of that priority or lower —
+/// never of a higher one.
+fn admit(
+    q: &mut Quota,
+    tx: &Transaction<'_>,
+    batch: &[Command],
+    dropped: &mut Dropped,
+) -> Result<Vec<Verdict>, rusqlite::Error> {
+    let mut verdicts = vec![None; batch.len()];
+    let appends: Vec<(usize, &NewRecord)> = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| match c {
+            Command::Append(r, _) => Some((i, r)),
+            _ => None,
+        })
+        .collect();
+    let rows = |bytes| Incoming {
+        rows: bytes,
+        files: 0,
+    };
+    let total: u64 = appends.iter().map(|(_, r)| record_bytes(r)).sum();
+    if q.shortfall(tx, rows(total)) == 0 {
+        return Ok(verdicts);
+    }
+    let mut priorities: Vec<u8> = appends.iter().map(|(_, r)| r.policy.priority).collect();
+    priorities.sort_unstable_by(|a, b| b.cmp(a));
+    priorities.dedup();
+    let mut admitted = 0u64;
+    for p in priorities {
+        let group: Vec<&(usize, &NewRecord)> = appends
+            .iter()
+            .filter(|(_, r)| r.policy.priority == p)
+            .collect();
+        // As much of this priority as room can be made for, newest last.
+        let mut take = group.len();
+        let bytes_of = |n: usize| -> u64 { group[..n].iter().map(|(_, r)| record_bytes(r)).sum() };
+        while take > 0 && !q.make_room(tx, p, rows(admitted + bytes_of(take)), dropped)? {
+            // Halve what is asked for until it fits (or nothing of it does).
+            take /= 2;
+        }
+        admitted += bytes_of(take);
+        for (i, r) in &group[take..] {
+            verdicts[*i] = Some(match r.policy.when_full {
+                WhenFull::DropOldest => {
+                    count_drop(dropped, &r.event_type, record_bytes(r), r.time_us);
+                    Ok(Appended::Dropped)
+                }
+                WhenFull::Refuse => Err(OutboxError::Full),
+            });
+        }
+    }
+    Ok(verdicts)
+}
+/// Records claims — each only if the budget has room for its file, made by dropping what
+/// may be dropped at its priority or lower — and forgets given-up ones. `pending` is the
+/// change in the spool's bytes earlier in this round. Returns, per claim added, whether
+/// it was taken, and the change in the spool's bytes.
 fn claims(
     tx: &Transaction<'_>,
+    mut quota: Option<&mut Quota>,
     add: &[FileClaim],
     remove: &[String],
-) -> Result<(), rusqlite::Error> {
+    pending: i64,
+    dropped: &mut Dropped,
+) -> Result<(Vec<bool>, i64), rusqlite::Error> {
+    let mut taken = Vec::with_capacity(add.len());
+    let mut delta = 0i64;
     let mut insert = tx.prepare_cached(INSERT_CLAIM)?;
     for c in add {
+        if let Some(q) = quota.as_deref_mut() {
+            // A file counts from its claim on: it is in the spool a moment later.
+            let coming = Incoming {
+                rows: ROW_OVERHEAD,
+                files: c.size + (pending + delta).max(0) as u64,
+            };
+            if !q.make_room(tx, c.policy.priority, coming, dropped)? {
+                taken.push(false);
+                continue;
+            }
+        }
         insert.execute(params![
             c.spool,
             c.watch,
@@ -466,13 +678,17 @@ fn claims(
             c.mtime_ns,
             c.committed,
             c.claimed_us,
+            c.policy.priority,
         ])?;
+        delta += c.size as i64;
+        taken.push(true);
     }
-    let mut delete = tx.prepare_cached(DELETE_CLAIM)?;
+    let mut delete = tx.prepare_cached(DROP_CLAIM)?;
     for spool in remove {
-        delete.execute([spool])?;
+        let size: Option<i64> = delete.query_row([spool], |r| r.get(0)).optional()?;
+        delta -= size.unwrap_or(0);
     }
-    Ok(())
+    Ok((taken, delta))
 }
 
 /// Deletes what expired before `now_us`; how many, by event type.
@@ -534,6 +750,8 @@ fn append_one(
         file.map(|f| f.size as i64),
         file.map(|f| &f.sha256[..]),
         file.and_then(|f| f.move_to.as_deref()).map(path_bytes),
+        rec.policy.priority,
+        rec.policy.when_full == WhenFull::DropOldest,
     ])?;
     if let Some(f) = &rec.file {
         // The file is in the spool and described by this record: its claim is done, or
@@ -558,22 +776,26 @@ fn append_one(
     Ok(Appended::Stored { seq })
 }
 
+/// Deletes delivered records and dead-letters rejected ones; returns the bytes of the
+/// delivered files (the uplink deleted or moved their spool files before).
 fn settle(
     tx: &Transaction<'_>,
     delivered: &[u64],
     rejected: &[(u64, String)],
-) -> Result<(), rusqlite::Error> {
+) -> Result<u64, rusqlite::Error> {
     let now_us = chrono::Utc::now().timestamp_micros();
     let mut dead = tx.prepare_cached(DEAD_LETTER)?;
     let mut delete = tx.prepare_cached(DELETE_RECORD)?;
     for (seq, reason) in rejected {
         dead.execute(params![*seq as i64, reason, now_us])?;
-        delete.execute([*seq as i64])?;
+        let _: Option<i64> = delete.query_row([*seq as i64], |r| r.get(0)).optional()?;
     }
+    let mut file_bytes = 0u64;
     for seq in delivered {
-        delete.execute([*seq as i64])?;
+        let size: Option<i64> = delete.query_row([*seq as i64], |r| r.get(0)).optional()?;
+        file_bytes += size.unwrap_or(0).max(0) as u64;
     }
-    Ok(())
+    Ok(file_bytes)
 }
 
 #[cfg(test)]
@@ -594,6 +816,7 @@ mod tests {
             data: Bytes::from(format!("{{\"n\":{n}}}")),
             delivery,
             file: None,
+            policy: crate::outbox::Policy::default(),
         }
     }
 
@@ -613,6 +836,277 @@ mod tests {
         let (w, h) = OutboxWriter::start(conn, 100).unwrap();
         let r = OutboxReader::open(&path).unwrap();
         (w, h, r)
+    }
+
+    /// A writer with a disk budget of `room` bytes above what the empty outbox uses now,
+    /// and a spool directory.
+    fn open_with_budget(
+        dir: &std::path::Path,
+        room: u64,
+    ) -> (
+        OutboxWriter,
+        std::thread::JoinHandle<()>,
+        OutboxReader,
+        Arc<Stats>,
+    ) {
+        let path = db::path_in(dir);
+        let mut conn = db::open(&path, Synchronous::Normal).unwrap();
+        db::migrate(&mut conn).unwrap();
+        let spool = dir.join("spool");
+        std::fs::create_dir_all(&spool).unwrap();
+        let settings = |max| QuotaSettings {
+            max_bytes: Some(max),
+            min_free: Some(0),
+            data_dir: dir.to_owned(),
+            spool_dir: spool.clone(),
+        };
+        let used = Quota::new(settings(0), &conn).unwrap().used(&conn);
+        let stats = Arc::new(Stats::default());
+        let (w, h) =
+            OutboxWriter::start_with(conn, 100, stats.clone(), Some(settings(used + room)))
+                .unwrap();
+        (w, h, OutboxReader::open(&path).unwrap(), stats)
+    }
+
+    fn routed(n: u32, ty: &str, priority: u8, when_full: WhenFull, len: usize) -> NewRecord {
+        NewRecord {
+            event_type: ty.into(),
+            data: Bytes::from(vec![b'x'; len]),
+            policy: crate::outbox::Policy {
+                priority,
+                when_full,
+            },
+            ..record(n, None)
+        }
+    }
+
+    fn left_by_type(r: &OutboxReader) -> std::collections::BTreeMap<String, usize> {
+        let mut m = std::collections::BTreeMap::new();
+        for rec in r.read_after(0, 100_000, u64::MAX).unwrap() {
+            *m.entry(rec.event_type).or_insert(0) += 1;
+        }
+        m
+    }
+
+    #[tokio::test]
+    async fn a_full_outbox_drops_the_oldest_of_the_lowest_priority_and_never_a_higher_one() {
+        let dir = tempfile::tempdir().unwrap();
+        // Room for about 60 records of 4 KiB (each fills a page of its own).
+        let (w, h, r, stats) = open_with_budget(dir.path(), 60 * 4096);
+        for n in 0..30 {
+            let rec = routed(n, "climate", 5, WhenFull::DropOldest, 4000);
+            assert!(matches!(
+                w.append_and_wait(rec).await.unwrap(),
+                Appended::Stored { .. }
+            ));
+        }
+        for n in 0..20 {
+            let rec = routed(n, "alarm", 9, WhenFull::Refuse, 4000);
+            w.append_and_wait(rec).await.unwrap();
+        }
+        // Video (priority 2) keeps coming: it can only drop older video.
+        for n in 0..40 {
+            let rec = routed(n, "video", 2, WhenFull::DropOldest, 4000);
+            assert!(matches!(
+                w.append_and_wait(rec).await.unwrap(),
+                Appended::Stored { .. }
+            ));
+        }
+        let left = left_by_type(&r);
+        assert_eq!(left["alarm"], 20, "{left:?}");
+        assert_eq!(left["climate"], 30, "climate is above video: {left:?}");
+        let video: Vec<String> = r
+            .read_after(0, 100_000, u64::MAX)
+            .unwrap()
+            .into_iter()
+            .filter(|rec| rec.event_type == "video")
+            .filter_map(|rec| rec.subject)
+            .collect();
+        assert!(
+            !video.is_empty()
+                && video.len() < 40
+                && video.last().map(String::as_str) == Some("room/39"),
+            "the newest video stays, the oldest went: {video:?}"
+        );
+        // Climate (5) drops video first, then its own oldest; never an alarm.
+        for n in 100..160 {
+            let rec = routed(n, "climate", 5, WhenFull::DropOldest, 4000);
+            w.append_and_wait(rec).await.unwrap();
+        }
+        let left = left_by_type(&r);
+        assert_eq!(left.get("video"), None, "{left:?}");
+        assert_eq!(left["alarm"], 20, "{left:?}");
+        let climate: Vec<u32> = r
+            .read_after(0, 100_000, u64::MAX)
+            .unwrap()
+            .iter()
+            .filter(|rec| rec.event_type == "climate")
+            .map(|rec| {
+                rec.subject
+                    .as_deref()
+                    .unwrap()
+                    .trim_start_matches("room/")
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(climate.last(), Some(&159), "the newest stay");
+        assert!(
+            climate[0] > 0,
+            "the oldest climate readings went first: {climate:?}"
+        );
+        assert!(stats.outbox_dropped.load(Relaxed) > 0);
+        // Alarms (refuse) that do not fit are refused, not dropped, and nothing older is
+        // dropped for them beyond what is below their priority.
+        let mut refused = 0;
+        for n in 200..400 {
+            match w
+                .append_and_wait(routed(n, "alarm", 9, WhenFull::Refuse, 4000))
+                .await
+            {
+                Err(OutboxError::Full) => refused += 1,
+                Ok(Appended::Stored { .. }) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(refused > 0);
+        let left = left_by_type(&r);
+        assert!(
+            !left.contains_key("climate"),
+            "alarms take the room of readings: {left:?}"
+        );
+        assert_eq!(stats.outbox_refused.load(Relaxed), refused);
+        // Nothing of its priority or lower is left: a reading is dropped itself.
+        let late = routed(999, "climate", 5, WhenFull::DropOldest, 4000);
+        assert_eq!(w.append_and_wait(late).await.unwrap(), Appended::Dropped);
+        drop(w);
+        h.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_claim_that_does_not_fit_is_refused_and_evicted_files_leave_the_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, h, r, _stats) = open_with_budget(dir.path(), 3_000_000);
+        let claim = |name: &str, size: u64, priority: u8| FileClaim {
+            spool: name.into(),
+            watch: "cams".into(),
+            original: dir.path().join("drop").join(name),
+            rel: name.into(),
+            dev: 1,
+            ino: 1,
+            copy: false,
+            size,
+            mtime_ns: 0,
+            committed: false,
+            claimed_us: 0,
+            policy: crate::outbox::Policy {
+                priority,
+                when_full: WhenFull::DropOldest,
+            },
+        };
+        let commit = |name: &str, size: u64, priority: u8| {
+            std::fs::write(
+                dir.path().join("spool").join(name),
+                vec![0u8; size as usize],
+            )
+            .unwrap();
+            NewRecord {
+                file: Some(Box::new(crate::outbox::NewFile {
+                    file: crate::outbox::FileRef {
+                        spool: name.into(),
+                        size,
+                        sha256: [0; 32],
+                        move_to: None,
+                    },
+                    kept: None,
+                    release_original: false,
+                })),
+                policy: crate::outbox::Policy {
+                    priority,
+                    when_full: WhenFull::DropOldest,
+                },
+                ..record(1, None)
+            }
+        };
+        // Two clips of 1 MB fill most of it.
+        for name in ["clip-a", "clip-b"] {
+            assert_eq!(
+                w.claims(vec![claim(name, 1_000_000, 2)], vec![])
+                    .await
+                    .unwrap(),
+                [true]
+            );
+            w.append_and_wait(commit(name, 1_000_000, 2)).await.unwrap();
+        }
+        // A snapshot of a higher priority: the oldest clip is dropped, file and all.
+        assert_eq!(
+            w.claims(vec![claim("snap", 1_500_000, 5)], vec![])
+                .await
+                .unwrap(),
+            [true]
+        );
+        assert!(
+            !dir.path().join("spool/clip-a").exists(),
+            "the evicted clip's file is gone"
+        );
+        assert!(dir.path().join("spool/clip-b").exists());
+        // A clip of the lowest priority cannot drop the snapshot: refused.
+        assert_eq!(
+            w.claims(vec![claim("clip-c", 1_000_000, 1)], vec![])
+                .await
+                .unwrap(),
+            [false]
+        );
+        // One too large for the budget even with everything below it gone: refused, and
+        // nothing is dropped for it.
+        assert_eq!(
+            w.claims(vec![claim("huge", 10_000_000, 9)], vec![])
+                .await
+                .unwrap(),
+            [false]
+        );
+        assert!(
+            dir.path().join("spool/clip-b").exists(),
+            "dropped for nothing"
+        );
+        let names: Vec<String> = r.claims().unwrap().into_iter().map(|c| c.spool).collect();
+        assert_eq!(names, ["snap"]);
+        drop(w);
+        h.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn batches_take_higher_priorities_first_each_in_sequence_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, h, r) = open(dir.path());
+        // seq 1..=6: priorities 5, 9, 2, 9, 5, 2.
+        for (n, p) in [5u8, 9, 2, 9, 5, 2].into_iter().enumerate() {
+            w.append_and_wait(routed(n as u32, "t", p, WhenFull::DropOldest, 10))
+                .await
+                .unwrap();
+        }
+        let seqs = |b: Vec<crate::outbox::Record>| b.iter().map(|r| r.seq).collect::<Vec<_>>();
+        let mut cursors = [0u64; 10];
+        assert_eq!(
+            seqs(r.read_batch(&cursors, false, 3, u64::MAX).unwrap()),
+            [2, 4, 1]
+        );
+        assert_eq!(
+            seqs(r.read_batch(&cursors, true, 3, u64::MAX).unwrap()),
+            [3, 6, 1]
+        );
+        // After the alarms (9) and the first reading (5) were sent:
+        cursors[9] = 4;
+        cursors[5] = 1;
+        assert_eq!(
+            seqs(r.read_batch(&cursors, false, 10, u64::MAX).unwrap()),
+            [5, 3, 6]
+        );
+        // The byte limit: at least one record, then only what fits.
+        assert_eq!(seqs(r.read_batch(&[0; 10], false, 10, 25).unwrap()), [2, 4]);
+        assert_eq!(r.read_batch(&[0; 10], false, 10, 1).unwrap().len(), 1);
+        drop(w);
+        h.join().unwrap();
     }
 
     #[tokio::test]

@@ -203,6 +203,7 @@ pub fn heartbeat_record(source: &str, hb: &Heartbeat, time_us: i64) -> NewRecord
         data: Bytes::from(serde_json::to_vec(hb).unwrap_or_default()),
         delivery: None,
         file: None,
+        policy: crate::outbox::Policy::default(),
     }
 }
 

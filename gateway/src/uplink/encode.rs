@@ -115,6 +115,7 @@ mod tests {
             content_type: Some(ct.into()),
             data: data.to_vec(),
             file: None,
+            priority: 5,
         }
     }
 

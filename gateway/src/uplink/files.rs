@@ -62,22 +62,31 @@ pub async fn run_files(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let slots = uplink.config.max_file_uploads.max(1);
-    let mut cursor = 0u64;
-    let mut active: JoinSet<()> = JoinSet::new();
+    // The files being sent, by sequence: each worker has its file's record until the
+    // relay has it (then the record is gone) or the gateway stops.
+    let mut busy: std::collections::HashSet<u64> = std::collections::HashSet::new();
+    let mut active: JoinSet<u64> = JoinSet::new();
     while !*shutdown.borrow() {
         if active.len() < slots {
             let reader = uplink.reader.clone();
-            let want = slots - active.len();
-            match tokio::task::spawn_blocking(move || reader.read_files_after(cursor, want)).await {
+            let want = slots + busy.len();
+            // Most important first, then oldest: a snapshot of a higher priority takes the
+            // next free slot ahead of older clips.
+            match tokio::task::spawn_blocking(move || reader.read_files(0, want)).await {
                 Ok(Ok(recs)) => {
                     for rec in recs {
-                        cursor = rec.seq;
-                        active.spawn(deliver(
-                            uplink.clone(),
-                            spool.clone(),
-                            rec,
-                            shutdown.clone(),
-                        ));
+                        if active.len() >= slots {
+                            break;
+                        }
+                        if !busy.insert(rec.seq) {
+                            continue;
+                        }
+                        let seq = rec.seq;
+                        let work = deliver(uplink.clone(), spool.clone(), rec, shutdown.clone());
+                        active.spawn(async move {
+                            work.await;
+                            seq
+                        });
                     }
                 }
                 Ok(Err(e)) => error!(error = %e, "Cannot read the outbox for files; retrying."),
@@ -87,7 +96,11 @@ pub async fn run_files(
         let room = active.len() < slots;
         tokio::select! {
             _ = shutdown.changed() => {}
-            Some(_) = active.join_next(), if !active.is_empty() => {}
+            done = active.join_next(), if !active.is_empty() => {
+                if let Some(Ok(seq)) = done {
+                    busy.remove(&seq);
+                }
+            }
             _ = uplink.writer.files_committed(), if room => {}
             _ = tokio::time::sleep(IDLE_RECHECK), if room => {}
         }
@@ -114,6 +127,9 @@ async fn deliver(
     let mut agains = 0;
     let outcome = loop {
         if *shutdown.borrow() {
+            return;
+        }
+        if up.yield_to_events(rec.priority, &mut shutdown).await {
             return;
         }
         let attempt = up.attempt(&spool, &rec, &file).await;
@@ -231,7 +247,36 @@ impl Drop for Gauge<'_> {
     }
 }
 
+/// How long a file waits at most, per attempt, for more important events to go first.
+const YIELD_AT_MOST: Duration = Duration::from_secs(30);
+/// More important events that have waited this long mean the batch lane is behind.
+const BEHIND_AFTER: Duration = Duration::from_secs(2);
+
 impl Uplink {
+    /// Waits while the batch lane is behind with events of a higher priority than
+    /// `priority` (a backlog of alarms goes before video on a slow uplink), for at most
+    /// [`YIELD_AT_MOST`] so that files are never held back for ever. True if the gateway
+    /// is stopping.
+    async fn yield_to_events(&self, priority: u8, shutdown: &mut watch::Receiver<bool>) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < YIELD_AT_MOST {
+            let reader = self.reader.clone();
+            let before = chrono::Utc::now().timestamp_micros() - BEHIND_AFTER.as_micros() as i64;
+            let behind = tokio::task::spawn_blocking(move || reader.behind_above(priority, before))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or(false);
+            if !behind {
+                return false;
+            }
+            if sleep_or_shutdown(shutdown, Duration::from_millis(100)).await {
+                return true;
+            }
+        }
+        false
+    }
+
     fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.token {
             Some(t) => req.bearer_auth(t),

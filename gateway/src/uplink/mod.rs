@@ -31,6 +31,7 @@ pub use encode::{encode_batch, to_event};
 pub use files::run_files;
 
 use crate::config::{Compression, RelayConfig};
+use crate::outbox::reader::{Cursors, PRIORITIES};
 use crate::outbox::{OutboxReader, OutboxWriter, Record};
 use crate::stats::Stats;
 
@@ -38,6 +39,9 @@ use crate::stats::Stats;
 /// records written by another process (`pigeon-gateway dead-letter retry`) do not wake
 /// it, so they are sent within this long.
 pub const IDLE_RECHECK: Duration = Duration::from_secs(5);
+
+/// One batch in this many is filled lowest priority first (see [`Uplink::run`]).
+pub const STARVATION_GUARD: u64 = 8;
 
 /// How the relay answered one request.
 #[derive(Debug)]
@@ -120,7 +124,12 @@ impl Uplink {
     /// finished first (the caller bounds that with the shutdown deadline). Files have a
     /// lane of their own ([`run_files`]).
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut cursor = 0u64;
+        // Per priority, the highest sequence sent: higher priorities drain first, each
+        // in sequence order.
+        let mut cursors: Cursors = [0; PRIORITIES as usize];
+        // Batches sent; every STARVATION_GUARD-th is filled lowest priority first, so a
+        // steady stream of alarms cannot hold routine readings back for ever.
+        let mut batches = 0u64;
         let max_events = self.config.batch_max_events;
         let mut limit = max_events;
         let mut backoff = Backoff::new(
@@ -135,7 +144,8 @@ impl Uplink {
         let mut settling: Option<tokio::task::JoinHandle<()>> = None;
         while !*shutdown.borrow() {
             let t_read = Instant::now();
-            let (batch, min_seq) = match self.read(cursor, limit).await {
+            let lowest_first = batches % STARVATION_GUARD == STARVATION_GUARD - 1;
+            let (batch, min_seq) = match self.read(cursors, lowest_first, limit).await {
                 Ok(b) => b,
                 Err(e) => {
                     error!(error = %e, "Cannot read the outbox; retrying.");
@@ -153,10 +163,16 @@ impl Uplink {
                 }
                 continue;
             };
-            // Every sequence below this one has had its result from the relay (a file
-            // still uploading in the other lane keeps it down).
-            let settled_below = min_seq.map_or(first.seq, |m| m.min(first.seq));
-            let last_seq = batch.last().map_or(cursor, |r| r.seq);
+            // Every sequence below the lowest still in the outbox has had its result from
+            // the relay (a file uploading in the other lane, or a waiting record of a
+            // lower priority, keeps it down).
+            let settled_below = min_seq.unwrap_or(first.seq);
+            // Where each priority of this batch got to.
+            let mut sent = cursors;
+            for r in &batch {
+                let c = &mut sent[r.priority.min(PRIORITIES - 1) as usize];
+                *c = (*c).max(r.seq);
+            }
             let t_send = Instant::now();
             if std::mem::take(&mut retrying) {
                 self.stats.upload_retries.fetch_add(1, Ordering::Relaxed);
@@ -186,7 +202,8 @@ impl Uplink {
                         settle_ms = t_settle.elapsed().as_secs_f64() * 1e3,
                         "Delivered a batch."
                     );
-                    cursor = last_seq;
+                    cursors = sent;
+                    batches += 1;
                     limit = (limit * 2).min(max_events);
                 }
                 Answer::TooLarge(msg) if batch.len() == 1 => {
@@ -195,7 +212,7 @@ impl Uplink {
                         format!("the relay refused the event as too large: {msg}"),
                     )
                     .await;
-                    cursor = last_seq;
+                    cursors = sent;
                 }
                 Answer::TooLarge(_) => {
                     limit = (batch.len() / 2).max(1);
@@ -207,7 +224,7 @@ impl Uplink {
                 Answer::Unreadable(msg) if batch.len() == 1 => {
                     self.dead_letter(first, format!("the relay could not read the event: {msg}"))
                         .await;
-                    cursor = last_seq;
+                    cursors = sent;
                 }
                 Answer::Unreadable(msg) => {
                     warn!(events = batch.len(), reason = %msg, "The relay could not read a batch; re-sending its events one by one to find the bad one.");
@@ -248,16 +265,17 @@ impl Uplink {
         debug!("The uplink stopped.");
     }
 
-    /// The next batch after `cursor`, and the lowest sequence in the outbox.
+    /// The next batch after `cursors`, and the lowest sequence in the outbox.
     async fn read(
         &self,
-        cursor: u64,
+        cursors: Cursors,
+        lowest_first: bool,
         limit: usize,
     ) -> Result<(Vec<Record>, Option<u64>), crate::outbox::OutboxError> {
         let reader = self.reader.clone();
         let max_bytes = self.config.batch_max_bytes.get();
         tokio::task::spawn_blocking(move || {
-            let batch = reader.read_after(cursor, limit, max_bytes)?;
+            let batch = reader.read_batch(&cursors, lowest_first, limit, max_bytes)?;
             let min = if batch.is_empty() {
                 None
             } else {

@@ -6,6 +6,7 @@ use pigeon_shared::units::Duration;
 use serde::Deserialize;
 
 use super::rules::{Glob, SubjectTemplate};
+use crate::outbox::{Policy, WhenFull};
 
 /// The `[files]` section.
 #[derive(Debug, Clone, Deserialize)]
@@ -68,6 +69,16 @@ pub struct WatchConfig {
     /// More names to ignore in this watch, besides `files.ignore`.
     #[serde(default)]
     pub ignore: Vec<String>,
+    /// 0 (least) to 9 (most important): higher uploads first and is dropped last. Camera
+    /// files default to 2, below readings (5).
+    #[serde(default = "default_priority")]
+    pub priority: u8,
+    /// What a full outbox does: `"drop_oldest"` (drop the oldest files and records of
+    /// this priority or lower to make room) or `"refuse"` (files stay in the drop
+    /// directory until there is room). Either way a file is never dropped before it
+    /// reached the spool.
+    #[serde(default)]
+    pub when_full: WhenFull,
     /// Rules that pick the event type (and content type) of a file, first match wins.
     /// After them, the default rules apply ([`default_rules`]: images are
     /// `io.pigeon.camera.image`, videos `io.pigeon.camera.video`); a rule for
@@ -122,6 +133,9 @@ pub struct RuleConfig {
     pub content_type: Option<String>,
 }
 
+fn default_priority() -> u8 {
+    2
+}
 fn default_quiet_period() -> Duration {
     Duration::from_secs(30)
 }
@@ -233,7 +247,24 @@ impl FilesConfig {
 }
 
 impl WatchConfig {
+    /// How its files are treated under pressure.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            priority: self.priority,
+            when_full: self.when_full,
+        }
+    }
+
     fn validate(&self) -> Result<(), Invalid> {
+        if self.priority > 9 {
+            return Err((
+                "files.watch.priority",
+                format!(
+                    "{} (watch {:?}): use 0 (least) to 9 (most important)",
+                    self.priority, self.name
+                ),
+            ));
+        }
         if self.name == super::source::RECOVERED_WATCH {
             return Err((
                 "files.watch.name",

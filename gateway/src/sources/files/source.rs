@@ -153,6 +153,8 @@ impl FilesSource {
             move_to: None,
             ignore: Vec::new(),
             rules: Vec::new(),
+            priority: 2,
+            when_full: crate::outbox::WhenFull::DropOldest,
         };
         Ok(Self {
             tracker: Tracker::new(config.quiet_period.get()),
@@ -544,17 +546,32 @@ impl FilesSource {
         let mut ok: Vec<(usize, Prepared)> = Vec::new();
         for (path, w, r) in prepared {
             match r {
-                Ok(p) => ok.push((w, p)),
+                Ok(mut p) => {
+                    p.claim.policy = self.watches[w].cfg.policy();
+                    ok.push((w, p));
+                }
                 Err(e) => self.failed(w, &path, e),
             }
         }
         if ok.is_empty() {
             return;
         }
-        // 2. Claim them all in one transaction.
+        // 2. Claim them all in one transaction (a full outbox refuses what does not fit).
         let claims: Vec<FileClaim> = ok.iter().map(|(_, p)| p.claim.clone()).collect();
-        if let Err(e) = self.writer.claims(claims, Vec::new()).await {
-            self.outbox_failed(&e, ok.into_iter().map(|(w, p)| (p.claim.original, w)));
+        let taken = match self.writer.claims(claims, Vec::new()).await {
+            Ok(t) => t,
+            Err(e) => {
+                self.outbox_failed(&e, ok.into_iter().map(|(w, p)| (p.claim.original, w)));
+                return;
+            }
+        };
+        let (ok, refused): (Vec<_>, Vec<_>) =
+            ok.into_iter().zip(taken).partition(|(_, taken)| *taken);
+        for ((w, p), _) in refused {
+            self.failed(w, &p.claim.original, PickupError::OutboxFull);
+        }
+        let ok: Vec<(usize, Prepared)> = ok.into_iter().map(|(x, _)| x).collect();
+        if ok.is_empty() {
             return;
         }
         // 3. Move or copy them into the spool, sync, hash.
@@ -761,13 +778,14 @@ impl FilesSource {
 
     /// The outbox record of a file taken into the spool.
     fn record(&self, w: usize, claim: &FileClaim, t: &Taken) -> NewRecord {
-        let (rules, source, watch_name, after, move_to) = match self.watches.get(w) {
+        let (rules, source, watch_name, after, move_to, policy) = match self.watches.get(w) {
             Some(wr) => (
                 &wr.rules,
                 wr.source.as_str(),
                 wr.cfg.name.as_str(),
                 wr.cfg.after_upload,
                 wr.cfg.move_to.as_deref(),
+                wr.cfg.policy(),
             ),
             None => (
                 &self.recovered_rules,
@@ -775,6 +793,7 @@ impl FilesSource {
                 RECOVERED_WATCH,
                 AfterUpload::Delete,
                 None,
+                claim.policy,
             ),
         };
         let d = rules.describe(watch_name, &claim.rel, &t.head);
@@ -828,6 +847,7 @@ impl FilesSource {
                 kept,
                 release_original,
             })),
+            policy,
         }
     }
 
@@ -937,6 +957,7 @@ impl FilesSource {
                 mtime_ns: t.mtime_ns,
                 committed: false,
                 claimed_us: 0,
+                policy: crate::outbox::Policy::default(),
             };
             let rec = self.record(usize::MAX, &claim, &t);
             self.writer.append_and_wait(rec).await?;

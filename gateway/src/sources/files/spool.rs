@@ -67,6 +67,10 @@ pub enum PickupError {
     CrossMount,
     #[error("something still has it open for writing")]
     StillOpen,
+    #[error(
+        "there is no room for it (outbox.max_bytes, or outbox.min_free on the filesystem of the data dir or the spool), and not enough of this watch's priority or lower may be dropped to make some; it waits in the drop directory"
+    )]
+    OutboxFull,
     #[error("{0}")]
     Io(io::Error),
 }
@@ -83,6 +87,7 @@ impl PickupError {
             PickupError::Changed => "changed",
             PickupError::CrossMount => "cross_mount",
             PickupError::StillOpen => "still_open",
+            PickupError::OutboxFull => "outbox_full",
             PickupError::Io(_) => "io",
         }
     }
@@ -92,6 +97,7 @@ impl PickupError {
         matches!(
             self,
             PickupError::SpoolFull(_)
+                | PickupError::OutboxFull
                 | PickupError::Changed
                 | PickupError::CrossMount
                 | PickupError::Io(_)
@@ -251,6 +257,7 @@ impl Spool {
                 mtime_ns: stat.mtime_ns,
                 committed: false,
                 claimed_us: now_us,
+                policy: crate::outbox::Policy::default(),
             },
             stat,
             file,

@@ -3,6 +3,8 @@
 use pigeon_shared::units::{ByteSize, Duration};
 use serde::Deserialize;
 
+use crate::outbox::{Policy, WhenFull};
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
@@ -43,6 +45,26 @@ pub struct Subscription {
     /// unsent (and counted) — for readings that are worthless when late. None: kept until
     /// delivered.
     pub ttl: Option<Duration>,
+    /// 0 (least) to 9 (most important): higher drains first and is dropped last.
+    #[serde(default = "default_priority")]
+    pub priority: u8,
+    /// What a full outbox does with these messages.
+    #[serde(default)]
+    pub when_full: WhenFull,
+}
+
+impl Subscription {
+    /// How its messages are treated under pressure.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            priority: self.priority,
+            when_full: self.when_full,
+        }
+    }
+}
+
+fn default_priority() -> u8 {
+    crate::outbox::DEFAULT_PRIORITY
 }
 
 fn default_host() -> String {
@@ -109,6 +131,15 @@ impl MqttConfig {
                     format!(
                         "{} for {:?}: use 1 or 2 (QoS 0 cannot be acknowledged after commit, so it could lose data)",
                         s.qos, s.filter
+                    ),
+                ));
+            }
+            if s.priority > 9 {
+                return Err((
+                    "mqtt.subscriptions.priority",
+                    format!(
+                        "{} for {:?}: use 0 (least) to 9 (most important)",
+                        s.priority, s.filter
                     ),
                 ));
             }

@@ -51,7 +51,12 @@ struct PendingAck {
     pkid: u16,
     qos: QoS,
     topic: String,
+    /// Kept to append it again when a full outbox refused it (`when_full = "refuse"`).
+    record: NewRecord,
 }
+
+/// How often a message a full outbox refused is offered again.
+const FULL_RETRY: Duration = Duration::from_secs(1);
 
 /// A commit's outcome, back to the connection loop.
 struct Committed {
@@ -122,7 +127,15 @@ impl MqttSource {
         // a full channel here would stop the acknowledgements that empty it.
         let (ack_tx, ack_rx) = mpsc::unbounded_channel::<PendingAck>();
         let (committed_tx, mut committed_rx) = mpsc::unbounded_channel::<Committed>();
-        let acker = tokio::spawn(acker(ack_rx, committed_tx));
+        // The connection being served (0: none), so that the acker stops re-offering a
+        // refused message whose connection is gone (the broker re-sends it anyway).
+        let live_conn = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let acker = tokio::spawn(acker(
+            ack_rx,
+            committed_tx,
+            self.writer.clone(),
+            live_conn.clone(),
+        ));
         let mut delay = self.config.reconnect_delay.get();
         let mut failures = 0u32;
         let mut conn_no = 0u64;
@@ -147,6 +160,7 @@ impl MqttSource {
                     delay = self.config.reconnect_delay.get();
                     self.stats.mqtt_connected.store(true, Ordering::Relaxed);
                     info!(broker = %self.session, session_present, "Connected to the MQTT broker.");
+                    live_conn.store(conn_no, Ordering::Relaxed);
                     let ended = self
                         .serve(
                             conn,
@@ -158,6 +172,7 @@ impl MqttSource {
                         )
                         .await;
                     self.stats.mqtt_connected.store(false, Ordering::Relaxed);
+                    live_conn.store(0, Ordering::Relaxed);
                     match ended {
                         Ended::Shutdown => break,
                         Ended::Lost(reason) => {
@@ -318,7 +333,7 @@ impl MqttSource {
             Packet::Publish(p) => {
                 let qos = p.qos;
                 let (pkid, topic) = (p.pkid, p.topic.clone());
-                let done = self.ingest(p).await.ok_or("the outbox writer stopped")?;
+                let (done, record) = self.ingest(p).await.ok_or("the outbox writer stopped")?;
                 if qos == QoS::AtMostOnce {
                     return Ok(Handled::Done);
                 }
@@ -329,6 +344,7 @@ impl MqttSource {
                         pkid,
                         qos,
                         topic,
+                        record,
                     })
                     .map_err(|_| "the acker stopped")?;
                 Ok(Handled::Pending)
@@ -364,8 +380,13 @@ impl MqttSource {
         }
     }
 
-    /// Hands one message to the outbox. `None` when the writer has stopped.
-    async fn ingest(&self, p: Publish) -> Option<oneshot::Receiver<Result<Appended, OutboxError>>> {
+    /// Hands one message to the outbox; the commit's receiver and the record (to offer it
+    /// again if a full outbox refuses it). `None` when the writer has stopped.
+    #[allow(clippy::type_complexity)]
+    async fn ingest(
+        &self,
+        p: Publish,
+    ) -> Option<(oneshot::Receiver<Result<Appended, OutboxError>>, NewRecord)> {
         let sub = self.config.subscription_for(&p.topic);
         let event_type = sub.map_or(UNMATCHED_TYPE, |s| s.event_type.as_str());
         let now_us = chrono::Utc::now().timestamp_micros();
@@ -373,8 +394,10 @@ impl MqttSource {
         record.expires_us = sub
             .and_then(|s| s.ttl)
             .map(|ttl| now_us.saturating_add(ttl.get().as_micros().min(i64::MAX as u128) as i64));
+        record.policy = sub.map(|s| s.policy()).unwrap_or_default();
         self.stats.mqtt_received.fetch_add(1, Ordering::Relaxed);
-        self.writer.append(record).await.ok()
+        let rx = self.writer.append(record.clone()).await.ok()?;
+        Some((rx, record))
     }
 
     /// Subscribes to what the configuration lists and the session lacks. Returns the
@@ -475,16 +498,46 @@ async fn sleep_or_shutdown(shutdown: &mut watch::Receiver<bool>, d: Duration) ->
 
 /// Waits for each message's commit, in the order the messages arrived, and reports it
 /// to the connection loop. Never blocks on the connection.
-async fn acker(mut rx: mpsc::UnboundedReceiver<PendingAck>, tx: mpsc::UnboundedSender<Committed>) {
-    while let Some(p) = rx.recv().await {
-        let ok = match p.done.await {
-            Ok(Ok(_)) => true,
-            Ok(Err(e)) => {
-                error!(topic = %p.topic, error = %e, "Could not commit an MQTT message; not acknowledging it, so the broker keeps it and re-sends it after a reconnect.");
-                false
+/// Waits for each commit in arrival order and reports it to the connection loop. A
+/// message a full outbox refused (its route's `when_full = "refuse"`) is offered again
+/// every [`FULL_RETRY`] and not acknowledged meanwhile — so the broker keeps it, and once
+/// `mqtt.max_pending` messages wait, the gateway stops reading — until there is room or
+/// its connection is gone.
+async fn acker(
+    mut rx: mpsc::UnboundedReceiver<PendingAck>,
+    tx: mpsc::UnboundedSender<Committed>,
+    writer: OutboxWriter,
+    live_conn: Arc<std::sync::atomic::AtomicU64>,
+) {
+    let mut full_since: Option<tokio::time::Instant> = None;
+    while let Some(mut p) = rx.recv().await {
+        let ok = loop {
+            match (&mut p.done).await {
+                Ok(Ok(_)) => break true,
+                Ok(Err(OutboxError::Full)) => {
+                    if full_since.is_none() {
+                        warn!(topic = %p.topic, "The outbox is full and this route may not drop older data (when_full = \"refuse\"): its MQTT messages are not acknowledged, so the broker keeps them, until there is room.");
+                        full_since = Some(tokio::time::Instant::now());
+                    }
+                    tokio::time::sleep(FULL_RETRY).await;
+                    if live_conn.load(Ordering::Relaxed) != p.conn {
+                        break false;
+                    }
+                    match writer.append(p.record.clone()).await {
+                        Ok(done) => p.done = done,
+                        Err(_) => break false,
+                    }
+                }
+                Ok(Err(e)) => {
+                    error!(topic = %p.topic, error = %e, "Could not commit an MQTT message; not acknowledging it, so the broker keeps it and re-sends it after a reconnect.");
+                    break false;
+                }
+                Err(_) => break false,
             }
-            Err(_) => false,
         };
+        if ok && let Some(since) = full_since.take() {
+            info!(waited = ?since.elapsed(), "There is room in the outbox again; MQTT messages are acknowledged again.");
+        }
         let _ = tx.send(Committed {
             conn: p.conn,
             pkid: p.pkid,
@@ -534,6 +587,7 @@ pub fn record_from_publish(
             digest,
         }),
         file: None,
+        policy: crate::outbox::Policy::default(),
     }
 }
 
