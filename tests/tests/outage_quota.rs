@@ -208,11 +208,7 @@ async fn a_long_outage_stays_in_budget_drops_by_priority_and_delivers_the_rest_o
     // Alarms first: every alarm is in the stream before the first climate reading and
     // the first file event (files yield to a backlog of more important events).
     let first = |pred: &dyn Fn(&serde_json::Value) -> bool| {
-        stream
-            .events()
-            .iter()
-            .position(pred)
-            .unwrap_or(usize::MAX)
+        stream.events().iter().position(pred).unwrap_or(usize::MAX)
     };
     let last_alarm = stream
         .events()
