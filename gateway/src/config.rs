@@ -532,6 +532,56 @@ mod tests {
     }
 
     #[test]
+    fn the_default_configs_commented_budget_and_alarm_route_work_when_uncommented() {
+        let uncomment = |l: &str| -> bool {
+            let bare = l.strip_prefix("# ").unwrap_or(l);
+            [
+                "max_bytes =",
+                "min_free =",
+                "filter = \"sensors/+/alarms/#\"",
+                "priority =",
+                "when_full =",
+            ]
+            .iter()
+            .any(|k| bare.starts_with(k))
+        };
+        let mut out = Vec::new();
+        let mut lines = DEFAULT_CONFIG.lines().peekable();
+        while let Some(l) = lines.next() {
+            // The alarm block: its header is the line before its filter.
+            if l == "# [[mqtt.subscriptions]]"
+                && lines
+                    .peek()
+                    .is_some_and(|n| n.contains("sensors/+/alarms/#"))
+            {
+                out.push("[[mqtt.subscriptions]]".to_owned());
+                continue;
+            }
+            if l == "# type = \"io.pigeon.sensor.alarm\"" {
+                out.push(l[2..].to_owned());
+                continue;
+            }
+            out.push(if uncomment(l) {
+                l[2..].to_owned()
+            } else {
+                l.to_owned()
+            });
+        }
+        let c = parse(&out.join("\n").replace("\"change-me\"", "\"issued\"")).unwrap();
+        assert_eq!(c.outbox.max_bytes.map(|b| b.get()), Some(8 << 30));
+        assert_eq!(c.outbox.min_free.map(|b| b.get()), Some(500 << 20));
+        let mqtt = c.mqtt.unwrap();
+        let alarm = mqtt
+            .subscription_for("sensors/kitchen/alarms/smoke")
+            .unwrap();
+        assert_eq!(alarm.event_type, "io.pigeon.sensor.alarm");
+        assert_eq!(alarm.policy().priority, 9);
+        assert_eq!(alarm.policy().when_full, crate::outbox::WhenFull::Refuse);
+        let reading = mqtt.subscription_for("sensors/kitchen/climate").unwrap();
+        assert_eq!(reading.policy(), crate::outbox::Policy::default());
+    }
+
+    #[test]
     fn upload_schedule_picks_the_window_of_the_hour() {
         let c = parse(&format!(
             r#"{MINIMAL}
