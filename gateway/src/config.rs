@@ -165,6 +165,11 @@ pub struct RelayConfig {
     /// batches), so that snapshots do not wait behind a long video.
     #[serde(default = "default_max_file_uploads")]
     pub max_file_uploads: usize,
+    /// Give up on an event (or file) after the relay answered this many attempts with an
+    /// error (5xx, 429): it goes to the dead-letter table with the last reason. Attempts
+    /// that did not reach the relay do not count. None: retry for ever.
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
 }
 
 fn default_max_file_uploads() -> usize {
@@ -361,6 +366,12 @@ impl Config {
             return Err((
                 "relay.max_upload_rate",
                 "must be at least 1KiB (per second); leave it out for no limit".into(),
+            ));
+        }
+        if r.max_attempts.is_some_and(|n| n < 2) {
+            return Err((
+                "relay.max_attempts",
+                "must be at least 2; leave it out to retry for ever".into(),
             ));
         }
         if !(1..=16).contains(&r.max_file_uploads) {

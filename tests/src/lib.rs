@@ -33,6 +33,7 @@ mod files;
 mod ftp;
 mod gateway;
 mod http;
+mod http_fault;
 mod mosquitto;
 mod notify;
 mod pipeline;
@@ -54,6 +55,7 @@ pub use ftp::{
 };
 pub use gateway::{Gateway, GatewayConfig, Subscription, Token};
 pub use http::{http_get, metric_value};
+pub use http_fault::FailingProxy;
 pub use mosquitto::{Mosquitto, MosquittoOptions};
 pub use notify::NotifySocket;
 pub use pipeline::{GATEWAY_ID, Pipeline, TOKEN};

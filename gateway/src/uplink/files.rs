@@ -20,8 +20,8 @@ use tracing::{debug, error, info, warn};
 
 use super::body::stream_file;
 use super::{
-    Backoff, IDLE_RECHECK, Uplink, error_chain, error_message, retry_after, sleep_or_shutdown,
-    to_event,
+    Backoff, Failure, IDLE_RECHECK, Uplink, error_chain, error_message, retry_after,
+    sleep_or_shutdown, to_event,
 };
 use crate::outbox::{FileRef, Record};
 use crate::sources::files::spool::{Spool, verify};
@@ -42,15 +42,25 @@ enum Attempt {
     Retry {
         after: Option<Duration>,
         reason: String,
-        operator_must_act: bool,
+        kind: Failure,
     },
 }
 
+/// A failure of the connection: tried again without counting.
 fn retry(reason: String) -> Attempt {
     Attempt::Retry {
         after: None,
         reason,
-        operator_must_act: false,
+        kind: Failure::Network,
+    }
+}
+
+/// A failure the relay answered: counted against `relay.max_attempts`.
+fn relay_failed(reason: String) -> Attempt {
+    Attempt::Retry {
+        after: None,
+        reason,
+        kind: Failure::Relay,
     }
 }
 
@@ -125,6 +135,7 @@ async fn deliver(
     let mut failures = 0u64;
     let started = Instant::now();
     let mut agains = 0;
+    let mut answered_failures = 0u32;
     let outcome = loop {
         if *shutdown.borrow() {
             return;
@@ -152,11 +163,24 @@ async fn deliver(
             Attempt::Retry {
                 after,
                 reason,
-                operator_must_act,
+                kind,
             } => {
                 up.stats.relay_reachable.store(false, Relaxed);
                 up.stats.upload_failures.fetch_add(1, Relaxed);
                 failures += 1;
+                if kind == Failure::Relay {
+                    answered_failures += 1;
+                    if up
+                        .config
+                        .max_attempts
+                        .is_some_and(|max| answered_failures >= max)
+                    {
+                        break Attempt::Refused(format!(
+                            "the relay failed it {answered_failures} times (relay.max_attempts); the last time: {reason}"
+                        ));
+                    }
+                }
+                let operator_must_act = kind == Failure::Operator;
                 let delay =
                     after.map_or_else(|| backoff.next_delay(), |a| a.min(Duration::from_secs(300)));
                 if operator_must_act && (failures == 1 || failures.is_multiple_of(20)) {
@@ -354,8 +378,9 @@ impl Uplink {
         let after = retry_after(resp.headers());
         let text = resp.text().await.unwrap_or_default();
         match status.as_u16() {
-            200 | 201 => serde_json::from_str::<UploadState>(&text)
-                .map_err(|e| retry(format!("the relay's answer is not an upload state: {e}"))),
+            200 | 201 => serde_json::from_str::<UploadState>(&text).map_err(|e| {
+                relay_failed(format!("the relay's answer is not an upload state: {e}"))
+            }),
             400 | 413 => Err(Attempt::Refused(format!(
                 "the relay refused the file: HTTP {status}: {}",
                 error_message(&text)
@@ -366,12 +391,12 @@ impl Uplink {
                     "HTTP {status}: {} (check relay.token)",
                     error_message(&text)
                 ),
-                operator_must_act: true,
+                kind: Failure::Operator,
             }),
             _ => Err(Attempt::Retry {
                 after,
                 reason: format!("HTTP {status}: {}", error_message(&text)),
-                operator_must_act: false,
+                kind: Failure::Relay,
             }),
         }
     }
@@ -447,7 +472,7 @@ impl Uplink {
         match status {
             StatusCode::OK => match serde_json::from_str::<UploadState>(&text) {
                 Ok(state) => finished(&state).unwrap_or(Attempt::Again),
-                Err(e) => retry(format!("the relay's answer is not an upload state: {e}")),
+                Err(e) => relay_failed(format!("the relay's answer is not an upload state: {e}")),
             },
             // Partial, moved on, or forgotten: creating again says where to continue.
             StatusCode::NO_CONTENT | StatusCode::CONFLICT | StatusCode::NOT_FOUND => Attempt::Again,
@@ -470,12 +495,12 @@ impl Uplink {
                     "HTTP {status}: {} (check relay.token)",
                     error_message(&text)
                 ),
-                operator_must_act: true,
+                kind: Failure::Operator,
             },
             _ => Attempt::Retry {
                 after,
                 reason: format!("HTTP {status}: {}", error_message(&text)),
-                operator_must_act: false,
+                kind: Failure::Relay,
             },
         }
     }

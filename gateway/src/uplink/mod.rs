@@ -52,8 +52,20 @@ enum Answer {
     Retry {
         after: Option<Duration>,
         reason: String,
-        operator_must_act: bool,
+        kind: Failure,
     },
+}
+
+/// What kind of failure a retried attempt was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// The relay could not be reached, or the connection broke.
+    Network,
+    /// The relay answered, with an error (5xx, 429) or an answer that makes no sense.
+    /// Counted against `relay.max_attempts`.
+    Relay,
+    /// The relay refuses the gateway (401, 403, 415): a person has to fix the config.
+    Operator,
 }
 
 pub struct Uplink {
@@ -138,6 +150,9 @@ impl Uplink {
         );
         let mut failing_since: Option<Instant> = None;
         let mut failures = 0u64;
+        // The batch (by its first sequence) the relay keeps failing, and how often it did.
+        let mut failing_batch: Option<u64> = None;
+        let mut answered_failures = 0u32;
         // Whether the next request re-sends events whose last attempt failed.
         let mut retrying = false;
         // The previous batch's settle commits while the next batch is on the wire.
@@ -189,6 +204,8 @@ impl Uplink {
                         info!(after = ?since.elapsed(), failed_attempts = failures, "The relay is reachable again; delivering the backlog.");
                     }
                     failures = 0;
+                    answered_failures = 0;
+                    failing_batch = None;
                     backoff.reset();
                     self.stats.relay_reachable.store(true, Ordering::Relaxed);
                     if let Some(prev) = settling.take() {
@@ -233,12 +250,40 @@ impl Uplink {
                 Answer::Retry {
                     after,
                     reason,
-                    operator_must_act,
+                    kind,
                 } => {
                     self.stats.relay_reachable.store(false, Ordering::Relaxed);
                     self.stats.upload_failures.fetch_add(1, Ordering::Relaxed);
                     failures += 1;
                     retrying = true;
+                    // A relay that answers, but fails the same events again and again:
+                    // with relay.max_attempts, find the event it fails on and set it
+                    // aside instead of retrying for ever.
+                    if kind == Failure::Relay
+                        && let Some(max) = self.config.max_attempts
+                    {
+                        if failing_batch != Some(first.seq) {
+                            failing_batch = Some(first.seq);
+                            answered_failures = 0;
+                        }
+                        answered_failures += 1;
+                        if answered_failures >= max {
+                            answered_failures = 0;
+                            if batch.len() > 1 {
+                                warn!(events = batch.len(), attempts = max, reason = %reason, "The relay failed the same batch too often (relay.max_attempts); sending its events one by one to find the one it fails on.");
+                                limit = 1;
+                            } else {
+                                self.dead_letter(
+                                    first,
+                                    format!("the relay failed it {max} times (relay.max_attempts); the last time: {reason}"),
+                                )
+                                .await;
+                                cursors = sent;
+                                continue;
+                            }
+                        }
+                    }
+                    let operator_must_act = kind == Failure::Operator;
                     // The relay's Retry-After wins (bounded, in case it is absurd).
                     let delay = match after {
                         Some(a) => a.min(Duration::from_secs(300)),
@@ -329,7 +374,7 @@ impl Uplink {
             return Answer::Retry {
                 after: Some(Duration::ZERO),
                 reason: "a record could not be encoded".into(),
-                operator_must_act: false,
+                kind: Failure::Network,
             };
         }
         let mut req = self
@@ -361,7 +406,7 @@ impl Uplink {
                 return Answer::Retry {
                     after: None,
                     reason: error_chain(&e),
-                    operator_must_act: false,
+                    kind: Failure::Network,
                 };
             }
         };
@@ -380,12 +425,12 @@ impl Uplink {
                         r.results.len(),
                         batch.len()
                     ),
-                    operator_must_act: false,
+                    kind: Failure::Relay,
                 },
                 Err(e) => Answer::Retry {
                     after: None,
                     reason: format!("the relay's answer is not an ingest result: {e}"),
-                    operator_must_act: false,
+                    kind: Failure::Relay,
                 },
             },
             413 => Answer::TooLarge(message()),
@@ -393,17 +438,17 @@ impl Uplink {
             401 | 403 => Answer::Retry {
                 after: None,
                 reason: format!("HTTP {status}: {} (check relay.token)", message()),
-                operator_must_act: true,
+                kind: Failure::Operator,
             },
             415 => Answer::Retry {
                 after: None,
                 reason: format!("HTTP {status}: {}", message()),
-                operator_must_act: true,
+                kind: Failure::Operator,
             },
             _ => Answer::Retry {
                 after: retry_after,
                 reason: format!("HTTP {status}: {}", message()),
-                operator_must_act: false,
+                kind: Failure::Relay,
             },
         }
     }
