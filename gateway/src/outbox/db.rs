@@ -96,8 +96,10 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE dead_letters ADD COLUMN priority INTEGER NOT NULL DEFAULT 5;
     ALTER TABLE dead_letters ADD COLUMN evictable INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE file_claims ADD COLUMN priority INTEGER NOT NULL DEFAULT 5;
-    CREATE INDEX records_lane ON records (priority, seq) WHERE file IS NULL;
-    CREATE INDEX records_evict ON records (priority, seq) WHERE evictable = 1;
+    -- One index for both the batch lane's reads by priority and a full outbox's search
+    -- for the oldest of the lowest priority. The default priority (5) is left out: it is
+    -- what most records have, and they cost no index writes; their queries walk sequences.
+    CREATE INDEX records_priority ON records (priority, seq) WHERE priority <> 5;
     "#,
 ];
 
@@ -265,6 +267,41 @@ pub fn next_seq(conn: &Connection) -> Result<u64, OutboxError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The batch lane's and a full outbox's queries of a non-default priority use the
+    /// priority index; those of the default priority (left out of it) walk sequences.
+    #[test]
+    fn priority_queries_use_the_index_and_the_default_priority_walks_sequences() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        let plan = |sql: &str| -> String {
+            let mut st = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let n = st.parameter_count();
+            let args: Vec<i64> = vec![1; n];
+            st.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        for sql in [
+            crate::outbox::reader::READ_LANE,
+            crate::outbox::reader::OLDEST_OF,
+            crate::outbox::quota::EVICTABLE,
+        ] {
+            let p = plan(sql);
+            assert!(p.contains("USING INDEX records_priority"), "{p}: {sql}");
+            assert!(!p.contains("TEMP B-TREE"), "{p}: {sql}");
+        }
+        for sql in [
+            crate::outbox::reader::READ_LANE_DEFAULT,
+            crate::outbox::reader::OLDEST_DEFAULT,
+            crate::outbox::quota::EVICTABLE_DEFAULT,
+        ] {
+            let p = plan(sql);
+            assert!(p.contains("USING INTEGER PRIMARY KEY"), "{p}: {sql}");
+        }
+    }
 
     #[test]
     fn migrates_once_and_keeps_the_producer_id() {

@@ -54,7 +54,20 @@ pub struct Quota {
     same_fs: bool,
     spool_bytes: u64,
     synced_at: Instant,
+    /// Room for rows known at the last measurement, and when: rounds that fit in it are
+    /// let in without measuring again (pragmas, `statvfs`), for up to [`HEADROOM_FOR`].
+    headroom: Option<(u64, Instant)>,
+    /// No droppable records of the default priority at or below this sequence: they are
+    /// not in the priority index and are searched for by sequence, from here (see
+    /// `reader::Learnt` for why what a search found stays true). Set back to 0 when a
+    /// round's transaction fails, since it may have been learnt inside it.
+    default_floor: u64,
 }
+
+/// How long a measured headroom is trusted.
+const HEADROOM_FOR: Duration = Duration::from_secs(1);
+/// Bytes of headroom at which a round measures anyway: near the limits, every round does.
+const HEADROOM_MIN: u64 = 8 << 20;
 
 /// The database's pages: in use, and free (reused before the file grows), in bytes.
 struct Pages {
@@ -66,8 +79,19 @@ const SPOOL_BYTES: &str = "SELECT
     (SELECT coalesce(sum(file_size), 0) FROM records WHERE file IS NOT NULL)
   + (SELECT coalesce(sum(file_size), 0) FROM dead_letters WHERE file IS NOT NULL)
   + (SELECT coalesce(sum(size), 0) FROM file_claims WHERE committed = 0)";
-const EVICTABLE: &str = "SELECT seq, type, length(data), file, coalesce(file_size, 0), time_us
-    FROM records WHERE evictable = 1 AND priority <= ?1 ORDER BY priority, seq LIMIT ?2";
+/// Droppable records of one priority after a sequence, by the priority index (which leaves
+/// out the default priority; the literal `priority <> 5` lets SQLite use it).
+pub(crate) const EVICTABLE: &str =
+    "SELECT seq, type, length(data), file, coalesce(file_size, 0), time_us
+    FROM records WHERE priority = ?1 AND priority <> 5 AND evictable = 1 AND seq > ?2
+    ORDER BY seq LIMIT ?3";
+/// Droppable records of the default priority after a sequence and up to one (`?1`).
+pub(crate) const EVICTABLE_DEFAULT: &str =
+    "SELECT seq, type, length(data), file, coalesce(file_size, 0),
+    time_us FROM records WHERE seq > ?2 AND seq <= ?1 AND priority = 5 AND evictable = 1
+    ORDER BY seq LIMIT ?3";
+const _: () = assert!(super::DEFAULT_PRIORITY == 5);
+const MAX_SEQ: &str = "SELECT coalesce(max(seq), 0) FROM records";
 const DELETE: &str = "DELETE FROM records WHERE seq = ?1";
 
 impl Quota {
@@ -83,6 +107,8 @@ impl Quota {
             same_fs,
             settings,
             synced_at: Instant::now(),
+            headroom: None,
+            default_floor: 0,
         })
     }
 
@@ -102,11 +128,16 @@ impl Quota {
     }
 
     fn pages(tx: &Connection) -> Pages {
-        let get = |pragma: &str| -> u64 {
-            tx.query_row(&format!("PRAGMA {pragma}"), [], |r| r.get::<_, i64>(0))
+        let get = |sql: &str| -> u64 {
+            tx.prepare_cached(sql)
+                .and_then(|mut st| st.query_row([], |r| r.get::<_, i64>(0)))
                 .map_or(0, |v| v.max(0) as u64)
         };
-        let (count, free, size) = (get("page_count"), get("freelist_count"), get("page_size"));
+        let (count, free, size) = (
+            get("PRAGMA page_count"),
+            get("PRAGMA freelist_count"),
+            get("PRAGMA page_size"),
+        );
         Pages {
             used: count.saturating_sub(free) * size,
             free: free * size,
@@ -154,6 +185,85 @@ impl Quota {
         self.shortfall_with(tx, inc, 0)
     }
 
+    /// Whether `rows` bytes of new rows fit, cheaply: from the headroom measured less
+    /// than [`HEADROOM_FOR`] ago when there is plenty, else by measuring (and keeping the
+    /// headroom found for the next rounds).
+    pub fn rows_fit(&mut self, tx: &Connection, rows: u64) -> bool {
+        if let Some((room, at)) = self.headroom
+            && at.elapsed() < HEADROOM_FOR
+            && room >= rows + HEADROOM_MIN
+        {
+            self.headroom = Some((room - rows, at));
+            return true;
+        }
+        // How much more would fit: measured as the shortfall of a large probe.
+        let probe = 1u64 << 40;
+        let inc = Incoming {
+            rows: probe,
+            files: 0,
+        };
+        let room = probe.saturating_sub(self.shortfall_with(tx, inc, 0));
+        let fits = room >= rows;
+        self.headroom = fits.then(|| (room - rows, Instant::now()));
+        fits
+    }
+
+    /// Forgets the measured headroom (after something took room other than rows).
+    pub fn forget_headroom(&mut self) {
+        self.headroom = None;
+    }
+
+    /// Forgets what was learnt during a transaction that did not commit.
+    pub fn round_failed(&mut self) {
+        self.headroom = None;
+        self.default_floor = 0;
+    }
+
+    /// Up to [`EVICT_CHUNK`] droppable records of `priority` after sequence `after`, in
+    /// sequence order.
+    fn evictable(
+        &mut self,
+        tx: &Transaction<'_>,
+        priority: u8,
+        after: u64,
+        first: bool,
+    ) -> rusqlite::Result<Vec<Evictable>> {
+        let row = |r: &rusqlite::Row<'_>| {
+            Ok(Evictable {
+                seq: r.get(0)?,
+                ty: r.get(1)?,
+                data_len: r.get::<_, i64>(2)?.max(0) as u64,
+                file: r.get(3)?,
+                file_size: r.get::<_, i64>(4)?.max(0) as u64,
+                time_us: r.get(5)?,
+            })
+        };
+        if priority != super::DEFAULT_PRIORITY {
+            return tx
+                .prepare_cached(EVICTABLE)?
+                .query_map(params![priority, after as i64, EVICT_CHUNK], row)?
+                .collect();
+        }
+        if !first {
+            return tx
+                .prepare_cached(EVICTABLE_DEFAULT)?
+                .query_map(params![i64::MAX, after as i64, EVICT_CHUNK], row)?
+                .collect();
+        }
+        // The first search of a call sees the outbox as it is before this call dropped
+        // anything of the default priority: what it finds empty, stays empty.
+        let top: i64 = tx.prepare_cached(MAX_SEQ)?.query_row([], |r| r.get(0))?;
+        let rows: Vec<Evictable> = tx
+            .prepare_cached(EVICTABLE_DEFAULT)?
+            .query_map(params![top, after as i64, EVICT_CHUNK], row)?
+            .collect::<rusqlite::Result<_>>()?;
+        let below = rows
+            .first()
+            .map_or(top.max(0) as u64, |r| (r.seq as u64).saturating_sub(1));
+        self.default_floor = self.default_floor.max(below);
+        Ok(rows)
+    }
+
     /// Makes room for `inc` by dropping records a full outbox may drop, of priority
     /// `priority` or lower, lowest priority and oldest first — or drops nothing, if even
     /// all of them would not make enough room. Files' spool files are deleted before the
@@ -174,48 +284,49 @@ impl Quota {
         let mut files: Vec<(String, u64)> = Vec::new();
         let mut these: Dropped = Vec::new();
         let mut freeing = 0u64;
+        // Lowest priority first, oldest first within one.
+        let mut p = 0u8;
+        let mut after = 0u64;
+        let mut first = true;
         let fits = loop {
             if self.shortfall_with(tx, inc, freeing) == 0 {
                 break true;
             }
-            let rows: Vec<(i64, String, i64, Option<String>, i64, i64)> = tx
-                .prepare_cached(EVICTABLE)?
-                .query_map(params![priority, EVICT_CHUNK], |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                    ))
-                })?
-                .collect::<Result<_, _>>()?;
+            if first && p == super::DEFAULT_PRIORITY {
+                after = self.default_floor;
+            }
+            let rows = self.evictable(tx, p, after, first)?;
+            first = false;
             if rows.is_empty() {
-                break false;
+                if p >= priority {
+                    break false;
+                }
+                (p, after, first) = (p + 1, 0, true);
+                continue;
             }
             let mut delete = tx.prepare_cached(DELETE)?;
             let mut look = false;
-            for (i, (seq, ty, data_len, file, file_size, time_us)) in rows.into_iter().enumerate() {
+            for (i, r) in rows.into_iter().enumerate() {
                 // Look again after a file, and every few rows, so that little more is
                 // dropped than needed.
                 if (look || (i > 0 && i % 16 == 0)) && self.shortfall_with(tx, inc, freeing) == 0 {
                     break;
                 }
-                delete.execute([seq])?;
-                look = file.is_some();
-                if let Some(name) = file {
-                    files.push((name, file_size as u64));
-                    freeing += file_size as u64;
+                delete.execute([r.seq])?;
+                after = r.seq as u64;
+                look = r.file.is_some();
+                if let Some(name) = r.file {
+                    files.push((name, r.file_size));
+                    freeing += r.file_size;
                 }
-                let bytes = data_len as u64 + file_size as u64 + ROW_OVERHEAD;
-                match these.iter_mut().find(|d| d.0 == ty) {
+                let bytes = r.data_len + r.file_size + ROW_OVERHEAD;
+                match these.iter_mut().find(|d| d.0 == r.ty) {
                     Some(d) => {
                         d.1 += 1;
                         d.2 += bytes;
-                        d.3 = d.3.min(time_us);
+                        d.3 = d.3.min(r.time_us);
                     }
-                    None => these.push((ty, 1, bytes, time_us)),
+                    None => these.push((r.ty, 1, bytes, r.time_us)),
                 }
             }
         };
@@ -241,6 +352,16 @@ impl Quota {
         }
         Ok(true)
     }
+}
+
+/// A record a full outbox may drop.
+struct Evictable {
+    seq: i64,
+    ty: String,
+    data_len: u64,
+    file: Option<String>,
+    file_size: u64,
+    time_us: i64,
 }
 
 /// What a row takes beside its data, as counted for a record about to be written.

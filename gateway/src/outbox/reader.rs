@@ -5,11 +5,30 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OpenFlags};
 
-use super::{FileClaim, FileRef, KeptFile, OutboxError, Record, db, path_bytes, path_from_bytes};
+use super::{
+    DEFAULT_PRIORITY, FileClaim, FileRef, KeptFile, OutboxError, Record, db, path_bytes,
+    path_from_bytes,
+};
 
 /// The uplink's read connection. Calls block: run them on `spawn_blocking`.
 pub struct OutboxReader {
     conn: Mutex<Connection>,
+    learnt: Mutex<Learnt>,
+}
+
+/// What the reader has learnt about where the default priority's events are not.
+///
+/// Records of [`DEFAULT_PRIORITY`] — what every route has unless it says otherwise — are
+/// kept out of the priority index, so that the common case writes no index at all; they
+/// are found by scanning sequences instead. A scan that found none of them in a range of
+/// sequences stays true: sequences are only ever assigned above every existing one, and
+/// rows are only ever deleted. So scans start where the last one found nothing.
+#[derive(Debug, Default)]
+struct Learnt {
+    /// No default-priority events with `lo < seq <= hi`.
+    lane_gap: (u64, u64),
+    /// No default-priority events with `seq <= oldest_floor`.
+    oldest_floor: u64,
 }
 
 /// Priorities, 0 to 9.
@@ -40,17 +59,32 @@ pub struct Pending {
 const READ_AFTER: &str = "SELECT seq, id, source, type, subject, time_us, content_type, data,
     file, file_size, file_sha256, file_move_to, priority
     FROM records WHERE seq > ?1 AND file IS NULL ORDER BY seq LIMIT ?2";
-/// The batch lane's events of one priority after its cursor.
-const READ_LANE: &str = "SELECT seq, id, source, type, subject, time_us, content_type, data,
+/// The batch lane's events of one priority after its cursor, by the priority index (the
+/// literal `priority <> 5` lets SQLite use it: the index leaves out the default priority).
+pub(crate) const READ_LANE: &str =
+    "SELECT seq, id, source, type, subject, time_us, content_type, data,
     file, file_size, file_sha256, file_move_to, priority
-    FROM records WHERE file IS NULL AND priority = ?3 AND seq > ?1 ORDER BY seq LIMIT ?2";
+    FROM records WHERE priority = ?3 AND priority <> 5 AND file IS NULL AND seq > ?1
+    ORDER BY seq LIMIT ?2";
+/// The batch lane's events of the default priority, from its cursor up to a sequence.
+pub(crate) const READ_LANE_DEFAULT: &str = "SELECT seq, id, source, type, subject, time_us,
+    content_type, data, file, file_size, file_sha256, file_move_to, priority
+    FROM records WHERE seq > ?1 AND seq <= ?3 AND file IS NULL AND priority = 5
+    ORDER BY seq LIMIT ?2";
+// The queries above spell the default priority out, for SQLite to match the index's
+// condition.
+const _: () = assert!(DEFAULT_PRIORITY == 5);
+const MAX_SEQ: &str = "SELECT coalesce(max(seq), 0) FROM records";
 /// Files, most important first, then oldest first.
 const READ_FILES: &str = "SELECT seq, id, source, type, subject, time_us, content_type,
     data, file, file_size, file_sha256, file_move_to, priority
     FROM records WHERE file IS NOT NULL ORDER BY priority DESC, seq LIMIT ?2 OFFSET ?1";
 const MIN_SEQ: &str = "SELECT min(seq) FROM records";
-const OLDEST_OF: &str =
-    "SELECT time_us FROM records WHERE file IS NULL AND priority = ?1 ORDER BY seq LIMIT 1";
+pub(crate) const OLDEST_OF: &str = "SELECT time_us FROM records
+    WHERE priority = ?1 AND priority <> 5 AND file IS NULL ORDER BY seq LIMIT 1";
+/// The oldest default-priority event, searched for above a sequence and up to one.
+pub(crate) const OLDEST_DEFAULT: &str = "SELECT seq, time_us FROM records
+    WHERE seq > ?1 AND seq <= ?2 AND file IS NULL AND priority = 5 ORDER BY seq LIMIT 1";
 const DEAD_LETTERS: &str = "SELECT count(*) FROM dead_letters";
 const PENDING: &str = "SELECT count(*), coalesce(sum(coalesce(file_size, length(data))), 0),
     min(seq), (SELECT time_us FROM records ORDER BY seq LIMIT 1),
@@ -74,6 +108,7 @@ impl OutboxReader {
         conn.pragma_update(None, "cache_size", -1024)?;
         Ok(Self {
             conn: Mutex::new(conn),
+            learnt: Mutex::new(Learnt::default()),
         })
     }
 
@@ -81,6 +116,51 @@ impl OutboxReader {
         // A panic while holding the lock cannot leave the connection inconsistent
         // (each call is one statement), so a poisoned lock is still usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn learnt(&self) -> std::sync::MutexGuard<'_, Learnt> {
+        // Plain numbers, each consistent on its own.
+        self.learnt.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The highest sequence in the outbox now (0 when it is empty).
+    fn max_seq(conn: &Connection) -> Result<u64, OutboxError> {
+        let mut stmt = conn.prepare_cached(MAX_SEQ)?;
+        Ok(stmt.query_row([], |r| r.get::<_, i64>(0))?.max(0) as u64)
+    }
+
+    /// The batch lane's default-priority events after `cursor`, skipping what an earlier
+    /// scan found empty; learns where the scan found nothing.
+    fn read_lane_default(
+        &self,
+        cursor: u64,
+        max_events: usize,
+        max_bytes: u64,
+    ) -> Result<Vec<Record>, OutboxError> {
+        let (lo, hi) = self.learnt().lane_gap;
+        let from = if lo <= cursor && cursor < hi {
+            hi
+        } else {
+            cursor
+        };
+        let top = Self::max_seq(&self.conn())?;
+        if from >= top {
+            return Ok(Vec::new());
+        }
+        let (rows, complete) =
+            self.read(READ_LANE_DEFAULT, from, max_events, max_bytes, Some(top))?;
+        if complete {
+            // Nothing of the default priority above the last one found, up to `top`.
+            let after = rows.last().map_or(from, |r| r.seq);
+            let mut learnt = self.learnt();
+            let (lo, hi) = learnt.lane_gap;
+            learnt.lane_gap = if lo <= after && after <= hi {
+                (lo, top.max(hi))
+            } else {
+                (after, top)
+            };
+        }
+        Ok(rows)
     }
 
     /// The producer id sequences are assigned under.
@@ -97,7 +177,7 @@ impl OutboxReader {
         max_events: usize,
         max_bytes: u64,
     ) -> Result<Vec<Record>, OutboxError> {
-        self.read(READ_AFTER, after, max_events, max_bytes, None)
+        Ok(self.read(READ_AFTER, after, max_events, max_bytes, None)?.0)
     }
 
     /// The batch lane's next batch: up to `max_events` records (not files) and about
@@ -123,7 +203,13 @@ impl OutboxReader {
                 break;
             }
             let left = max_events - out.len();
-            let more = self.read(READ_LANE, cursors[p as usize], left, max_bytes, Some(p))?;
+            let cursor = cursors[p as usize];
+            let more = if p == DEFAULT_PRIORITY {
+                self.read_lane_default(cursor, left, max_bytes)?
+            } else {
+                self.read(READ_LANE, cursor, left, max_bytes, Some(p.into()))?
+                    .0
+            };
             for r in more {
                 // At least one record, then only what keeps the batch under max_bytes.
                 if !out.is_empty() && bytes + r.data.len() as u64 > max_bytes {
@@ -139,7 +225,9 @@ impl OutboxReader {
     /// File records, most important first and oldest first within a priority, from the
     /// `skip`-th on: up to `max_files`.
     pub fn read_files(&self, skip: usize, max_files: usize) -> Result<Vec<Record>, OutboxError> {
-        self.read(READ_FILES, skip as u64, max_files, u64::MAX, None)
+        Ok(self
+            .read(READ_FILES, skip as u64, max_files, u64::MAX, None)?
+            .0)
     }
 
     /// Whether events (not files) of a priority above `priority` have waited since before
@@ -147,9 +235,23 @@ impl OutboxReader {
     pub fn behind_above(&self, priority: u8, before_us: i64) -> Result<bool, OutboxError> {
         use rusqlite::OptionalExtension;
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(OLDEST_OF)?;
         for p in (priority.saturating_add(1)..PRIORITIES).rev() {
-            let oldest: Option<i64> = stmt.query_row([p], |r| r.get(0)).optional()?;
+            let oldest: Option<i64> = if p == DEFAULT_PRIORITY {
+                let floor = self.learnt().oldest_floor;
+                let top = Self::max_seq(&conn)?;
+                let mut stmt = conn.prepare_cached(OLDEST_DEFAULT)?;
+                let found: Option<(i64, i64)> = stmt
+                    .query_row([floor as i64, top as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                // None at or below the one found (or `top`): the next search starts there.
+                let below = found.map_or(top, |(seq, _)| (seq as u64).saturating_sub(1));
+                let mut learnt = self.learnt();
+                learnt.oldest_floor = learnt.oldest_floor.max(below);
+                found.map(|(_, t)| t)
+            } else {
+                let mut stmt = conn.prepare_cached(OLDEST_OF)?;
+                stmt.query_row([p], |r| r.get(0)).optional()?
+            };
             if oldest.is_some_and(|t| t < before_us) {
                 return Ok(true);
             }
@@ -166,19 +268,24 @@ impl OutboxReader {
             .map(|s| s as u64))
     }
 
+    /// Runs one of the record queries: `?1` is `after`, `?2` the row limit, and `?3`, when
+    /// the query has one, `third`. Stops before `max_bytes` of data is exceeded (but takes
+    /// at least one record). Also says whether the query ran out of rows before any limit
+    /// stopped it (so nothing more matches).
     fn read(
         &self,
         sql: &str,
         after: u64,
         max_events: usize,
         max_bytes: u64,
-        priority: Option<u8>,
-    ) -> Result<Vec<Record>, OutboxError> {
+        third: Option<u64>,
+    ) -> Result<(Vec<Record>, bool), OutboxError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(sql)?;
-        let mut rows = match priority {
-            Some(p) => stmt.query((after as i64, max_events as i64, p as i64))?,
-            None => stmt.query((after as i64, max_events as i64))?,
+        let limit = max_events.min(i64::MAX as usize) as i64;
+        let mut rows = match third {
+            Some(t) => stmt.query((after as i64, limit, t.min(i64::MAX as u64) as i64))?,
+            None => stmt.query((after as i64, limit))?,
         };
         let mut out = Vec::new();
         let mut bytes = 0u64;
@@ -186,13 +293,14 @@ impl OutboxReader {
             let data: Vec<u8> = row.get(7)?;
             bytes += data.len() as u64;
             if !out.is_empty() && bytes > max_bytes {
-                break;
+                return Ok((out, false));
             }
             let mut rec = record_from_row(row)?;
             rec.data = data;
             out.push(rec);
         }
-        Ok(out)
+        let complete = out.len() < max_events;
+        Ok((out, complete))
     }
 
     /// Files that were on their way into the spool when the gateway last stopped.

@@ -134,6 +134,7 @@ impl OutboxWriter {
             stats,
             quota,
             drops: DropLog::default(),
+            used_at: std::time::Instant::now(),
         };
         let handle = std::thread::Builder::new()
             .name("outbox-writer".into())
@@ -282,6 +283,8 @@ struct WriterState {
     /// The disk budget, when one is configured.
     quota: Option<Quota>,
     drops: DropLog,
+    /// When `outbox_used_bytes` was last measured (at most every second, and after drops).
+    used_at: std::time::Instant,
 }
 
 /// What a full outbox dropped since it last said so: logged at most every
@@ -364,6 +367,8 @@ const UPSERT_DELIVERY: &str =
     "INSERT OR REPLACE INTO mqtt_deliveries (session, pkid, digest) VALUES (?1, ?2, ?3)";
 const SET_NEXT_SEQ: &str = "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)";
 const DELETE_RECORD: &str = "DELETE FROM records WHERE seq = ?1 RETURNING coalesce(file_size, 0)";
+/// Deletes a record that is not a file (cheaper than a `RETURNING` delete).
+const DELETE_EVENT: &str = "DELETE FROM records WHERE seq = ?1 AND file IS NULL";
 const DEAD_LETTER: &str = "INSERT OR REPLACE INTO dead_letters
     (seq, id, source, type, subject, time_us, content_type, data, reason, failed_at_us,
      file, file_size, file_sha256, file_move_to, priority, evictable)
@@ -479,11 +484,16 @@ impl WriterState {
             // mends what this misses.
             if result.is_ok() {
                 q.add_spool(spool_delta);
+            } else {
+                q.round_failed();
             }
             q.maybe_resync(&self.conn);
-            self.stats
-                .outbox_used_bytes
-                .store(q.used(&self.conn), Relaxed);
+            if self.used_at.elapsed() >= std::time::Duration::from_secs(1) || !dropped.is_empty() {
+                self.used_at = std::time::Instant::now();
+                self.stats
+                    .outbox_used_bytes
+                    .store(q.used(&self.conn), Relaxed);
+            }
         }
         if result.is_ok() && !dropped.is_empty() {
             let (n, bytes) = dropped.iter().fold((0, 0), |(n, b), d| (n + d.1, b + d.2));
@@ -607,7 +617,7 @@ fn admit(
         files: 0,
     };
     let total: u64 = appends.iter().map(|(_, r)| record_bytes(r)).sum();
-    if q.shortfall(tx, rows(total)) == 0 {
+    if q.rows_fit(tx, total) {
         return Ok(verdicts);
     }
     let mut priorities: Vec<u8> = appends.iter().map(|(_, r)| r.policy.priority).collect();
@@ -656,6 +666,7 @@ fn claims(
     let mut insert = tx.prepare_cached(INSERT_CLAIM)?;
     for c in add {
         if let Some(q) = quota.as_deref_mut() {
+            q.forget_headroom();
             // A file counts from its claim on: it is in the spool a moment later.
             let coming = Incoming {
                 rows: ROW_OVERHEAD,
@@ -785,15 +796,26 @@ fn settle(
 ) -> Result<u64, rusqlite::Error> {
     let now_us = chrono::Utc::now().timestamp_micros();
     let mut dead = tx.prepare_cached(DEAD_LETTER)?;
-    let mut delete = tx.prepare_cached(DELETE_RECORD)?;
+    let mut delete = tx.prepare_cached(DELETE_EVENT)?;
+    let mut delete_file = tx.prepare_cached(DELETE_RECORD)?;
+    // Most are events: a plain delete. What it did not find is a file (whose bytes leave
+    // the spool) or already gone.
+    let mut gone = |seq: u64| -> Result<u64, rusqlite::Error> {
+        if delete.execute([seq as i64])? > 0 {
+            return Ok(0);
+        }
+        let size: Option<i64> = delete_file
+            .query_row([seq as i64], |r| r.get(0))
+            .optional()?;
+        Ok(size.unwrap_or(0).max(0) as u64)
+    };
     for (seq, reason) in rejected {
         dead.execute(params![*seq as i64, reason, now_us])?;
-        let _: Option<i64> = delete.query_row([*seq as i64], |r| r.get(0)).optional()?;
+        gone(*seq)?;
     }
     let mut file_bytes = 0u64;
     for seq in delivered {
-        let size: Option<i64> = delete.query_row([*seq as i64], |r| r.get(0)).optional()?;
-        file_bytes += size.unwrap_or(0).max(0) as u64;
+        file_bytes += gone(*seq)?;
     }
     Ok(file_bytes)
 }
@@ -1105,6 +1127,54 @@ mod tests {
         // The byte limit: at least one record, then only what fits.
         assert_eq!(seqs(r.read_batch(&[0; 10], false, 10, 25).unwrap()), [2, 4]);
         assert_eq!(r.read_batch(&[0; 10], false, 10, 1).unwrap().len(), 1);
+        drop(w);
+        h.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn default_priority_events_are_found_after_a_search_that_found_none() {
+        // The default priority is not indexed: the reader skips ranges it found empty.
+        // Rows that come later, or a cursor sent back, must still find everything.
+        let dir = tempfile::tempdir().unwrap();
+        let (w, h, r) = open(dir.path());
+        let put = |n: u32, p: u8| routed(n, "t", p, WhenFull::DropOldest, 10);
+        for (n, p) in [(1, 5), (2, 2), (3, 2)] {
+            w.append_and_wait(put(n, p)).await.unwrap();
+        }
+        let seqs = |b: Vec<crate::outbox::Record>| b.iter().map(|r| r.seq).collect::<Vec<_>>();
+        let mut cursors = [0u64; 10];
+        cursors[5] = 1;
+        cursors[2] = 3;
+        assert!(
+            r.read_batch(&cursors, false, 10, u64::MAX)
+                .unwrap()
+                .is_empty()
+        );
+        for (n, p) in [(4, 5), (5, 2), (6, 9)] {
+            w.append_and_wait(put(n, p)).await.unwrap();
+        }
+        assert_eq!(
+            seqs(r.read_batch(&cursors, false, 10, u64::MAX).unwrap()),
+            [6, 4, 5]
+        );
+        cursors[5] = 4;
+        assert_eq!(
+            seqs(r.read_batch(&cursors, false, 10, u64::MAX).unwrap()),
+            [6, 5]
+        );
+        // Sent again from the start (a cursor set back): all of them.
+        assert_eq!(
+            seqs(r.read_batch(&[0; 10], false, 10, u64::MAX).unwrap()),
+            [6, 1, 4, 2, 3, 5]
+        );
+        // The oldest waiting default-priority event, as the file lane asks.
+        let t = |n: u32| 1_700_000_000_000_000 + n as i64;
+        assert!(r.behind_above(2, t(1) + 1).unwrap());
+        w.settle(vec![1, 4, 6], vec![]).await.unwrap();
+        assert!(!r.behind_above(2, i64::MAX).unwrap(), "none above 2 left");
+        w.append_and_wait(put(7, 5)).await.unwrap();
+        assert!(r.behind_above(2, t(7) + 1).unwrap(), "a new one is seen");
+        assert!(!r.behind_above(2, t(7)).unwrap(), "and its time is its own");
         drop(w);
         h.join().unwrap();
     }

@@ -51,8 +51,9 @@ struct PendingAck {
     pkid: u16,
     qos: QoS,
     topic: String,
-    /// Kept to append it again when a full outbox refused it (`when_full = "refuse"`).
-    record: NewRecord,
+    /// Kept, for routes with `when_full = "refuse"`, to append it again when a full
+    /// outbox refused it.
+    record: Option<NewRecord>,
 }
 
 /// How often a message a full outbox refused is offered again.
@@ -386,7 +387,10 @@ impl MqttSource {
     async fn ingest(
         &self,
         p: Publish,
-    ) -> Option<(oneshot::Receiver<Result<Appended, OutboxError>>, NewRecord)> {
+    ) -> Option<(
+        oneshot::Receiver<Result<Appended, OutboxError>>,
+        Option<NewRecord>,
+    )> {
         let sub = self.config.subscription_for(&p.topic);
         let event_type = sub.map_or(UNMATCHED_TYPE, |s| s.event_type.as_str());
         let now_us = chrono::Utc::now().timestamp_micros();
@@ -396,8 +400,11 @@ impl MqttSource {
             .map(|ttl| now_us.saturating_add(ttl.get().as_micros().min(i64::MAX as u128) as i64));
         record.policy = sub.map(|s| s.policy()).unwrap_or_default();
         self.stats.mqtt_received.fetch_add(1, Ordering::Relaxed);
-        let rx = self.writer.append(record.clone()).await.ok()?;
-        Some((rx, record))
+        // Only a route that may be refused needs its record again.
+        let again =
+            (record.policy.when_full == crate::outbox::WhenFull::Refuse).then(|| record.clone());
+        let rx = self.writer.append(record).await.ok()?;
+        Some((rx, again))
     }
 
     /// Subscribes to what the configuration lists and the session lacks. Returns the
@@ -520,10 +527,13 @@ async fn acker(
                         full_since = Some(tokio::time::Instant::now());
                     }
                     tokio::time::sleep(FULL_RETRY).await;
+                    let Some(record) = p.record.clone() else {
+                        break false;
+                    };
                     if live_conn.load(Ordering::Relaxed) != p.conn {
                         break false;
                     }
-                    match writer.append(p.record.clone()).await {
+                    match writer.append(record).await {
                         Ok(done) => p.done = done,
                         Err(_) => break false,
                     }
