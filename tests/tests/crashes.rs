@@ -10,8 +10,9 @@ async fn sigkilled_gateway_and_relay_lose_and_duplicate_nothing() {
     const COUNT: u64 = 20_000;
     /// Kills alternate gateway, relay, gateway, …: 4 of each.
     const KILLS: usize = 8;
-    /// Stream lines that must arrive between two kills, so each one hits a moving pipeline.
-    const PROGRESS_BETWEEN_KILLS: usize = 1_500;
+    /// Kill `k` waits for `k` ninths of the readings in the stream, so that each one hits a
+    /// moving pipeline and every target is reachable however fast the run is.
+    const PROGRESS_BETWEEN_KILLS: usize = COUNT as usize / (KILLS + 1);
     /// Readings per second: a little more than the gateway keeps up with on 2 cores, so
     /// there is a backlog (in the broker, the outbox, in flight) whenever something dies.
     const RATE: u32 = 5_000;
@@ -27,11 +28,10 @@ async fn sigkilled_gateway_and_relay_lose_and_duplicate_nothing() {
     );
 
     let stream_dir = p.relay.stream_dir();
-    let mut lines_at_last_kill = 0;
     for k in 1..=KILLS {
-        let target = lines_at_last_kill + PROGRESS_BETWEEN_KILLS;
+        let target = k * PROGRESS_BETWEEN_KILLS;
         let what = format!("{target} lines in the stream before kill {k} of {KILLS}");
-        lines_at_last_kill = wait_until(&what, secs(120), || async {
+        wait_until(&what, secs(120), || async {
             let lines = Stream::count_lines(&stream_dir);
             if lines >= target {
                 Ok(lines)
