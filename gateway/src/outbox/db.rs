@@ -254,7 +254,8 @@ pub fn next_seq(conn: &Connection) -> Result<u64, OutboxError> {
             |r| r.get(0),
         )
         .optional()?;
-    // Also look at the tables, in case meta lags behind (it never should).
+    // `meta` is written by every transaction that deletes records (the writer's settles,
+    // expiries and drops), so it can only lag behind sequences that are still in a table.
     let max: i64 = conn.query_row(
         "SELECT max(coalesce((SELECT max(seq) FROM records), 0),
                     coalesce((SELECT max(seq) FROM dead_letters), 0))",

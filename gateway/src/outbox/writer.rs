@@ -95,6 +95,8 @@ pub struct OutboxWriter {
     committed: Arc<Notify>,
     /// Signalled after every commit that stored file records.
     files_committed: Arc<Notify>,
+    /// Signalled after every commit that stored events above the default priority.
+    urgent: Arc<Notify>,
 }
 
 impl OutboxWriter {
@@ -124,6 +126,7 @@ impl OutboxWriter {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let committed = Arc::new(Notify::new());
         let files_committed = Arc::new(Notify::new());
+        let urgent = Arc::new(Notify::new());
         let mut state = WriterState {
             conn,
             next_seq,
@@ -131,6 +134,7 @@ impl OutboxWriter {
             max_records: commit_max_records.max(1),
             committed: committed.clone(),
             files_committed: files_committed.clone(),
+            urgent: urgent.clone(),
             stats,
             quota,
             drops: DropLog::default(),
@@ -148,6 +152,7 @@ impl OutboxWriter {
                 tx,
                 committed,
                 files_committed,
+                urgent,
             },
             handle,
         ))
@@ -251,6 +256,12 @@ impl OutboxWriter {
     pub async fn files_committed(&self) {
         self.files_committed.notified().await
     }
+
+    /// Resolves after the next commit that stored events (not files) of a priority above
+    /// the default (or at once if one happened since the last call).
+    pub async fn urgent_committed(&self) {
+        self.urgent.notified().await
+    }
 }
 
 fn load_deliveries(conn: &Connection) -> Result<Deliveries, OutboxError> {
@@ -279,6 +290,7 @@ struct WriterState {
     max_records: usize,
     committed: Arc<Notify>,
     files_committed: Arc<Notify>,
+    urgent: Arc<Notify>,
     stats: Arc<Stats>,
     /// The disk budget, when one is configured.
     quota: Option<Quota>,
@@ -466,7 +478,14 @@ impl WriterState {
             let stored_any = appended
                 .iter()
                 .any(|a| matches!(a, Ok(Appended::Stored { .. })));
-            if stored_any {
+            // The next sequence is kept in `meta` only by rounds that delete records: until
+            // then the highest record holds it (see `db::next_seq`). A round of appends
+            // alone thus writes one page less — most rounds, at a few readings a second.
+            let deletes = !dropped.is_empty()
+                || batch
+                    .iter()
+                    .any(|c| matches!(c, Command::Settle { .. } | Command::Expire { .. }));
+            if deletes {
                 tx.prepare_cached(SET_NEXT_SEQ)?
                     .execute(params![db::META_NEXT_SEQ, next_seq as i64])?;
             }
@@ -477,6 +496,10 @@ impl WriterState {
             Command::Append(rec, _) if rec.file.is_some() => (true, o),
             Command::Append(..) => (f, true),
             _ => (f, o),
+        });
+        let urgent = batch.iter().any(|c| {
+            matches!(c, Command::Append(rec, _)
+                if rec.file.is_none() && rec.policy.priority > super::DEFAULT_PRIORITY)
         });
         if let Some(q) = self.quota.as_mut() {
             // Files evictions removed from the spool are gone whether the transaction
@@ -550,6 +573,9 @@ impl WriterState {
                 }
                 if stored_any && files {
                     self.files_committed.notify_one();
+                }
+                if stored_any && urgent {
+                    self.urgent.notify_one();
                 }
             }
             Err(e) => {
@@ -1214,6 +1240,39 @@ mod tests {
             Appended::Stored { seq: 251 }
         );
         assert_eq!(r.pending().unwrap().count, 1);
+        // Rounds of appends alone leave the next sequence to the highest record; a round
+        // that deletes writes it down. Either way, none is used twice.
+        drop(w);
+        h.join().unwrap();
+        let (w, h, _r) = open(dir.path());
+        assert_eq!(
+            w.append_and_wait(record(10, None)).await.unwrap(),
+            Appended::Stored { seq: 252 }
+        );
+        w.settle(vec![251, 252], vec![]).await.unwrap();
+        drop(w);
+        h.join().unwrap();
+        let (w, h, _r) = open(dir.path());
+        assert_eq!(
+            w.append_and_wait(record(11, None)).await.unwrap(),
+            Appended::Stored { seq: 253 }
+        );
+        let mut expiring = record(12, None);
+        expiring.expires_us = Some(1);
+        assert_eq!(
+            w.append_and_wait(expiring).await.unwrap(),
+            Appended::Stored { seq: 254 }
+        );
+        w.expire(2).await.unwrap();
+        w.settle(vec![253], vec![]).await.unwrap();
+        drop(w);
+        h.join().unwrap();
+        let (w, h, r) = open(dir.path());
+        assert_eq!(r.pending().unwrap().count, 0);
+        assert_eq!(
+            w.append_and_wait(record(13, None)).await.unwrap(),
+            Appended::Stored { seq: 255 }
+        );
         drop(w);
         h.join().unwrap();
     }

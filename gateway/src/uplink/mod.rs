@@ -32,7 +32,7 @@ pub use files::run_files;
 
 use crate::config::{Compression, RelayConfig};
 use crate::outbox::reader::{Cursors, PRIORITIES};
-use crate::outbox::{OutboxReader, OutboxWriter, Record};
+use crate::outbox::{DEFAULT_PRIORITY, OutboxReader, OutboxWriter, Record};
 use crate::stats::Stats;
 
 /// How often an idle uplink looks at the outbox again although the writer said nothing:
@@ -155,6 +155,8 @@ impl Uplink {
         let mut answered_failures = 0u32;
         // Whether the next request re-sends events whose last attempt failed.
         let mut retrying = false;
+        // Since when the batch lane has held back a small batch of routine events.
+        let mut lingering_since: Option<Instant> = None;
         // The previous batch's settle commits while the next batch is on the wire.
         let mut settling: Option<tokio::task::JoinHandle<()>> = None;
         while !*shutdown.borrow() {
@@ -178,6 +180,21 @@ impl Uplink {
                 }
                 continue;
             };
+            // Routine events wait a moment for company (relay.batch_linger).
+            match self.linger(&batch, limit, retrying, lingering_since) {
+                Some(wait) => {
+                    lingering_since.get_or_insert_with(Instant::now);
+                    // An alarm committed meanwhile ends the wait: it goes now, and the
+                    // routine events with it.
+                    tokio::select! {
+                        _ = shutdown.changed() => {}
+                        _ = self.writer.urgent_committed() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    continue;
+                }
+                None => lingering_since = None,
+            }
             // Every sequence below the lowest still in the outbox has had its result from
             // the relay (a file uploading in the other lane, or a waiting record of a
             // lower priority, keeps it down).
@@ -308,6 +325,39 @@ impl Uplink {
             let _ = prev.await;
         }
         debug!("The uplink stopped.");
+    }
+
+    /// How much longer to hold `batch` back for more events to share its request with
+    /// (`relay.batch_linger`), or `None` to send it now. Each request ends in a commit of
+    /// its results on the SD card, so at a few readings a second sending them one by one
+    /// writes several times more. A batch goes at once when it is full (by events or by
+    /// half its bytes), when it re-sends a failed attempt, and when anything in it is of a
+    /// priority above the default: alarms never wait.
+    fn linger(
+        &self,
+        batch: &[Record],
+        limit: usize,
+        retrying: bool,
+        since: Option<Instant>,
+    ) -> Option<Duration> {
+        let linger = self.config.batch_linger.get();
+        let bytes: u64 = batch.iter().map(|r| r.data.len() as u64).sum();
+        if linger.is_zero()
+            || retrying
+            || batch.len() >= limit
+            || bytes.saturating_mul(2) >= self.config.batch_max_bytes.get()
+            || batch.iter().any(|r| r.priority > DEFAULT_PRIORITY)
+        {
+            return None;
+        }
+        // The oldest event's age by its receive time; and, in case the clock was set
+        // back, never longer than `linger` from when this lane started waiting.
+        let now_us = chrono::Utc::now().timestamp_micros();
+        let oldest_us = batch.iter().map(|r| r.time_us).min()?;
+        let age = Duration::from_micros(now_us.saturating_sub(oldest_us).max(0) as u64);
+        let waited = since.map_or(Duration::ZERO, |t| t.elapsed());
+        let left = linger.saturating_sub(age.max(waited));
+        (!left.is_zero()).then_some(left)
     }
 
     /// The next batch after `cursors`, and the lowest sequence in the outbox.
