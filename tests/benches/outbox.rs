@@ -4,17 +4,21 @@
 //!   away, drained when it comes back: MB/s, events/s, and the gateway's RSS sampled all
 //!   along (it should stay flat: nothing of the backlog is held in memory);
 //! * bandwidth — `relay.max_upload_rate = "1MiB"` with a backlog far larger than a minute
-//!   of it: what the relay received over 60 s.
+//!   of it: what the relay received over 60 s;
+//! * steady — readings at a steady rate a house or a floor produces (10 and 100 a second),
+//!   relay up: what the gateway writes to its disk per second and per payload byte, the
+//!   figure that decides how long an SD card lasts.
 //!
 //! `PIGEON_BENCH_BACKLOG_MB` (default 1000) scales the backlog, `PIGEON_BENCH_RATE_SECS`
-//! (default 60) the bandwidth window.
+//! (default 60) the bandwidth window, `PIGEON_BENCH_STEADY_SECS` (default 30) each steady
+//! run.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use pigeon_e2e::{
     CameraFile, Gateway, GatewayConfig, Mosquitto, MosquittoOptions, Publisher, PublisherOptions,
-    Relay, TestDir, climate_readings, files_section, rss_kib, watch_table,
+    Relay, TestDir, climate_readings, files_section, rss_kib, watch_table, write_bytes,
 };
 
 const GATEWAY: &str = "bench-outbox";
@@ -41,6 +45,11 @@ async fn main() {
     println!("# Pigeon outbox benchmark (release binaries, loopback)\n");
     drain(env_u64("PIGEON_BENCH_BACKLOG_MB", 1000)).await;
     bandwidth(env_u64("PIGEON_BENCH_RATE_SECS", 60)).await;
+    let secs = env_u64("PIGEON_BENCH_STEADY_SECS", 30);
+    println!("\nsteady readings, relay up (commit, upload, delete), over {secs} s each:");
+    for rate in [10, 100] {
+        steady(rate, secs).await;
+    }
 }
 
 /// Copies a staged clip into the drop directory under a new name (a rename, like an FTP
@@ -189,6 +198,55 @@ async fn bandwidth(window_secs: u64) {
         (b1 - b0) / 1e6,
         rate,
         (rate / 1_048_576.0 - 1.0) * 100.0
+    );
+    gw.stop().await;
+}
+
+/// Readings at `rate` a second for `secs`, the relay up: the gateway's disk writes.
+async fn steady(rate: u32, secs: u64) {
+    let dir = TestDir::new("bench-outbox-steady");
+    let mosquitto = Mosquitto::start_with(&dir, MosquittoOptions::default()).await;
+    let relay = Relay::start(&dir, &[(GATEWAY, TOKEN)]).await;
+    let mut config = GatewayConfig::new(GATEWAY, TOKEN, &relay.url(), mosquitto.port());
+    config.health_interval = Some("60s".into());
+    let mut gw = Gateway::start_subscribed(&dir, config, &mosquitto).await;
+    let pid = gw.proc().pid().expect("pid");
+    let n = rate as u64 * secs;
+    let readings = climate_readings(0..n);
+    let payload: usize = readings.iter().map(|r| r.payload.len()).sum();
+    // Past the start's own writes (migration, first heartbeat).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = write_bytes(pid);
+    let t = Instant::now();
+    let publisher = Publisher::spawn(
+        mosquitto.port(),
+        readings,
+        PublisherOptions {
+            client_id: format!("bench-steady-{rate}"),
+            inflight: 20,
+            rate_per_sec: Some(rate),
+        },
+    );
+    publisher
+        .finish(Duration::from_secs(secs + 60))
+        .await
+        .assert_all_acked(n as usize);
+    while metric(&gw, "pigeon_gateway_outbox_records").await > 0.0 {
+        assert!(t.elapsed() < Duration::from_secs(secs + 120), "not drained");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let elapsed = t.elapsed().as_secs_f64();
+    // Let writeback count the last commits.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let written = write_bytes(pid).saturating_sub(before) as f64;
+    let commits = metric(&gw, "pigeon_gateway_outbox_commits_total").await;
+    println!(
+        "  {rate:>4}/s: {:.0} KB/s written ({:.1} GB a day), {:.1} per payload byte ({:.0} B of payload a reading), {:.0} commits",
+        written / elapsed / 1e3,
+        written / elapsed * 86_400.0 / 1e9,
+        written / payload as f64,
+        payload as f64 / n as f64,
+        commits
     );
     gw.stop().await;
 }
