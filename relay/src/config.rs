@@ -4,7 +4,7 @@
 //! Every key is documented in `docs/configuration-relay.md`; [`DEFAULT_CONFIG`] is the
 //! commented file `pigeon-relay print-default-config` prints.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -27,6 +27,7 @@ pub struct RelayConfig {
     pub shutdown_timeout: Duration,
     pub limits: LimitsConfig,
     pub sink: SinkConfig,
+    pub stream: StreamConfig,
     pub objects: ObjectsConfig,
     pub uploads: UploadsConfig,
     pub gateways: Vec<GatewayConfig>,
@@ -41,6 +42,7 @@ impl Default for RelayConfig {
             shutdown_timeout: Duration::from_secs(10),
             limits: LimitsConfig::default(),
             sink: SinkConfig::default(),
+            stream: StreamConfig::default(),
             objects: ObjectsConfig::default(),
             uploads: UploadsConfig::default(),
             gateways: Vec::new(),
@@ -94,6 +96,76 @@ impl Default for SinkConfig {
     }
 }
 
+/// `[stream]`: where accepted events go.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamConfig {
+    pub kind: StreamKind,
+    pub kafka: KafkaConfig,
+}
+
+/// `stream.kind`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamKind {
+    /// `.jsonl` files under the data dir.
+    #[default]
+    Files,
+    /// A Kafka-protocol broker.
+    Kafka,
+}
+
+/// `[stream.kafka]`: the Kafka stream.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub topic: String,
+    pub client_id: String,
+    pub idempotence: bool,
+    pub delivery_timeout: Duration,
+    pub recovery_window: Duration,
+    pub recovery_timeout: Duration,
+    pub security_protocol: Option<String>,
+    pub sasl_mechanism: Option<String>,
+    pub sasl_username: Option<String>,
+    pub sasl_password: Option<String>,
+    pub ssl_ca_location: Option<PathBuf>,
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: String::new(),
+            topic: "pigeon.{tenant}".to_owned(),
+            client_id: "pigeon-relay".to_owned(),
+            idempotence: true,
+            delivery_timeout: Duration::from_secs(10),
+            recovery_window: Duration::from_secs(86_400),
+            recovery_timeout: Duration::from_secs(300),
+            security_protocol: None,
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: None,
+            ssl_ca_location: None,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+/// librdkafka properties the relay sets itself; `stream.kafka.properties` may not.
+const KAFKA_OWN_PROPERTIES: [&str; 8] = [
+    "bootstrap.servers",
+    "acks",
+    "request.required.acks",
+    "enable.idempotence",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "group.id",
+    "enable.auto.commit",
+];
+
 /// `[objects]`: where uploaded files are stored, and how events point at them.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -123,6 +195,9 @@ impl Default for UploadsConfig {
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     pub id: GatewayId,
+    /// The tenant the gateway belongs to; absent: [`DEFAULT_TENANT`].
+    #[serde(default)]
+    pub tenant: Option<String>,
     #[serde(default)]
     pub token: Option<String>,
     #[serde(default)]
@@ -138,9 +213,38 @@ pub struct Config {
     pub shutdown_timeout: std::time::Duration,
     pub limits: Limits,
     pub sink: SinkSettings,
+    pub stream: StreamSettings,
     pub objects: ObjectSettings,
     pub uploads: UploadSettings,
     pub gateways: Vec<Credential>,
+    /// Each configured gateway's tenant.
+    pub tenants: HashMap<GatewayId, String>,
+}
+
+/// The tenant of gateways that name none, and of every event in unauthenticated mode.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// Checked `[stream]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamSettings {
+    Files,
+    Kafka(KafkaSettings),
+}
+
+/// Checked `[stream.kafka]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub topic: crate::sink::kafka::binding::TopicTemplate,
+    /// Set on the producer and the read-back consumer: client.id, security, and
+    /// `properties`, in that order.
+    pub client_properties: Vec<(String, String)>,
+    pub idempotence: bool,
+    pub delivery_timeout: std::time::Duration,
+    pub recovery_window: std::time::Duration,
+    pub recovery_timeout: std::time::Duration,
+    /// The producer's `message.max.bytes`: room for the largest event and its headers.
+    pub max_message_bytes: u64,
 }
 
 /// Checked `[limits]`.
@@ -345,6 +449,7 @@ impl RelayConfig {
         let mut ids = HashSet::new();
         let mut digests = HashSet::new();
         let mut gateways = Vec::with_capacity(self.gateways.len());
+        let mut tenants = HashMap::with_capacity(self.gateways.len());
         for (i, g) in self.gateways.iter().enumerate() {
             let key = |field: &str| format!("gateways[{i}].{field}");
             if !ids.insert(g.id.clone()) {
@@ -396,7 +501,16 @@ impl RelayConfig {
                 gateway: g.id.clone(),
                 digest,
             });
+            let tenant = match &g.tenant {
+                None => DEFAULT_TENANT.to_owned(),
+                Some(t) => {
+                    check_tenant(t).map_err(|p| invalid(key("tenant"), p))?;
+                    t.clone()
+                }
+            };
+            tenants.insert(g.id.clone(), tenant);
         }
+        let stream = self.stream.validate(l.max_event_bytes.get())?;
 
         Ok(Config {
             listen: self.listen,
@@ -417,12 +531,122 @@ impl RelayConfig {
                 queue_depth: s.queue_depth,
                 retry_after: s.retry_after.get(),
             },
+            stream,
             objects: ObjectSettings { base_url },
             uploads: UploadSettings {
                 abandon_after: self.uploads.abandon_after.get(),
             },
             gateways,
+            tenants,
         })
+    }
+}
+
+/// Tenants name topics and object prefixes: 1 to 64 of `a-z 0-9 - _`, starting with a
+/// letter or digit.
+pub fn check_tenant(t: &str) -> Result<(), String> {
+    let ok = (1..=64).contains(&t.len())
+        && t.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && t.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "({t:?}) must be 1 to 64 of a-z 0-9 - _, starting with a letter or digit (it names Kafka topics and object prefixes)"
+        ))
+    }
+}
+
+impl StreamConfig {
+    fn validate(&self, max_event_bytes: u64) -> Result<StreamSettings, ConfigError> {
+        if self.kind == StreamKind::Files {
+            return Ok(StreamSettings::Files);
+        }
+        let k = &self.kafka;
+        if k.brokers.trim().is_empty() {
+            return Err(invalid(
+                "stream.kafka.brokers",
+                "must be set when stream.kind = \"kafka\" (host:port, comma-separated)",
+            ));
+        }
+        let topic = crate::sink::kafka::binding::TopicTemplate::parse(&k.topic)
+            .map_err(|p| invalid("stream.kafka.topic", p))?;
+        if k.delivery_timeout.get() < std::time::Duration::from_secs(1) {
+            return Err(invalid(
+                "stream.kafka.delivery_timeout",
+                "must be at least 1s",
+            ));
+        }
+        if k.recovery_timeout.get() < std::time::Duration::from_secs(1) {
+            return Err(invalid(
+                "stream.kafka.recovery_timeout",
+                "must be at least 1s",
+            ));
+        }
+        let mut props = vec![("client.id".to_owned(), k.client_id.clone())];
+        if let Some(p) = &k.security_protocol {
+            let lower = p.to_ascii_lowercase();
+            if !["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"].contains(&lower.as_str()) {
+                return Err(invalid(
+                    "stream.kafka.security_protocol",
+                    format!("({p:?}) must be plaintext, ssl, sasl_plaintext or sasl_ssl"),
+                ));
+            }
+            props.push(("security.protocol".to_owned(), lower));
+        }
+        if let Some(m) = &k.sasl_mechanism {
+            let upper = m.to_ascii_uppercase();
+            if !["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"].contains(&upper.as_str())
+            {
+                return Err(invalid(
+                    "stream.kafka.sasl_mechanism",
+                    format!("({m:?}) must be PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER"),
+                ));
+            }
+            props.push(("sasl.mechanism".to_owned(), upper));
+        }
+        match (&k.sasl_username, &k.sasl_password) {
+            (Some(u), Some(p)) => {
+                props.push(("sasl.username".to_owned(), u.clone()));
+                props.push(("sasl.password".to_owned(), p.clone()));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(invalid(
+                    "stream.kafka.sasl_username",
+                    "and sasl_password go together: set both or neither",
+                ));
+            }
+        }
+        if let Some(ca) = &k.ssl_ca_location {
+            if !ca.exists() {
+                return Err(invalid(
+                    "stream.kafka.ssl_ca_location",
+                    format!("({}) does not exist", ca.display()),
+                ));
+            }
+            props.push(("ssl.ca.location".to_owned(), ca.display().to_string()));
+        }
+        for (name, value) in &k.properties {
+            if KAFKA_OWN_PROPERTIES.contains(&name.as_str()) {
+                return Err(invalid(
+                    format!("stream.kafka.properties.{name:?}"),
+                    "is set by the relay itself and cannot be overridden",
+                ));
+            }
+            props.push((name.clone(), value.clone()));
+        }
+        Ok(StreamSettings::Kafka(KafkaSettings {
+            brokers: k.brokers.trim().to_owned(),
+            topic,
+            client_properties: props,
+            idempotence: k.idempotence,
+            delivery_timeout: k.delivery_timeout.get(),
+            recovery_window: k.recovery_window.get(),
+            recovery_timeout: k.recovery_timeout.get(),
+            max_message_bytes: (max_event_bytes + (64 << 10)).max(1_000_000),
+        }))
     }
 }
 
@@ -643,5 +867,109 @@ mod tests {
         .unwrap();
         // sha256("test")
         assert_eq!(c.gateways[0].digest, TokenDigest::of_token("test"));
+    }
+
+    #[test]
+    fn kafka_stream_and_tenants() {
+        let c = RelayConfig::parse(
+            r#"
+            [stream]
+            kind = "kafka"
+            [stream.kafka]
+            brokers = " ns.servicebus.windows.net:9093 "
+            topic = "pigeon.{tenant}.{type}"
+            security_protocol = "SASL_SSL"
+            sasl_mechanism = "plain"
+            sasl_username = "$ConnectionString"
+            sasl_password = "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=k;SharedAccessKey=s"
+            [stream.kafka.properties]
+            "compression.type" = "lz4"
+            [[gateways]]
+            id = "pi-1"
+            token = "a-long-random-secret-1"
+            tenant = "acme"
+            [[gateways]]
+            id = "pi-2"
+            token = "a-long-random-secret-2"
+            "#,
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        let StreamSettings::Kafka(k) = &c.stream else {
+            panic!("not kafka: {:?}", c.stream);
+        };
+        assert_eq!(k.brokers, "ns.servicebus.windows.net:9093");
+        assert_eq!(k.topic.as_str(), "pigeon.{tenant}.{type}");
+        let props: Vec<(&str, &str)> = k
+            .client_properties
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        assert_eq!(props[0], ("client.id", "pigeon-relay"));
+        assert!(props.contains(&("security.protocol", "sasl_ssl")));
+        assert!(props.contains(&("sasl.mechanism", "PLAIN")));
+        assert!(props.contains(&("sasl.username", "$ConnectionString")));
+        assert!(props.contains(&("compression.type", "lz4")));
+        assert!(k.idempotence);
+        assert_eq!(k.delivery_timeout, std::time::Duration::from_secs(10));
+        assert_eq!(c.tenants[&GatewayId::new("pi-1").unwrap()], "acme");
+        assert_eq!(c.tenants[&GatewayId::new("pi-2").unwrap()], DEFAULT_TENANT);
+        // The files stream is the default, and ignores [stream.kafka].
+        let c = RelayConfig::default().validate().unwrap();
+        assert_eq!(c.stream, StreamSettings::Files);
+    }
+
+    #[test]
+    fn kafka_and_tenant_mistakes_name_the_key() {
+        let kafka = |extra: &str| {
+            format!("[stream]\nkind = \"kafka\"\n[stream.kafka]\nbrokers = \"k:9092\"\n{extra}")
+        };
+        assert_eq!(
+            invalid_key("[stream]\nkind = \"kafka\"\n"),
+            "stream.kafka.brokers"
+        );
+        assert_eq!(
+            invalid_key(&kafka("topic = \"pigeon\"\n")),
+            "stream.kafka.topic"
+        );
+        assert_eq!(
+            invalid_key(&kafka("topic = \"a/{tenant}\"\n")),
+            "stream.kafka.topic"
+        );
+        assert_eq!(
+            invalid_key(&kafka("security_protocol = \"tls\"\n")),
+            "stream.kafka.security_protocol"
+        );
+        assert_eq!(
+            invalid_key(&kafka("sasl_mechanism = \"GSSAPI\"\n")),
+            "stream.kafka.sasl_mechanism"
+        );
+        assert_eq!(
+            invalid_key(&kafka("sasl_username = \"u\"\n")),
+            "stream.kafka.sasl_username"
+        );
+        assert_eq!(
+            invalid_key(&kafka("delivery_timeout = \"100ms\"\n")),
+            "stream.kafka.delivery_timeout"
+        );
+        assert_eq!(
+            invalid_key(&kafka("ssl_ca_location = \"/nonexistent/ca.pem\"\n")),
+            "stream.kafka.ssl_ca_location"
+        );
+        assert_eq!(
+            invalid_key(&kafka("[stream.kafka.properties]\n\"acks\" = \"1\"\n")),
+            "stream.kafka.properties.\"acks\""
+        );
+        for bad in ["Acme", "", "-acme", "a/b", &"x".repeat(65)] {
+            assert_eq!(
+                invalid_key(&format!(
+                    "[[gateways]]\nid = \"pi-1\"\ntoken = \"a-long-random-secret\"\ntenant = {bad:?}\n"
+                )),
+                "gateways[0].tenant",
+                "{bad:?}"
+            );
+        }
+        assert!(RelayConfig::parse("[stream]\nkind = \"nats\"\n").is_err());
     }
 }

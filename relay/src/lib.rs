@@ -42,7 +42,7 @@ pub use config::{Config, ConfigError, RelayConfig};
 /// Why the relay could not start or keep serving.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
-    #[error("cannot prepare the data directory: {0}")]
+    #[error("cannot start the stream sink: {0}")]
     DataDir(#[from] sink::RecoveryError),
     #[error("the HTTP server failed: {0}")]
     Serve(std::io::Error),
@@ -68,10 +68,13 @@ pub async fn run(
     let data_dir = config.data_dir.clone();
     let sink_settings = config.sink;
     let sink_metrics = metrics.clone();
-    let (sink, writer_thread) =
-        tokio::task::spawn_blocking(move || sink::start(&data_dir, sink_settings, sink_metrics))
-            .await
-            .map_err(|e| RelayError::Internal(format!("startup task failed: {e}")))??;
+    let stream = config.stream.clone();
+    let tenants = config.tenants.clone();
+    let (sink, writer_thread) = tokio::task::spawn_blocking(move || {
+        sink::start(&data_dir, sink_settings, stream, tenants, sink_metrics)
+    })
+    .await
+    .map_err(|e| RelayError::Internal(format!("startup task failed: {e}")))??;
     let ticker = sink.spawn_ticker(config.sink.checkpoint_interval);
     let data_dir = config.data_dir.clone();
     let store = tokio::task::spawn_blocking(move || upload::UploadStore::open(&data_dir))

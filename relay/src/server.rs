@@ -322,8 +322,14 @@ async fn handle_ingest(st: &AppState, headers: &HeaderMap, body: Body) -> Respon
         match st.sink.write(events, settle).await {
             Ok(outcomes) => {
                 for (slot, outcome) in slots.into_iter().zip(outcomes) {
-                    if outcome == Outcome::Duplicate {
-                        results[slot].status = EventStatus::Duplicate;
+                    match outcome {
+                        Outcome::Accepted => {}
+                        Outcome::Duplicate => results[slot].status = EventStatus::Duplicate,
+                        Outcome::Rejected(reason) => {
+                            tracing::debug!(id = ?results[slot].id, reason = %reason, "The stream refused an event.");
+                            results[slot].status = EventStatus::Rejected;
+                            results[slot].reason = Some(reason);
+                        }
                     }
                 }
             }

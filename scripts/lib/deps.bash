@@ -4,6 +4,8 @@
 #
 #   deb PKG VERSION-GLOB      want Debian package PKG at a version matching the glob
 #   rustup_target TRIPLE      want the Rust standard library for TRIPLE
+#   tool NAME WANT CMD...     want CMD (a version command) to print WANT; if not, the
+#                             sourcing script's install_NAME function installs it
 #   install_missing           install what the calls above found missing (needs root)
 #   report_missing            print what is missing; returns 1 if anything is
 #
@@ -11,6 +13,7 @@
 
 DEB_MISSING=()    # "pkg=glob" specs still to install
 RUSTUP_MISSING=() # target triples still to add
+TOOL_MISSING=()   # tools still to install, each by its install_<name> function
 
 deb() {
   local pkg=$1 glob=$2 have
@@ -36,6 +39,19 @@ rustup_target() {
   RUSTUP_MISSING+=("$triple")
 }
 
+tool() {
+  local name=$1 want=$2 have
+  shift 2
+  have=$("$@" 2>/dev/null || true)
+  if [[ $have == *"$want"* ]]; then
+    return 0
+  fi
+  if [[ -n $have ]]; then
+    say "$name is at ${have%%$'\n'*}, want $want"
+  fi
+  TOOL_MISSING+=("$name")
+}
+
 # quietly CMD...: runs CMD with its output in a log that is shown only if it fails.
 quietly() {
   local log
@@ -50,7 +66,7 @@ quietly() {
 }
 
 report_missing() {
-  local missing=("${DEB_MISSING[@]}" "${RUSTUP_MISSING[@]}")
+  local missing=("${DEB_MISSING[@]}" "${RUSTUP_MISSING[@]}" "${TOOL_MISSING[@]}")
   if ((${#missing[@]} == 0)); then
     say "everything is installed"
     return 0
@@ -73,4 +89,8 @@ install_missing() {
     say "rustup target add ${RUSTUP_MISSING[*]}"
     quietly rustup target add "${RUSTUP_MISSING[@]}"
   fi
+  local t
+  for t in "${TOOL_MISSING[@]}"; do
+    "install_$t"
+  done
 }

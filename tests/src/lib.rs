@@ -21,6 +21,8 @@
 //! * [`CameraFile`], [`files_section`], [`watch_table`] — camera files and the `[files]`
 //!   config that watches them; `Relay::assert_files_exactly_once` checks what arrived.
 //! * [`rss_kib`] and [`write_bytes`] — a process's memory and disk writes, for benchmarks.
+//! * [`Tansu`] — a real Kafka-protocol broker (tansu) behind a proxy that can make it
+//!   unreachable, and [`KafkaRecord`]s read back from it with librdkafka.
 //! * [`PureFtpd`] — a real pure-ftpd with one virtual user, writing uploads in place or
 //!   (`-0`) to a temporary then renamed file; curl as the camera that uploads to it
 //!   ([`PureFtpd::upload`], [`PureFtpd::upload_slowly`]).
@@ -34,6 +36,7 @@ mod ftp;
 mod gateway;
 mod http;
 mod http_fault;
+mod kafka;
 mod mosquitto;
 mod notify;
 mod pipeline;
@@ -56,6 +59,7 @@ pub use ftp::{
 pub use gateway::{Gateway, GatewayConfig, Subscription, Token};
 pub use http::{http_get, metric_value};
 pub use http_fault::FailingProxy;
+pub use kafka::{KafkaRecord, Tansu, tansu_bin, wait_for_records};
 pub use mosquitto::{Mosquitto, MosquittoOptions};
 pub use notify::NotifySocket;
 pub use pipeline::{GATEWAY_ID, Pipeline, TOKEN};

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 pub struct Proxy {
     port: u16,
     hold: watch::Sender<bool>,
+    refuse: Arc<std::sync::atomic::AtomicBool>,
     counters: Arc<Counters>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
@@ -41,11 +42,17 @@ impl Proxy {
         let (hold, hold_rx) = watch::channel(false);
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let counters: Arc<Counters> = Arc::default();
+        let refuse: Arc<std::sync::atomic::AtomicBool> = Arc::default();
         let accept = {
             let conns = conns.clone();
             let counters = counters.clone();
+            let refuse = refuse.clone();
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
+                    if refuse.load(Relaxed) {
+                        drop(client);
+                        continue;
+                    }
                     let Ok(server) = TcpStream::connect(("127.0.0.1", target)).await else {
                         continue;
                     };
@@ -58,6 +65,7 @@ impl Proxy {
         Proxy {
             port,
             hold,
+            refuse,
             counters,
             conns,
             accept,
@@ -101,6 +109,15 @@ impl Proxy {
     /// Turning it off forwards what was kept.
     pub fn hold_client_bytes(&self, on: bool) {
         self.hold.send_replace(on);
+    }
+
+    /// While `on`, the server is unreachable: open connections are cut and new ones closed
+    /// at once (as a server that is down, or a network partition).
+    pub fn set_down(&self, on: bool) {
+        self.refuse.store(on, Relaxed);
+        if on {
+            self.cut_all();
+        }
     }
 
     /// Drops every open connection, and with it whatever was held.

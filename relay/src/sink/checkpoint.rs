@@ -44,6 +44,10 @@ pub struct Checkpoint {
     pub producers: Vec<ProducerCheckpoint>,
     /// Stream file (relative to the data dir) → bytes of complete lines it covers.
     pub files: BTreeMap<String, u64>,
+    /// With the Kafka stream: topic → partition → the offset below which every record is
+    /// in the index (see [`super::kafka`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub kafka: super::kafka::Frontiers,
 }
 
 /// One (gateway, producer)'s deduplication state.
@@ -77,6 +81,7 @@ impl Checkpoint {
                 })
                 .collect(),
             files: files.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            kafka: BTreeMap::new(),
         }
     }
 
@@ -144,6 +149,8 @@ pub enum RecoveryError {
     Io { path: PathBuf, source: io::Error },
     #[error("the deduplication checkpoint {path} is unusable: {problem}")]
     BadCheckpoint { path: PathBuf, problem: String },
+    #[error("cannot use the Kafka stream: {0}")]
+    Kafka(String),
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RecoveryError + '_ {
@@ -161,6 +168,10 @@ pub struct Recovered {
     pub files: BTreeMap<String, u64>,
     /// Whether a checkpoint was found and used.
     pub from_checkpoint: bool,
+    /// When the checkpoint used was written.
+    pub checkpoint_at: Option<SystemTime>,
+    /// The checkpoint's Kafka frontiers (see [`super::kafka`]).
+    pub kafka: super::kafka::Frontiers,
     pub files_scanned: usize,
     pub lines_scanned: u64,
     pub torn_bytes_cut: u64,
@@ -279,6 +290,13 @@ pub fn recover(data_dir: &Path) -> Result<Recovered, RecoveryError> {
     };
     let mut rec = Recovered {
         from_checkpoint: checkpoint.is_some(),
+        checkpoint_at: checkpoint
+            .as_ref()
+            .map(|cp| UNIX_EPOCH + Duration::from_millis(cp.written_at_ms)),
+        kafka: checkpoint
+            .as_ref()
+            .map(|cp| cp.kafka.clone())
+            .unwrap_or_default(),
         ..Recovered::default()
     };
     let (mut index, recorded, skip_unknown_before) = match &checkpoint {

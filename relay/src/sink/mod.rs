@@ -1,14 +1,29 @@
-//! The embedded stream sink: durable, deduplicated `.jsonl` files under the data dir.
+//! The stream sink: every accepted event, durable and deduplicated, in `.jsonl` files
+//! under the data dir (the default) or in Kafka.
 //!
 //! * [`dedup`] — the deduplication index (pure logic);
 //! * [`stream`] — the stream files: paths, appends, fsyncs;
+//! * [`kafka`] — the Kafka stream: the CloudEvents binding, the producer, reading the
+//!   topics back into the index;
 //! * [`checkpoint`] — persisting the index and rebuilding it at startup;
 //! * [`writer`] — the single writer thread that does group commits.
 
 pub mod checkpoint;
 pub mod dedup;
+pub mod kafka;
 pub mod stream;
 pub mod writer;
 
 pub use checkpoint::RecoveryError;
 pub use writer::{Outcome, Settle, SinkError, SinkEvent, SinkHandle, start};
+
+/// Why the sink did not store one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The event can never be stored as it is (a type that makes no topic name, too
+    /// large for the broker): the gateway should not send it again.
+    Rejected(String),
+    /// The stream did not confirm it (a disk error; Kafka down, slow, not authorized, a
+    /// topic missing): the gateway should try again.
+    Unavailable(String),
+}

@@ -6,7 +6,8 @@
 //! 1. applies settled-below promises and checks each event against the index (and so
 //!    against the rest of the group), marking duplicates;
 //! 2. appends the new events' lines, one buffer per stream file, and fsyncs each touched
-//!    file once (in parallel when several);
+//!    file once (in parallel when several) — or, with the Kafka stream, produces them and
+//!    waits for the broker's acknowledgements;
 //! 3. keeps the index entries of what reached the disk and forgets the rest;
 //! 4. replies to every request of the group.
 //!
@@ -14,7 +15,7 @@
 //! requests carrying the same event can never both write it. Group commit is what makes
 //! the throughput: one fsync covers every request that arrived while the last one ran.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -24,10 +25,12 @@ use chrono::Utc;
 use pigeon_shared::ce::GatewayId;
 use tokio::sync::{mpsc, oneshot};
 
+use super::Failure;
 use super::checkpoint::{Checkpoint, RecoveryError, recover};
 use super::dedup::DedupIndex;
+use super::kafka::{KafkaStream, Outgoing};
 use super::stream::{STATE_DIR, StreamFiles, relative_path};
-use crate::config::SinkSettings;
+use crate::config::{DEFAULT_TENANT, SinkSettings, StreamSettings};
 use crate::metrics::Metrics;
 
 /// Most requests in one group commit.
@@ -54,12 +57,14 @@ pub struct Settle {
 }
 
 /// What the sink did with one event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Written and fsynced by this request.
+    /// Written and fsynced (or acknowledged by Kafka) by this request.
     Accepted,
     /// Written durably before; not written again.
     Duplicate,
+    /// The stream cannot take this event, ever (see [`Failure::Rejected`]).
+    Rejected(String),
 }
 
 /// Why the sink did not store a request.
@@ -188,15 +193,17 @@ impl SinkHandle {
     }
 }
 
-/// Recovers the data dir, writes a first checkpoint (proving the state dir is writable)
-/// and starts the writer thread.
+/// Recovers the data dir (and, with Kafka, reads the topics back), writes a first
+/// checkpoint (proving the state dir is writable) and starts the writer thread.
 pub fn start(
     data_dir: &Path,
     settings: SinkSettings,
+    stream: StreamSettings,
+    tenants: HashMap<GatewayId, String>,
     metrics: Arc<Metrics>,
 ) -> Result<(SinkHandle, std::thread::JoinHandle<()>), RecoveryError> {
     let started = Instant::now();
-    let rec = recover(data_dir)?;
+    let mut rec = recover(data_dir)?;
     tracing::info!(
         data_dir = %data_dir.display(),
         from_checkpoint = rec.from_checkpoint,
@@ -207,9 +214,39 @@ pub fn start(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "Recovered the deduplication index."
     );
+    let kafka = match stream {
+        StreamSettings::Files => None,
+        StreamSettings::Kafka(k) => {
+            let started = Instant::now();
+            let (kafka, report) = KafkaStream::start(
+                k,
+                tenants,
+                DEFAULT_TENANT.to_owned(),
+                std::mem::take(&mut rec.kafka),
+                rec.checkpoint_at,
+                &mut rec.index,
+            )
+            .map_err(RecoveryError::Kafka)?;
+            if let Some(r) = report {
+                tracing::info!(
+                    brokers = kafka.brokers(),
+                    partitions = r.partitions,
+                    records_read = r.records,
+                    identities = r.identities,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "Read the relay's Kafka topics back into the deduplication index."
+                );
+            }
+            metrics.sink_healthy.store(report.is_some(), Relaxed);
+            Some(kafka)
+        }
+    };
     let mut writer = Writer {
         state_dir: data_dir.join(STATE_DIR),
         files: StreamFiles::new(data_dir.to_owned(), rec.files),
+        kafka,
+        last_scan_attempt: Instant::now(),
+        retry_after: settings.retry_after,
         index: rec.index,
         metrics: metrics.clone(),
         dirty: false,
@@ -234,6 +271,11 @@ pub fn start(
 struct Writer {
     state_dir: PathBuf,
     files: StreamFiles,
+    /// The Kafka stream, when configured (then `files` stays unused).
+    kafka: Option<KafkaStream>,
+    /// When an idle writer last tried to read Kafka back after a failure.
+    last_scan_attempt: Instant,
+    retry_after: Duration,
     index: DedupIndex,
     metrics: Arc<Metrics>,
     /// Whether the index or file table changed since the last checkpoint written.
@@ -285,6 +327,13 @@ impl Writer {
             if !group.is_empty() {
                 self.commit(std::mem::take(&mut group));
             }
+            if group.is_empty()
+                && self.kafka.as_ref().is_some_and(KafkaStream::scan_pending)
+                && self.last_scan_attempt.elapsed() >= self.retry_after
+            {
+                // So /ready turns true when Kafka is back, before traffic arrives.
+                let _ = self.kafka_ready();
+            }
             if self.last_housekeeping.elapsed() >= self.checkpoint_interval {
                 self.last_housekeeping = Instant::now();
                 if self.files.forget_idle() > 0 {
@@ -307,7 +356,10 @@ impl Writer {
     }
 
     fn checkpoint(&mut self) -> std::io::Result<()> {
-        let cp = Checkpoint::capture(&self.index, self.files.lengths());
+        let mut cp = Checkpoint::capture(&self.index, self.files.lengths());
+        if let Some(k) = &self.kafka {
+            cp.kafka = k.frontiers().clone();
+        }
         cp.store(&self.state_dir)?;
         self.dirty = false;
         self.metrics.checkpoints_written.fetch_add(1, Relaxed);
@@ -328,14 +380,55 @@ impl Writer {
         }
     }
 
+    /// With Kafka: makes sure the index holds everything in the topics (after a failed
+    /// delivery, or at startup with Kafka down) before anything is checked against it.
+    fn kafka_ready(&mut self) -> Result<(), String> {
+        let Some(k) = self.kafka.as_mut() else {
+            return Ok(());
+        };
+        if !k.scan_pending() {
+            return Ok(());
+        }
+        self.last_scan_attempt = Instant::now();
+        let started = Instant::now();
+        match k.retry_scan(&mut self.index) {
+            Ok(report) => {
+                self.dirty = true;
+                self.metrics.sink_healthy.store(true, Relaxed);
+                if let Some(r) = report {
+                    tracing::info!(
+                        partitions = r.partitions,
+                        records_read = r.records,
+                        identities = r.identities,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "Kafka can be read again; the deduplication index is whole."
+                    );
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.sink_healthy.store(false, Relaxed);
+                Err(e)
+            }
+        }
+    }
+
     fn commit(&mut self, group: Vec<WriteRequest>) {
         let started = Instant::now();
-        let hour = self.files.advance_hour(Utc::now());
+        if let Err(e) = self.kafka_ready() {
+            self.metrics.sink_errors.fetch_add(1, Relaxed);
+            tracing::error!(
+                error = %e,
+                "Cannot read the Kafka topics back; the requests are answered 503 and their gateways keep the events."
+            );
+            for req in group {
+                let _ = req.reply.send(Err(SinkError::Unavailable(e.clone())));
+            }
+            return;
+        }
 
         // 1. Dedup against the index (which includes this group's earlier events).
-        let mut buffers: Vec<(GatewayId, String, Vec<u8>)> = Vec::new();
-        let mut buffer_of: HashMap<GatewayId, usize> = HashMap::new();
-        let mut inserted: Vec<(usize, usize, usize)> = Vec::new();
+        let mut inserted: Vec<(usize, usize)> = Vec::new();
         let mut outcomes: Vec<Vec<Outcome>> = Vec::with_capacity(group.len());
         for (ri, req) in group.iter().enumerate() {
             if let Some(s) = &req.settle
@@ -349,22 +442,7 @@ impl Writer {
                     .index
                     .insert(ev.gateway.as_str(), &ev.producer, ev.sequence)
                 {
-                    let bi = match buffer_of.get(&ev.gateway) {
-                        Some(&bi) => bi,
-                        None => {
-                            buffers.push((
-                                ev.gateway.clone(),
-                                relative_path(&ev.gateway, hour),
-                                Vec::new(),
-                            ));
-                            buffer_of.insert(ev.gateway.clone(), buffers.len() - 1);
-                            buffers.len() - 1
-                        }
-                    };
-                    let buf = &mut buffers[bi].2;
-                    buf.extend_from_slice(&ev.line);
-                    buf.push(b'\n');
-                    inserted.push((ri, ei, bi));
+                    inserted.push((ri, ei));
                     out.push(Outcome::Accepted);
                 } else {
                     out.push(Outcome::Duplicate);
@@ -373,32 +451,57 @@ impl Writer {
             outcomes.push(out);
         }
 
-        // 2. Append and fsync.
-        let results = if buffers.is_empty() {
-            Vec::new()
-        } else {
-            self.files.append(&buffers)
+        // 2. Store: append and fsync, or produce and wait for Kafka.
+        let results = match self.kafka.as_mut() {
+            None => append_files(&mut self.files, &group, &inserted),
+            Some(k) => {
+                let events: Vec<Outgoing<'_>> = inserted
+                    .iter()
+                    .map(|&(ri, ei)| {
+                        let ev = &group[ri].events[ei];
+                        Outgoing {
+                            gateway: &ev.gateway,
+                            line: &ev.line,
+                        }
+                    })
+                    .collect();
+                k.produce(&events)
+            }
         };
 
-        // 3. Keep what is durable, forget what is not.
-        for &(ri, ei, bi) in &inserted {
+        // 3. Keep what is durable, forget the rest.
+        let mut written = 0u64;
+        let mut failed: HashMap<&GatewayId, &str> = HashMap::new();
+        let mut failures = 0usize;
+        let mut stored = 0usize;
+        for (&(ri, ei), r) in inserted.iter().zip(&results) {
             let ev = &group[ri].events[ei];
-            if results[bi].is_err() {
-                self.index
-                    .remove(ev.gateway.as_str(), &ev.producer, ev.sequence);
+            match r {
+                Ok(()) => {
+                    written += ev.line.len() as u64 + 1;
+                    stored += 1;
+                }
+                Err(f) => {
+                    self.index
+                        .remove(ev.gateway.as_str(), &ev.producer, ev.sequence);
+                    match f {
+                        Failure::Rejected(reason) => {
+                            outcomes[ri][ei] = Outcome::Rejected(reason.clone());
+                        }
+                        Failure::Unavailable(msg) => {
+                            failures += 1;
+                            failed.entry(&ev.gateway).or_insert(msg.as_str());
+                        }
+                    }
+                }
             }
         }
+        let mut compacted: HashSet<(&GatewayId, &str)> = HashSet::new();
         for req in &group {
             for ev in &req.events {
-                self.index.compact(ev.gateway.as_str(), &ev.producer);
-            }
-        }
-        let mut written = 0u64;
-        let mut failures = Vec::new();
-        for ((_, rel, buf), r) in buffers.iter().zip(&results) {
-            match r {
-                Ok(()) => written += buf.len() as u64,
-                Err(e) => failures.push(format!("{rel}: {e}")),
+                if compacted.insert((&ev.gateway, &ev.producer)) {
+                    self.index.compact(ev.gateway.as_str(), &ev.producer);
+                }
             }
         }
         if !inserted.is_empty() {
@@ -408,35 +511,77 @@ impl Writer {
         m.stream_bytes_written.fetch_add(written, Relaxed);
         m.sink_commits.fetch_add(1, Relaxed);
         m.sink_commit_seconds.observe(started.elapsed());
-        if failures.is_empty() {
-            if !buffers.is_empty() {
+        if failed.is_empty() {
+            if stored > 0 {
                 m.sink_healthy.store(true, Relaxed);
             }
         } else {
-            m.sink_errors.fetch_add(failures.len() as u64, Relaxed);
+            m.sink_errors.fetch_add(failures as u64, Relaxed);
             m.sink_healthy.store(false, Relaxed);
+            let first = failed.values().next().copied().unwrap_or_default();
             tracing::error!(
-                failed_files = failures.len(),
-                first_error = %failures[0],
+                failed_events = failures,
+                gateways = failed.len(),
+                first_error = %first,
                 "Could not write to the stream; the affected requests are answered 503 and their gateways keep the events."
             );
         }
 
-        // 4. Reply. A request fails if any of its events, accepted or duplicate, belongs
-        // to a file that failed: a duplicate may be of an event written earlier in this
-        // same group, which is durable only if that write was.
+        // 4. Reply. A request fails if any of its events, accepted or duplicate, is of a
+        // gateway whose write failed: a duplicate may be of an event written earlier in
+        // this same group, which is durable only if that write was.
+        let failed: HashMap<GatewayId, String> = failed
+            .into_iter()
+            .map(|(g, m)| (g.clone(), m.to_owned()))
+            .collect();
         for (req, out) in group.into_iter().zip(outcomes) {
-            let failed = req.events.iter().find_map(|ev| {
-                let bi = *buffer_of.get(&ev.gateway)?;
-                results[bi].as_ref().err().map(|e| (bi, e))
-            });
-            let answer = match failed {
+            let answer = match req.events.iter().find_map(|ev| failed.get(&ev.gateway)) {
                 None => Ok(out),
-                Some((bi, e)) => Err(SinkError::Unavailable(format!("{}: {e}", buffers[bi].1))),
+                Some(e) => Err(SinkError::Unavailable(e.clone())),
             };
             let _ = req.reply.send(answer);
         }
     }
+}
+
+/// Appends the inserted events' lines, one buffer per gateway's current stream file, and
+/// fsyncs; one result per inserted event.
+fn append_files(
+    files: &mut StreamFiles,
+    group: &[WriteRequest],
+    inserted: &[(usize, usize)],
+) -> Vec<Result<(), Failure>> {
+    if inserted.is_empty() {
+        return Vec::new();
+    }
+    let hour = files.advance_hour(Utc::now());
+    let mut buffers: Vec<(GatewayId, String, Vec<u8>)> = Vec::new();
+    let mut buffer_of: HashMap<&GatewayId, usize> = HashMap::new();
+    let mut slot = Vec::with_capacity(inserted.len());
+    for &(ri, ei) in inserted {
+        let ev = &group[ri].events[ei];
+        let bi = *buffer_of.entry(&ev.gateway).or_insert_with(|| {
+            buffers.push((
+                ev.gateway.clone(),
+                relative_path(&ev.gateway, hour),
+                Vec::new(),
+            ));
+            buffers.len() - 1
+        });
+        let buf = &mut buffers[bi].2;
+        buf.extend_from_slice(&ev.line);
+        buf.push(b'\n');
+        slot.push(bi);
+    }
+    let results = files.append(&buffers);
+    slot.into_iter()
+        .map(|bi| {
+            results[bi]
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| Failure::Unavailable(format!("{}: {e}", buffers[bi].1)))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -450,6 +595,19 @@ mod tests {
             queue_depth: 64,
             retry_after: Duration::from_secs(1),
         }
+    }
+
+    fn start_files(
+        dir: &Path,
+        metrics: Arc<Metrics>,
+    ) -> Result<(SinkHandle, std::thread::JoinHandle<()>), RecoveryError> {
+        start(
+            dir,
+            settings(),
+            StreamSettings::Files,
+            HashMap::new(),
+            metrics,
+        )
     }
 
     fn ev(gw: &str, producer: &str, seq: u64) -> SinkEvent {
@@ -486,7 +644,7 @@ mod tests {
     #[tokio::test]
     async fn duplicates_within_a_request_and_across_requests() {
         let dir = tempfile::tempdir().unwrap();
-        let (sink, thread) = start(dir.path(), settings(), Arc::new(Metrics::new())).unwrap();
+        let (sink, thread) = start_files(dir.path(), Arc::new(Metrics::new())).unwrap();
         let out = sink
             .write(
                 vec![ev("pi-1", "p", 1), ev("pi-1", "p", 2), ev("pi-1", "p", 1)],
@@ -511,7 +669,7 @@ mod tests {
     #[tokio::test]
     async fn contains_answers_from_the_durable_index() {
         let dir = tempfile::tempdir().unwrap();
-        let (sink, thread) = start(dir.path(), settings(), Arc::new(Metrics::new())).unwrap();
+        let (sink, thread) = start_files(dir.path(), Arc::new(Metrics::new())).unwrap();
         let pi1 = GatewayId::new("pi-1").unwrap();
         assert!(!sink.contains(&pi1, "p", 1).await.unwrap());
         sink.write(vec![ev("pi-1", "p", 1)], None).await.unwrap();
@@ -528,7 +686,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_requests_with_the_same_events_write_them_once() {
         let dir = tempfile::tempdir().unwrap();
-        let (sink, thread) = start(dir.path(), settings(), Arc::new(Metrics::new())).unwrap();
+        let (sink, thread) = start_files(dir.path(), Arc::new(Metrics::new())).unwrap();
         let tasks: Vec<_> = (0..16)
             .map(|_| {
                 let sink = sink.clone();
@@ -557,7 +715,7 @@ mod tests {
     #[tokio::test]
     async fn settled_below_makes_old_sequences_duplicates() {
         let dir = tempfile::tempdir().unwrap();
-        let (sink, thread) = start(dir.path(), settings(), Arc::new(Metrics::new())).unwrap();
+        let (sink, thread) = start_files(dir.path(), Arc::new(Metrics::new())).unwrap();
         let settle = Settle {
             gateway: GatewayId::new("pi-1").unwrap(),
             producer: "p".to_owned(),
@@ -581,14 +739,14 @@ mod tests {
     #[tokio::test]
     async fn the_index_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let (sink, thread) = start(dir.path(), settings(), Arc::new(Metrics::new())).unwrap();
+        let (sink, thread) = start_files(dir.path(), Arc::new(Metrics::new())).unwrap();
         sink.write((0..10).map(|s| ev("pi-1", "p", s)).collect(), None)
             .await
             .unwrap();
         sink.shutdown().await;
         thread.join().unwrap();
 
-        let (sink, thread) = start(dir.path(), settings(), Arc::new(Metrics::new())).unwrap();
+        let (sink, thread) = start_files(dir.path(), Arc::new(Metrics::new())).unwrap();
         let out = sink
             .write(vec![ev("pi-1", "p", 9), ev("pi-1", "p", 10)], None)
             .await
@@ -602,7 +760,7 @@ mod tests {
     #[tokio::test]
     async fn the_checkpoint_is_written_soon_after_a_write_while_idle() {
         let dir = tempfile::tempdir().unwrap();
-        let (sink, thread) = start(dir.path(), settings(), Arc::new(Metrics::new())).unwrap();
+        let (sink, thread) = start_files(dir.path(), Arc::new(Metrics::new())).unwrap();
         let ticker = sink.spawn_ticker(Duration::from_millis(10));
         sink.write(vec![ev("pi-1", "p", 0), ev("pi-1", "p", 1)], None)
             .await
@@ -627,7 +785,7 @@ mod tests {
     async fn a_failing_file_fails_its_requests_and_forgets_their_events() {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::new());
-        let (sink, thread) = start(dir.path(), settings(), metrics.clone()).unwrap();
+        let (sink, thread) = start_files(dir.path(), metrics.clone()).unwrap();
         // pi-2's directory cannot be created: a plain file is in the way.
         std::fs::write(dir.path().join("stream").join("pi-2"), b"").unwrap();
         let err = sink

@@ -904,8 +904,16 @@ impl Uploads {
             )
             .await
             .map_err(|e| UploadError::Unavailable(e.to_string()))?;
-        let status = match outcomes.first() {
+        let status = match outcomes.into_iter().next() {
             Some(Outcome::Duplicate) => EventStatus::Duplicate,
+            Some(Outcome::Rejected(reason)) => {
+                // Never storable as it is: the gateway dead-letters it; keep no bytes.
+                self.discard(gateway, id).await;
+                lease.held().forget();
+                return Err(UploadError::BadRequest(format!(
+                    "the file arrived, but the stream refused its event: {reason}"
+                )));
+            }
             _ => EventStatus::Accepted,
         };
         self.discard(gateway, id).await;
@@ -1115,6 +1123,8 @@ mod tests {
                     queue_depth: 16,
                     retry_after: Duration::from_secs(1),
                 },
+                crate::config::StreamSettings::Files,
+                Default::default(),
                 metrics.clone(),
             )
             .unwrap();

@@ -1,0 +1,380 @@
+//! The [CloudEvents Kafka protocol binding], binary content mode, and topic names: pure
+//! functions from an event's structured JSON to the parts of a Kafka record.
+//!
+//! * every context attribute but `datacontenttype` becomes a header `ce_<name>` holding
+//!   its value as a string (extensions included; numbers and booleans in their JSON
+//!   spelling);
+//! * `datacontenttype` becomes the `content-type` header;
+//! * the value is the data: JSON data serialized as JSON, a string with a non-JSON content
+//!   type as its bytes, `data_base64` decoded; an event without data has no value;
+//! * the key is the `partitionkey` extension (which also stays a header), else the
+//!   `source`, so one device's events go to one partition, in order.
+//!
+//! [CloudEvents Kafka protocol binding]: https://github.com/cloudevents/spec/blob/main/cloudevents/bindings/kafka-protocol-binding.md
+
+use base64::Engine as _;
+use serde_json::{Map, Value};
+
+/// The Kafka form of one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The event's `type` (the topic template may use it).
+    pub event_type: String,
+    pub key: Vec<u8>,
+    /// `(name, value)` in a fixed order: `ce_specversion`, `ce_id`, `ce_source`,
+    /// `ce_type`, then the other attributes in the order the JSON has them.
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// The header prefix the binding gives context attributes.
+pub const HEADER_PREFIX: &str = "ce_";
+/// The extension whose value is the record key.
+pub const EXT_PARTITION_KEY: &str = "partitionkey";
+
+const REQUIRED: [&str; 4] = ["specversion", "id", "source", "type"];
+
+/// Builds the record for an event's structured JSON (as the relay renders it).
+pub fn record(line: &[u8]) -> Result<Record, String> {
+    let Value::Object(mut obj) = serde_json::from_slice::<Value>(line)
+        .map_err(|e| format!("the event is not valid JSON: {e}"))?
+    else {
+        return Err("the event is not a JSON object".to_owned());
+    };
+    let content_type = match obj.shift_remove("datacontenttype") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s),
+        Some(_) => return Err("datacontenttype is not a string".to_owned()),
+    };
+    let value = data_value(&mut obj, content_type.as_deref())?;
+
+    let mut headers: Vec<(String, Vec<u8>)> = Vec::with_capacity(obj.len() + 1);
+    for name in REQUIRED {
+        match obj.shift_remove(name) {
+            Some(Value::String(s)) => {
+                headers.push((format!("{HEADER_PREFIX}{name}"), s.into_bytes()))
+            }
+            Some(_) => return Err(format!("attribute {name} is not a string")),
+            None => return Err(format!("attribute {name} is missing")),
+        }
+    }
+    let event_type = String::from_utf8_lossy(&headers[3].1).into_owned();
+    let source = headers[2].1.clone();
+    let mut key = None;
+    for (name, v) in obj {
+        let text = match v {
+            Value::Null => continue,
+            Value::String(s) => s,
+            Value::Bool(b) => b.to_string(),
+            Value::Number(n) => n.to_string(),
+            Value::Array(_) | Value::Object(_) => {
+                return Err(format!("attribute {name} is not a scalar"));
+            }
+        };
+        if name == EXT_PARTITION_KEY {
+            key = Some(text.clone().into_bytes());
+        }
+        headers.push((format!("{HEADER_PREFIX}{name}"), text.into_bytes()));
+    }
+    if let Some(ct) = content_type {
+        headers.push(("content-type".to_owned(), ct.into_bytes()));
+    }
+    Ok(Record {
+        event_type,
+        key: key.unwrap_or(source),
+        headers,
+        value,
+    })
+}
+
+/// Whether a content type says the data is JSON (absent means JSON in the JSON format).
+fn is_json(content_type: Option<&str>) -> bool {
+    let Some(ct) = content_type else {
+        return true;
+    };
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    let essence = essence.to_ascii_lowercase();
+    essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
+}
+
+fn data_value(
+    obj: &mut Map<String, Value>,
+    content_type: Option<&str>,
+) -> Result<Option<Vec<u8>>, String> {
+    if let Some(b64) = obj.shift_remove("data_base64") {
+        let Value::String(s) = b64 else {
+            return Err("data_base64 is not a string".to_owned());
+        };
+        return base64::engine::general_purpose::STANDARD
+            .decode(s.as_bytes())
+            .map(Some)
+            .map_err(|e| format!("data_base64 is not valid base64: {e}"));
+    }
+    Ok(match obj.shift_remove("data") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if !is_json(content_type) => Some(s.into_bytes()),
+        Some(v) => Some(serde_json::to_vec(&v).map_err(|e| e.to_string())?),
+    })
+}
+
+/// The attributes of a record read back from Kafka that the relay deduplicates on:
+/// `(source, producerid, sequence)` from the `ce_` headers, if all are there.
+pub fn identity<'h>(
+    headers: impl IntoIterator<Item = (&'h str, Option<&'h [u8]>)>,
+) -> Option<(&'h str, &'h str, &'h str)> {
+    let (mut source, mut producer, mut sequence) = (None, None, None);
+    for (k, v) in headers {
+        let slot = match k {
+            "ce_source" => &mut source,
+            "ce_producerid" => &mut producer,
+            "ce_sequence" => &mut sequence,
+            _ => continue,
+        };
+        *slot = v.and_then(|v| std::str::from_utf8(v).ok());
+    }
+    Some((source?, producer?, sequence?))
+}
+
+/// A topic name pattern: literal text with `{tenant}` (required) and `{type}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicTemplate {
+    text: String,
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    Tenant,
+    Type,
+}
+
+/// The longest topic name Kafka allows.
+pub const MAX_TOPIC_LEN: usize = 249;
+
+/// Whether a byte may appear in a Kafka topic name.
+pub fn topic_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
+}
+
+impl TopicTemplate {
+    /// Parses a template such as `pigeon.{tenant}` or `pigeon.{tenant}.{type}`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while !rest.is_empty() {
+            if let Some(after) = rest.strip_prefix('{') {
+                let end = after
+                    .find('}')
+                    .ok_or_else(|| format!("has a '{{' without its '}}' in {text:?}"))?;
+                parts.push(match &after[..end] {
+                    "tenant" => Part::Tenant,
+                    "type" => Part::Type,
+                    other => {
+                        return Err(format!(
+                            "uses {{{other}}}; only {{tenant}} and {{type}} can be used"
+                        ));
+                    }
+                });
+                rest = &after[end + 1..];
+            } else {
+                let end = rest.find('{').unwrap_or(rest.len());
+                let lit = &rest[..end];
+                if let Some(bad) = lit.bytes().find(|&b| !topic_byte(b)) {
+                    return Err(format!(
+                        "has {:?}, which Kafka does not allow in topic names (only A-Z a-z 0-9 . _ -)",
+                        bad as char
+                    ));
+                }
+                parts.push(Part::Literal(lit.to_owned()));
+                rest = &rest[end..];
+            }
+        }
+        if !parts.contains(&Part::Tenant) {
+            return Err(format!(
+                "({text:?}) must contain {{tenant}}, so each tenant's events go to its own topics"
+            ));
+        }
+        Ok(Self {
+            text: text.to_owned(),
+            parts,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The topic for a tenant's event of `event_type`; an error if the type makes a name
+    /// Kafka does not allow.
+    pub fn render(&self, tenant: &str, event_type: &str) -> Result<String, String> {
+        let mut out = String::with_capacity(self.text.len() + event_type.len());
+        for p in &self.parts {
+            match p {
+                Part::Literal(l) => out.push_str(l),
+                Part::Tenant => out.push_str(tenant),
+                Part::Type => {
+                    if event_type.is_empty() || !event_type.bytes().all(topic_byte) {
+                        return Err(format!(
+                            "type {event_type:?} cannot be part of a Kafka topic name (topic = {:?} uses {{type}}; only A-Z a-z 0-9 . _ - are allowed)",
+                            self.text
+                        ));
+                    }
+                    out.push_str(event_type);
+                }
+            }
+        }
+        if out.len() > MAX_TOPIC_LEN || out == "." || out == ".." {
+            return Err(format!(
+                "the topic name {out:?} is not allowed by Kafka (at most {MAX_TOPIC_LEN} bytes, not . or ..)"
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Whether `topic` is a name this template can render (for finding the relay's
+    /// topics among a cluster's).
+    pub fn matches(&self, topic: &str) -> bool {
+        fn go(parts: &[Part], s: &[u8]) -> bool {
+            match parts.split_first() {
+                None => s.is_empty(),
+                Some((Part::Literal(l), rest)) => {
+                    s.starts_with(l.as_bytes()) && go(rest, &s[l.len()..])
+                }
+                Some((_, rest)) => (1..=s.len())
+                    .take_while(|&n| topic_byte(s[n - 1]))
+                    .any(|n| go(rest, &s[n..])),
+            }
+        }
+        go(&self.parts, topic.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header<'r>(r: &'r Record, name: &str) -> Option<&'r str> {
+        r.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| std::str::from_utf8(v).unwrap())
+    }
+
+    #[test]
+    fn json_data_becomes_the_value_and_attributes_headers() {
+        let line = br#"{"specversion":"1.0","id":"e1","source":"/gateways/pi-1/mqtt","type":"io.pigeon.reading","datacontenttype":"application/json","time":"2026-12-02T01:00:00Z","subject":"home/t","producerid":"p","sequence":"00000000000000000007","data":{"c":21.5}}"#;
+        let r = record(line).unwrap();
+        assert_eq!(r.value.as_deref(), Some(&br#"{"c":21.5}"#[..]));
+        assert_eq!(r.key, b"/gateways/pi-1/mqtt");
+        assert_eq!(r.event_type, "io.pigeon.reading");
+        let names: Vec<&str> = r.headers.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "ce_specversion",
+                "ce_id",
+                "ce_source",
+                "ce_type",
+                "ce_time",
+                "ce_subject",
+                "ce_producerid",
+                "ce_sequence",
+                "content-type"
+            ]
+        );
+        assert_eq!(header(&r, "content-type"), Some("application/json"));
+        assert_eq!(header(&r, "ce_sequence"), Some("00000000000000000007"));
+        let id = identity(r.headers.iter().map(|(k, v)| (k.as_str(), Some(&v[..]))));
+        assert_eq!(
+            id,
+            Some(("/gateways/pi-1/mqtt", "p", "00000000000000000007"))
+        );
+    }
+
+    #[test]
+    fn partitionkey_is_the_key_and_scalars_are_spelled_as_in_json() {
+        let line = br#"{"specversion":"1.0","id":"e","source":"/s","type":"t","partitionkey":"sensor-9","priority":7,"alarm":true,"data":"plain"}"#;
+        let r = record(line).unwrap();
+        assert_eq!(r.key, b"sensor-9");
+        assert_eq!(header(&r, "ce_partitionkey"), Some("sensor-9"));
+        assert_eq!(header(&r, "ce_priority"), Some("7"));
+        assert_eq!(header(&r, "ce_alarm"), Some("true"));
+        // No content type: the data is JSON, so a string is a JSON string.
+        assert_eq!(r.value.as_deref(), Some(&b"\"plain\""[..]));
+        assert_eq!(header(&r, "content-type"), None);
+    }
+
+    #[test]
+    fn text_and_binary_data_and_no_data() {
+        let text = br#"{"specversion":"1.0","id":"e","source":"/s","type":"t","datacontenttype":"text/plain; charset=utf-8","data":"21.5 C"}"#;
+        assert_eq!(record(text).unwrap().value.as_deref(), Some(&b"21.5 C"[..]));
+        let bin = br#"{"specversion":"1.0","id":"e","source":"/s","type":"t","datacontenttype":"image/jpeg","data_base64":"/9j/4A=="}"#;
+        let r = record(bin).unwrap();
+        assert_eq!(r.value.as_deref(), Some(&[0xff, 0xd8, 0xff, 0xe0][..]));
+        assert_eq!(header(&r, "content-type"), Some("image/jpeg"));
+        let cloud = br#"{"specversion":"1.0","id":"e","source":"/s","type":"t","datacontenttype":"application/cloudevents+json","data":{"a":1}}"#;
+        assert_eq!(
+            record(cloud).unwrap().value.as_deref(),
+            Some(&br#"{"a":1}"#[..])
+        );
+        let none = br#"{"specversion":"1.0","id":"e","source":"/s","type":"t"}"#;
+        assert_eq!(record(none).unwrap().value, None);
+    }
+
+    #[test]
+    fn malformed_events_are_errors_not_panics() {
+        for (line, want) in [
+            (&b"[1]"[..], "not a JSON object"),
+            (b"{", "not valid JSON"),
+            (
+                br#"{"specversion":"1.0","id":"e","source":"/s"}"#,
+                "type is missing",
+            ),
+            (
+                br#"{"specversion":"1.0","id":1,"source":"/s","type":"t"}"#,
+                "id is not a string",
+            ),
+            (
+                br#"{"specversion":"1.0","id":"e","source":"/s","type":"t","x":{"a":1}}"#,
+                "x is not a scalar",
+            ),
+            (
+                br#"{"specversion":"1.0","id":"e","source":"/s","type":"t","data_base64":"!!"}"#,
+                "not valid base64",
+            ),
+        ] {
+            let err = record(line).unwrap_err();
+            assert!(err.contains(want), "{err} should say {want}");
+        }
+    }
+
+    #[test]
+    fn topic_templates() {
+        let t = TopicTemplate::parse("pigeon.{tenant}.{type}").unwrap();
+        assert_eq!(
+            t.render("acme", "io.pigeon.reading").unwrap(),
+            "pigeon.acme.io.pigeon.reading"
+        );
+        assert!(t.render("acme", "a/b").unwrap_err().contains("\"a/b\""));
+        assert!(t.render("acme", &"x".repeat(250)).is_err());
+        assert!(t.matches("pigeon.acme.io.pigeon.reading"));
+        assert!(!t.matches("pigeon.acme"));
+        assert!(!t.matches("other.acme.x"));
+        let t = TopicTemplate::parse("{tenant}-events").unwrap();
+        assert_eq!(t.render("acme", "any/thing").unwrap(), "acme-events");
+        assert!(t.matches("acme-events") && t.matches("a.b-events"));
+        assert!(!t.matches("-events") && !t.matches("acme-events2"));
+
+        for (bad, want) in [
+            ("pigeon", "must contain {tenant}"),
+            ("pigeon.{type}", "must contain {tenant}"),
+            ("pigeon/{tenant}", "'/'"),
+            ("p.{tenant}.{gateway}", "{gateway}"),
+            ("p.{tenant", "without its"),
+        ] {
+            let err = TopicTemplate::parse(bad).unwrap_err();
+            assert!(err.contains(want), "{bad}: {err}");
+        }
+    }
+}

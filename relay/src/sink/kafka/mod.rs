@@ -1,0 +1,517 @@
+//! The Kafka stream: accepted events go to Kafka (or anything that speaks its protocol:
+//! Redpanda, MSK, Azure Event Hubs) as records in the CloudEvents binary mode, and the
+//! relay answers "durable" only once the broker acknowledged them (`acks=all`, idempotent
+//! producer).
+//!
+//! Deduplication works as with the files: the stream is the log, the checkpoint holds the
+//! index and, per topic partition, the *frontier* — the offset below which every record
+//! is known to the index. At startup [`KafkaStream::start`] reads each partition of the
+//! relay's topics from its frontier (or, for a partition the checkpoint does not know,
+//! from a time before the checkpoint, or `recovery_window` ago without one) to its end,
+//! adding each record's (gateway, producerid, sequence) to the index.
+//!
+//! A delivery that failed may still have been stored (the broker wrote it, the answer
+//! was lost). The relay answers 503 for it and, before the next write, reads every
+//! partition again from its frontier, so a gateway's re-send of that event is answered
+//! `duplicate` instead of being written twice.
+
+pub mod binding;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use pigeon_shared::ce::{self, GatewayId};
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, DefaultConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::Failure;
+use super::dedup::DedupIndex;
+use crate::config::KafkaSettings;
+
+/// Topic → partition → frontier offset, as the checkpoint stores it.
+pub type Frontiers = BTreeMap<String, BTreeMap<i32, i64>>;
+
+/// A partition the checkpoint does not know is read from this long before the
+/// checkpoint was written (a topic may have appeared just before a crash).
+const UNKNOWN_PARTITION_MARGIN: Duration = Duration::from_secs(3600);
+/// Reading back ends once nothing more arrived for this long past the watermarks.
+const READ_BACK_QUIET: Duration = Duration::from_millis(500);
+/// How long metadata and offset requests may take.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One event to produce: its gateway (which names its tenant) and structured JSON.
+pub struct Outgoing<'a> {
+    pub gateway: &'a GatewayId,
+    pub line: &'a [u8],
+}
+
+/// Where a record was stored: topic, partition, offset.
+type Stored = (String, i32, i64);
+
+struct DeliveryContext {
+    /// (the record's number, result) as delivery reports arrive. Records are numbered
+    /// across groups, so a late report of an earlier group is told apart.
+    reports: Mutex<Vec<(u64, Result<Stored, KafkaError>)>>,
+}
+
+impl ClientContext for DeliveryContext {}
+
+impl ProducerContext for DeliveryContext {
+    type DeliveryOpaque = Box<u64>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, n: Box<u64>) {
+        let r = match result {
+            Ok(m) => Ok((m.topic().to_owned(), m.partition(), m.offset())),
+            Err((e, _)) => Err(e.clone()),
+        };
+        self.reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((*n, r));
+    }
+}
+
+/// The producer, the reader that rebuilds the index, and the frontiers.
+pub struct KafkaStream {
+    settings: KafkaSettings,
+    tenants: HashMap<GatewayId, String>,
+    default_tenant: String,
+    producer: BaseProducer<DeliveryContext>,
+    frontiers: Frontiers,
+    /// When the frontiers were last made whole (startup or a rescan): partitions without
+    /// one are read from a margin before it.
+    known_since: SystemTime,
+    /// A delivery failed since the last scan: read the partitions again before writing.
+    rescan: bool,
+    /// The number the next record produced gets (see [`DeliveryContext`]).
+    next_record: u64,
+}
+
+/// What the startup read found.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ScanReport {
+    pub partitions: usize,
+    pub records: u64,
+    pub identities: u64,
+}
+
+impl KafkaStream {
+    /// Configures the clients and reads the relay's topics from `frontiers` (a
+    /// checkpoint's, written at `checkpoint_at`) into `index`. An error is a configuration
+    /// librdkafka refuses (named); unreachable brokers are not an error: the read is
+    /// retried, and writes wait for it (answered 503 meanwhile).
+    pub fn start(
+        settings: KafkaSettings,
+        tenants: HashMap<GatewayId, String>,
+        default_tenant: String,
+        frontiers: Frontiers,
+        checkpoint_at: Option<SystemTime>,
+        index: &mut DedupIndex,
+    ) -> Result<(Self, Option<ScanReport>), String> {
+        let producer = producer(&settings)?;
+        let known_since = checkpoint_at
+            .map(|t| {
+                t.checked_sub(UNKNOWN_PARTITION_MARGIN)
+                    .unwrap_or(UNIX_EPOCH)
+            })
+            .unwrap_or_else(|| {
+                SystemTime::now()
+                    .checked_sub(settings.recovery_window)
+                    .unwrap_or(UNIX_EPOCH)
+            });
+        let mut stream = Self {
+            settings,
+            tenants,
+            default_tenant,
+            producer,
+            frontiers,
+            known_since,
+            rescan: false,
+            next_record: 0,
+        };
+        let report = match stream.scan(index) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::error!(
+                    brokers = %stream.settings.brokers,
+                    error = %e,
+                    "Cannot read the relay's Kafka topics back; ingest answers 503 until Kafka can be read."
+                );
+                stream.rescan = true;
+                None
+            }
+        };
+        Ok((stream, report))
+    }
+
+    /// Whether the index still waits for a read of the topics (Kafka was unreachable).
+    pub fn scan_pending(&self) -> bool {
+        self.rescan
+    }
+
+    /// Reads the topics back now if a read is pending; whether the index is whole.
+    pub fn retry_scan(&mut self, index: &mut DedupIndex) -> Result<Option<ScanReport>, String> {
+        if !self.rescan {
+            return Ok(None);
+        }
+        self.scan(index).map(Some)
+    }
+
+    pub fn frontiers(&self) -> &Frontiers {
+        &self.frontiers
+    }
+
+    pub fn brokers(&self) -> &str {
+        &self.settings.brokers
+    }
+
+    /// Produces the events and waits for the broker's answer to each (at most the
+    /// delivery timeout). One result per event, in order.
+    ///
+    /// Call [`Self::retry_scan`] first: while a read is pending, the index may lack
+    /// events a failed delivery stored.
+    pub fn produce(&mut self, events: &[Outgoing<'_>]) -> Vec<Result<(), Failure>> {
+        let mut results: Vec<Option<Result<(), Failure>>> = vec![None; events.len()];
+        let deadline = Instant::now() + self.settings.delivery_timeout + Duration::from_secs(5);
+        let mut pending = 0usize;
+        let base = self.next_record;
+        self.next_record += events.len() as u64;
+        for (i, ev) in events.iter().enumerate() {
+            let rec = match binding::record(ev.line) {
+                Ok(r) => r,
+                Err(e) => {
+                    results[i] = Some(Err(Failure::Rejected(format!(
+                        "cannot be put in the Kafka binary mode: {e}"
+                    ))));
+                    continue;
+                }
+            };
+            let tenant = self
+                .tenants
+                .get(ev.gateway)
+                .map_or(self.default_tenant.as_str(), String::as_str);
+            let topic = match self.settings.topic.render(tenant, &rec.event_type) {
+                Ok(t) => t,
+                Err(e) => {
+                    results[i] = Some(Err(Failure::Rejected(e)));
+                    continue;
+                }
+            };
+            let mut headers = OwnedHeaders::new_with_capacity(rec.headers.len());
+            for (k, v) in &rec.headers {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v),
+                });
+            }
+            let mut record = BaseRecord::with_opaque_to(&topic, Box::new(base + i as u64))
+                .key(&rec.key[..])
+                .headers(headers);
+            if let Some(v) = &rec.value {
+                record = record.payload(&v[..]);
+            }
+            loop {
+                match self.producer.send(record) {
+                    Ok(()) => {
+                        pending += 1;
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
+                        if Instant::now() < deadline =>
+                    {
+                        record = r;
+                        self.producer.poll(Duration::from_millis(50));
+                    }
+                    Err((e, _)) => {
+                        results[i] = Some(Err(classify(&e)));
+                        break;
+                    }
+                }
+            }
+        }
+
+        // Wait for the delivery reports.
+        let mut reports = Vec::new();
+        while pending > 0 && Instant::now() < deadline {
+            self.producer.poll(Duration::from_millis(100));
+            let mut r = self
+                .producer
+                .context()
+                .reports
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for (n, report) in r.drain(..) {
+                // A late report of an earlier group, whose requests were answered 503 and
+                // which a read-back covers: not this group's.
+                if n < base {
+                    continue;
+                }
+                pending -= 1;
+                reports.push(((n - base) as usize, report));
+            }
+        }
+        for (i, r) in reports {
+            results[i] = Some(match r {
+                Ok((topic, partition, offset)) => {
+                    let f = self.frontiers.entry(topic).or_default();
+                    // Contiguous with what is known: the frontier moves past it. A gap
+                    // (another writer, or a failed delivery that was stored) leaves the
+                    // frontier where it is, so a later read covers the gap.
+                    if let Some(front) = f.get_mut(&partition)
+                        && *front == offset
+                    {
+                        *front = offset + 1;
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(classify(&e)),
+            });
+        }
+        let out: Vec<Result<(), Failure>> = results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(Failure::Unavailable(format!(
+                        "no answer from Kafka ({}) within the delivery timeout",
+                        self.settings.brokers
+                    )))
+                })
+            })
+            .collect();
+        if out
+            .iter()
+            .any(|r| matches!(r, Err(Failure::Unavailable(_))))
+        {
+            self.rescan = true;
+            // An idempotent producer whose records timed out or were refused can be left
+            // in a state it does not leave (an epoch the broker fences, a fatal error):
+            // start afresh. What the old one still had in flight is purged; what of it
+            // reached the broker, the read-back before the next write finds.
+            if let Some((code, reason)) = self.producer.client().fatal_error() {
+                tracing::warn!(code = ?code, reason = %reason, "The Kafka producer hit a fatal error.");
+            }
+            match producer(&self.settings) {
+                Ok(p) => {
+                    self.producer = p;
+                    tracing::info!("Started a new Kafka producer after failed deliveries.");
+                }
+                Err(e) => tracing::error!(error = %e, "Could not start a new Kafka producer."),
+            }
+        }
+        out
+    }
+
+    /// Reads every partition of the relay's topics from its frontier to its end,
+    /// adding what it finds to the index; the frontiers then stand at the ends.
+    fn scan(&mut self, index: &mut DedupIndex) -> Result<ScanReport, String> {
+        let consumer = consumer(&self.settings)?;
+        let metadata = consumer
+            .fetch_metadata(None, ADMIN_TIMEOUT)
+            .map_err(|e| format!("cannot read the topics of {}: {e}", self.settings.brokers))?;
+        let since_ms = self
+            .known_since
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+
+        // Where to start in each partition: its frontier, or by time.
+        let mut starts: Vec<(String, i32, i64, i64)> = Vec::new(); // topic, partition, start, high
+        let mut unknown = TopicPartitionList::new();
+        let mut report = ScanReport::default();
+        for t in metadata.topics() {
+            if !self.settings.topic.matches(t.name()) && !self.frontiers.contains_key(t.name()) {
+                continue;
+            }
+            for p in t.partitions() {
+                let (low, high) = consumer
+                    .fetch_watermarks(t.name(), p.id(), ADMIN_TIMEOUT)
+                    .map_err(|e| {
+                        format!("cannot read the offsets of {}/{}: {e}", t.name(), p.id())
+                    })?;
+                report.partitions += 1;
+                match self.frontiers.get(t.name()).and_then(|f| f.get(&p.id())) {
+                    Some(&front) => {
+                        starts.push((t.name().to_owned(), p.id(), front.max(low), high))
+                    }
+                    None => {
+                        unknown
+                            .add_partition_offset(t.name(), p.id(), Offset::Offset(since_ms))
+                            .map_err(|e| e.to_string())?;
+                        starts.push((t.name().to_owned(), p.id(), -1, high));
+                    }
+                }
+            }
+        }
+        if unknown.count() > 0 {
+            // A broker that cannot answer by time gets the partitions read whole.
+            let by_time = consumer.offsets_for_times(unknown, ADMIN_TIMEOUT).ok();
+            for (topic, partition, start, high) in &mut starts {
+                if *start >= 0 {
+                    continue;
+                }
+                *start = match by_time
+                    .as_ref()
+                    .and_then(|l| l.find_partition(topic, *partition))
+                    .map(|x| x.offset())
+                {
+                    Some(Offset::Offset(o)) => o,
+                    Some(Offset::End) => *high,
+                    _ => 0,
+                };
+            }
+        }
+
+        // Every partition is assigned, even one whose watermark says there is nothing
+        // past the start: some brokers (tansu 0.6) report a high watermark short of the
+        // last batch's records, so reading goes on past the watermarks until nothing has
+        // come for a while.
+        let mut assignment = TopicPartitionList::new();
+        let mut ends: HashMap<(String, i32), i64> = HashMap::new();
+        let mut remaining: HashMap<(String, i32), i64> = HashMap::new();
+        for (topic, partition, start, high) in starts {
+            assignment
+                .add_partition_offset(&topic, partition, Offset::Offset(start))
+                .map_err(|e| e.to_string())?;
+            ends.insert((topic.clone(), partition), start.max(high));
+            if start < high {
+                remaining.insert((topic, partition), high);
+            }
+        }
+        if assignment.count() > 0 {
+            consumer
+                .assign(&assignment)
+                .map_err(|e| format!("cannot read the topics: {e}"))?;
+            let deadline = Instant::now() + self.settings.recovery_timeout;
+            let mut quiet_since: Option<Instant> = None;
+            loop {
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "reading the relay's topics back did not finish within {:?} ({} partitions left)",
+                        self.settings.recovery_timeout,
+                        remaining.len()
+                    ));
+                }
+                let Some(msg) = consumer.poll(Duration::from_millis(100)) else {
+                    if remaining.is_empty() {
+                        let since = *quiet_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= READ_BACK_QUIET {
+                            break;
+                        }
+                        continue;
+                    }
+                    // Compaction or transaction markers can leave offsets without records:
+                    // the position says where a partition really is.
+                    if let Ok(pos) = consumer.position() {
+                        for e in pos.elements() {
+                            if let Offset::Offset(o) = e.offset() {
+                                let k = (e.topic().to_owned(), e.partition());
+                                if remaining.get(&k).is_some_and(|&end| o >= end) {
+                                    remaining.remove(&k);
+                                }
+                            }
+                        }
+                    }
+                    continue;
+                };
+                quiet_since = None;
+                let msg = msg.map_err(|e| format!("reading the relay's topics: {e}"))?;
+                report.records += 1;
+                if let Some(h) = msg.headers()
+                    && let Some((source, producer, seq)) =
+                        binding::identity(h.iter().map(|h| (h.key, h.value)))
+                    && let Some(gw) = ce::source_gateway(source)
+                    && let Ok(seq) = ce::parse_sequence(seq)
+                {
+                    index.insert(gw, producer, seq);
+                    index.compact(gw, producer);
+                    report.identities += 1;
+                }
+                let k = (msg.topic().to_owned(), msg.partition());
+                if let Some(end) = ends.get_mut(&k) {
+                    *end = (*end).max(msg.offset() + 1);
+                }
+                if remaining
+                    .get(&k)
+                    .is_some_and(|&end| msg.offset() + 1 >= end)
+                {
+                    remaining.remove(&k);
+                }
+            }
+        }
+        for ((topic, partition), end) in ends {
+            self.frontiers
+                .entry(topic)
+                .or_default()
+                .insert(partition, end);
+        }
+        self.known_since = SystemTime::now();
+        self.rescan = false;
+        Ok(report)
+    }
+}
+
+/// Whether the event can never be stored, or a retry may succeed.
+fn classify(e: &KafkaError) -> Failure {
+    use RDKafkaErrorCode as C;
+    let code = e.rdkafka_error_code();
+    match code {
+        Some(C::MessageSizeTooLarge | C::InvalidMessageSize | C::InvalidMessage) => {
+            Failure::Rejected(format!("Kafka refused the record: {e}"))
+        }
+        Some(C::UnknownTopic | C::UnknownTopicOrPartition) => Failure::Unavailable(format!(
+            "{e}: the topic does not exist; create it (the relay does not create topics)"
+        )),
+        Some(C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed) => {
+            Failure::Unavailable(format!("{e}: the relay's Kafka user may not write there"))
+        }
+        _ => Failure::Unavailable(e.to_string()),
+    }
+}
+
+fn base_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &settings.brokers);
+    for (k, v) in &settings.client_properties {
+        c.set(k, v);
+    }
+    c
+}
+
+fn producer(settings: &KafkaSettings) -> Result<BaseProducer<DeliveryContext>, String> {
+    let mut c = base_config(settings);
+    c.set("acks", "all")
+        .set(
+            "enable.idempotence",
+            if settings.idempotence {
+                "true"
+            } else {
+                "false"
+            },
+        )
+        .set(
+            "message.timeout.ms",
+            settings.delivery_timeout.as_millis().to_string(),
+        )
+        .set("message.max.bytes", settings.max_message_bytes.to_string())
+        .set("linger.ms", "2");
+    c.create_with_context(DeliveryContext {
+        reports: Mutex::new(Vec::new()),
+    })
+    .map_err(|e| format!("cannot configure the Kafka producer: {e}"))
+}
+
+fn consumer(settings: &KafkaSettings) -> Result<BaseConsumer<DefaultConsumerContext>, String> {
+    let mut c = base_config(settings);
+    c.set("group.id", "pigeon-relay-readback")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "50");
+    c.create()
+        .map_err(|e| format!("cannot configure the Kafka consumer: {e}"))
+}

@@ -1,0 +1,342 @@
+//! The relay's Kafka stream against a real Kafka-protocol broker (tansu): readings from a
+//! gateway land as records in the CloudEvents binary mode, each exactly once, through a
+//! Kafka outage and through relay crashes; tenants get their own topics.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use pigeon_e2e::{
+    Gateway, GatewayConfig, KafkaRecord, Mosquitto, Publisher, PublisherOptions, READING_TYPE,
+    Relay, Tansu, TestDir, climate_readings, run_command, secs, wait_for_records, wait_until,
+};
+
+const TOPIC: &str = "pigeon.default";
+
+/// `[stream]` for the Kafka stream at `bootstrap`.
+fn kafka_stream(t: &mut toml::Table, bootstrap: &str, topic: &str) {
+    let mut kafka = toml::Table::new();
+    kafka.insert("brokers".into(), bootstrap.into());
+    kafka.insert("topic".into(), topic.into());
+    kafka.insert("delivery_timeout".into(), "3s".into());
+    let mut stream = toml::Table::new();
+    stream.insert("kind".into(), "kafka".into());
+    stream.insert("kafka".into(), kafka.into());
+    t.insert("stream".into(), stream.into());
+}
+
+/// Every record's (producerid, sequence) in a partition comes in increasing order per key,
+/// and `n` of each reading once; the error names what is wrong.
+fn check_records(records: &[KafkaRecord], expected: &BTreeSet<u64>) {
+    let stream =
+        pigeon_e2e::Stream::from_events(records.iter().map(KafkaRecord::to_event).collect());
+    if let Err(e) = stream.check_exactly_once("n", expected) {
+        panic!("the topic does not hold every reading once: {e}");
+    }
+    let mut last: BTreeMap<(i32, Vec<u8>), String> = BTreeMap::new();
+    for r in records {
+        let seq = r.header("ce_sequence").expect("ce_sequence").to_owned();
+        let key = (r.partition, r.key.clone().unwrap_or_default());
+        if let Some(prev) = last.get(&key) {
+            assert!(
+                *prev < seq,
+                "partition {} key {:?}: sequence {seq} after {prev} (offset {})",
+                r.partition,
+                String::from_utf8_lossy(&key.1),
+                r.offset
+            );
+        }
+        last.insert(key, seq);
+    }
+}
+
+fn stream_files(dir: &Path) -> usize {
+    pigeon_e2e::Stream::count_lines(dir)
+}
+
+/// Broker (with [`TOPIC`] in `partitions` partitions), mosquitto, a relay writing to
+/// Kafka and a subscribed gateway `pi-1`.
+struct KafkaPipeline {
+    gateway: Gateway,
+    relay: Relay,
+    mosquitto: Mosquitto,
+    tansu: Tansu,
+    _dir: TestDir,
+}
+
+impl KafkaPipeline {
+    async fn start(name: &str, partitions: u32) -> KafkaPipeline {
+        let dir = TestDir::new(name);
+        let tansu = Tansu::start(&dir).await;
+        tansu.create_topic(TOPIC, partitions).await;
+        let mosquitto = Mosquitto::start(&dir).await;
+        let bootstrap = tansu.bootstrap();
+        let token = format!("tok-{name}");
+        let relay = Relay::start_with(&dir, &[("pi-1", &token)], |t| {
+            kafka_stream(t, &bootstrap, "pigeon.{tenant}")
+        })
+        .await;
+        let config = GatewayConfig::new("pi-1", &token, &relay.url(), mosquitto.port());
+        let gateway = Gateway::start_subscribed(&dir, config, &mosquitto).await;
+        KafkaPipeline {
+            gateway,
+            relay,
+            mosquitto,
+            tansu,
+            _dir: dir,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_land_in_kafka_once_in_the_binary_mode() {
+    let KafkaPipeline {
+        relay,
+        mosquitto,
+        tansu,
+        gateway: _gateway,
+        _dir,
+    } = KafkaPipeline::start("kafka-e2e", 3).await;
+
+    let report = Publisher::publish_all(
+        mosquitto.port(),
+        climate_readings(0..2_000),
+        PublisherOptions::default(),
+        secs(60),
+    )
+    .await;
+    report.assert_all_acked(2_000);
+    wait_for_records(&tansu, TOPIC, 2_000, secs(60)).await;
+    let records = tansu.records(TOPIC).await;
+    check_records(&records, &report.acked);
+    assert_eq!(records.len(), 2_000);
+
+    // The binding: ce_ headers, content-type, the data as the value, keyed by source.
+    let partitions: BTreeSet<i32> = records.iter().map(|r| r.partition).collect();
+    for r in &records {
+        assert_eq!(r.header("ce_specversion"), Some("1.0"));
+        assert_eq!(r.header("ce_type"), Some(READING_TYPE));
+        let source = r.header("ce_source").expect("ce_source");
+        assert!(source.starts_with("/gateways/pi-1/"), "{source}");
+        assert_eq!(r.key.as_deref(), Some(source.as_bytes()));
+        assert!(r.header("ce_id").is_some_and(|id| id.len() == 36));
+        assert!(r.header("ce_time").is_some());
+        assert!(
+            r.header("ce_subject")
+                .is_some_and(|s| s.starts_with("org/contoso/"))
+        );
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        let data: serde_json::Value = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
+        assert!(data["n"].is_u64(), "{data}");
+    }
+    assert!(!partitions.is_empty());
+    // Nothing went to the stream files.
+    assert_eq!(stream_files(&relay.stream_dir()), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_outage_answers_503_then_drains_without_loss_or_duplicates() {
+    let KafkaPipeline {
+        gateway,
+        relay,
+        mosquitto,
+        tansu,
+        _dir,
+    } = KafkaPipeline::start("kafka-outage", 2).await;
+
+    let options = PublisherOptions {
+        rate_per_sec: Some(500),
+        ..PublisherOptions::default()
+    };
+    let publisher = Publisher::spawn(mosquitto.port(), climate_readings(0..6_000), options);
+    wait_for_records(&tansu, TOPIC, 500, secs(60)).await;
+
+    // Down while readings keep coming: the relay answers 503 and is not ready; the
+    // gateway keeps them in its outbox.
+    tansu.set_down(true);
+    wait_until("the relay to say it is not ready", secs(30), || async {
+        match relay.get("/ready").await {
+            Ok((503, _)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    wait_until("the gateway to see 503s", secs(30), || async {
+        let log = gateway.log_text();
+        if log.contains("503") {
+            Ok(())
+        } else {
+            Err("no 503 in the gateway's log yet".to_owned())
+        }
+    })
+    .await;
+    tokio::time::sleep(secs(4)).await;
+    let errors = relay
+        .metric("pigeon_relay_sink_errors_total")
+        .await
+        .unwrap()
+        .unwrap_or(0.0);
+    assert!(errors > 0.0, "no sink errors counted during the outage");
+    tansu.set_down(false);
+
+    let report = publisher.finish(secs(60)).await;
+    report.assert_all_acked(6_000);
+    wait_for_records(&tansu, TOPIC, 6_000, secs(120)).await;
+    let records = tansu.records(TOPIC).await;
+    check_records(&records, &report.acked);
+    wait_until("the relay to be ready again", secs(30), || async {
+        match relay.get("/ready").await {
+            Ok((200, _)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_relay_reads_kafka_back_and_writes_nothing_twice() {
+    let KafkaPipeline {
+        mut relay,
+        mosquitto,
+        tansu,
+        gateway: _gateway,
+        _dir,
+    } = KafkaPipeline::start("kafka-crash", 3).await;
+
+    let total = 12_000u64;
+    let options = PublisherOptions {
+        rate_per_sec: Some(1_500),
+        ..PublisherOptions::default()
+    };
+    let publisher = Publisher::spawn(mosquitto.port(), climate_readings(0..total), options);
+    // SIGKILL the relay five times while batches are in flight (the gateway re-sends
+    // what was not answered, some of it already in Kafka); the third time its checkpoint
+    // goes too, so only the topic can tell what was written.
+    for k in 1..=5u64 {
+        wait_for_records(&tansu, TOPIC, (total * k / 7) as usize, secs(90)).await;
+        relay.kill();
+        if k == 3 {
+            std::fs::remove_file(relay.data_dir().join("state").join("dedup.json"))
+                .expect("remove the checkpoint");
+        }
+        relay.restart().await;
+    }
+    let report = publisher.finish(secs(60)).await;
+    report.assert_all_acked(total as usize);
+    wait_for_records(&tansu, TOPIC, total as usize, secs(120)).await;
+    tokio::time::sleep(secs(2)).await;
+    let records = tansu.records(TOPIC).await;
+    check_records(&records, &report.acked);
+    let log = relay.proc().log_text();
+    assert!(
+        log.contains("Read the relay's Kafka topics back"),
+        "the relay never said it read the topics back"
+    );
+}
+
+/// A batch of one event as JSON, for a direct POST.
+fn event_json(id: &str, source: &str, ty: &str, seq: u64) -> String {
+    format!(
+        r#"[{{"specversion":"1.0","id":"{id}","source":"{source}","type":"{ty}","producerid":"p-{id}","sequence":"{}","datacontenttype":"application/json","data":{{"n":{seq}}}}}]"#,
+        pigeon_shared::ce::format_sequence(seq)
+    )
+}
+
+async fn post(relay: &Relay, token: &str, body: &str) -> (u16, serde_json::Value) {
+    let out = run_command(
+        Path::new("curl"),
+        &[
+            "-sS",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            &format!("Authorization: Bearer {token}"),
+            "-H",
+            "Content-Type: application/cloudevents-batch+json",
+            "--data-binary",
+            body,
+            &format!("{}/v1/events", relay.url()),
+        ],
+        secs(60),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').expect("status line");
+    (
+        code.trim().parse().expect("status"),
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_get_their_own_topics_and_cannot_write_into_each_other() {
+    let dir = TestDir::new("kafka-tenants");
+    let tansu = Tansu::start(&dir).await;
+    for t in ["pigeon.acme.sensor", "pigeon.globex.sensor"] {
+        tansu.create_topic(t, 1).await;
+    }
+    let bootstrap = tansu.bootstrap();
+    let relay = Relay::start_with(
+        &dir,
+        &[("acme-1", "tok-acme-1"), ("globex-1", "tok-globex-1")],
+        |t| {
+            kafka_stream(t, &bootstrap, "pigeon.{tenant}.{type}");
+            let gws = t["gateways"].as_array_mut().unwrap();
+            for g in gws {
+                let g = g.as_table_mut().unwrap();
+                let tenant = g["id"]
+                    .as_str()
+                    .unwrap()
+                    .split('-')
+                    .next()
+                    .unwrap()
+                    .to_owned();
+                g.insert("tenant".into(), tenant.into());
+            }
+        },
+    )
+    .await;
+
+    let (code, body) = post(
+        &relay,
+        "tok-acme-1",
+        &event_json("a1", "/gateways/acme-1/mqtt", "sensor", 1),
+    )
+    .await;
+    assert_eq!((code, body["accepted"].as_u64()), (200, Some(1)), "{body}");
+    let (code, body) = post(
+        &relay,
+        "tok-globex-1",
+        &event_json("g1", "/gateways/globex-1/mqtt", "sensor", 1),
+    )
+    .await;
+    assert_eq!((code, body["accepted"].as_u64()), (200, Some(1)), "{body}");
+    // acme's token cannot write as globex's gateway, so never into globex's topic.
+    let (code, body) = post(
+        &relay,
+        "tok-acme-1",
+        &event_json("x1", "/gateways/globex-1/mqtt", "sensor", 2),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["rejected"].as_u64(), Some(1), "{body}");
+    // A type that cannot be part of a topic name is refused for good, with the reason.
+    let (code, body) = post(
+        &relay,
+        "tok-acme-1",
+        &event_json("a2", "/gateways/acme-1/mqtt", "sensor/alarm", 2),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let reason = body["results"][0]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("sensor/alarm") && reason.contains("topic"),
+        "{body}"
+    );
+
+    let acme = tansu.records("pigeon.acme.sensor").await;
+    let globex = tansu.records("pigeon.globex.sensor").await;
+    assert_eq!(acme.len(), 1);
+    assert_eq!(globex.len(), 1);
+    assert_eq!(acme[0].header("ce_id"), Some("a1"));
+    assert_eq!(globex[0].header("ce_id"), Some("g1"));
+}
