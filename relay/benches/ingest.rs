@@ -5,7 +5,11 @@
 //! cargo bench -p pigeon-relay --bench ingest
 //! cargo bench -p pigeon-relay --bench ingest -- --connections 64 --requests 50000 --gateways 64
 //! cargo bench -p pigeon-relay --bench ingest -- --dir /dev/shm   # tmpfs: fsync is free
+//! cargo bench -p pigeon-relay --bench ingest -- --kafka 127.0.0.1:9092  # into Kafka
 //! ```
+//!
+//! With `--kafka`, the stream is the broker at that address (topic `pigeon.default`,
+//! which must exist; `scripts/bench relay-kafka` starts tansu and creates it).
 //!
 //! Request bodies are built and compressed before the clock starts, and the client speaks
 //! raw HTTP/1.1 on one thread, so the figures are the relay's (and the disk's), not the
@@ -32,6 +36,8 @@ struct Options {
     /// Where to make the temporary data dir (default: the system temp dir). A tmpfs here
     /// (`--dir /dev/shm`) makes fsync free and shows the CPU-bound ceiling.
     dir: Option<std::path::PathBuf>,
+    /// The Kafka stream at this bootstrap address instead of the stream files.
+    kafka: Option<String>,
 }
 
 impl Options {
@@ -42,6 +48,7 @@ impl Options {
             batch: 10,
             gateways: 8,
             dir: None,
+            kafka: None,
         };
         let args: Vec<String> = std::env::args().skip(1).collect();
         let mut i = 0;
@@ -50,6 +57,13 @@ impl Options {
                 && let Some(d) = args.get(i + 1)
             {
                 o.dir = Some(d.into());
+                i += 2;
+                continue;
+            }
+            if args[i] == "--kafka"
+                && let Some(k) = args.get(i + 1)
+            {
+                o.kafka = Some(k.clone());
                 i += 2;
                 continue;
             }
@@ -249,6 +263,11 @@ fn main() {
     let fsync = fdatasync_median(data.path());
     let mut toml = format!("data_dir = {:?}\n", data.path().join("data"));
     toml.push_str("[limits]\nmax_concurrent_requests = 4096\n");
+    if let Some(k) = &o.kafka {
+        toml.push_str(&format!(
+            "[stream]\nkind = \"kafka\"\n[stream.kafka]\nbrokers = {k:?}\n"
+        ));
+    }
     for g in 0..o.gateways {
         toml.push_str(&format!(
             "[[gateways]]\nid = \"gw-{g}\"\ntoken = \"{}\"\n",
@@ -330,6 +349,13 @@ fn main() {
     let sink_sum = metric(&metrics, "pigeon_relay_sink_write_seconds_sum");
 
     println!("pigeon-relay ingest benchmark");
+    println!(
+        "  stream:       {}",
+        o.kafka.as_deref().map_or_else(
+            || "files (append + fsync)".to_owned(),
+            |k| format!("Kafka at {k} (acks=all, idempotent)")
+        )
+    );
     println!(
         "  disk:         append + fdatasync of 6 KB takes {:.2} ms (median of 50, before the run)",
         fsync.as_secs_f64() * 1e3

@@ -226,7 +226,7 @@ impl KafkaStream {
                         if Instant::now() < deadline =>
                     {
                         record = r;
-                        self.producer.poll(Duration::from_millis(50));
+                        self.producer.poll(Duration::from_millis(5));
                     }
                     Err((e, _)) => {
                         results[i] = Some(Err(classify(&e)));
@@ -239,7 +239,8 @@ impl KafkaStream {
         // Wait for the delivery reports.
         let mut reports = Vec::new();
         while pending > 0 && Instant::now() < deadline {
-            self.producer.poll(Duration::from_millis(100));
+            // rdkafka's poll serves events until its timeout passes, so keep it short.
+            self.producer.poll(Duration::from_millis(1));
             let mut r = self
                 .producer
                 .context()
