@@ -340,3 +340,57 @@ async fn tenants_get_their_own_topics_and_cannot_write_into_each_other() {
     assert_eq!(acme[0].header("ce_id"), Some("a1"));
     assert_eq!(globex[0].header("ce_id"), Some("g1"));
 }
+
+/// The partition frontiers in a relay's checkpoint.
+fn frontiers(relay: &Relay) -> serde_json::Value {
+    let text = std::fs::read_to_string(relay.data_dir().join("state").join("dedup.json"))
+        .unwrap_or_default();
+    serde_json::from_str::<serde_json::Value>(&text).unwrap_or_default()["kafka"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_on_one_topic_keep_their_frontiers_up() {
+    let dir_a = TestDir::new("kafka-two-a");
+    let dir_b = TestDir::new("kafka-two-b");
+    let tansu = Tansu::start(&dir_a).await;
+    tansu.create_topic(TOPIC, 1).await;
+    let bootstrap = tansu.bootstrap();
+    let edit = |t: &mut toml::Table| kafka_stream(t, &bootstrap, "pigeon.{tenant}");
+    let a = Relay::start_with(&dir_a, &[("pi-a", "tok-two-relays-a")], edit).await;
+    let b = Relay::start_with(&dir_b, &[("pi-b", "tok-two-relays-b")], edit).await;
+    // Interleaved writes: neither relay's records are contiguous in the partition.
+    for seq in 1..=20u64 {
+        let (code, body) = post(
+            &a,
+            "tok-two-relays-a",
+            &event_json(&format!("a{seq}"), "/gateways/pi-a/mqtt", "t", seq),
+        )
+        .await;
+        assert_eq!(code, 200, "{body}");
+        let (code, body) = post(
+            &b,
+            "tok-two-relays-b",
+            &event_json(&format!("b{seq}"), "/gateways/pi-b/mqtt", "t", seq),
+        )
+        .await;
+        assert_eq!(code, 200, "{body}");
+    }
+    assert_eq!(tansu.records(TOPIC).await.len(), 40);
+    // Each relay catches its frontier up to the end of the partition (so a restart reads
+    // only what came after), rather than leaving it where the other relay's first record
+    // broke the run of its own.
+    for relay in [&a, &b] {
+        wait_until(
+            "the checkpoint's frontier at the partition's end",
+            secs(30),
+            || async {
+                let f = frontiers(relay);
+                match f[TOPIC]["0"].as_i64() {
+                    Some(40) => Ok(()),
+                    other => Err(format!("frontier {other:?} ({f})")),
+                }
+            },
+        )
+        .await;
+    }
+}

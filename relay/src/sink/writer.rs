@@ -35,6 +35,8 @@ use crate::metrics::Metrics;
 
 /// Most requests in one group commit.
 const MAX_GROUP_REQUESTS: usize = 4096;
+/// How often the Kafka frontiers are caught up when other writers share the partitions.
+const KAFKA_CATCH_UP_EVERY: Duration = Duration::from_secs(10);
 /// Most bytes of lines in one group commit.
 const MAX_GROUP_BYTES: usize = 64 << 20;
 
@@ -333,6 +335,25 @@ impl Writer {
             {
                 // So /ready turns true when Kafka is back, before traffic arrives.
                 let _ = self.kafka_ready();
+            }
+            if let Some(k) = self.kafka.as_mut()
+                && k.lagging()
+                && self.last_scan_attempt.elapsed() >= KAFKA_CATCH_UP_EVERY
+            {
+                self.last_scan_attempt = Instant::now();
+                match k.catch_up(&mut self.index) {
+                    Ok(r) => {
+                        self.dirty = true;
+                        tracing::debug!(
+                            records_read = r.records,
+                            "Caught the Kafka frontiers up with other writers' records."
+                        );
+                    }
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "Could not read the Kafka topics to catch up; trying again later."
+                    ),
+                }
             }
             if self.last_housekeeping.elapsed() >= self.checkpoint_interval {
                 self.last_housekeeping = Instant::now();

@@ -89,6 +89,9 @@ pub struct KafkaStream {
     known_since: SystemTime,
     /// A delivery failed since the last scan: read the partitions again before writing.
     rescan: bool,
+    /// A delivery landed past a partition's frontier (another relay writes there too):
+    /// a read-back catches the frontier up, and teaches the index what the others wrote.
+    lagging: bool,
     /// The number the next record produced gets (see [`DeliveryContext`]).
     next_record: u64,
 }
@@ -133,6 +136,7 @@ impl KafkaStream {
             frontiers,
             known_since,
             rescan: false,
+            lagging: false,
             next_record: 0,
         };
         let report = match stream.scan(index) {
@@ -153,6 +157,16 @@ impl KafkaStream {
     /// Whether the index still waits for a read of the topics (Kafka was unreachable).
     pub fn scan_pending(&self) -> bool {
         self.rescan
+    }
+
+    /// Whether some partition's frontier stays behind what this relay wrote there.
+    pub fn lagging(&self) -> bool {
+        self.lagging
+    }
+
+    /// Reads the partitions from their frontiers to their ends (see [`Self::lagging`]).
+    pub fn catch_up(&mut self, index: &mut DedupIndex) -> Result<ScanReport, String> {
+        self.scan(index)
     }
 
     /// Reads the topics back now if a read is pending; whether the index is whole.
@@ -264,10 +278,10 @@ impl KafkaStream {
                     // Contiguous with what is known: the frontier moves past it. A gap
                     // (another writer, or a failed delivery that was stored) leaves the
                     // frontier where it is, so a later read covers the gap.
-                    if let Some(front) = f.get_mut(&partition)
-                        && *front == offset
-                    {
-                        *front = offset + 1;
+                    match f.get_mut(&partition) {
+                        Some(front) if *front == offset => *front = offset + 1,
+                        Some(front) if *front > offset => {}
+                        _ => self.lagging = true,
                     }
                     Ok(())
                 }
@@ -452,6 +466,7 @@ impl KafkaStream {
         }
         self.known_since = SystemTime::now();
         self.rescan = false;
+        self.lagging = false;
         Ok(report)
     }
 }
