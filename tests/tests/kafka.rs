@@ -153,13 +153,7 @@ async fn kafka_outage_answers_503_then_drains_without_loss_or_duplicates() {
     // Down while readings keep coming: the relay answers 503 and is not ready; the
     // gateway keeps them in its outbox.
     tansu.set_down(true);
-    wait_until("the relay to say it is not ready", secs(30), || async {
-        match relay.get("/ready").await {
-            Ok((503, _)) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    wait_ready(&relay, 503, "the relay to say it is not ready").await;
     wait_until("the gateway to see 503s", secs(30), || async {
         let log = gateway.log_text();
         if log.contains("503") {
@@ -183,13 +177,7 @@ async fn kafka_outage_answers_503_then_drains_without_loss_or_duplicates() {
     wait_for_records(&tansu, TOPIC, 6_000, secs(120)).await;
     let records = tansu.records(TOPIC).await;
     check_records(&records, &report.acked);
-    wait_until("the relay to be ready again", secs(30), || async {
-        match relay.get("/ready").await {
-            Ok((200, _)) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    wait_ready(&relay, 200, "the relay to be ready again").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -393,4 +381,49 @@ async fn two_relays_on_one_topic_keep_their_frontiers_up() {
         )
         .await;
     }
+}
+
+async fn wait_ready(relay: &Relay, want: u16, what: &str) {
+    wait_until(what, secs(30), || async {
+        match relay.get("/ready").await {
+            Ok((code, _)) if code == want => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_relay_says_when_kafka_is_gone_and_back() {
+    let dir = TestDir::new("kafka-idle");
+    let tansu = Tansu::start(&dir).await;
+    tansu.create_topic(TOPIC, 1).await;
+    let bootstrap = tansu.bootstrap();
+    let mut relay = Relay::start_with(&dir, &[("pi-1", "tok-kafka-idle-1")], |t| {
+        kafka_stream(t, &bootstrap, "pigeon.{tenant}")
+    })
+    .await;
+    wait_ready(&relay, 200, "the relay to be ready").await;
+    // No request at all: the relay's own probe notices.
+    tansu.set_down(true);
+    wait_ready(&relay, 503, "the idle relay to say it is not ready").await;
+    tansu.set_down(false);
+    wait_ready(&relay, 200, "the relay to be ready again").await;
+    let log = relay.proc().log_text();
+    assert!(
+        log.contains("Kafka does not answer"),
+        "no warning in the log"
+    );
+    assert!(
+        log.contains("Kafka answers again"),
+        "no recovery line in the log"
+    );
+    // And it still writes.
+    let (code, body) = post(
+        &relay,
+        "tok-kafka-idle-1",
+        &event_json("i1", "/gateways/pi-1/mqtt", "t", 1),
+    )
+    .await;
+    assert_eq!((code, body["accepted"].as_u64()), (200, Some(1)), "{body}");
 }

@@ -35,6 +35,9 @@ use crate::metrics::Metrics;
 
 /// Most requests in one group commit.
 const MAX_GROUP_REQUESTS: usize = 4096;
+/// With no traffic, how often the writer asks Kafka whether it is there (so `/ready`
+/// tells the truth before the next request fails).
+const KAFKA_PROBE_EVERY: Duration = Duration::from_secs(5);
 /// How often the Kafka frontiers are caught up when other writers share the partitions.
 const KAFKA_CATCH_UP_EVERY: Duration = Duration::from_secs(10);
 /// Most bytes of lines in one group commit.
@@ -248,6 +251,8 @@ pub fn start(
         files: StreamFiles::new(data_dir.to_owned(), rec.files),
         kafka,
         last_scan_attempt: Instant::now(),
+        last_kafka_contact: Instant::now(),
+        kafka_probe_failed: false,
         retry_after: settings.retry_after,
         index: rec.index,
         metrics: metrics.clone(),
@@ -277,6 +282,10 @@ struct Writer {
     kafka: Option<KafkaStream>,
     /// When an idle writer last tried to read Kafka back after a failure.
     last_scan_attempt: Instant,
+    /// When Kafka last answered (a group, a read-back or a probe).
+    last_kafka_contact: Instant,
+    /// The last idle probe found Kafka unreachable (logged once, until it answers).
+    kafka_probe_failed: bool,
     retry_after: Duration,
     index: DedupIndex,
     metrics: Arc<Metrics>,
@@ -335,6 +344,12 @@ impl Writer {
             {
                 // So /ready turns true when Kafka is back, before traffic arrives.
                 let _ = self.kafka_ready();
+            }
+            if group.is_empty()
+                && self.kafka.as_ref().is_some_and(|k| !k.scan_pending())
+                && self.last_kafka_contact.elapsed() >= KAFKA_PROBE_EVERY
+            {
+                self.probe_kafka();
             }
             if let Some(k) = self.kafka.as_mut()
                 && k.lagging()
@@ -434,7 +449,36 @@ impl Writer {
         }
     }
 
+    /// Asks Kafka for its metadata; unhealthy while it does not answer.
+    fn probe_kafka(&mut self) {
+        let Some(k) = self.kafka.as_ref() else {
+            return;
+        };
+        self.last_kafka_contact = Instant::now();
+        match k.probe() {
+            Ok(()) => {
+                if self.kafka_probe_failed {
+                    tracing::info!(brokers = k.brokers(), "Kafka answers again.");
+                    self.kafka_probe_failed = false;
+                    self.metrics.sink_healthy.store(true, Relaxed);
+                }
+            }
+            Err(e) => {
+                if !self.kafka_probe_failed {
+                    tracing::warn!(
+                        brokers = k.brokers(),
+                        error = %e,
+                        "Kafka does not answer; the relay is not ready until it does (nothing is lost: gateways keep their events)."
+                    );
+                    self.kafka_probe_failed = true;
+                }
+                self.metrics.sink_healthy.store(false, Relaxed);
+            }
+        }
+    }
+
     fn commit(&mut self, group: Vec<WriteRequest>) {
+        self.last_kafka_contact = Instant::now();
         let started = Instant::now();
         if let Err(e) = self.kafka_ready() {
             self.metrics.sink_errors.fetch_add(1, Relaxed);

@@ -159,6 +159,15 @@ impl KafkaStream {
         self.rescan
     }
 
+    /// Whether the brokers answer a metadata request (within 2 s).
+    pub fn probe(&self) -> Result<(), String> {
+        self.producer
+            .client()
+            .fetch_metadata(None, Duration::from_secs(2))
+            .map(|_| ())
+            .map_err(|e| format!("no metadata from {}: {e}", self.settings.brokers))
+    }
+
     /// Whether some partition's frontier stays behind what this relay wrote there.
     pub fn lagging(&self) -> bool {
         self.lagging
