@@ -18,7 +18,7 @@
 pub mod binding;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pigeon_shared::ce::{self, GatewayId};
@@ -27,7 +27,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, DefaultConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::Failure;
@@ -58,6 +58,8 @@ struct DeliveryContext {
     /// (the record's number, result) as delivery reports arrive. Records are numbered
     /// across groups, so a late report of an earlier group is told apart.
     reports: Mutex<Vec<(u64, Result<Stored, KafkaError>)>>,
+    /// Notified with every report (the producer's polling thread delivers them).
+    arrived: Condvar,
 }
 
 impl ClientContext for DeliveryContext {}
@@ -74,6 +76,7 @@ impl ProducerContext for DeliveryContext {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push((*n, r));
+        self.arrived.notify_all();
     }
 }
 
@@ -82,7 +85,7 @@ pub struct KafkaStream {
     settings: KafkaSettings,
     tenants: HashMap<GatewayId, String>,
     default_tenant: String,
-    producer: BaseProducer<DeliveryContext>,
+    producer: ThreadedProducer<DeliveryContext>,
     frontiers: Frontiers,
     /// When the frontiers were last made whole (startup or a rescan): partitions without
     /// one are read from a margin before it.
@@ -249,7 +252,7 @@ impl KafkaStream {
                         if Instant::now() < deadline =>
                     {
                         record = r;
-                        self.producer.poll(Duration::from_millis(5));
+                        std::thread::sleep(Duration::from_millis(5));
                     }
                     Err((e, _)) => {
                         results[i] = Some(Err(classify(&e)));
@@ -259,18 +262,12 @@ impl KafkaStream {
             }
         }
 
-        // Wait for the delivery reports.
+        // Wait for the delivery reports (the producer's polling thread hands them over).
         let mut reports = Vec::new();
-        while pending > 0 && Instant::now() < deadline {
-            // rdkafka's poll serves events until its timeout passes, so keep it short.
-            self.producer.poll(Duration::from_millis(1));
-            let mut r = self
-                .producer
-                .context()
-                .reports
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            for (n, report) in r.drain(..) {
+        let ctx = self.producer.context();
+        let mut got = ctx.reports.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            for (n, report) in got.drain(..) {
                 // A late report of an earlier group, whose requests were answered 503 and
                 // which a read-back covers: not this group's.
                 if n < base {
@@ -279,7 +276,17 @@ impl KafkaStream {
                 pending -= 1;
                 reports.push(((n - base) as usize, report));
             }
+            let now = Instant::now();
+            if pending == 0 || now >= deadline {
+                break;
+            }
+            got = ctx
+                .arrived
+                .wait_timeout(got, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
+        drop(got);
         for (i, r) in reports {
             results[i] = Some(match r {
                 Ok((topic, partition, offset)) => {
@@ -507,7 +514,7 @@ fn base_config(settings: &KafkaSettings) -> ClientConfig {
     c
 }
 
-fn producer(settings: &KafkaSettings) -> Result<BaseProducer<DeliveryContext>, String> {
+fn producer(settings: &KafkaSettings) -> Result<ThreadedProducer<DeliveryContext>, String> {
     let mut c = base_config(settings);
     c.set("acks", "all")
         .set(
@@ -526,6 +533,7 @@ fn producer(settings: &KafkaSettings) -> Result<BaseProducer<DeliveryContext>, S
         .set("linger.ms", "2");
     c.create_with_context(DeliveryContext {
         reports: Mutex::new(Vec::new()),
+        arrived: Condvar::new(),
     })
     .map_err(|e| format!("cannot configure the Kafka producer: {e}"))
 }
