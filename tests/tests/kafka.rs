@@ -320,6 +320,16 @@ async fn tenants_get_their_own_topics_and_cannot_write_into_each_other() {
         reason.contains("sensor/alarm") && reason.contains("topic"),
         "{body}"
     );
+    // Twice in one batch: the second copy is not taken for a stored duplicate of the first.
+    let one = event_json("a4", "/gateways/acme-1/mqtt", "sensor/alarm", 4);
+    let twice = format!("[{0},{0}]", &one[1..one.len() - 1]);
+    let (code, body) = post(&relay, "tok-acme-1", &twice).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        (body["rejected"].as_u64(), body["duplicates"].as_u64()),
+        (Some(2), Some(0)),
+        "{body}"
+    );
 
     let acme = tansu.records("pigeon.acme.sensor").await;
     let globex = tansu.records("pigeon.globex.sensor").await;

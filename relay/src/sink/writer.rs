@@ -539,6 +539,7 @@ impl Writer {
         let mut failed: HashMap<&GatewayId, &str> = HashMap::new();
         let mut failures = 0usize;
         let mut stored = 0usize;
+        let mut rejected: HashMap<(&GatewayId, &str, u64), &String> = HashMap::new();
         for (&(ri, ei), r) in inserted.iter().zip(&results) {
             let ev = &group[ri].events[ei];
             match r {
@@ -552,11 +553,27 @@ impl Writer {
                     match f {
                         Failure::Rejected(reason) => {
                             outcomes[ri][ei] = Outcome::Rejected(reason.clone());
+                            rejected
+                                .insert((&ev.gateway, ev.producer.as_str(), ev.sequence), reason);
                         }
                         Failure::Unavailable(msg) => {
                             failures += 1;
                             failed.entry(&ev.gateway).or_insert(msg.as_str());
                         }
+                    }
+                }
+            }
+        }
+        // A second copy of a rejected event in this group was taken for a duplicate of
+        // the first: it was not stored either, and is rejected for the same reason.
+        if !rejected.is_empty() {
+            for (req, out) in group.iter().zip(outcomes.iter_mut()) {
+                for (ev, o) in req.events.iter().zip(out.iter_mut()) {
+                    if *o == Outcome::Duplicate
+                        && let Some(reason) =
+                            rejected.get(&(&ev.gateway, ev.producer.as_str(), ev.sequence))
+                    {
+                        *o = Outcome::Rejected((*reason).clone());
                     }
                 }
             }
