@@ -255,6 +255,12 @@ async fn post(relay: &Relay, token: &str, body: &str) -> (u16, serde_json::Value
     )
 }
 
+/// POSTs one event and asserts the relay accepted it.
+async fn post_accepted(relay: &Relay, token: &str, id: &str, source: &str, ty: &str, seq: u64) {
+    let (code, body) = post(relay, token, &event_json(id, source, ty, seq)).await;
+    assert_eq!((code, body["accepted"].as_u64()), (200, Some(1)), "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_get_their_own_topics_and_cannot_write_into_each_other() {
     let dir = TestDir::new("kafka-tenants");
@@ -284,20 +290,24 @@ async fn tenants_get_their_own_topics_and_cannot_write_into_each_other() {
     )
     .await;
 
-    let (code, body) = post(
+    post_accepted(
         &relay,
         "tok-acme-1",
-        &event_json("a1", "/gateways/acme-1/mqtt", "sensor", 1),
+        "a1",
+        "/gateways/acme-1/mqtt",
+        "sensor",
+        1,
     )
     .await;
-    assert_eq!((code, body["accepted"].as_u64()), (200, Some(1)), "{body}");
-    let (code, body) = post(
+    post_accepted(
         &relay,
         "tok-globex-1",
-        &event_json("g1", "/gateways/globex-1/mqtt", "sensor", 1),
+        "g1",
+        "/gateways/globex-1/mqtt",
+        "sensor",
+        1,
     )
     .await;
-    assert_eq!((code, body["accepted"].as_u64()), (200, Some(1)), "{body}");
     // acme's token cannot write as globex's gateway, so never into globex's topic.
     let (code, body) = post(
         &relay,
@@ -429,11 +439,13 @@ async fn an_idle_relay_says_when_kafka_is_gone_and_back() {
         "no recovery line in the log"
     );
     // And it still writes.
-    let (code, body) = post(
+    post_accepted(
         &relay,
         "tok-kafka-idle-1",
-        &event_json("i1", "/gateways/pi-1/mqtt", "t", 1),
+        "i1",
+        "/gateways/pi-1/mqtt",
+        "t",
+        1,
     )
     .await;
-    assert_eq!((code, body["accepted"].as_u64()), (200, Some(1)), "{body}");
 }

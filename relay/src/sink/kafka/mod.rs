@@ -163,10 +163,13 @@ impl KafkaStream {
     }
 
     /// Whether the brokers answer a metadata request (within 2 s).
+    /// Asks about one topic the relay knows, not the whole cluster's: on a large cluster
+    /// the full metadata every few seconds would be wasted work.
     pub fn probe(&self) -> Result<(), String> {
+        let topic = self.frontiers.keys().next().map(String::as_str);
         self.producer
             .client()
-            .fetch_metadata(None, Duration::from_secs(2))
+            .fetch_metadata(topic, Duration::from_secs(2))
             .map(|_| ())
             .map_err(|e| format!("no metadata from {}: {e}", self.settings.brokers))
     }
