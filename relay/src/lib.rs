@@ -24,6 +24,7 @@ pub mod auth;
 pub mod config;
 pub mod ingest;
 pub mod metrics;
+pub mod s3;
 pub mod server;
 pub mod service;
 pub mod sink;
@@ -80,9 +81,24 @@ pub async fn run(
     let store = tokio::task::spawn_blocking(move || upload::UploadStore::open(&data_dir))
         .await
         .map_err(|e| RelayError::Internal(format!("startup task failed: {e}")))??;
+    let (objects, prober) = match &config.objects.s3 {
+        None => (upload::Objects::Files, None),
+        Some(s) => {
+            let bucket = Arc::new(s3::Bucket::connect(s).await);
+            let prober = s3::spawn_prober(bucket.clone(), metrics.clone());
+            (
+                upload::Objects::S3 {
+                    bucket,
+                    part_size: s.part_size,
+                },
+                Some(prober),
+            )
+        }
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let uploads = Arc::new(upload::Uploads::new(
         store,
+        objects,
         sink.clone(),
         metrics.clone(),
         upload::Settings {
@@ -90,6 +106,7 @@ pub async fn run(
             max_object_bytes: config.limits.max_object_bytes,
             max_event_bytes: config.limits.max_event_bytes,
             abandon_after: config.uploads.abandon_after,
+            tenants: config.tenants.clone(),
         },
         stop_rx.clone(),
     ));
@@ -181,6 +198,9 @@ pub async fn run(
         w.abort();
     }
     sweeper.abort();
+    if let Some(p) = prober {
+        p.abort();
+    }
     sink.shutdown().await;
     ticker.abort();
     tokio::task::spawn_blocking(move || writer_thread.join())

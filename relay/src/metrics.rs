@@ -101,6 +101,12 @@ pub struct Metrics {
     pub uploads_in_progress: AtomicU64,
     pub uploads_abandoned: AtomicU64,
     pub object_bytes_written: AtomicU64,
+    /// S3 requests (every call, successful or not).
+    pub object_store_seconds: Histogram,
+    pub object_store_errors: AtomicU64,
+    /// False after an S3 request failed, true again after one succeeded.
+    pub object_store_healthy: AtomicBool,
+    pub object_parts_sent: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -135,6 +141,10 @@ impl Metrics {
             uploads_in_progress: AtomicU64::new(0),
             uploads_abandoned: AtomicU64::new(0),
             object_bytes_written: AtomicU64::new(0),
+            object_store_seconds: Histogram::new(LATENCY_BUCKETS),
+            object_store_errors: AtomicU64::new(0),
+            object_store_healthy: AtomicBool::new(true),
+            object_parts_sent: AtomicU64::new(0),
         }
     }
 
@@ -298,6 +308,29 @@ impl Metrics {
             "pigeon_relay_object_bytes_written_total",
             "Bytes of files stored as objects.",
             self.object_bytes_written.load(Relaxed),
+        );
+        self.object_store_seconds.render(
+            &mut out,
+            "pigeon_relay_object_store_request_seconds",
+            "Duration of each request to the object store (S3), successful or not.",
+        );
+        counter(
+            &mut out,
+            "pigeon_relay_object_store_errors_total",
+            "Requests to the object store (S3) that failed.",
+            self.object_store_errors.load(Relaxed),
+        );
+        gauge(
+            &mut out,
+            "pigeon_relay_object_store_healthy",
+            "1 if the last request to the object store succeeded (always 1 for files).",
+            u64::from(self.object_store_healthy.load(Relaxed)),
+        );
+        counter(
+            &mut out,
+            "pigeon_relay_object_parts_sent_total",
+            "Parts of files sent to S3 multipart uploads.",
+            self.object_parts_sent.load(Relaxed),
         );
         out
     }

@@ -80,15 +80,21 @@ async fn live() -> &'static str {
 }
 
 async fn ready(State(st): State<Arc<AppState>>) -> Response {
-    if st.sink.healthy() {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        (
+    if !st.sink.healthy() {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: the stream sink is failing\n",
         )
-            .into_response()
+            .into_response();
     }
+    if !st.metrics.object_store_healthy.load(Relaxed) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the object store (S3) is failing\n",
+        )
+            .into_response();
+    }
+    (StatusCode::OK, "ready\n").into_response()
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use pigeon_e2e::{
     CameraFile, Gateway, GatewayConfig, PureFtpd, PureFtpdOptions, Relay, Stream, TestDir,
-    files_section, rss_kib, run_command, watch_table, write_bytes,
+    files_section, rss_kib, watch_table, write_bytes,
 };
 
 const GATEWAY: &str = "bench-cams";
@@ -177,7 +177,7 @@ async fn throughput(mb: usize) {
     // 2. The relay alone: curl -T of the same file to its upload endpoint.
     let spooled = s.dir.join("clip-again.mp4");
     std::fs::write(&spooled, &clip.bytes).expect("stage again");
-    let curl_relay = curl_to_relay(&s.relay, &spooled, &clip).await;
+    let curl_relay = s.relay.curl_upload(TOKEN, GATEWAY, &spooled, &clip).await;
     println!(
         "  curl -T → relay upload endpoint (create + PATCH): {:>6.2} s  {:>7.1} MB/s",
         curl_relay.as_secs_f64(),
@@ -203,79 +203,6 @@ async fn throughput(mb: usize) {
         (peak_kib as f64 - idle_kib as f64) / 1024.0
     );
     s.gateway.stop().await;
-}
-
-/// Sends `path` to the relay's upload endpoint with curl: a create, then `curl -T` as a
-/// PATCH from offset 0. The time of the PATCH (the bytes, the digest check, the commit).
-async fn curl_to_relay(relay: &Relay, path: &Path, f: &CameraFile) -> Duration {
-    let event = serde_json::json!({
-        "specversion": "1.0",
-        "id": "bench-curl-clip",
-        "source": format!("/gateways/{GATEWAY}/bench/curl"),
-        "type": "io.pigeon.camera.video",
-        "time": "2026-12-01T00:00:00Z",
-        "datacontenttype": "application/json",
-        "data": {"filename": "clip.mp4"},
-        "sequence": "00000000000000000001",
-        "producerid": "bench-curl",
-    });
-    let create = serde_json::json!({
-        "event": event,
-        "length": f.bytes.len(),
-        "sha256": f.sha256_hex(),
-        "extension": "mp4",
-    })
-    .to_string();
-    let url = format!("{}/v1/uploads", relay.url());
-    let auth = format!("Authorization: Bearer {TOKEN}");
-    let out = run_command(
-        Path::new("curl"),
-        &[
-            "-sS",
-            "-X",
-            "POST",
-            "-H",
-            &auth,
-            "-H",
-            "Content-Type: application/json",
-            "--data",
-            &create,
-            &url,
-        ],
-        Duration::from_secs(30),
-    )
-    .await;
-    let state: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("an upload state from the relay");
-    let location = state["location"].as_str().expect("a location");
-    let patch_url = format!("{}{location}", relay.url());
-    let t = Instant::now();
-    let out = run_command(
-        Path::new("curl"),
-        &[
-            "-sS",
-            "-X",
-            "PATCH",
-            "-H",
-            &auth,
-            "-H",
-            "Upload-Offset: 0",
-            "-H",
-            "Content-Type: application/offset+octet-stream",
-            "-T",
-            path.to_str().expect("utf-8 path"),
-            &patch_url,
-        ],
-        Duration::from_secs(600),
-    )
-    .await;
-    let d = t.elapsed();
-    let answer = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        answer.contains("accepted"),
-        "curl's upload was not accepted: {answer}"
-    );
-    d
 }
 
 async fn burst(n: usize) {

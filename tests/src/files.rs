@@ -4,12 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::{Relay, Stream, secs, wait_until};
+use crate::{Relay, Stream, run_command, secs, wait_until};
 
 /// A file as a camera would upload it: where it goes below the drop directory, and its
 /// bytes.
@@ -188,6 +188,85 @@ fn percent_decode(s: &str) -> Result<String, String> {
 }
 
 impl Relay {
+    /// Sends `path` to the relay's upload endpoint with curl: a create, then `curl -T` as a
+    /// PATCH from offset 0. The time of the PATCH (the bytes, the digest check, the commit).
+    pub async fn curl_upload(
+        &self,
+        token: &str,
+        gateway: &str,
+        path: &Path,
+        f: &CameraFile,
+    ) -> Duration {
+        let event = serde_json::json!({
+            "specversion": "1.0",
+            "id": "bench-curl-clip",
+            "source": format!("/gateways/{gateway}/bench/curl"),
+            "type": "io.pigeon.camera.video",
+            "time": "2026-12-01T00:00:00Z",
+            "datacontenttype": "application/json",
+            "data": {"filename": "clip.mp4"},
+            "sequence": "00000000000000000001",
+            "producerid": "bench-curl",
+        });
+        let create = serde_json::json!({
+            "event": event,
+            "length": f.bytes.len(),
+            "sha256": f.sha256_hex(),
+            "extension": "mp4",
+        })
+        .to_string();
+        let url = format!("{}/v1/uploads", self.url());
+        let auth = format!("Authorization: Bearer {token}");
+        let out = run_command(
+            Path::new("curl"),
+            &[
+                "-sS",
+                "-X",
+                "POST",
+                "-H",
+                &auth,
+                "-H",
+                "Content-Type: application/json",
+                "--data",
+                &create,
+                &url,
+            ],
+            Duration::from_secs(30),
+        )
+        .await;
+        let state: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("an upload state from the relay");
+        let location = state["location"].as_str().expect("a location");
+        let patch_url = format!("{}{location}", self.url());
+        let t = Instant::now();
+        let out = run_command(
+            Path::new("curl"),
+            &[
+                "-sS",
+                "-X",
+                "PATCH",
+                "-H",
+                &auth,
+                "-H",
+                "Upload-Offset: 0",
+                "-H",
+                "Content-Type: application/offset+octet-stream",
+                "-T",
+                path.to_str().expect("utf-8 path"),
+                &patch_url,
+            ],
+            Duration::from_secs(600),
+        )
+        .await;
+        let d = t.elapsed();
+        let answer = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            answer.contains("accepted"),
+            "curl's upload was not accepted: {answer}"
+        );
+        d
+    }
+
     /// `<data_dir>/objects`, the embedded object store.
     pub fn objects_dir(&self) -> PathBuf {
         self.data_dir().join("objects")

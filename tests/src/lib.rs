@@ -23,6 +23,8 @@
 //! * [`rss_kib`] and [`write_bytes`] — a process's memory and disk writes, for benchmarks.
 //! * [`Tansu`] — a real Kafka-protocol broker (tansu) behind a proxy that can make it
 //!   unreachable, and [`KafkaRecord`]s read back from it with librdkafka.
+//! * [`Garage`] — a real S3-compatible server (garage, single node) behind a proxy that
+//!   can make it unreachable, read back with aws-sdk-s3.
 //! * [`PureFtpd`] — a real pure-ftpd with one virtual user, writing uploads in place or
 //!   (`-0`) to a temporary then renamed file; curl as the camera that uploads to it
 //!   ([`PureFtpd::upload`], [`PureFtpd::upload_slowly`]).
@@ -46,6 +48,7 @@ mod proxy;
 mod publisher;
 mod readings;
 mod relay;
+mod s3;
 mod stream;
 
 pub use dir::TestDir;
@@ -69,6 +72,7 @@ pub use proxy::Proxy;
 pub use publisher::{PublishReport, Publisher, PublisherOptions, Reading};
 pub use readings::{READING_TYPE, climate_payload, climate_readings, climate_topic};
 pub use relay::Relay;
+pub use s3::{ACCESS_KEY, BUCKET, Garage, REGION, SECRET_KEY, StoredObject, garage_bin};
 pub use stream::{Stream, summarize_numbers};
 
 use std::future::Future;

@@ -14,7 +14,8 @@ pub mod key;
 pub mod registry;
 pub mod routes;
 pub mod service;
+pub mod sha;
 pub mod store;
 
-pub use service::{Settings, UploadError, Uploads};
+pub use service::{Objects, Settings, UploadError, Uploads};
 pub use store::{UPLOADS_DIR, UploadStore};

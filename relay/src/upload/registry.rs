@@ -180,7 +180,7 @@ mod tests {
         assert!(!first.superseded());
         first.held().hashed = Some(Hashed {
             offset: 3,
-            hasher: sha2::Sha256::default(),
+            hasher: crate::upload::sha::Sha256::new(),
         });
 
         let reg2 = reg.clone();

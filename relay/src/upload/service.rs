@@ -14,9 +14,18 @@
 //!    durable event: the next create answers `duplicate` and deletes it;
 //! 4. the manifest is deleted.
 //!
+//! Into S3 (`objects.kind = "s3"`) the bytes are sent in parts as they arrive: each full
+//! part of the manifest's `part_size` goes to the object's multipart upload and is then
+//! deleted here, so the relay holds at most one part per upload. Step 2 is then: the
+//! last part is sent and the multipart upload completed (or, for a file of one part,
+//! the object is put in one request) — a crash before the completion leaves the last
+//! part here and the next request completes it; a crash after it leaves the object in
+//! the bucket, found by `HEAD` (length and `x-amz-meta-sha256`) and published.
+//!
 //! Disk I/O runs on the blocking pool; the `PATCH` loop keeps at most [`WRITE_BUFFER`]
 //! bytes in memory, whatever the file's size.
 
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Write as _};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -27,15 +36,19 @@ use cloudevents::AttributesReader;
 use futures_util::StreamExt;
 use pigeon_shared::ce::{self, GatewayId};
 use pigeon_shared::wire::{self, CreateUpload, EventResult, EventStatus, UploadState};
-use sha2::Digest;
 use tokio::sync::{OwnedSemaphorePermit, watch};
 
 use super::key;
 use super::registry::{Lease, Registry};
-use super::store::{Hashed, Manifest, UploadStore, hash_prefix, now_ms, resume_hasher};
+use super::sha::Sha256;
+use super::store::{
+    Hashed, Manifest, Multipart, ShippedPart, UploadStore, hash_prefix, now_ms, resume_hasher_from,
+};
 use crate::auth::Principal;
+use crate::config::{DEFAULT_TENANT, OBJECTS_PREFIX};
 use crate::ingest::{self, Rejection};
 use crate::metrics::{GaugeGuard, Metrics};
+use crate::s3::{Bucket, S3Error};
 use crate::sink::{Outcome, SinkEvent, SinkHandle};
 
 /// Bytes of a `PATCH` body collected before they are written (and hashed) in one go.
@@ -55,6 +68,45 @@ pub struct Settings {
     pub max_object_bytes: u64,
     pub max_event_bytes: u64,
     pub abandon_after: Duration,
+    /// Each gateway's tenant (object keys in S3 start with `tenant=<tenant>/`).
+    pub tenants: HashMap<GatewayId, String>,
+}
+
+/// Where finished files go.
+#[derive(Clone)]
+pub enum Objects {
+    /// `<data_dir>/objects/<key>`.
+    Files,
+    /// `<prefix>objects/<key>` in a bucket, sent in parts of `part_size` as they arrive.
+    S3 { bucket: Arc<Bucket>, part_size: u64 },
+}
+
+impl std::fmt::Debug for Objects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Files => f.write_str("Files"),
+            Self::S3 { bucket, part_size } => f
+                .debug_struct("S3")
+                .field("bucket", &bucket.describe)
+                .field("part_size", part_size)
+                .finish(),
+        }
+    }
+}
+
+/// The key of a file in the bucket, relative to `objects.s3.prefix`.
+fn s3_key(key: &str) -> String {
+    format!("{OBJECTS_PREFIX}/{key}")
+}
+
+/// The file's media type as the gateway described it (`data.contenttype`), if it looks
+/// like one; stored as the object's `Content-Type`.
+fn content_type(m: &Manifest) -> Option<String> {
+    let ct = m.event.get("data")?.get("contenttype")?.as_str()?;
+    let ok = ct.len() <= 127
+        && ct.contains('/')
+        && ct.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
+    ok.then(|| ct.to_owned())
 }
 
 /// Why an upload request failed; each names what is wrong in one sentence.
@@ -146,6 +198,7 @@ pub fn prepare(
     gateway: &GatewayId,
     req: &CreateUpload,
     base_url: &str,
+    key_prefix: &str,
     max_event_bytes: u64,
 ) -> Result<Prepared, Rejection> {
     let mut event = ingest::event_from_value(&req.event)?;
@@ -156,12 +209,15 @@ pub fn prepare(
                 .to_owned(),
         });
     };
-    let key = key::object_key(
-        gateway,
-        event.source().as_str(),
-        time,
-        event.id(),
-        req.extension.as_deref(),
+    let key = format!(
+        "{key_prefix}{}",
+        key::object_key(
+            gateway,
+            event.source().as_str(),
+            time,
+            event.id(),
+            req.extension.as_deref(),
+        )
     );
     let dataref = format!("{base_url}{key}");
     event.set_extension(ce::EXT_DATAREF, dataref.clone());
@@ -259,7 +315,7 @@ pub fn not_found(gateway: &GatewayId, id: &str) -> UploadError {
 }
 
 fn digest_hex(hashed: &Hashed) -> String {
-    wire::sha256_hex(&hashed.hasher.clone().finalize().into())
+    hashed.hex()
 }
 
 /// Runs blocking file work; an I/O error is a 503 (the disk may come back) and logged.
@@ -305,7 +361,15 @@ impl PartWriter {
 
     /// Appends and hashes the buffered bytes, off the reactor.
     async fn flush(&mut self, metrics: &Metrics) -> Result<(), UploadError> {
-        if self.buf.is_empty() {
+        self.flush_to(u64::MAX, metrics).await
+    }
+
+    /// As [`PartWriter::flush`], but only the buffered bytes before offset `end`; the
+    /// rest stay buffered.
+    async fn flush_to(&mut self, end: u64, metrics: &Metrics) -> Result<(), UploadError> {
+        let written = self.hashed.as_ref().map_or(0, |h| h.offset);
+        let n = (end.saturating_sub(written)).min(self.buf.len() as u64) as usize;
+        if n == 0 {
             return Ok(());
         }
         let (Some(mut file), Some(mut hashed)) = (self.file.take(), self.hashed.take()) else {
@@ -315,17 +379,15 @@ impl PartWriter {
         };
         let buf = std::mem::take(&mut self.buf);
         let written = blocking("append to the upload's file", move || {
-            file.write_all(&buf)?;
-            hashed.hasher.update(&buf);
-            hashed.offset += buf.len() as u64;
+            file.write_all(&buf[..n])?;
+            hashed.hasher.update(&buf[..n]);
+            hashed.offset += n as u64;
             Ok((file, hashed, buf))
         })
         .await;
         let (file, hashed, mut buf) = written?;
-        metrics
-            .upload_bytes_received
-            .fetch_add(buf.len() as u64, Relaxed);
-        buf.clear();
+        metrics.upload_bytes_received.fetch_add(n as u64, Relaxed);
+        buf.drain(..n);
         self.file = Some(file);
         self.hashed = Some(hashed);
         self.buf = buf;
@@ -364,6 +426,7 @@ enum Step {
 /// The upload endpoint's state: the files, who works on which upload, the sink.
 pub struct Uploads {
     store: Arc<UploadStore>,
+    objects: Objects,
     registry: Registry,
     sink: SinkHandle,
     metrics: Arc<Metrics>,
@@ -375,6 +438,7 @@ impl Uploads {
     /// `shutdown` turning `true` stops the `PATCH`es in progress (their bytes are kept).
     pub fn new(
         store: UploadStore,
+        objects: Objects,
         sink: SinkHandle,
         metrics: Arc<Metrics>,
         settings: Settings,
@@ -382,6 +446,7 @@ impl Uploads {
     ) -> Self {
         Self {
             store: Arc::new(store),
+            objects,
             registry: Registry::new(),
             sink,
             metrics,
@@ -392,6 +457,80 @@ impl Uploads {
 
     fn slot(gateway: &GatewayId, id: &str) -> String {
         format!("{gateway}/{id}")
+    }
+
+    /// What object keys of `gateway` start with: its tenant in S3, nothing in files.
+    fn key_prefix(&self, gateway: &GatewayId) -> String {
+        match self.objects {
+            Objects::Files => String::new(),
+            Objects::S3 { .. } => format!(
+                "tenant={}/",
+                self.settings
+                    .tenants
+                    .get(gateway)
+                    .map_or(DEFAULT_TENANT, String::as_str)
+            ),
+        }
+    }
+
+    /// The part size of new uploads: `None` for files.
+    fn part_size(&self) -> Option<u64> {
+        match self.objects {
+            Objects::Files => None,
+            Objects::S3 { part_size, .. } => Some(part_size),
+        }
+    }
+
+    /// An S3 failure as the answer to the gateway (503), counted and logged.
+    fn s3_failed(&self, e: S3Error) -> UploadError {
+        self.metrics.object_store_errors.fetch_add(1, Relaxed);
+        self.metrics.object_store_healthy.store(false, Relaxed);
+        tracing::warn!(error = %e, "Object storage failed; the upload is answered 503 and its gateway retries.");
+        UploadError::Unavailable(e.to_string())
+    }
+
+    /// Times an S3 call and notes that the bucket answers when it succeeds.
+    async fn timed<T>(&self, call: impl Future<Output = Result<T, S3Error>>) -> Result<T, S3Error> {
+        let started = Instant::now();
+        let r = call.await;
+        self.metrics.object_store_seconds.observe(started.elapsed());
+        if r.is_ok() || matches!(r, Err(S3Error::NoSuchUpload(_))) {
+            self.metrics.object_store_healthy.store(true, Relaxed);
+        }
+        r
+    }
+
+    /// Whether the object at `key` is there (for the `dataref` of a duplicate).
+    async fn object_in_place(&self, key: &str) -> Result<bool, UploadError> {
+        match &self.objects {
+            Objects::Files => {
+                let store = self.store.clone();
+                let key = key.to_owned();
+                Ok(
+                    blocking("look for the object", move || store.object_len(&key))
+                        .await?
+                        .is_some(),
+                )
+            }
+            Objects::S3 { bucket, .. } => match self.timed(bucket.head(&s3_key(key))).await {
+                Ok(found) => Ok(found.is_some()),
+                Err(e) => {
+                    tracing::debug!(error = %e, "Could not look for an object in S3.");
+                    Ok(false)
+                }
+            },
+        }
+    }
+
+    /// Bytes held for the upload: in S3 parts and in the part file here.
+    async fn held(&self, gateway: &GatewayId, id: &str, m: &Manifest) -> Result<u64, UploadError> {
+        let store = self.store.clone();
+        let (g, i, n) = (gateway.clone(), id.to_owned(), m.next_part());
+        let here = blocking("look at the upload's bytes", move || {
+            store.part_len_at(&g, &i, n)
+        })
+        .await?;
+        Ok(m.shipped() + here)
     }
 
     /// `POST /v1/uploads`.
@@ -406,6 +545,7 @@ impl Uploads {
             gateway,
             &req,
             &self.settings.base_url,
+            &self.key_prefix(gateway),
             self.settings.max_event_bytes,
         ) {
             Ok(p) => p,
@@ -434,13 +574,9 @@ impl Uploads {
             .map_err(|e| UploadError::Unavailable(e.to_string()))?;
         if durable {
             // Left over if the relay stopped between publishing and deleting them.
-            self.discard(gateway, &id).await;
+            self.abandon(gateway, &id).await;
             lease.held().forget();
-            let key = p.key.clone();
-            let store = self.store.clone();
-            let in_place = blocking("look for the object", move || store.object_len(&key))
-                .await?
-                .is_some();
+            let in_place = self.object_in_place(&p.key).await?;
             self.metrics.uploads_duplicate.fetch_add(1, Relaxed);
             tracing::debug!(gateway = %gateway, upload = %id, "An upload's event is durable already; nothing to send.");
             return Ok(Created::Done(UploadState {
@@ -469,6 +605,8 @@ impl Uploads {
                     key: p.key,
                     created_at_ms: now_ms(),
                     event: req.event,
+                    part_size: self.part_size(),
+                    multipart: None,
                 };
                 let store = self.store.clone();
                 let mid = id.clone();
@@ -501,13 +639,16 @@ impl Uploads {
         let Some(m) = self.load(gateway, id).await? else {
             return Err(not_found(gateway, id));
         };
-        let held = self.part_len(gateway, id).await?;
+        let held = self.held(gateway, id, &m).await?;
         Ok((held.min(m.length), m.length))
     }
 
     /// `DELETE /v1/uploads/<id>`: stops a `PATCH` in progress and deletes everything.
     pub async fn delete(&self, gateway: &GatewayId, id: &str) -> Result<(), UploadError> {
         let mut lease = self.registry.take_over(&Self::slot(gateway, id)).await;
+        if let Ok(Some(m)) = self.load(gateway, id).await {
+            self.abort_multipart(gateway, id, &m).await;
+        }
         let store = self.store.clone();
         let (g, i) = (gateway.clone(), id.to_owned());
         let existed = blocking("delete the upload", move || store.remove(&g, &i)).await?;
@@ -538,7 +679,7 @@ impl Uploads {
             declared,
         } = req;
         let mut lease = self.registry.take_over(&Self::slot(&gateway, &id)).await;
-        let (m, hashed) = match self
+        let (mut m, hashed) = match self
             .before_receiving(&mut lease, &gateway, &id, offset, declared, started)
             .await
         {
@@ -558,7 +699,7 @@ impl Uploads {
         };
 
         let (end, hashed) = self
-            .receive(&mut lease, &gateway, &id, m.length, hashed, body)
+            .receive(&mut lease, &gateway, &id, &mut m, hashed, body)
             .await;
         let now_held = hashed.as_ref().map(|h| h.offset);
         tracing::debug!(
@@ -668,7 +809,7 @@ impl Uploads {
                 offset: Some(held),
             });
         }
-        let hashed = self.hasher_at(lease, gateway, id, held).await?;
+        let hashed = self.hasher_at(lease, gateway, id, &m, held).await?;
         if held > 0 {
             self.metrics.uploads_resumed.fetch_add(1, Relaxed);
         }
@@ -678,21 +819,26 @@ impl Uploads {
         })
     }
 
-    /// Appends the body to the `.part` until it ends, passes the file's length, stops
-    /// arriving, or a newer request or the shutdown interrupts. Returns how it ended and
-    /// the hash of what is on disk (`None` if a write failed).
+    /// Appends the body to the part file until it ends, passes the file's length, stops
+    /// arriving, or a newer request or the shutdown interrupts; into S3, each part is
+    /// sent as soon as it is full. Returns how it ended and the hash of what is held
+    /// (`None` if a write failed).
     async fn receive(
         &self,
         lease: &mut Lease,
         gateway: &GatewayId,
         id: &str,
-        length: u64,
+        m: &mut Manifest,
         hashed: Hashed,
         mut body: BodyDataStream,
     ) -> (Received, Option<Hashed>) {
         let store = self.store.clone();
-        let (g, i) = (gateway.clone(), id.to_owned());
-        let file = match blocking("open the upload's file", move || store.open_part(&g, &i)).await {
+        let (g, i, n) = (gateway.clone(), id.to_owned(), m.next_part());
+        let file = match blocking("open the upload's file", move || {
+            store.open_part_at(&g, &i, n)
+        })
+        .await
+        {
             Ok(f) => f,
             Err(e) => return (Received::Failed(e), Some(hashed)),
         };
@@ -701,6 +847,10 @@ impl Uploads {
             hashed: Some(hashed),
             buf: Vec::with_capacity(WRITE_BUFFER),
         };
+        // A full part left by an earlier request (S3 failed then) goes first.
+        if let Err(e) = self.ship_full_parts(gateway, id, m, &mut w).await {
+            return (Received::Failed(e), w.hashed);
+        }
         let mut shutdown = self.shutdown.clone();
         let end = loop {
             let next = tokio::select! {
@@ -715,22 +865,191 @@ impl Uploads {
                 Ok(Some(Err(e))) => break Received::Broken(e.to_string()),
                 Ok(Some(Ok(chunk))) => chunk,
             };
-            if w.offset() + chunk.len() as u64 > length {
+            if w.offset() + chunk.len() as u64 > m.length {
                 break Received::TooLong(body);
             }
             w.buf.extend_from_slice(&chunk);
+            if let Err(e) = self.ship_full_parts(gateway, id, m, &mut w).await {
+                break Received::Failed(e);
+            }
             if w.buf.len() >= WRITE_BUFFER
                 && let Err(e) = w.flush(&self.metrics).await
             {
                 break Received::Failed(e);
             }
         };
-        // Keep whatever arrived, however the body ended.
-        let end = match (end, w.flush(&self.metrics).await) {
+        // Keep whatever arrived, however the body ended — but never past the end of the
+        // part being filled (if sending it failed, the bytes after it are not held).
+        let end = match (end, w.flush_to(self.part_end(m), &self.metrics).await) {
             (Received::Failed(e), _) | (_, Err(e)) => Received::Failed(e),
             (end, Ok(())) => end,
         };
         (end, w.hashed)
+    }
+
+    /// Where the part being filled ends: the next part boundary into S3, else nowhere.
+    fn part_end(&self, m: &Manifest) -> u64 {
+        match (&self.objects, m.part_size) {
+            (Objects::S3 { .. }, Some(size)) => m.shipped() + size,
+            _ => u64::MAX,
+        }
+    }
+
+    /// Into S3: sends every full part the writer holds that is not the file's last
+    /// (that one goes with the completion).
+    async fn ship_full_parts(
+        &self,
+        gateway: &GatewayId,
+        id: &str,
+        m: &mut Manifest,
+        w: &mut PartWriter,
+    ) -> Result<(), UploadError> {
+        let Objects::S3 { bucket, .. } = &self.objects else {
+            return Ok(());
+        };
+        loop {
+            let end = self.part_end(m);
+            if end >= m.length || w.offset() < end {
+                return Ok(());
+            }
+            w.flush_to(end, &self.metrics).await?;
+            self.ship(bucket, gateway, id, m, w).await?;
+        }
+    }
+
+    /// Sends the full part file `m.next_part()` to the multipart upload (started first if
+    /// need be), records it with the hash state at its end, deletes it and opens the next.
+    async fn ship(
+        &self,
+        bucket: &Bucket,
+        gateway: &GatewayId,
+        id: &str,
+        m: &mut Manifest,
+        w: &mut PartWriter,
+    ) -> Result<(), UploadError> {
+        let (Some(size), Some(midstate)) = (
+            m.part_size,
+            w.hashed.as_ref().and_then(|h| h.hasher.midstate()),
+        ) else {
+            return Err(UploadError::Internal(format!(
+                "upload {id}: the hash is not at a part boundary"
+            )));
+        };
+        let key = s3_key(&m.key);
+        if m.multipart.is_none() {
+            let ct = content_type(m);
+            let upload_id = self
+                .timed(bucket.create_multipart(&key, &m.sha256, ct.as_deref()))
+                .await
+                .map_err(|e| self.s3_failed(e))?;
+            m.multipart = Some(Multipart {
+                upload_id,
+                parts: Vec::new(),
+                midstate: Sha256::new()
+                    .midstate()
+                    .ok_or_else(|| UploadError::Internal("no empty hash state".into()))?,
+            });
+            // Recorded before any part is sent, so the upload can always be aborted.
+            self.save_manifest(id, m).await?;
+        }
+        let n = m.next_part();
+        let path = self.store.part_path_at(gateway, id, n);
+        let Some(mp) = m.multipart.as_mut() else {
+            return Err(UploadError::Internal("no multipart upload".into()));
+        };
+        let etag = match self
+            .timed(bucket.upload_part(&key, &mp.upload_id, n, &path, size))
+            .await
+        {
+            Ok(etag) => etag,
+            Err(S3Error::NoSuchUpload(e)) => {
+                w.hashed = None;
+                w.buf.clear();
+                return Err(self.parts_gone(gateway, id, m, &e).await);
+            }
+            Err(e) => return Err(self.s3_failed(e)),
+        };
+        mp.parts.push(ShippedPart { number: n, etag });
+        mp.midstate = midstate;
+        self.save_manifest(id, m).await?;
+        self.metrics.object_parts_sent.fetch_add(1, Relaxed);
+        let store = self.store.clone();
+        let (g, i) = (gateway.clone(), id.to_owned());
+        let next = blocking("start the upload's next part", move || {
+            let file = store.open_part_at(&g, &i, n + 1)?;
+            // Best effort: a part file left behind is removed by its number later.
+            let _ = store.remove_parts_before(&g, &i, n + 1);
+            Ok(file)
+        })
+        .await?;
+        w.file = Some(next);
+        tracing::debug!(gateway = %gateway, upload = %id, part = n, bytes = size, "Sent a part of an upload to S3.");
+        Ok(())
+    }
+
+    /// The multipart upload is gone from S3 (a lifecycle rule, or someone aborted it):
+    /// the upload starts again from 0. The answer to give the gateway.
+    async fn parts_gone(
+        &self,
+        gateway: &GatewayId,
+        id: &str,
+        m: &mut Manifest,
+        error: &str,
+    ) -> UploadError {
+        tracing::warn!(gateway = %gateway, upload = %id, key = %m.key, error, "An upload's parts are gone from S3; it starts again from offset 0.");
+        if let Err(e) = self.reset(gateway, id, m).await {
+            return e;
+        }
+        UploadError::Conflict {
+            message: format!(
+                "the parts of upload {id} stored in S3 are gone (aborted or expired there); send the file again from offset 0"
+            ),
+            offset: 0,
+        }
+    }
+
+    /// Back to offset 0: the multipart upload aborted, the bytes here deleted, the
+    /// manifest without parts.
+    async fn reset(
+        &self,
+        gateway: &GatewayId,
+        id: &str,
+        m: &mut Manifest,
+    ) -> Result<(), UploadError> {
+        self.abort_multipart(gateway, id, m).await;
+        self.remove_part(gateway, id).await?;
+        if m.multipart.take().is_some() {
+            self.save_manifest(id, m).await?;
+        }
+        Ok(())
+    }
+
+    async fn save_manifest(&self, id: &str, m: &Manifest) -> Result<(), UploadError> {
+        let store = self.store.clone();
+        let (i, m) = (id.to_owned(), m.clone());
+        blocking("store the upload's manifest", move || store.update(&i, &m)).await
+    }
+
+    /// Aborts the upload's multipart upload in S3, if it has one; a failure is logged
+    /// (the orphan sweep, or the bucket's lifecycle rule, gets it later).
+    async fn abort_multipart(&self, gateway: &GatewayId, id: &str, m: &Manifest) {
+        let Some(mp) = &m.multipart else { return };
+        let Objects::S3 { bucket, .. } = &self.objects else {
+            tracing::warn!(gateway = %gateway, upload = %id, upload_id = %mp.upload_id, "An upload into S3 was dropped while objects.kind is not \"s3\"; its parts stay in the bucket until a lifecycle rule removes them.");
+            return;
+        };
+        match self
+            .timed(bucket.abort(&s3_key(&m.key), &mp.upload_id))
+            .await
+        {
+            Ok(()) => {
+                tracing::debug!(gateway = %gateway, upload = %id, "Aborted an upload's S3 multipart upload.");
+            }
+            Err(e) => {
+                self.metrics.object_store_errors.fetch_add(1, Relaxed);
+                tracing::warn!(gateway = %gateway, upload = %id, error = %e, "Could not abort an upload's S3 multipart upload; the orphan sweep tries again later.");
+            }
+        }
     }
 
     /// Looks at an existing upload's bytes: a `.part` longer than the file is discarded;
@@ -745,12 +1064,26 @@ impl Uploads {
         finish_held: bool,
         started: Instant,
     ) -> Result<Found, UploadError> {
-        let mut held = self.part_len(gateway, id).await?;
+        if m.multipart.is_some() {
+            // Files of parts already in S3, left by a crash just after sending them.
+            let store = self.store.clone();
+            let (g, i, n) = (gateway.clone(), id.to_owned(), m.next_part());
+            blocking("delete the upload's sent parts", move || {
+                store.remove_parts_before(&g, &i, n)
+            })
+            .await?;
+        }
+        let mut held = self.held(gateway, id, m).await?;
         if held > m.length {
             tracing::warn!(gateway = %gateway, upload = %id, held, length = m.length, "An upload held more bytes than its length; they were discarded.");
-            self.remove_part(gateway, id).await?;
+            let store = self.store.clone();
+            let (g, i, n) = (gateway.clone(), id.to_owned(), m.next_part());
+            blocking("delete the upload's bytes", move || {
+                std::fs::remove_file(store.part_path_at(&g, &i, n))
+            })
+            .await?;
             lease.held().hashed = None;
-            held = 0;
+            held = m.shipped();
         }
         if held < m.length {
             return match self
@@ -764,13 +1097,14 @@ impl Uploads {
         if !finish_held {
             return Ok(Found::Held(held));
         }
-        let hashed = self.hasher_at(lease, gateway, id, held).await?;
+        let hashed = self.hasher_at(lease, gateway, id, m, held).await?;
         match self.complete(lease, gateway, id, m, hashed, started).await {
             Ok(state) => {
                 self.metrics.uploads_resumed.fetch_add(1, Relaxed);
                 Ok(Found::Done(state))
             }
             Err(UploadError::DigestMismatch { .. }) => Ok(Found::Held(0)),
+            Err(UploadError::Conflict { offset: 0, .. }) => Ok(Found::Held(0)),
             Err(e) => Err(e),
         }
     }
@@ -786,16 +1120,33 @@ impl Uploads {
         m: &Manifest,
         started: Instant,
     ) -> Result<Option<UploadState>, UploadError> {
-        let store = self.store.clone();
-        let key = m.key.clone();
-        let len = blocking("look for the object", move || store.object_len(&key)).await?;
-        if len != Some(m.length) {
-            return Ok(None);
-        }
-        let path = self.store.object_path(&m.key);
-        let length = m.length;
-        let hashed = blocking("read the object back", move || hash_prefix(&path, length)).await?;
-        let actual = digest_hex(&hashed);
+        let actual = match &self.objects {
+            Objects::Files => {
+                let store = self.store.clone();
+                let key = m.key.clone();
+                let len = blocking("look for the object", move || store.object_len(&key)).await?;
+                if len != Some(m.length) {
+                    return Ok(None);
+                }
+                let path = self.store.object_path(&m.key);
+                let length = m.length;
+                let hashed =
+                    blocking("read the object back", move || hash_prefix(&path, length)).await?;
+                digest_hex(&hashed)
+            }
+            // Objects are only ever completed after their digest was checked, with the
+            // digest in their metadata.
+            Objects::S3 { bucket, .. } => {
+                match self
+                    .timed(bucket.head(&s3_key(&m.key)))
+                    .await
+                    .map_err(|e| self.s3_failed(e))?
+                {
+                    Some(o) if o.length == m.length => o.sha256.unwrap_or_default(),
+                    _ => return Ok(None),
+                }
+            }
+        };
         if actual != m.sha256 {
             tracing::warn!(gateway = %gateway, upload = %id, key = %m.key, expected = %m.sha256, actual = %actual, "Another file is at the upload's object key; the upload goes on and will replace it.");
             return Ok(None);
@@ -805,24 +1156,29 @@ impl Uploads {
         self.publish(lease, gateway, id, m, started).await.map(Some)
     }
 
-    /// The hash of the first `len` bytes held: cached, or re-read from disk.
+    /// The hash of the first `len` bytes held: cached, or resumed from the state after
+    /// the parts in S3 and the bytes here re-read from disk.
     async fn hasher_at(
         &self,
         lease: &mut Lease,
         gateway: &GatewayId,
         id: &str,
+        m: &Manifest,
         len: u64,
     ) -> Result<Hashed, UploadError> {
         let cached = lease.held().hashed.take();
-        let part = self.store.part_path(gateway, id);
-        if len == 0 || cached.as_ref().is_some_and(|h| h.offset == len) {
+        let base = Hashed::after_shipped(m).ok_or_else(|| {
+            UploadError::Internal(format!("upload {id}: its hash state is damaged"))
+        })?;
+        let part = self.store.part_path_at(gateway, id, m.next_part());
+        if len == base.offset || cached.as_ref().is_some_and(|h| h.offset == len) {
             // No I/O on this path.
-            return resume_hasher(cached, &part, len)
+            return resume_hasher_from(cached, base, &part, len)
                 .map(|(h, _)| h)
                 .map_err(|e| UploadError::Internal(e.to_string()));
         }
         let (hashed, _) = blocking("re-read the upload's bytes", move || {
-            resume_hasher(None, &part, len)
+            resume_hasher_from(None, base, &part, len)
         })
         .await?;
         if len > 0 {
@@ -844,7 +1200,7 @@ impl Uploads {
         let actual = digest_hex(&hashed);
         if actual != m.sha256 {
             lease.held().hashed = None;
-            self.remove_part(gateway, id).await?;
+            self.reset(gateway, id, &mut m.clone()).await?;
             self.metrics.upload_digest_mismatches.fetch_add(1, Relaxed);
             tracing::warn!(
                 gateway = %gateway,
@@ -859,16 +1215,95 @@ impl Uploads {
                 actual,
             });
         }
-        let store = self.store.clone();
-        let (g, i, k) = (gateway.clone(), id.to_owned(), m.key.clone());
-        if let Err(e) = blocking("store the object", move || store.commit(&g, &i, &k)).await {
-            lease.held().hashed = Some(hashed);
+        let stored = match &self.objects {
+            Objects::Files => {
+                let store = self.store.clone();
+                let (g, i, k) = (gateway.clone(), id.to_owned(), m.key.clone());
+                blocking("store the object", move || store.commit(&g, &i, &k)).await
+            }
+            Objects::S3 { bucket, .. } => self.complete_in_s3(bucket, gateway, id, m).await,
+        };
+        if let Err(e) = stored {
+            if !matches!(e, UploadError::Conflict { offset: 0, .. }) {
+                lease.held().hashed = Some(hashed);
+            }
             return Err(e);
         }
         self.metrics
             .object_bytes_written
             .fetch_add(m.length, Relaxed);
         self.publish(lease, gateway, id, m, started).await
+    }
+
+    /// Makes the object appear in S3: one `PutObject` for a file of one part, else the
+    /// last part sent and the multipart upload completed. A completion whose upload is
+    /// gone is fine if the object is there with the file's digest (completed by an
+    /// earlier attempt whose answer was lost); otherwise the upload starts again at 0.
+    async fn complete_in_s3(
+        &self,
+        bucket: &Bucket,
+        gateway: &GatewayId,
+        id: &str,
+        m: &Manifest,
+    ) -> Result<(), UploadError> {
+        let key = s3_key(&m.key);
+        let n = m.next_part();
+        let path = self.store.part_path_at(gateway, id, n);
+        let rest = m.length - m.shipped();
+        let Some(mp) = &m.multipart else {
+            if m.length == 0 {
+                // There may be no file at all for an empty upload.
+                let store = self.store.clone();
+                let (g, i) = (gateway.clone(), id.to_owned());
+                blocking("create the upload's file", move || {
+                    store.open_part_at(&g, &i, 1).map(drop)
+                })
+                .await?;
+            }
+            let ct = content_type(m);
+            return self
+                .timed(bucket.put_file(&key, &path, m.length, &m.sha256, ct.as_deref()))
+                .await
+                .map_err(|e| self.s3_failed(e));
+        };
+        let mut parts: Vec<(u32, String)> = mp
+            .parts
+            .iter()
+            .map(|p| (p.number, p.etag.clone()))
+            .collect();
+        let mut gone = None;
+        if rest > 0 {
+            match self
+                .timed(bucket.upload_part(&key, &mp.upload_id, n, &path, rest))
+                .await
+            {
+                Ok(etag) => {
+                    self.metrics.object_parts_sent.fetch_add(1, Relaxed);
+                    parts.push((n, etag));
+                }
+                Err(S3Error::NoSuchUpload(e)) => gone = Some(e),
+                Err(e) => return Err(self.s3_failed(e)),
+            }
+        }
+        if gone.is_none() {
+            match self
+                .timed(bucket.complete(&key, &mp.upload_id, &parts))
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(S3Error::NoSuchUpload(e)) => gone = Some(e),
+                Err(e) => return Err(self.s3_failed(e)),
+            }
+        }
+        let error = gone.unwrap_or_default();
+        match self.timed(bucket.head(&key)).await {
+            Ok(Some(o)) if o.length == m.length && o.sha256.as_deref() == Some(&m.sha256) => {
+                tracing::info!(gateway = %gateway, upload = %id, key = %m.key, "An upload's multipart upload was completed before (its answer was lost); the object is in place.");
+                Ok(())
+            }
+            Ok(_) => Err(self.parts_gone(gateway, id, &mut m.clone(), &error).await),
+            Err(e) => Err(self.s3_failed(e)),
+        }
     }
 
     /// The object is in place: write the event with its `dataref` to the stream, then
@@ -952,6 +1387,12 @@ impl Uploads {
         let store = self.store.clone();
         let (g, i) = (gateway.clone(), id.to_owned());
         match tokio::task::spawn_blocking(move || store.load(&g, &i)).await {
+            Ok(Ok(Some(m))) if m.part_size.is_some() != self.part_size().is_some() => {
+                tracing::warn!(gateway = %gateway, upload = %id, "An upload was started with another objects.kind; it was discarded and starts again.");
+                self.abort_multipart(gateway, id, &m).await;
+                self.discard(gateway, id).await;
+                Ok(None)
+            }
             Ok(Ok(m)) => Ok(m),
             Ok(Err(e)) if e.kind() == io::ErrorKind::InvalidData => {
                 tracing::warn!(gateway = %gateway, upload = %id, error = %e, "An upload's manifest is unreadable; the upload was discarded and starts again.");
@@ -968,12 +1409,6 @@ impl Uploads {
                 "reading upload {id} failed: {e}"
             ))),
         }
-    }
-
-    async fn part_len(&self, gateway: &GatewayId, id: &str) -> Result<u64, UploadError> {
-        let store = self.store.clone();
-        let (g, i) = (gateway.clone(), id.to_owned());
-        blocking("look at the upload's bytes", move || store.part_len(&g, &i)).await
     }
 
     async fn remove_part(&self, gateway: &GatewayId, id: &str) -> Result<(), UploadError> {
@@ -994,6 +1429,17 @@ impl Uploads {
         }
     }
 
+    /// Deletes an unfinished upload, best effort: its multipart upload in S3 (if any) is
+    /// aborted and its files here deleted.
+    async fn abandon(&self, gateway: &GatewayId, id: &str) {
+        let store = self.store.clone();
+        let (g, i) = (gateway.clone(), id.to_owned());
+        if let Ok(Ok(Some(m))) = tokio::task::spawn_blocking(move || store.load(&g, &i)).await {
+            self.abort_multipart(gateway, id, &m).await;
+        }
+        self.discard(gateway, id).await;
+    }
+
     /// Deletes a finished upload's files, best effort: what is left is cleaned up by the
     /// next create of the same event (answered `duplicate`) or the abandoned-upload sweep.
     async fn discard(&self, gateway: &GatewayId, id: &str) {
@@ -1007,16 +1453,22 @@ impl Uploads {
     /// Deletes every upload not touched for `uploads.abandon_after` before `now` and not
     /// being worked on. Blocking; returns how many it deleted.
     pub fn sweep(&self, now: SystemTime) -> usize {
+        self.sweep_files(now).len()
+    }
+
+    /// [`Uploads::sweep`], returning the manifests of the uploads it deleted (those with
+    /// S3 parts are aborted by the caller).
+    fn sweep_files(&self, now: SystemTime) -> Vec<Manifest> {
         let limit = self.settings.abandon_after;
         let idle = |t: SystemTime| now.duration_since(t).unwrap_or_default();
         let stored = match self.store.scan() {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "Could not look for abandoned uploads; trying again later.");
-                return 0;
+                return Vec::new();
             }
         };
-        let mut deleted = 0;
+        let mut deleted = Vec::new();
         for u in stored.into_iter().filter(|u| idle(u.touched) >= limit) {
             // Held by a request: in use, so not abandoned.
             let Some(mut lease) = self.registry.try_lease(&Self::slot(&u.gateway, &u.id)) else {
@@ -1026,10 +1478,11 @@ impl Uploads {
                 Ok(Some(t)) if idle(t) >= limit => {}
                 _ => continue,
             }
+            let manifest = self.store.load(&u.gateway, &u.id).ok().flatten();
             match self.store.remove(&u.gateway, &u.id) {
                 Ok(_) => {
                     lease.held().forget();
-                    deleted += 1;
+                    deleted.extend(manifest);
                     self.metrics.uploads_abandoned.fetch_add(1, Relaxed);
                     tracing::info!(
                         gateway = %u.gateway,
@@ -1047,6 +1500,65 @@ impl Uploads {
         deleted
     }
 
+    /// Into S3: aborts multipart uploads under `objects/` that no upload here knows and
+    /// that were started more than `uploads.abandon_after` ago — left by a relay that
+    /// crashed between starting one and recording it, or lost its data dir. (Another
+    /// relay's upload that old would have been abandoned by it too.) Returns how many.
+    pub async fn sweep_orphans(&self, now: SystemTime) -> usize {
+        let Objects::S3 { bucket, .. } = &self.objects else {
+            return 0;
+        };
+        let unfinished = match self
+            .timed(bucket.unfinished(&format!("{OBJECTS_PREFIX}/")))
+            .await
+        {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(error = %e, "Could not list unfinished S3 uploads; trying again later.");
+                return 0;
+            }
+        };
+        if unfinished.is_empty() {
+            return 0;
+        }
+        let store = self.store.clone();
+        let known = tokio::task::spawn_blocking(move || -> io::Result<HashSet<String>> {
+            let mut ids = HashSet::new();
+            for u in store.scan()? {
+                if let Ok(Some(m)) = store.load(&u.gateway, &u.id) {
+                    ids.extend(m.multipart.map(|mp| mp.upload_id));
+                }
+            }
+            Ok(ids)
+        })
+        .await;
+        let Ok(Ok(known)) = known else {
+            tracing::warn!("Could not read the uploads here; the orphan sweep tries again later.");
+            return 0;
+        };
+        let limit = self.settings.abandon_after;
+        let mut aborted = 0;
+        for u in unfinished {
+            let old = u
+                .initiated
+                .is_some_and(|t| now.duration_since(t).unwrap_or_default() >= limit);
+            if !old || known.contains(&u.upload_id) {
+                continue;
+            }
+            match self.timed(bucket.abort(&u.key, &u.upload_id)).await {
+                Ok(()) => {
+                    aborted += 1;
+                    self.metrics.uploads_abandoned.fetch_add(1, Relaxed);
+                    tracing::info!(key = %u.key, upload_id = %u.upload_id, "Aborted an S3 multipart upload no upload here knows, started over uploads.abandon_after ago.");
+                }
+                Err(e) => {
+                    tracing::warn!(key = %u.key, error = %e, "Could not abort an orphaned S3 multipart upload; trying again later.");
+                }
+            }
+        }
+        aborted
+    }
+
     /// Runs [`Uploads::sweep`] at start and then every tenth of `abandon_after` (at most
     /// every 10 minutes), until aborted.
     pub fn spawn_sweeper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
@@ -1058,11 +1570,15 @@ impl Uploads {
             loop {
                 interval.tick().await;
                 let t = this.clone();
-                if let Err(e) =
-                    tokio::task::spawn_blocking(move || t.sweep(SystemTime::now())).await
-                {
-                    tracing::warn!(error = %e, "The abandoned-upload sweep failed.");
+                match tokio::task::spawn_blocking(move || t.sweep_files(SystemTime::now())).await {
+                    Ok(deleted) => {
+                        for m in deleted {
+                            this.abort_multipart(&m.gateway, "(abandoned)", &m).await;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "The abandoned-upload sweep failed."),
                 }
+                this.sweep_orphans(SystemTime::now()).await;
             }
         })
     }
@@ -1074,6 +1590,7 @@ mod tests {
     use crate::config::SinkSettings;
     use axum::body::Body;
     use serde_json::json;
+    use sha2::Digest as _;
     use tokio::sync::Semaphore;
 
     fn pi1() -> GatewayId {
@@ -1132,6 +1649,7 @@ mod tests {
             let (stop, shutdown) = watch::channel(false);
             let uploads = Arc::new(Uploads::new(
                 store,
+                Objects::Files,
                 sink.clone(),
                 metrics,
                 Settings {
@@ -1139,6 +1657,7 @@ mod tests {
                     max_object_bytes: 1 << 20,
                     max_event_bytes: 1 << 20,
                     abandon_after: Duration::from_secs(3600),
+                    tenants: HashMap::new(),
                 },
                 shutdown,
             ));
@@ -1196,7 +1715,7 @@ mod tests {
 
     #[test]
     fn prepare_checks_the_event_and_adds_the_dataref() {
-        let p = prepare(&pi1(), &create_req(42, b"x"), "s3://b/", 1 << 20).unwrap();
+        let p = prepare(&pi1(), &create_req(42, b"x"), "s3://b/", "", 1 << 20).unwrap();
         assert_eq!(p.key, "pi-1/files/cameras/2026-12-01/21/img-42.jpg");
         assert_eq!(
             p.dataref,
@@ -1206,13 +1725,13 @@ mod tests {
 
         let mut req = create_req(1, b"x");
         req.event.as_object_mut().unwrap().remove("time");
-        let r = prepare(&pi1(), &req, "s3://b/", 1 << 20).unwrap_err();
+        let r = prepare(&pi1(), &req, "s3://b/", "", 1 << 20).unwrap_err();
         assert_eq!(r.id.as_deref(), Some("img-1"));
         assert!(r.reason.contains("'time'"), "{}", r.reason);
 
         let mut req = create_req(1, b"x");
         req.event["source"] = json!("/gateways/pi-2/files");
-        let r = prepare(&pi1(), &req, "s3://b/", 1 << 20).unwrap_err();
+        let r = prepare(&pi1(), &req, "s3://b/", "", 1 << 20).unwrap_err();
         assert!(
             r.reason.contains("does not belong to gateway pi-1"),
             "{}",
@@ -1222,7 +1741,7 @@ mod tests {
         // The limit applies to the line with its dataref.
         let req = create_req(1, b"x");
         let without = serde_json::to_vec(&req.event).unwrap().len() as u64;
-        let r = prepare(&pi1(), &req, "s3://b/", without + 5).unwrap_err();
+        let r = prepare(&pi1(), &req, "s3://b/", "", without + 5).unwrap_err();
         assert!(r.reason.contains("max_event_bytes"), "{}", r.reason);
     }
 
@@ -1358,7 +1877,7 @@ mod tests {
         // The object renamed into place, the event never written (a crash in between).
         let req = create_req(2, b"xyz");
         let id = id_of(&f.uploads.create(&pi1(), req.clone()).await.unwrap());
-        let p = prepare(&pi1(), &req, "s3://bucket/", 1 << 20).unwrap();
+        let p = prepare(&pi1(), &req, "s3://bucket/", "", 1 << 20).unwrap();
         std::fs::write(f.uploads.store.part_path(&pi1(), &id), b"xyz").unwrap();
         f.uploads.store.commit(&pi1(), &id, &p.key).unwrap();
         let done = f.patch(&id, 0, b"xyz").await.unwrap();

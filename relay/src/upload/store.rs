@@ -3,8 +3,15 @@
 //! ```text
 //! <data_dir>/uploads/<gateway>/<id>.json      the manifest: the event, length, sha256, key
 //! <data_dir>/uploads/<gateway>/<id>.part      the bytes received so far, appended to
+//! <data_dir>/uploads/<gateway>/<id>.<n>.part  into S3: the bytes from part n on
 //! <data_dir>/objects/<key>                    a finished file, renamed here from .part
 //! ```
+//!
+//! Into S3 (`objects.kind = "s3"`) the bytes go in parts of the manifest's `part_size`:
+//! a full part is sent to the multipart upload, recorded in the manifest (with the hash
+//! state at its end), and only then deleted; the next bytes go to the next part's file.
+//! A crash between recording and deleting leaves a file of a part already sent, which is
+//! recognised by its number and removed.
 //!
 //! The manifest is written once, atomically (temporary file, fsync, rename, fsync of the
 //! directory); its modification time is the upload's "last touched" time, with the
@@ -18,7 +25,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use pigeon_shared::ce::GatewayId;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+
+use super::sha::{Midstate, Sha256};
 
 use crate::sink::RecoveryError;
 use crate::sink::stream::{OBJECTS_DIR, ensure_dir, sync_dir};
@@ -51,11 +59,78 @@ pub struct Manifest {
     /// The event as the gateway sent it (without `dataref`, which is added when it is
     /// published, from the `objects.base_url` of that moment).
     pub event: serde_json::Value,
+    /// Set for an upload into S3: the size of its parts (fixed when it was created).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part_size: Option<u64>,
+    /// The S3 multipart upload, once its first part was sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multipart: Option<Multipart>,
+}
+
+/// An upload's S3 multipart upload and the parts stored in it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Multipart {
+    pub upload_id: String,
+    /// Parts 1, 2, … in order, each `part_size` bytes.
+    pub parts: Vec<ShippedPart>,
+    /// The hash state after the last part (`bytes` = the bytes in S3).
+    pub midstate: Midstate,
+}
+
+/// A part stored in S3.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShippedPart {
+    pub number: u32,
+    pub etag: String,
 }
 
 impl Manifest {
     /// The format version this relay writes and reads.
     pub const VERSION: u32 = 1;
+
+    /// Bytes already stored in S3 parts (0 for a file upload).
+    pub fn shipped(&self) -> u64 {
+        self.multipart.as_ref().map_or(0, |mp| mp.midstate.bytes)
+    }
+
+    /// The number of the part the next bytes belong to (1 for a file upload).
+    pub fn next_part(&self) -> u32 {
+        self.multipart
+            .as_ref()
+            .map_or(1, |mp| mp.parts.len() as u32 + 1)
+    }
+
+    /// Whether the manifest is consistent: parts numbered 1.. with the hash state at
+    /// their end, and no more bytes than the file has.
+    pub fn check(&self) -> Result<(), String> {
+        let Some(mp) = &self.multipart else {
+            return Ok(());
+        };
+        let Some(size) = self.part_size.filter(|&s| s > 0) else {
+            return Err("it has S3 parts but no part_size".into());
+        };
+        if mp
+            .parts
+            .iter()
+            .enumerate()
+            .any(|(i, p)| p.number as usize != i + 1)
+        {
+            return Err("its parts are not numbered 1, 2, ...".into());
+        }
+        if mp.midstate.bytes != size * mp.parts.len() as u64 || mp.midstate.bytes > self.length {
+            return Err(format!(
+                "its hash state covers {} bytes, not {} parts of {size}",
+                mp.midstate.bytes,
+                mp.parts.len()
+            ));
+        }
+        if Sha256::resume(&mp.midstate).is_none() {
+            return Err("its hash state is damaged".into());
+        }
+        Ok(())
+    }
 }
 
 /// Milliseconds since the Unix epoch, for `created_at_ms`.
@@ -76,6 +151,33 @@ pub struct Hashed {
     pub hasher: Sha256,
 }
 
+impl Hashed {
+    /// Nothing hashed.
+    pub fn empty() -> Self {
+        Self {
+            offset: 0,
+            hasher: Sha256::new(),
+        }
+    }
+
+    /// The state after the bytes already in S3 (nothing, for a file upload); `None` if
+    /// the manifest's state is damaged.
+    pub fn after_shipped(m: &Manifest) -> Option<Self> {
+        match &m.multipart {
+            None => Some(Self::empty()),
+            Some(mp) => Sha256::resume(&mp.midstate).map(|hasher| Self {
+                offset: mp.midstate.bytes,
+                hasher,
+            }),
+        }
+    }
+
+    /// The digest, as 64 lowercase hex digits.
+    pub fn hex(&self) -> String {
+        pigeon_shared::wire::sha256_hex(&self.hasher.clone().finalize())
+    }
+}
+
 impl std::fmt::Debug for Hashed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hashed")
@@ -84,19 +186,37 @@ impl std::fmt::Debug for Hashed {
     }
 }
 
-/// The hash state of the first `len` bytes of `path`: `cached` when it covers exactly
-/// that many (the usual case: the same process received them), else read from disk
-/// (after a restart, or a write that failed half-way). The flag says whether it re-read.
-pub fn resume_hasher(cached: Option<Hashed>, path: &Path, len: u64) -> io::Result<(Hashed, bool)> {
+/// The hash state of the first `len` bytes of an upload: `cached` when it covers exactly
+/// that many (the usual case: the same process received them), else `base` (the bytes
+/// sent to S3 before, or nothing) extended by the start of `path`, which holds the bytes
+/// after them (after a restart, or a write that failed half-way). The flag says whether
+/// it re-read.
+pub fn resume_hasher_from(
+    cached: Option<Hashed>,
+    base: Hashed,
+    path: &Path,
+    len: u64,
+) -> io::Result<(Hashed, bool)> {
     if let Some(h) = cached.filter(|h| h.offset == len) {
         return Ok((h, false));
     }
-    Ok((hash_prefix(path, len)?, true))
+    let more = len.checked_sub(base.offset).ok_or_else(|| {
+        io::Error::other(format!(
+            "{len} bytes are fewer than the {} already sent",
+            base.offset
+        ))
+    })?;
+    Ok((hash_more(base, path, more)?, true))
 }
 
 /// SHA-256 of the first `len` bytes of `path`; an error if it is shorter.
 pub fn hash_prefix(path: &Path, len: u64) -> io::Result<Hashed> {
-    let mut hasher = Sha256::new();
+    hash_more(Hashed::empty(), path, len)
+}
+
+/// `start` extended by the first `len` bytes of `path`; an error if it is shorter.
+fn hash_more(start: Hashed, path: &Path, len: u64) -> io::Result<Hashed> {
+    let Hashed { offset, mut hasher } = start;
     let mut done = 0u64;
     if len > 0 {
         let mut file = File::open(path)?.take(len);
@@ -117,7 +237,7 @@ pub fn hash_prefix(path: &Path, len: u64) -> io::Result<Hashed> {
         ));
     }
     Ok(Hashed {
-        offset: len,
+        offset: offset + len,
         hasher,
     })
 }
@@ -158,6 +278,19 @@ fn not_found_is_none<T>(r: io::Result<T>) -> io::Result<Option<T>> {
 /// Removes a file; whether it was there.
 fn remove_if_there(path: &Path) -> io::Result<bool> {
     Ok(not_found_is_none(fs::remove_file(path))?.is_some())
+}
+
+/// The part a file named `name` starts at, if it is one of upload `id`'s part files.
+fn part_number(name: &str, id: &str) -> Option<u32> {
+    let rest = name.strip_prefix(id)?.strip_suffix(PART_SUFFIX)?;
+    if rest.is_empty() {
+        return Some(1);
+    }
+    let digits = rest.strip_prefix('.')?;
+    if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().filter(|&n| n >= 2)
 }
 
 impl UploadStore {
@@ -203,7 +336,56 @@ impl UploadStore {
 
     /// The file the upload's bytes are appended to.
     pub fn part_path(&self, gateway: &GatewayId, id: &str) -> PathBuf {
-        self.gateway_dir(gateway).join(format!("{id}{PART_SUFFIX}"))
+        self.part_path_at(gateway, id, 1)
+    }
+
+    /// The file that holds the bytes from part `n` on: `<id>.part` for part 1 (and
+    /// every file upload), `<id>.<n>.part` after that.
+    pub fn part_path_at(&self, gateway: &GatewayId, id: &str, n: u32) -> PathBuf {
+        let name = if n <= 1 {
+            format!("{id}{PART_SUFFIX}")
+        } else {
+            format!("{id}.{n}{PART_SUFFIX}")
+        };
+        self.gateway_dir(gateway).join(name)
+    }
+
+    /// Every part file of the upload, with the number of the part it starts at.
+    fn part_files(&self, gateway: &GatewayId, id: &str) -> io::Result<Vec<(u32, PathBuf)>> {
+        let dir = self.gateway_dir(gateway);
+        let Some(entries) = not_found_is_none(fs::read_dir(&dir))? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let name = entry?.file_name();
+            if let Some(n) = name.to_str().and_then(|n| part_number(n, id)) {
+                out.push((n, dir.join(name)));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Deletes the part files of parts before `n` (already in S3); whether there were any.
+    pub fn remove_parts_before(&self, gateway: &GatewayId, id: &str, n: u32) -> io::Result<bool> {
+        let mut removed = false;
+        for (_, path) in self
+            .part_files(gateway, id)?
+            .into_iter()
+            .filter(|&(k, _)| k < n)
+        {
+            removed |= remove_if_there(&path)?;
+        }
+        if removed {
+            sync_dir(&self.gateway_dir(gateway))?;
+        }
+        Ok(removed)
+    }
+
+    /// Writes a changed manifest of an existing upload atomically (its bytes stay).
+    pub fn update(&self, id: &str, m: &Manifest) -> io::Result<()> {
+        self.write_manifest(id, m)
     }
 
     /// Where the object with `key` is.
@@ -231,6 +413,7 @@ impl UploadStore {
         if &m.gateway != gateway {
             return Err(bad(format!("it belongs to gateway {}", m.gateway)));
         }
+        m.check().map_err(bad)?;
         Ok(Some(m))
     }
 
@@ -238,9 +421,15 @@ impl UploadStore {
     /// if needed, and deletes bytes a previous upload of the id may have left without a
     /// manifest, so that the new upload is at offset 0.
     pub fn save(&self, id: &str, m: &Manifest) -> io::Result<()> {
+        ensure_dir(&self.gateway_dir(&m.gateway))?;
+        for (_, path) in self.part_files(&m.gateway, id)? {
+            remove_if_there(&path)?;
+        }
+        self.write_manifest(id, m)
+    }
+
+    fn write_manifest(&self, id: &str, m: &Manifest) -> io::Result<()> {
         let dir = self.gateway_dir(&m.gateway);
-        ensure_dir(&dir)?;
-        remove_if_there(&self.part_path(&m.gateway, id))?;
         let path = self.manifest_path(&m.gateway, id);
         let tmp = dir.join(format!("{id}{MANIFEST_SUFFIX}{TMP_SUFFIX}"));
         let json = serde_json::to_vec(m).map_err(io::Error::other)?;
@@ -259,27 +448,46 @@ impl UploadStore {
 
     /// Bytes held: the length of the `.part` (0 if there is none).
     pub fn part_len(&self, gateway: &GatewayId, id: &str) -> io::Result<u64> {
-        Ok(not_found_is_none(fs::metadata(self.part_path(gateway, id)))?.map_or(0, |m| m.len()))
+        self.part_len_at(gateway, id, 1)
+    }
+
+    /// The length of the part file starting at part `n` (0 if there is none).
+    pub fn part_len_at(&self, gateway: &GatewayId, id: &str, n: u32) -> io::Result<u64> {
+        Ok(
+            not_found_is_none(fs::metadata(self.part_path_at(gateway, id, n)))?
+                .map_or(0, |m| m.len()),
+        )
     }
 
     /// Opens the `.part` for appending, creating it if needed.
     pub fn open_part(&self, gateway: &GatewayId, id: &str) -> io::Result<File> {
+        self.open_part_at(gateway, id, 1)
+    }
+
+    /// Opens the part file starting at part `n` for appending, creating it if needed.
+    pub fn open_part_at(&self, gateway: &GatewayId, id: &str, n: u32) -> io::Result<File> {
         OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.part_path(gateway, id))
+            .open(self.part_path_at(gateway, id, n))
     }
 
-    /// Deletes the upload's bytes (not its manifest).
+    /// Deletes the upload's bytes held here (not its manifest).
     pub fn remove_part(&self, gateway: &GatewayId, id: &str) -> io::Result<()> {
-        remove_if_there(&self.part_path(gateway, id)).map(drop)
+        for (_, path) in self.part_files(gateway, id)? {
+            remove_if_there(&path)?;
+        }
+        Ok(())
     }
 
     /// Deletes the upload: bytes and manifest. Whether there was anything.
     pub fn remove(&self, gateway: &GatewayId, id: &str) -> io::Result<bool> {
         // The bytes first: a manifest without bytes is an upload at offset 0, while
         // bytes without a manifest would be an orphan.
-        let part = remove_if_there(&self.part_path(gateway, id))?;
+        let mut part = false;
+        for (_, path) in self.part_files(gateway, id)? {
+            part |= remove_if_there(&path)?;
+        }
         let manifest = remove_if_there(&self.manifest_path(gateway, id))?;
         if part || manifest {
             sync_dir(&self.gateway_dir(gateway))?;
@@ -326,9 +534,11 @@ impl UploadStore {
                 .map(|m| m.modified())
                 .transpose()
         };
-        let a = mtime(self.manifest_path(gateway, id))?;
-        let b = mtime(self.part_path(gateway, id))?;
-        Ok(a.max(b))
+        let mut newest = mtime(self.manifest_path(gateway, id))?;
+        for (_, path) in self.part_files(gateway, id)? {
+            newest = newest.max(mtime(path)?);
+        }
+        Ok(newest)
     }
 
     /// Every upload on disk (a manifest, a part, or both).
@@ -352,7 +562,8 @@ impl UploadStore {
                 let Some(name) = name.to_str() else { continue };
                 let id = name
                     .strip_suffix(MANIFEST_SUFFIX)
-                    .or_else(|| name.strip_suffix(PART_SUFFIX));
+                    .or_else(|| name.strip_suffix(PART_SUFFIX))
+                    .map(|stem| stem.split_once('.').map_or(stem, |(id, _)| id));
                 if let Some(id) = id.filter(|id| super::key::is_upload_id(id))
                     && !ids.iter().any(|i| i == id)
                 {
@@ -361,7 +572,10 @@ impl UploadStore {
             }
             for id in ids {
                 if let Some(touched) = self.touched(&gateway, &id)? {
-                    let part_len = self.part_len(&gateway, &id)?;
+                    let mut part_len = 0;
+                    for (_, path) in self.part_files(&gateway, &id)? {
+                        part_len += not_found_is_none(fs::metadata(path))?.map_or(0, |m| m.len());
+                    }
                     out.push(Stored {
                         gateway: gateway.clone(),
                         id,
@@ -378,6 +592,7 @@ impl UploadStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::Digest as _;
     use std::time::Duration;
 
     const ID: &str = "0123456789abcdef0123456789abcdef";
@@ -398,6 +613,8 @@ mod tests {
             key: "pi-1/ftp/2026-12-01/21/e1.jpg".into(),
             created_at_ms: now_ms(),
             event: serde_json::json!({"id": "e1", "data": {"filename": "a b.jpg"}}),
+            part_size: None,
+            multipart: None,
         }
     }
 
@@ -510,20 +727,135 @@ mod tests {
     }
 
     #[test]
+    fn s3_part_files_are_numbered_and_sent_ones_are_recognised() {
+        let (dir, store) = store();
+        let mut m = manifest();
+        m.length = 3 * 64 + 5;
+        m.part_size = Some(64);
+        store.save(ID, &m).unwrap();
+        assert_eq!(m.next_part(), 1);
+        assert_eq!(m.shipped(), 0);
+        let gw = dir.path().join("uploads/pi-1");
+        assert_eq!(
+            store.part_path_at(&pi1(), ID, 1),
+            gw.join(format!("{ID}.part"))
+        );
+        assert_eq!(
+            store.part_path_at(&pi1(), ID, 3),
+            gw.join(format!("{ID}.3.part"))
+        );
+
+        // Part 1 sent: recorded with the hash state at its end.
+        let bytes: Vec<u8> = (0..64u8).collect();
+        store
+            .open_part_at(&pi1(), ID, 1)
+            .unwrap()
+            .write_all(&bytes)
+            .unwrap();
+        let mut h = Sha256::new();
+        h.update(&bytes);
+        m.multipart = Some(Multipart {
+            upload_id: "u-1".into(),
+            parts: vec![ShippedPart {
+                number: 1,
+                etag: "\"e1\"".into(),
+            }],
+            midstate: h.midstate().unwrap(),
+        });
+        store.update(ID, &m).unwrap();
+        assert_eq!(store.load(&pi1(), ID).unwrap(), Some(m.clone()));
+        assert_eq!((m.next_part(), m.shipped()), (2, 64));
+        store
+            .open_part_at(&pi1(), ID, 2)
+            .unwrap()
+            .write_all(b"abc")
+            .unwrap();
+        assert_eq!(store.part_len_at(&pi1(), ID, 2).unwrap(), 3);
+        // The file of part 1 is left as by a crash before its deletion: recognised.
+        assert!(store.remove_parts_before(&pi1(), ID, 2).unwrap());
+        assert!(!store.part_path_at(&pi1(), ID, 1).exists());
+        assert!(store.part_path_at(&pi1(), ID, 2).exists());
+        assert!(!store.remove_parts_before(&pi1(), ID, 2).unwrap());
+        // The hash resumes from the state after part 1 and reads only part 2's file.
+        let base = Hashed::after_shipped(&m).unwrap();
+        let (h2, _) =
+            resume_hasher_from(None, base, &store.part_path_at(&pi1(), ID, 2), 67).unwrap();
+        let mut all = bytes.clone();
+        all.extend_from_slice(b"abc");
+        assert_eq!(h2.offset, 67);
+        assert_eq!(
+            h2.hasher.finalize(),
+            <[u8; 32]>::from(sha2::Sha256::digest(&all))
+        );
+        // scan sees one upload with the bytes held here; remove takes every part file.
+        let found = store.scan().unwrap();
+        assert_eq!((found.len(), found[0].part_len), (1, 3));
+        assert!(store.remove(&pi1(), ID).unwrap());
+        assert!(fs::read_dir(&gw).unwrap().next().is_none());
+        // Names that only look like part files are not taken for them.
+        for name in [
+            format!("{ID}.x.part"),
+            format!("{ID}..part"),
+            format!("{ID}.0.part"),
+        ] {
+            assert_eq!(part_number(&name, ID), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn inconsistent_s3_manifests_are_refused() {
+        let (dir, store) = store();
+        let good = {
+            let mut m = manifest();
+            m.length = 200;
+            m.part_size = Some(64);
+            let mut h = Sha256::new();
+            h.update(&[7u8; 64]);
+            m.multipart = Some(Multipart {
+                upload_id: "u".into(),
+                parts: vec![ShippedPart {
+                    number: 1,
+                    etag: "e".into(),
+                }],
+                midstate: h.midstate().unwrap(),
+            });
+            m
+        };
+        assert_eq!(good.check(), Ok(()));
+        store.save(ID, &good).unwrap();
+        assert!(store.load(&pi1(), ID).unwrap().is_some());
+        let mut no_size = good.clone();
+        no_size.part_size = None;
+        let mut misnumbered = good.clone();
+        misnumbered.multipart.as_mut().unwrap().parts[0].number = 2;
+        let mut wrong_bytes = good.clone();
+        wrong_bytes.multipart.as_mut().unwrap().midstate.bytes = 128;
+        let mut damaged = good.clone();
+        damaged.multipart.as_mut().unwrap().midstate.state = "zz".into();
+        for bad in [no_size, misnumbered, wrong_bytes, damaged] {
+            assert!(bad.check().is_err(), "{bad:?}");
+            store.update(ID, &bad).unwrap();
+            let e = store.load(&pi1(), ID).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        }
+        drop(dir);
+    }
+
+    #[test]
     fn the_hasher_resumes_from_the_cache_or_from_disk() {
         let (_dir, store) = store();
         store.save(ID, &manifest()).unwrap();
         let part = store.part_path(&pi1(), ID);
         fs::write(&part, b"hello world").unwrap();
-        let whole: [u8; 32] = Sha256::digest(b"hello world").into();
+        let whole: [u8; 32] = sha2::Sha256::digest(b"hello world").into();
 
         // Nothing cached (a restart): read from disk.
-        let (h, reread) = resume_hasher(None, &part, 6).unwrap();
+        let (h, reread) = resume_hasher_from(None, Hashed::empty(), &part, 6).unwrap();
         assert!(reread);
         assert_eq!(h.offset, 6);
         let mut h2 = h.clone();
         h2.hasher.update(b"world");
-        assert_eq!(<[u8; 32]>::from(h2.hasher.finalize()), whole);
+        assert_eq!(h2.hasher.finalize(), whole);
 
         // A cache that covers exactly the bytes held is used as it is.
         let mut cached = Hashed {
@@ -531,24 +863,26 @@ mod tests {
             hasher: Sha256::new(),
         };
         cached.hasher.update(b"hello ");
-        let (h, reread) = resume_hasher(Some(cached.clone()), &part, 6).unwrap();
+        let (h, reread) =
+            resume_hasher_from(Some(cached.clone()), Hashed::empty(), &part, 6).unwrap();
         assert!(!reread);
         let mut h3 = h;
         h3.hasher.update(b"world");
-        assert_eq!(<[u8; 32]>::from(h3.hasher.finalize()), whole);
+        assert_eq!(h3.hasher.finalize(), whole);
 
         // A cache at another offset (a write failed half-way) is thrown away.
-        let (h, reread) = resume_hasher(Some(cached), &part, 11).unwrap();
+        let (h, reread) = resume_hasher_from(Some(cached), Hashed::empty(), &part, 11).unwrap();
         assert!(reread);
-        assert_eq!(<[u8; 32]>::from(h.hasher.finalize()), whole);
+        assert_eq!(h.hasher.finalize(), whole);
 
         // Asking for more than the file has is an error, not a wrong digest.
-        assert!(resume_hasher(None, &part, 12).is_err());
+        assert!(resume_hasher_from(None, Hashed::empty(), &part, 12).is_err());
         // Zero bytes need no file.
-        let (h, _) = resume_hasher(None, &store.part_path(&pi1(), "none"), 0).unwrap();
+        let (h, _) =
+            resume_hasher_from(None, Hashed::empty(), &store.part_path(&pi1(), "none"), 0).unwrap();
         assert_eq!(
-            <[u8; 32]>::from(h.hasher.finalize()),
-            <[u8; 32]>::from(Sha256::digest(b""))
+            h.hasher.finalize(),
+            <[u8; 32]>::from(sha2::Sha256::digest(b""))
         );
     }
 

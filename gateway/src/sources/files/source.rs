@@ -90,11 +90,19 @@ pub struct FilesSource {
     tracker: Tracker,
     /// Files to try again at the given time (a passing failure).
     deferred: Vec<(Instant, PathBuf, usize)>,
+    /// Directories that appeared a moment ago, to scan once more at the given time: a
+    /// file written into a new directory before its watch was in place sends no events
+    /// (and may still have been open when the directory was first scanned).
+    settling: Vec<(Instant, PathBuf, usize)>,
     /// A pickup failed after the file was in the spool: finish its claim soon.
     claims_pending: bool,
     /// Files whose pickup failed, and how many times: counted and logged once each.
     failing: std::collections::HashMap<PathBuf, u32>,
 }
+
+/// How long after a new directory appears it is scanned a second time (its watch is in
+/// place by then).
+const SETTLE_RESCAN: Duration = Duration::from_secs(1);
 
 /// One pickup candidate: path and watch index.
 type Candidate = (PathBuf, usize);
@@ -168,6 +176,7 @@ impl FilesSource {
             stats,
             excluded,
             deferred: Vec::new(),
+            settling: Vec::new(),
             claims_pending: false,
             failing: std::collections::HashMap::new(),
         })
@@ -215,6 +224,11 @@ impl FilesSource {
                 .unwrap_or(next_rescan)
                 .min(next_rescan)
                 .min(next_retry);
+            let due = self
+                .settling
+                .iter()
+                .map(|(at, _, _)| tokio::time::Instant::from_std(*at))
+                .fold(due, std::cmp::min);
             tokio::select! {
                 _ = shutdown.changed() => break,
                 ev = rx.recv() => {
@@ -235,6 +249,7 @@ impl FilesSource {
             }
             let now = tokio::time::Instant::now();
             ready.extend(self.tracker.tick(Instant::now(), stamp_of));
+            ready.extend(self.scan_settled(Instant::now()).await);
             if now >= next_retry {
                 next_retry = now + RETRY_AFTER;
                 ready.extend(self.take_deferred(Instant::now()));
@@ -383,7 +398,23 @@ impl FilesSource {
         for dir in scan_dirs {
             if let Some((w, _)) = self.locate(&dir) {
                 ready.extend(self.scan(w, &dir, false).await);
+                if !self.settling.iter().any(|(_, d, _)| *d == dir) {
+                    self.settling.push((now + SETTLE_RESCAN, dir, w));
+                }
             }
+        }
+        ready
+    }
+
+    /// Scans again the new directories whose [`SETTLE_RESCAN`] is over.
+    async fn scan_settled(&mut self, now: Instant) -> Vec<Candidate> {
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.settling)
+            .into_iter()
+            .partition(|(at, _, _)| *at <= now);
+        self.settling = later;
+        let mut ready = Vec::new();
+        for (_, dir, w) in due {
+            ready.extend(self.scan(w, &dir, false).await);
         }
         ready
     }

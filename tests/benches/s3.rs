@@ -1,0 +1,145 @@
+//! Benchmark of camera files into S3 (garage on the same machine, through the test
+//! harness's proxy), with the real binaries (release builds). Prints figures; asserts
+//! nothing about speed. Run with `scripts/bench s3` (it builds the release binaries,
+//! and installs the AWS CLI for the comparison if it is missing).
+//!
+//! * a clip (default 200 MB) through the gateway: drop directory → relay → S3 object +
+//!   event, in 8 MiB parts sent as they arrive;
+//! * the same file with `curl -T` to the relay's upload endpoint (the relay's side alone);
+//! * the same file with `aws s3 cp` to the same bucket (S3's side alone: the AWS CLI's
+//!   own multipart upload, 8 MiB parts, 10 at a time);
+//! * a burst of 200 snapshots of 200 KB (one `PutObject` each): files/s end to end.
+//!
+//! `PIGEON_BENCH_CLIP_MB` scales the clip; `AWS_CLI` names the `aws` binary.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use pigeon_e2e::{
+    ACCESS_KEY, BUCKET, CameraFile, Garage, Gateway, GatewayConfig, REGION, Relay, SECRET_KEY,
+    Stream, TestDir, files_section, rss_kib, watch_table,
+};
+
+const GATEWAY: &str = "bench-cams";
+const TOKEN: &str = "bench-camera-token-0123456789";
+
+async fn until_lines(stream_dir: &Path, n: usize, since: Instant) -> Duration {
+    loop {
+        if Stream::count_lines(stream_dir) >= n {
+            return since.elapsed();
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(900),
+            "{n} events did not arrive"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let mb: usize = std::env::var("PIGEON_BENCH_CLIP_MB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    let len = mb * 1_000_000;
+    println!("# Pigeon camera files into S3 (garage 2.5.0, release binaries, loopback)\n");
+    let dir = TestDir::new("bench-s3");
+    let garage = Garage::start(&dir).await;
+    let mut relay = Relay::start_with(&dir, &[(GATEWAY, TOKEN)], |t| {
+        t.insert("objects".into(), garage.objects_table("8MiB").into());
+    })
+    .await;
+    let drop_dir = dir.join("drop");
+    std::fs::create_dir_all(drop_dir.join("cam-2")).expect("drop dir");
+    let files = files_section(vec![watch_table("cameras", &drop_dir, &[])], &[]);
+    let config = GatewayConfig::for_files(GATEWAY, TOKEN, &relay.url(), files);
+    let mut gateway = Gateway::start_watching(&dir, config).await;
+    let stream = relay.data_dir().join("stream");
+    let mbps = |d: Duration| len as f64 / 1e6 / d.as_secs_f64();
+
+    // 1. Through the gateway.
+    let clip = CameraFile::mp4("cam-2/clip.mp4", len, 7);
+    let staged = dir.join("clip.mp4");
+    std::fs::write(&staged, &clip.bytes).expect("stage the clip");
+    let relay_pid = relay.proc().pid().expect("relay pid");
+    let t0 = Instant::now();
+    std::fs::rename(&staged, drop_dir.join(&clip.path)).expect("move the clip in");
+    let mut peak_kib = 0;
+    while Stream::count_lines(&stream) < 1 {
+        peak_kib = peak_kib.max(rss_kib(relay_pid, "VmRSS:"));
+        assert!(t0.elapsed() < Duration::from_secs(900), "no clip");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let through = t0.elapsed();
+    println!("{mb} MB clip into S3 (8 MiB parts):");
+    println!(
+        "  gateway, drop directory → relay → S3 object + event: {:>6.2} s  {:>7.1} MB/s   (relay RSS peak {:.1} MB)",
+        through.as_secs_f64(),
+        mbps(through),
+        peak_kib.max(rss_kib(relay_pid, "VmHWM:")) as f64 / 1024.0
+    );
+
+    // 2. The relay alone.
+    let again = dir.join("clip-again.mp4");
+    std::fs::write(&again, &clip.bytes).expect("stage again");
+    let curl = relay.curl_upload(TOKEN, GATEWAY, &again, &clip).await;
+    println!(
+        "  curl -T → relay upload endpoint → S3:               {:>6.2} s  {:>7.1} MB/s",
+        curl.as_secs_f64(),
+        mbps(curl)
+    );
+
+    // 3. S3 alone: the AWS CLI to the same bucket through the same proxy.
+    let aws = std::env::var("AWS_CLI").unwrap_or_else(|_| "aws".to_owned());
+    let t = Instant::now();
+    let out = tokio::process::Command::new(&aws)
+        .args([
+            "--endpoint-url",
+            &garage.endpoint(),
+            "s3",
+            "cp",
+            "--only-show-errors",
+            again.to_str().expect("utf-8"),
+            &format!("s3://{BUCKET}/bench/clip.mp4"),
+        ])
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("AWS_DEFAULT_REGION", REGION)
+        .output()
+        .await;
+    match out {
+        Ok(o) if o.status.success() => {
+            let d = t.elapsed();
+            println!(
+                "  aws s3 cp → S3 (the AWS CLI alone):                {:>6.2} s  {:>7.1} MB/s",
+                d.as_secs_f64(),
+                mbps(d)
+            );
+        }
+        Ok(o) => println!(
+            "  aws s3 cp failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => println!("  aws s3 cp: cannot run {aws:?} ({e}); set AWS_CLI"),
+    }
+
+    // 4. A burst of snapshots, one PutObject each.
+    let n = 200;
+    let before = Stream::count_lines(&stream);
+    let snaps: Vec<CameraFile> = (0..n)
+        .map(|i| CameraFile::jpeg(&format!("cam-2/snap-{i:03}.jpg"), 200_000, i as u64))
+        .collect();
+    let t0 = Instant::now();
+    for f in &snaps {
+        std::fs::write(drop_dir.join(&f.path), &f.bytes).expect("write");
+    }
+    let took = until_lines(&stream, before + n, t0).await;
+    println!(
+        "\nburst, {n} images of 200 KB at once: {:.2} s, {:.0} files/s, {:.1} MB/s end to end\n",
+        took.as_secs_f64(),
+        n as f64 / took.as_secs_f64(),
+        n as f64 * 0.2 / took.as_secs_f64()
+    );
+    gateway.stop().await;
+}
