@@ -16,23 +16,14 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{Map, Value};
 
-use crate::process::{Proc, describe, free_port, run_command};
+use crate::process::{Proc, describe, free_port, run_command, server_bin};
 use crate::proxy::Proxy;
 use crate::stream::Stream;
 use crate::{TestDir, secs, wait_until};
 
 /// The tansu binary: `$TANSU_BIN`, or `tansu` on `PATH` (scripts/install-test-deps).
 pub fn tansu_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("TANSU_BIN") {
-        return PathBuf::from(p);
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|d| d.join("tansu"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!("tansu not found: run `scripts/install-test-deps` as root, or set TANSU_BIN")
-        })
+    server_bin("tansu", "TANSU_BIN")
 }
 
 /// A running tansu broker (SIGKILLed when dropped) and the proxy in front of it.

@@ -272,6 +272,21 @@ pub async fn run_command(program: &Path, args: &[&str], timeout: Duration) -> Ou
 }
 
 /// An output for a failure message: exit status, stdout and stderr.
+/// A test server's binary: `$<env>` if set, else `name` on `PATH`; a panic naming the
+/// install script if there is none.
+pub fn server_bin(name: &str, env: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        return PathBuf::from(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("{name} not found: run `scripts/install-test-deps` as root, or set {env}")
+        })
+}
+
 pub fn describe(out: &Output) -> String {
     format!(
         "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",

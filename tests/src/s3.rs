@@ -11,7 +11,7 @@ use std::time::Duration;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 
-use crate::process::{Proc, free_port};
+use crate::process::{Proc, free_port, server_bin};
 use crate::proxy::Proxy;
 use crate::{TestDir, secs, wait_until};
 
@@ -25,16 +25,7 @@ pub const REGION: &str = "us-east-1";
 
 /// The garage binary: `$GARAGE_BIN`, or `garage` on `PATH` (scripts/install-test-deps).
 pub fn garage_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("GARAGE_BIN") {
-        return PathBuf::from(p);
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|d| d.join("garage"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!("garage not found: run `scripts/install-test-deps` as root, or set GARAGE_BIN")
-        })
+    server_bin("garage", "GARAGE_BIN")
 }
 
 /// An object in the bucket.

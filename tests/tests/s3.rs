@@ -28,6 +28,19 @@ async fn relay_metric(relay: &Relay, name: &str) -> f64 {
     relay.metric(name).await.ok().flatten().unwrap_or(0.0)
 }
 
+/// Waits until the relay's metric `name` is at least `min`.
+async fn wait_for_metric(relay: &Relay, name: &str, min: f64, what: &str) {
+    wait_until(what, secs(60), || async move {
+        let got = relay_metric(relay, name).await;
+        if got >= min {
+            Ok(())
+        } else {
+            Err(format!("{name} = {got}"))
+        }
+    })
+    .await;
+}
+
 fn limited(files: toml::Table, relay_url: &str, rate: &str) -> GatewayConfig {
     let mut c = GatewayConfig::for_files(GW, TOKEN, relay_url, files);
     c.relay_options
@@ -217,14 +230,12 @@ async fn an_s3_outage_is_answered_503_and_nothing_is_lost() {
 
     let mut sent = vec![CameraFile::mp4("cam-1/clip.mp4", 16_000_000, 21)];
     sent[0].write_into(&drop_dir);
-    wait_until("the clip to be uploading", secs(60), || async {
-        let got = relay_metric(&relay, "pigeon_relay_upload_bytes_received_total").await;
-        if got >= 6_000_000.0 {
-            Ok(())
-        } else {
-            Err(format!("{got} bytes"))
-        }
-    })
+    wait_for_metric(
+        &relay,
+        "pigeon_relay_upload_bytes_received_total",
+        6_000_000.0,
+        "the clip to be uploading",
+    )
     .await;
     garage.set_down(true);
     for i in 0..10u64 {
@@ -275,14 +286,12 @@ async fn a_relay_killed_mid_multipart_resumes_the_same_upload() {
 
     let clip = CameraFile::mp4("cam-1/clip.mp4", CLIP, 41);
     clip.write_into(&drop_dir);
-    wait_until("two parts of the clip in S3", secs(60), || async {
-        let parts = relay_metric(&relay, "pigeon_relay_object_parts_sent_total").await;
-        if parts >= 2.0 {
-            Ok(())
-        } else {
-            Err(format!("{parts} parts"))
-        }
-    })
+    wait_for_metric(
+        &relay,
+        "pigeon_relay_object_parts_sent_total",
+        2.0,
+        "two parts of the clip in S3",
+    )
     .await;
     relay.kill();
     // The multipart upload is there, unfinished, and no object is visible yet.
