@@ -188,8 +188,9 @@ fn percent_decode(s: &str) -> Result<String, String> {
 }
 
 impl Relay {
-    /// Sends `path` to the relay's upload endpoint with curl: a create, then `curl -T` as a
-    /// PATCH from offset 0. The time of the PATCH (the bytes, the digest check, the commit).
+    /// Sends `path` to the relay's upload endpoint with curl, as `f` under a fixed event:
+    /// a create, then `curl -T` as a PATCH from offset 0. The time of the PATCH (the
+    /// bytes, the digest check, the commit); panics unless it was accepted.
     pub async fn curl_upload(
         &self,
         token: &str,
@@ -197,21 +198,44 @@ impl Relay {
         path: &Path,
         f: &CameraFile,
     ) -> Duration {
+        let location = self
+            .curl_create(token, gateway, 1, f.bytes.len(), &f.sha256_hex())
+            .await;
+        let t = Instant::now();
+        let (status, answer) = self.curl_patch(token, &location, path).await;
+        let d = t.elapsed();
+        assert!(
+            status == 200 && answer.contains("accepted"),
+            "curl's upload was not accepted: {status} {answer}"
+        );
+        d
+    }
+
+    /// Creates the upload of a video file event (`bench-curl` producer, `sequence`) with
+    /// curl; its location.
+    pub async fn curl_create(
+        &self,
+        token: &str,
+        gateway: &str,
+        sequence: u64,
+        length: usize,
+        sha256: &str,
+    ) -> String {
         let event = serde_json::json!({
             "specversion": "1.0",
-            "id": "bench-curl-clip",
+            "id": format!("curl-clip-{sequence}"),
             "source": format!("/gateways/{gateway}/bench/curl"),
             "type": "io.pigeon.camera.video",
             "time": "2026-12-01T00:00:00Z",
             "datacontenttype": "application/json",
-            "data": {"filename": "clip.mp4"},
-            "sequence": "00000000000000000001",
+            "data": {"filename": "clip.mp4", "contenttype": "video/mp4"},
+            "sequence": format!("{sequence:020}"),
             "producerid": "bench-curl",
         });
         let create = serde_json::json!({
             "event": event,
-            "length": f.bytes.len(),
-            "sha256": f.sha256_hex(),
+            "length": length,
+            "sha256": sha256,
             "extension": "mp4",
         })
         .to_string();
@@ -236,13 +260,20 @@ impl Relay {
         .await;
         let state: serde_json::Value =
             serde_json::from_slice(&out.stdout).expect("an upload state from the relay");
-        let location = state["location"].as_str().expect("a location");
+        state["location"].as_str().expect("a location").to_owned()
+    }
+
+    /// `PATCH`es all of `path` to the upload at `location` from offset 0 with curl:
+    /// the status and the body of the answer.
+    pub async fn curl_patch(&self, token: &str, location: &str, path: &Path) -> (u16, String) {
+        let auth = format!("Authorization: Bearer {token}");
         let patch_url = format!("{}{location}", self.url());
-        let t = Instant::now();
         let out = run_command(
             Path::new("curl"),
             &[
                 "-sS",
+                "-w",
+                "\n%{http_code}",
                 "-X",
                 "PATCH",
                 "-H",
@@ -258,13 +289,9 @@ impl Relay {
             Duration::from_secs(600),
         )
         .await;
-        let d = t.elapsed();
-        let answer = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            answer.contains("accepted"),
-            "curl's upload was not accepted: {answer}"
-        );
-        d
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
     }
 
     /// `<data_dir>/objects`, the embedded object store.

@@ -316,3 +316,43 @@ async fn a_relay_killed_mid_multipart_resumes_the_same_upload() {
     assert!(!log.contains("panicked"), "the relay panicked");
     gw.stop().await;
 }
+
+/// A file whose bytes are not the announced SHA-256, larger than a part: the relay sends
+/// its parts as they arrive, finds the mismatch at the end, answers 422 and aborts the
+/// multipart upload — no object, nothing unfinished left in the bucket, no event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_digest_aborts_the_multipart_upload() {
+    let dir = TestDir::new("s3-digest");
+    let garage = Garage::start(&dir).await;
+    let relay = Relay::start_with(&dir, &[(GW, TOKEN)], |t| s3_objects(t, &garage)).await;
+    let sent = CameraFile::mp4("cam-1/clip.mp4", 12_000_000, 51);
+    let announced = CameraFile::mp4("cam-1/clip.mp4", 12_000_000, 52).sha256_hex();
+    let path = dir.join("clip.mp4");
+    std::fs::write(&path, &sent.bytes).unwrap();
+    let location = relay
+        .curl_create(TOKEN, GW, 7, sent.bytes.len(), &announced)
+        .await;
+    let (status, body) = relay.curl_patch(TOKEN, &location, &path).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("SHA-256"), "{body}");
+    assert_eq!(
+        relay_metric(&relay, "pigeon_relay_object_parts_sent_total").await,
+        2.0,
+        "two full parts went out before the mismatch showed"
+    );
+    assert!(garage.unfinished_uploads().await.is_empty(), "not aborted");
+    assert!(garage.list("").await.is_empty(), "an object was stored");
+    assert!(file_events_s3(&relay).is_empty());
+    // The same bytes announced with their own digest go in (under another event).
+    let location = relay
+        .curl_create(TOKEN, GW, 8, sent.bytes.len(), &sent.sha256_hex())
+        .await;
+    let (status, body) = relay.curl_patch(TOKEN, &location, &path).await;
+    assert_eq!(status, 200, "{body}");
+    let stored = garage.list("objects/").await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    let (bytes, meta) = garage.get(stored.keys().next().unwrap()).await;
+    assert!(bytes == sent.bytes);
+    assert_eq!(meta.get("sha256"), Some(&sent.sha256_hex()));
+    garage.wait_for_no_unfinished_uploads().await;
+}
