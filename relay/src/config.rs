@@ -29,6 +29,7 @@ pub struct RelayConfig {
     pub sink: SinkConfig,
     pub stream: StreamConfig,
     pub objects: ObjectsConfig,
+    pub capture: CaptureConfig,
     pub uploads: UploadsConfig,
     pub gateways: Vec<GatewayConfig>,
 }
@@ -44,6 +45,7 @@ impl Default for RelayConfig {
             sink: SinkConfig::default(),
             stream: StreamConfig::default(),
             objects: ObjectsConfig::default(),
+            capture: CaptureConfig::default(),
             uploads: UploadsConfig::default(),
             gateways: Vec::new(),
         }
@@ -223,6 +225,25 @@ impl Default for S3Config {
     }
 }
 
+/// `[capture]`: every event also into the bucket, Hive-partitioned and compressed.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureConfig {
+    pub enabled: bool,
+    pub roll_bytes: ByteSize,
+    pub roll_age: Duration,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            roll_bytes: ByteSize::mib(16),
+            roll_age: Duration::from_secs(300),
+        }
+    }
+}
+
 /// `[uploads]`: the resumable upload endpoint.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -263,6 +284,8 @@ pub struct Config {
     pub sink: SinkSettings,
     pub stream: StreamSettings,
     pub objects: ObjectSettings,
+    /// `None`: capture is off.
+    pub capture: Option<crate::capture::CaptureSettings>,
     pub uploads: UploadSettings,
     pub gateways: Vec<Credential>,
     /// Each configured gateway's tenant.
@@ -587,6 +610,7 @@ impl RelayConfig {
             tenants.insert(g.id.clone(), tenant);
         }
         let stream = self.stream.validate(l.max_event_bytes.get())?;
+        let capture = self.capture.validate(s3.is_some(), &stream)?;
 
         Ok(Config {
             listen: self.listen,
@@ -609,6 +633,7 @@ impl RelayConfig {
             },
             stream,
             objects: ObjectSettings { base_url, s3 },
+            capture,
             uploads: UploadSettings {
                 abandon_after: self.uploads.abandon_after.get(),
             },
@@ -631,6 +656,46 @@ pub fn check_tenant(t: &str) -> Result<(), String> {
         Err(format!(
             "({t:?}) must be 1 to 64 of a-z 0-9 - _, starting with a letter or digit (it names Kafka topics and object prefixes)"
         ))
+    }
+}
+
+impl CaptureConfig {
+    fn validate(
+        &self,
+        s3: bool,
+        stream: &StreamSettings,
+    ) -> Result<Option<crate::capture::CaptureSettings>, ConfigError> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        if !s3 {
+            return Err(invalid(
+                "capture.enabled",
+                "needs objects.kind = \"s3\": capture objects go to that bucket",
+            ));
+        }
+        if *stream != StreamSettings::Files {
+            return Err(invalid(
+                "capture.enabled",
+                "needs stream.kind = \"files\" (capture reads the stream files); with Kafka, capture the topics with Kafka Connect's S3 sink or Event Hubs Capture",
+            ));
+        }
+        let bytes = self.roll_bytes.get();
+        if !((64 << 10)..=(256 << 20)).contains(&bytes) {
+            return Err(invalid(
+                "capture.roll_bytes",
+                format!(
+                    "({bytes} bytes) must be from 64KiB to 256MiB (a roll is compressed in memory)"
+                ),
+            ));
+        }
+        if self.roll_age.get() < std::time::Duration::from_secs(1) {
+            return Err(invalid("capture.roll_age", "must be at least 1s"));
+        }
+        Ok(Some(crate::capture::CaptureSettings {
+            roll_bytes: bytes,
+            roll_age: self.roll_age.get(),
+        }))
     }
 }
 
@@ -930,6 +995,47 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("10000 parts"), "{e}");
+    }
+
+    #[test]
+    fn capture_needs_s3_and_the_files_stream() {
+        let s3 = "[objects]\nkind = \"s3\"\n[objects.s3]\nbucket = \"b-1\"\n";
+        let on = |rest: &str| format!("{s3}[capture]\nenabled = true\n{rest}");
+        let c = RelayConfig::parse(&on("roll_bytes = \"1MiB\"\nroll_age = \"30s\"\n"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(
+            c.capture,
+            Some(crate::capture::CaptureSettings {
+                roll_bytes: 1 << 20,
+                roll_age: std::time::Duration::from_secs(30),
+            })
+        );
+        assert_eq!(RelayConfig::default().validate().unwrap().capture, None);
+        let message = |toml: &str| {
+            RelayConfig::parse(toml)
+                .unwrap()
+                .validate()
+                .map(drop)
+                .unwrap_err()
+                .to_string()
+        };
+        for (toml, want) in [
+            ("[capture]\nenabled = true\n".to_owned(), "objects.kind"),
+            (
+                format!(
+                    "{}[stream]\nkind = \"kafka\"\n[stream.kafka]\nbrokers = \"k:9092\"\n",
+                    on("")
+                ),
+                "stream.kind",
+            ),
+            (on("roll_bytes = \"1KiB\"\n"), "capture.roll_bytes"),
+            (on("roll_age = \"0s\"\n"), "capture.roll_age"),
+        ] {
+            let e = message(&toml);
+            assert!(e.contains(want), "{toml:?} -> {e}");
+        }
     }
 
     #[test]

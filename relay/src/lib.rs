@@ -21,6 +21,7 @@
 //! files in `docs/data-layout.md`, the configuration in `docs/configuration-relay.md`.
 
 pub mod auth;
+pub mod capture;
 pub mod config;
 pub mod ingest;
 pub mod metrics;
@@ -94,6 +95,25 @@ pub async fn run(
                 Some(prober),
             )
         }
+    };
+    let capture = match (&config.capture, &objects) {
+        (Some(settings), upload::Objects::S3 { bucket, .. }) => {
+            let (data_dir, bucket, settings, tenants, m) = (
+                config.data_dir.clone(),
+                bucket.clone(),
+                *settings,
+                config.tenants.clone(),
+                metrics.clone(),
+            );
+            let c = tokio::task::spawn_blocking(move || {
+                capture::Capture::open(&data_dir, bucket, settings, tenants, m)
+            })
+            .await
+            .map_err(|e| RelayError::Internal(format!("startup task failed: {e}")))?
+            .map_err(|e| RelayError::Internal(format!("cannot open the capture state: {e}")))?;
+            Some(c.spawn())
+        }
+        _ => None,
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let uploads = Arc::new(upload::Uploads::new(
@@ -200,6 +220,9 @@ pub async fn run(
     sweeper.abort();
     if let Some(p) = prober {
         p.abort();
+    }
+    if let Some(c) = capture {
+        c.abort();
     }
     sink.shutdown().await;
     ticker.abort();

@@ -107,6 +107,10 @@ pub struct Metrics {
     /// False after an S3 request failed, true again after one succeeded.
     pub object_store_healthy: AtomicBool,
     pub object_parts_sent: AtomicU64,
+    pub capture_events: AtomicU64,
+    pub capture_objects: AtomicU64,
+    pub capture_bytes: AtomicU64,
+    pub capture_errors: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -145,6 +149,10 @@ impl Metrics {
             object_store_errors: AtomicU64::new(0),
             object_store_healthy: AtomicBool::new(true),
             object_parts_sent: AtomicU64::new(0),
+            capture_events: AtomicU64::new(0),
+            capture_objects: AtomicU64::new(0),
+            capture_bytes: AtomicU64::new(0),
+            capture_errors: AtomicU64::new(0),
         }
     }
 
@@ -332,6 +340,30 @@ impl Metrics {
             "Parts of files sent to S3 multipart uploads.",
             self.object_parts_sent.load(Relaxed),
         );
+        for (name, help, v) in [
+            (
+                "pigeon_relay_capture_events_total",
+                "Events written to capture objects.",
+                &self.capture_events,
+            ),
+            (
+                "pigeon_relay_capture_objects_total",
+                "Capture objects written (one per event type per roll).",
+                &self.capture_objects,
+            ),
+            (
+                "pigeon_relay_capture_bytes_total",
+                "Compressed bytes of capture objects written.",
+                &self.capture_bytes,
+            ),
+            (
+                "pigeon_relay_capture_errors_total",
+                "Capture passes that failed (retried every second).",
+                &self.capture_errors,
+            ),
+        ] {
+            counter(&mut out, name, help, v.load(Relaxed));
+        }
         out
     }
 }

@@ -231,6 +231,26 @@ impl Bucket {
             .map_err(|e| unavailable("PutObject", &e))
     }
 
+    /// Stores `body` as the object at `key` in one request (replacing what is there).
+    pub async fn put_bytes(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        content_type: &str,
+    ) -> Result<(), S3Error> {
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.key(key))
+            .content_length(body.len() as i64)
+            .body(ByteStream::from(body))
+            .content_type(content_type)
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| unavailable("PutObject", &e))
+    }
+
     /// Starts a multipart upload for `key`; its upload id.
     pub async fn create_multipart(
         &self,

@@ -205,6 +205,26 @@ root_domain = ".s3.garage.localhost"
         (bytes, meta)
     }
 
+    /// Every capture object under `prefix` (e.g. `capture/`), gunzipped: key → its lines
+    /// parsed as JSON. A line that does not parse is a panic.
+    pub async fn capture(&self, prefix: &str) -> BTreeMap<String, Vec<serde_json::Value>> {
+        use std::io::Read as _;
+        let mut out = BTreeMap::new();
+        for key in self.list(prefix).await.into_keys() {
+            let (gz, _) = self.get(&key).await;
+            let mut text = String::new();
+            flate2::read::GzDecoder::new(&gz[..])
+                .read_to_string(&mut text)
+                .unwrap_or_else(|e| panic!("{key} is not gzip: {e}"));
+            let events = text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{key}: {e}: {l:?}")))
+                .collect();
+            out.insert(key, events);
+        }
+        out
+    }
+
     /// The keys of the multipart uploads not completed (nor aborted) yet.
     pub async fn unfinished_uploads(&self) -> Vec<String> {
         let out = self

@@ -13,8 +13,8 @@
 //! it is cut off; the gateway will send that event again.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
+use std::fs::{self, OpenOptions};
+use std::io::{self, BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -87,14 +87,8 @@ impl Checkpoint {
 
     /// Writes the checkpoint atomically into `state_dir`.
     pub fn store(&self, state_dir: &Path) -> io::Result<()> {
-        let tmp = state_dir.join(CHECKPOINT_TMP);
         let json = serde_json::to_vec(self).map_err(io::Error::other)?;
-        let mut f = File::create(&tmp)?;
-        f.write_all(&json)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, state_dir.join(CHECKPOINT_FILE))?;
-        sync_dir(state_dir)
+        super::stream::write_atomic(state_dir, CHECKPOINT_FILE, &json)
     }
 
     /// Reads the checkpoint from `state_dir`; `Ok(None)` if there is none.

@@ -44,6 +44,18 @@ pub fn relative_path(gateway: &GatewayId, hour: HourIndex) -> String {
     )
 }
 
+/// Replaces `dir/name` with `bytes` atomically: a temporary file written and fsynced,
+/// renamed over it, the directory fsynced.
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(&tmp, dir.join(name))?;
+    sync_dir(dir)
+}
+
 /// Makes `dir` (whose parent exists) if missing; a new directory's entry is made durable
 /// by syncing the parent. Returns whether it was created.
 pub fn ensure_dir(dir: &Path) -> io::Result<bool> {
