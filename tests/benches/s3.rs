@@ -8,7 +8,10 @@
 //! * the same file with `curl -T` to the relay's upload endpoint (the relay's side alone);
 //! * the same file with `aws s3 cp` to the same bucket (S3's side alone: the AWS CLI's
 //!   own multipart upload, 8 MiB parts, 10 at a time);
-//! * a burst of 200 snapshots of 200 KB (one `PutObject` each): files/s end to end.
+//! * a burst of 200 snapshots of 200 KB (one `PutObject` each): files/s end to end;
+//! * capture catching up a backlog: 200,000 readings already in a stream file (three
+//!   hours old, so final), a relay started on it with capture on: events/s into
+//!   gzip-compressed capture objects, and the compression.
 //!
 //! `PIGEON_BENCH_CLIP_MB` scales the clip; `AWS_CLI` names the `aws` binary.
 
@@ -142,4 +145,99 @@ async fn main() {
         n as f64 * 0.2 / took.as_secs_f64()
     );
     gateway.stop().await;
+    drop(relay);
+
+    capture_backlog(&garage, &dir, 200_000).await;
+}
+
+/// Writes `n` readings into one stream file of a fresh data dir, ages it three hours,
+/// starts a relay with capture on it and times capture until it has every event.
+async fn capture_backlog(garage: &Garage, dir: &TestDir, n: usize) {
+    let data_dir = dir.join("capture-relay");
+    let file = data_dir.join("stream/bench-sensors/2026-12-01/21.jsonl");
+    std::fs::create_dir_all(file.parent().expect("parent")).expect("stream dir");
+    let mut lines = String::with_capacity(n * 420);
+    for i in 0..n {
+        lines.push_str(&format!(
+            concat!(
+                r#"{{"specversion":"1.0","id":"01a2351c-0000-7000-8000-{:012}","type":"com.example.sensor.reading","#,
+                r#""source":"/gateways/bench-sensors/mqtt","datacontenttype":"application/json","#,
+                r#""subject":"sites/s1/sensors/t{}","time":"2026-12-01T21:00:00.{:03}Z","#,
+                r#""data":{{"celsius":{}.{},"humidity":{},"n":{}}},"#,
+                r#""sequence":"{:020}","producerid":"bench-producer"}}"#,
+                "\n"
+            ),
+            i,
+            i % 50,
+            i % 1000,
+            15 + i % 10,
+            i % 10,
+            40 + i % 30,
+            i,
+            i + 1
+        ));
+    }
+    let bytes = lines.len();
+    std::fs::write(&file, lines).expect("write the stream file");
+    let aged = tokio::process::Command::new("touch")
+        .args(["-d", "3 hours ago"])
+        .arg(&file)
+        .status()
+        .await
+        .expect("touch");
+    assert!(aged.success());
+    let sub = TestDir::new("bench-s3-capture");
+    let t0 = Instant::now();
+    let relay = Relay::start_with(&sub, &[("bench-sensors", TOKEN)], |t| {
+        t.insert("data_dir".into(), data_dir.display().to_string().into());
+        t.insert("objects".into(), garage.objects_table("8MiB").into());
+        let mut c = toml::Table::new();
+        c.insert("enabled".into(), true.into());
+        c.insert("roll_age".into(), "1s".into());
+        t.insert("capture".into(), c.into());
+    })
+    .await;
+    let ready = t0.elapsed();
+    loop {
+        let got = relay
+            .metric("pigeon_relay_capture_events_total")
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(0.0);
+        if got as usize >= n {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(600),
+            "capture is stuck at {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = t0.elapsed() - ready;
+    let compressed = relay
+        .metric("pigeon_relay_capture_bytes_total")
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(0.0);
+    let objects = relay
+        .metric("pigeon_relay_capture_objects_total")
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(0.0);
+    println!(
+        "capture, a backlog of {n} readings ({:.1} MB of JSON lines) into S3 (16 MiB rolls):",
+        bytes as f64 / 1e6
+    );
+    println!(
+        "  {:.2} s after the relay was ready ({:.2} s to start, reading the file into the index): {:.0} events/s, {:.1} MB/s; {objects} objects, {:.1} MB compressed ({:.1}x)\n",
+        took.as_secs_f64(),
+        ready.as_secs_f64(),
+        n as f64 / took.as_secs_f64(),
+        bytes as f64 / 1e6 / took.as_secs_f64(),
+        compressed / 1e6,
+        bytes as f64 / compressed.max(1.0)
+    );
 }
