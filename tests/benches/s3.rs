@@ -200,11 +200,8 @@ async fn capture_backlog(garage: &Garage, dir: &TestDir, n: usize) {
     let ready = t0.elapsed();
     loop {
         let got = relay
-            .metric("pigeon_relay_capture_events_total")
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or(0.0);
+            .metric_or_zero("pigeon_relay_capture_events_total")
+            .await;
         if got as usize >= n {
             break;
         }
@@ -216,17 +213,11 @@ async fn capture_backlog(garage: &Garage, dir: &TestDir, n: usize) {
     }
     let took = t0.elapsed() - ready;
     let compressed = relay
-        .metric("pigeon_relay_capture_bytes_total")
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or(0.0);
+        .metric_or_zero("pigeon_relay_capture_bytes_total")
+        .await;
     let objects = relay
-        .metric("pigeon_relay_capture_objects_total")
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or(0.0);
+        .metric_or_zero("pigeon_relay_capture_objects_total")
+        .await;
     println!(
         "capture, a backlog of {n} readings ({:.1} MB of JSON lines) into S3 (16 MiB rolls):",
         bytes as f64 / 1e6

@@ -184,6 +184,12 @@ impl Relay {
         Ok(metric_value(&body, sample))
     }
 
+    /// [`Relay::metric`], 0 when it cannot be read or is not there (a counter not yet
+    /// counted, or a relay restarting).
+    pub async fn metric_or_zero(&self, sample: &str) -> f64 {
+        self.metric(sample).await.ok().flatten().unwrap_or(0.0)
+    }
+
     /// Polls the stream until every number in `expected` is there under `data.<field>`;
     /// panics after `timeout`, naming what is still missing. Returns the stream as read.
     pub async fn wait_for_readings(

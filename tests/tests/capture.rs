@@ -94,11 +94,8 @@ async fn every_event_is_captured_once_across_relay_kills() {
         let want = (total * k / 8) as usize;
         wait_until("capture to make progress", secs(90), || async {
             let n = relay
-                .metric("pigeon_relay_capture_events_total")
-                .await
-                .ok()
-                .flatten()
-                .unwrap_or(0.0);
+                .metric_or_zero("pigeon_relay_capture_events_total")
+                .await;
             // The counter starts again at each restart: compare with the stream.
             let stream = Stream::count_lines(&relay.stream_dir());
             if n > 0.0 && stream >= want {

@@ -25,7 +25,7 @@ fn s3_objects(t: &mut toml::Table, garage: &Garage) {
 }
 
 async fn relay_metric(relay: &Relay, name: &str) -> f64 {
-    relay.metric(name).await.ok().flatten().unwrap_or(0.0)
+    relay.metric_or_zero(name).await
 }
 
 /// Waits until the relay's metric `name` is at least `min`.
