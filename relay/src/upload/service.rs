@@ -314,10 +314,6 @@ pub fn not_found(gateway: &GatewayId, id: &str) -> UploadError {
     ))
 }
 
-fn digest_hex(hashed: &Hashed) -> String {
-    hashed.hex()
-}
-
 /// Runs blocking file work; an I/O error is a 503 (the disk may come back) and logged.
 async fn blocking<T: Send + 'static>(
     what: &'static str,
@@ -1132,7 +1128,7 @@ impl Uploads {
                 let length = m.length;
                 let hashed =
                     blocking("read the object back", move || hash_prefix(&path, length)).await?;
-                digest_hex(&hashed)
+                hashed.hex()
             }
             // Objects are only ever completed after their digest was checked, with the
             // digest in their metadata.
@@ -1197,7 +1193,7 @@ impl Uploads {
         hashed: Hashed,
         started: Instant,
     ) -> Result<UploadState, UploadError> {
-        let actual = digest_hex(&hashed);
+        let actual = hashed.hex();
         if actual != m.sha256 {
             lease.held().hashed = None;
             self.reset(gateway, id, &mut m.clone()).await?;
