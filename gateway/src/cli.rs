@@ -148,6 +148,9 @@ fn load(path: &std::path::Path) -> Result<(Config, Option<String>), String> {
     if let Some(files) = &config.files {
         check_files(files, &config).map_err(|e| format!("{}: {e}", path.display()))?;
     }
+    // Unreadable or mismatched certificate files, likewise.
+    crate::uplink::tls::client_config(&config.relay)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok((config, token))
 }
 

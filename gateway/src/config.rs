@@ -142,6 +142,16 @@ pub struct RelayConfig {
     pub token: Option<String>,
     /// A file holding the token (first line; surrounding white space ignored).
     pub token_file: Option<PathBuf>,
+    /// PEM CA certificate(s) to trust for an https relay instead of the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (and chain) presented to the relay: the gateway's identity
+    /// when the relay asks for one (its subject CN is the gateway id there).
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
     #[serde(default = "default_batch_max_events")]
     pub batch_max_events: usize,
     #[serde(default = "default_batch_max_bytes")]
@@ -336,6 +346,34 @@ impl Config {
                 ));
             }
             _ => {}
+        }
+        let https = r.url.starts_with("https:");
+        match (&r.client_cert, &r.client_key) {
+            (Some(_), None) => {
+                return Err((
+                    "relay.client_key",
+                    "is missing: client_cert needs its key".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err((
+                    "relay.client_cert",
+                    "is missing: client_key needs its certificate".into(),
+                ));
+            }
+            (Some(_), Some(_)) if !https => {
+                return Err((
+                    "relay.client_cert",
+                    "is only presented over TLS: relay.url must be https://".into(),
+                ));
+            }
+            _ => {}
+        }
+        if r.ca_file.is_some() && !https {
+            return Err((
+                "relay.ca_file",
+                "is only used over TLS: relay.url must be https://".into(),
+            ));
         }
         if r.batch_max_events == 0 || r.batch_max_events > 100_000 {
             return Err((

@@ -31,6 +31,7 @@ pub struct RelayConfig {
     pub objects: ObjectsConfig,
     pub capture: CaptureConfig,
     pub uploads: UploadsConfig,
+    pub tls: TlsConfig,
     pub gateways: Vec<GatewayConfig>,
 }
 
@@ -47,6 +48,7 @@ impl Default for RelayConfig {
             objects: ObjectsConfig::default(),
             capture: CaptureConfig::default(),
             uploads: UploadsConfig::default(),
+            tls: TlsConfig::default(),
             gateways: Vec::new(),
         }
     }
@@ -244,6 +246,90 @@ impl Default for CaptureConfig {
     }
 }
 
+/// `[tls]`: HTTPS on `listen`, optionally with client certificates.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
+    pub client_auth: ClientAuth,
+    pub reload_check: Duration,
+    pub handshake_timeout: Duration,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert: None,
+            key: None,
+            client_ca: None,
+            client_auth: ClientAuth::Optional,
+            reload_check: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `tls.client_auth`: whether a connection must present a client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// A certificate identifies its gateway; without one, a bearer token does.
+    Optional,
+    /// No certificate, no connection.
+    Required,
+}
+
+impl TlsConfig {
+    fn validate(&self) -> Result<Option<crate::tls::TlsSettings>, ConfigError> {
+        let (cert, key) = match (&self.cert, &self.key) {
+            (None, None) => {
+                if self.client_ca.is_some() {
+                    return Err(invalid(
+                        "tls.client_ca",
+                        "needs tls.cert and tls.key: client certificates are only asked for over HTTPS",
+                    ));
+                }
+                return Ok(None);
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "tls.key",
+                    "is missing: tls.cert needs its private key",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "tls.cert",
+                    "is missing: tls.key needs its certificate",
+                ));
+            }
+            (Some(c), Some(k)) => (c, k),
+        };
+        if self.client_auth == ClientAuth::Required && self.client_ca.is_none() {
+            return Err(invalid(
+                "tls.client_auth",
+                "= \"required\" needs tls.client_ca, the CA that signs the gateways' certificates",
+            ));
+        }
+        if self.reload_check.get() < std::time::Duration::from_secs(1) {
+            return Err(invalid("tls.reload_check", "must be at least 1s"));
+        }
+        if self.handshake_timeout.get() < std::time::Duration::from_secs(1) {
+            return Err(invalid("tls.handshake_timeout", "must be at least 1s"));
+        }
+        Ok(Some(crate::tls::TlsSettings {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: self.client_ca.clone(),
+            client_auth_required: self.client_auth == ClientAuth::Required,
+            reload_check: self.reload_check.get(),
+            handshake_timeout: self.handshake_timeout.get(),
+        }))
+    }
+}
+
 /// `[uploads]`: the resumable upload endpoint.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -287,6 +373,8 @@ pub struct Config {
     /// `None`: capture is off.
     pub capture: Option<crate::capture::CaptureSettings>,
     pub uploads: UploadSettings,
+    /// `None`: plain HTTP.
+    pub tls: Option<crate::tls::TlsSettings>,
     pub gateways: Vec<Credential>,
     /// Each configured gateway's tenant.
     pub tenants: HashMap<GatewayId, String>,
@@ -545,6 +633,8 @@ impl RelayConfig {
             }
         };
 
+        let tls = self.tls.validate()?;
+        let certificates = tls.as_ref().is_some_and(|t| t.client_ca.is_some());
         let mut ids = HashSet::new();
         let mut digests = HashSet::new();
         let mut gateways = Vec::with_capacity(self.gateways.len());
@@ -564,10 +654,15 @@ impl RelayConfig {
                         "and token_sha256 are both set: give exactly one",
                     ));
                 }
+                // Identified by its client certificate alone.
+                (None, None) if certificates => None,
                 (None, None) => {
                     return Err(invalid(
                         key("token"),
-                        format!("is missing for gateway {}: set token or token_sha256", g.id),
+                        format!(
+                            "is missing for gateway {}: set token or token_sha256 (or tls.client_ca, to identify gateways by their client certificates)",
+                            g.id
+                        ),
                     ));
                 }
                 (Some(t), None) => {
@@ -581,16 +676,16 @@ impl RelayConfig {
                             "The gateway's token is shorter than 16 characters; use a long random secret."
                         );
                     }
-                    TokenDigest::of_token(t)
+                    Some(TokenDigest::of_token(t))
                 }
-                (None, Some(hex)) => TokenDigest::from_hex(hex).ok_or_else(|| {
+                (None, Some(hex)) => Some(TokenDigest::from_hex(hex).ok_or_else(|| {
                     invalid(
                         key("token_sha256"),
                         "must be 64 hexadecimal digits (a SHA-256 digest)",
                     )
-                })?,
+                })?),
             };
-            if !digests.insert(digest) {
+            if digest.is_some_and(|d| !digests.insert(d)) {
                 return Err(invalid(
                     key("token"),
                     format!("of gateway {} is the same as another gateway's", g.id),
@@ -637,6 +732,7 @@ impl RelayConfig {
             uploads: UploadSettings {
                 abandon_after: self.uploads.abandon_after.get(),
             },
+            tls,
             gateways,
             tenants,
         })
@@ -1126,7 +1222,7 @@ mod tests {
         assert_eq!(c.limits.max_concurrent_requests, 8);
         assert_eq!(
             c.gateways[0].digest,
-            TokenDigest::of_token("0123456789abcdef")
+            Some(TokenDigest::of_token("0123456789abcdef"))
         );
     }
 
@@ -1230,7 +1326,7 @@ mod tests {
         .validate()
         .unwrap();
         // sha256("test")
-        assert_eq!(c.gateways[0].digest, TokenDigest::of_token("test"));
+        assert_eq!(c.gateways[0].digest, Some(TokenDigest::of_token("test")));
     }
 
     #[test]
@@ -1335,5 +1431,41 @@ mod tests {
             );
         }
         assert!(RelayConfig::parse("[stream]\nkind = \"nats\"\n").is_err());
+    }
+
+    #[test]
+    fn tls_needs_both_files_and_client_auth_needs_a_ca() {
+        assert_eq!(invalid_key("[tls]\ncert = \"c.pem\"\n"), "tls.key");
+        assert_eq!(invalid_key("[tls]\nkey = \"k.pem\"\n"), "tls.cert");
+        assert_eq!(
+            invalid_key("[tls]\nclient_ca = \"ca.pem\"\n"),
+            "tls.client_ca"
+        );
+        let both = "[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        assert_eq!(
+            invalid_key(&format!("{both}client_auth = \"required\"\n")),
+            "tls.client_auth"
+        );
+        assert_eq!(
+            invalid_key(&format!("{both}reload_check = \"100ms\"\n")),
+            "tls.reload_check"
+        );
+        assert!(RelayConfig::parse(&format!("{both}client_auth = \"sometimes\"\n")).is_err());
+        let c = RelayConfig::parse(both).unwrap().validate().unwrap();
+        let t = c.tls.unwrap();
+        assert_eq!((t.client_ca, t.client_auth_required), (None, false));
+        assert!(RelayConfig::default().validate().unwrap().tls.is_none());
+    }
+
+    #[test]
+    fn a_gateway_without_a_token_needs_client_certificates() {
+        let gw = "[[gateways]]\nid = \"pi-1\"\n";
+        assert_eq!(invalid_key(gw), "gateways[0].token");
+        let mtls = format!(
+            "{gw}[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nclient_ca = \"ca.pem\"\nclient_auth = \"required\"\n"
+        );
+        let c = RelayConfig::parse(&mtls).unwrap().validate().unwrap();
+        assert_eq!(c.gateways[0].digest, None);
+        assert!(c.tls.unwrap().client_auth_required);
     }
 }

@@ -29,12 +29,12 @@ pub mod s3;
 pub mod server;
 pub mod service;
 pub mod sink;
+pub mod tls;
 pub mod upload;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
 use pigeon_sdnotify::{Notifier, State};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -46,6 +46,8 @@ pub use config::{Config, ConfigError, RelayConfig};
 pub enum RelayError {
     #[error("cannot start the stream sink: {0}")]
     DataDir(#[from] sink::RecoveryError),
+    #[error("cannot serve HTTPS: {0}")]
+    Tls(#[from] tls::TlsError),
     #[error("the HTTP server failed: {0}")]
     Serve(std::io::Error),
     #[error("internal error: {0}")]
@@ -67,6 +69,11 @@ pub async fn run(
 ) -> Result<(), RelayError> {
     let notifier = Arc::new(Notifier::from_env());
     let metrics = Arc::new(metrics::Metrics::new());
+    // First: a certificate problem is the operator's to fix, before anything is opened.
+    let tls = match &config.tls {
+        Some(settings) => Some(tls::Tls::open(settings.clone(), metrics.clone())?),
+        None => None,
+    };
     let data_dir = config.data_dir.clone();
     let sink_settings = config.sink;
     let sink_metrics = metrics.clone();
@@ -176,12 +183,13 @@ pub async fn run(
     };
 
     let addr = listener.local_addr().map_err(RelayError::Serve)?;
-    let listener = listener.tap_io(|tcp| {
-        // Small request/response exchanges on kept-alive connections: no Nagle delays.
-        let _ = tcp.set_nodelay(true);
-    });
+    let reloader = match &tls {
+        Some(t) => t.clone().spawn_reloader(),
+        None => tokio::spawn(ignore_sighup()),
+    };
     tracing::info!(
         %addr,
+        https = tls.is_some(),
         data_dir = %config.data_dir.display(),
         objects = %config.objects.base_url,
         "The relay is listening."
@@ -198,7 +206,23 @@ pub async fn run(
         ))
     });
 
-    let serve = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let app = app.into_make_service_with_connect_info::<tls::Peer>();
+    let serve_stop = stop_rx.clone();
+    let serve = async move {
+        match tls {
+            Some(t) => {
+                let listener = tls::TlsListener::new(listener, t)?;
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped(serve_stop))
+                    .await
+            }
+            None => {
+                axum::serve(tls::PlainListener(listener), app)
+                    .with_graceful_shutdown(stopped(serve_stop))
+                    .await
+            }
+        }
+    };
     let deadline = async {
         stopped(stop_rx).await;
         tracing::info!(
@@ -208,7 +232,7 @@ pub async fn run(
         tokio::time::sleep(config.shutdown_timeout).await;
     };
     tokio::select! {
-        r = serve.into_future() => r.map_err(RelayError::Serve)?,
+        r = serve => r.map_err(RelayError::Serve)?,
         () = deadline => tracing::warn!(
             "In-flight requests did not finish within the shutdown timeout; stopping anyway."
         ),
@@ -218,6 +242,7 @@ pub async fn run(
         w.abort();
     }
     sweeper.abort();
+    reloader.abort();
     if let Some(p) = prober {
         p.abort();
     }
@@ -232,4 +257,18 @@ pub async fn run(
         .map_err(|_| RelayError::Internal("the sink writer thread panicked".to_owned()))?;
     tracing::info!("The relay stopped.");
     Ok(())
+}
+
+/// Without `[tls]` there is nothing to reload: SIGHUP (`systemctl reload`) is logged, not
+/// the default action, which would end the process.
+async fn ignore_sighup() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!(
+            "SIGHUP: nothing to reload (no [tls]); other settings take effect at a restart."
+        );
+    }
 }

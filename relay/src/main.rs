@@ -87,8 +87,29 @@ fn main() -> ExitCode {
 
     match command {
         Command::CheckConfig => {
+            let https = match &config.tls {
+                None => String::new(),
+                Some(t) => match pigeon_relay::tls::Tls::check(t) {
+                    Ok(c) => format!(
+                        ", HTTPS with {} (CN {}, valid until {}){}",
+                        t.cert.display(),
+                        c.common_name.as_deref().unwrap_or("none"),
+                        chrono::DateTime::from_timestamp(c.not_after, 0)
+                            .map_or_else(|| c.not_after.to_string(), |d| d.to_rfc3339()),
+                        if t.client_ca.is_some() {
+                            ", client certificates"
+                        } else {
+                            ""
+                        }
+                    ),
+                    Err(e) => {
+                        eprintln!("pigeon-relay: {e}");
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                },
+            };
             println!(
-                "The configuration is valid: listen {}, data_dir {}, {} gateway(s).",
+                "The configuration is valid: listen {}, data_dir {}, {} gateway(s){https}.",
                 config.listen,
                 config.data_dir.display(),
                 config.gateways.len()
@@ -131,6 +152,13 @@ fn run(config: pigeon_relay::Config) -> ExitCode {
         };
         match pigeon_relay::run(config, listener, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
+            // Unreadable or mismatched certificate files: the operator's to fix, so
+            // systemd does not restart (RestartPreventExitStatus=64).
+            Err(e @ pigeon_relay::RelayError::Tls(_)) => {
+                tracing::error!(error = %e, "The relay cannot start.");
+                eprintln!("pigeon-relay: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
             Err(e) => {
                 tracing::error!(error = %e, "The relay failed.");
                 eprintln!("pigeon-relay: {e}");

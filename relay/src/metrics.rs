@@ -111,6 +111,12 @@ pub struct Metrics {
     pub capture_objects: AtomicU64,
     pub capture_bytes: AtomicU64,
     pub capture_errors: AtomicU64,
+    /// TLS handshakes that failed or timed out (only with `[tls]`).
+    pub tls_handshake_errors: AtomicU64,
+    pub tls_reloads: AtomicU64,
+    pub tls_reload_errors: AtomicU64,
+    /// The served certificate's `notAfter`, Unix seconds; 0 without `[tls]`.
+    pub tls_cert_not_after: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -153,6 +159,10 @@ impl Metrics {
             capture_objects: AtomicU64::new(0),
             capture_bytes: AtomicU64::new(0),
             capture_errors: AtomicU64::new(0),
+            tls_handshake_errors: AtomicU64::new(0),
+            tls_reloads: AtomicU64::new(0),
+            tls_reload_errors: AtomicU64::new(0),
+            tls_cert_not_after: AtomicU64::new(0),
         }
     }
 
@@ -364,6 +374,31 @@ impl Metrics {
         ] {
             counter(&mut out, name, help, v.load(Relaxed));
         }
+        for (name, help, v) in [
+            (
+                "pigeon_relay_tls_handshake_errors_total",
+                "TLS handshakes that failed or timed out (a client that does not trust the certificate, a refused client certificate, a scanner).",
+                &self.tls_handshake_errors,
+            ),
+            (
+                "pigeon_relay_tls_reloads_total",
+                "Times the TLS certificate, key or client CA was loaded again after a change.",
+                &self.tls_reloads,
+            ),
+            (
+                "pigeon_relay_tls_reload_errors_total",
+                "Changed TLS files that could not be loaded (the previous ones stay in use).",
+                &self.tls_reload_errors,
+            ),
+        ] {
+            counter(&mut out, name, help, v.load(Relaxed));
+        }
+        gauge(
+            &mut out,
+            "pigeon_relay_tls_certificate_expiry_timestamp_seconds",
+            "notAfter of the certificate the relay serves, in Unix seconds (0 without [tls]).",
+            self.tls_cert_not_after.load(Relaxed),
+        );
         out
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use axum::Json;
 use axum::Router;
 use axum::body::{Body, BodyDataStream, Bytes};
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, EXPECT, RETRY_AFTER, WWW_AUTHENTICATE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -29,6 +29,7 @@ use crate::config::Limits;
 use crate::ingest::{self, CheckedEvent, Rejection, RequestError};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::sink::{Outcome, Settle, SinkEvent, SinkHandle};
+use crate::tls::Peer;
 use crate::upload::{Uploads, routes as upload_routes};
 
 /// Bodies larger than this (as received) are parsed on a blocking thread, so a 16 MiB
@@ -108,10 +109,15 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-async fn ingest(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+async fn ingest(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let started = Instant::now();
     let _in_flight = GaugeGuard::new(&st.metrics.requests_in_flight);
-    let response = handle_ingest(&st, &headers, body).await;
+    let response = handle_ingest(&st, &peer, &headers, body).await;
     st.metrics.count_request(response.status().as_u16());
     st.metrics.request_seconds.observe(started.elapsed());
     response
@@ -142,10 +148,15 @@ impl Failure {
         self
     }
 
-    /// 401 with the `WWW-Authenticate` challenge for `e`.
+    /// 401 with the `WWW-Authenticate` challenge for `e`, or 403 for a client
+    /// certificate that is no gateway's.
     pub(crate) fn unauthorized(e: &AuthError) -> Self {
-        Failure::new(StatusCode::UNAUTHORIZED, e.to_string())
-            .header(WWW_AUTHENTICATE, HeaderValue::from_static(e.challenge()))
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
+        let f = Failure::new(status, e.to_string());
+        match e.challenge() {
+            Some(c) => f.header(WWW_AUTHENTICATE, HeaderValue::from_static(c)),
+            None => f,
+        }
     }
 
     /// 503 with `Retry-After: 1`: a concurrency limit is reached.
@@ -199,11 +210,11 @@ struct Admitted {
 
 /// The checks that need only the headers: concurrency, token, Pigeon headers, content
 /// type and encoding, declared length.
-fn admit(st: &AppState, headers: &HeaderMap) -> Result<Admitted, Failure> {
+fn admit(st: &AppState, peer: &Peer, headers: &HeaderMap) -> Result<Admitted, Failure> {
     let permit = request_permit(st)?;
     let principal = st
         .auth
-        .authenticate(headers)
+        .authenticate(headers, peer.client.as_deref())
         .map_err(|e| Failure::unauthorized(&e))?;
     let settled = ingest::settled_below(headers)?;
     let encoding = ingest::content_encoding(headers)?;
@@ -224,14 +235,14 @@ fn admit(st: &AppState, headers: &HeaderMap) -> Result<Admitted, Failure> {
     })
 }
 
-async fn handle_ingest(st: &AppState, headers: &HeaderMap, body: Body) -> Response {
+async fn handle_ingest(st: &AppState, peer: &Peer, headers: &HeaderMap, body: Body) -> Response {
     let Admitted {
         _permit,
         principal,
         settled,
         encoding,
         mode,
-    } = match admit(st, headers) {
+    } = match admit(st, peer, headers) {
         Ok(a) => a,
         Err(f) => {
             drain(headers, body.into_data_stream(), drain_cap(&st.limits)).await;

@@ -14,5 +14,6 @@ pub mod ce;
 pub mod dirs;
 pub mod units;
 pub mod wire;
+pub mod x509;
 
 pub use cloudevents;

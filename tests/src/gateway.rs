@@ -15,6 +15,8 @@ pub enum Token {
     Inline(String),
     /// `relay.token_file = "…"`: the harness writes the token to this file.
     File(PathBuf, String),
+    /// No token (a gateway identified by its client certificate).
+    None,
 }
 
 /// One `[[mqtt.subscriptions]]` entry.
@@ -128,6 +130,7 @@ impl GatewayConfig {
             Token::File(path, _) => {
                 relay.insert("token_file".into(), path.display().to_string().into());
             }
+            Token::None => {}
         }
 
         relay.extend(self.relay_options.clone());

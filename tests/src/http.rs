@@ -40,6 +40,27 @@ pub async fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
     }
 }
 
+/// `curl` with `args`, then the URL: the status code and body (5 s timeout). For
+/// HTTPS, where the bare client above cannot go.
+pub async fn curl_get(args: &[&str], url: &str) -> Result<(u16, String), String> {
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "5", "-w", "\n%{http_code}"])
+        .args(args)
+        .arg(url)
+        .output()
+        .await
+        .map_err(|e| format!("cannot run curl: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    match code.trim().parse::<u16>() {
+        Ok(c) if c != 0 => Ok((c, body.to_owned())),
+        _ => Err(format!(
+            "curl {url} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    }
+}
+
 /// The value of `sample` (e.g. `name{label="x"}`) in a Prometheus text exposition.
 pub fn metric_value(body: &str, sample: &str) -> Option<f64> {
     body.lines().find_map(|l| {

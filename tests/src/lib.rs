@@ -42,6 +42,7 @@ mod kafka;
 mod mosquitto;
 mod notify;
 mod pipeline;
+mod pki;
 mod process;
 mod procfs;
 mod proxy;
@@ -60,12 +61,13 @@ pub use ftp::{
     PUREFTPD_UPLOAD_PREFIX, PureFtpd, PureFtpdOptions, SlowUpload, UploadMode, is_pureftpd_temp,
 };
 pub use gateway::{Gateway, GatewayConfig, Subscription, Token};
-pub use http::{http_get, metric_value};
+pub use http::{curl_get, http_get, metric_value};
 pub use http_fault::FailingProxy;
 pub use kafka::{KafkaRecord, Tansu, tansu_bin, wait_for_records};
 pub use mosquitto::{Mosquitto, MosquittoOptions};
 pub use notify::NotifySocket;
 pub use pipeline::{GATEWAY_ID, Pipeline, TOKEN};
+pub use pki::{CertFiles, TestCa, replace_file};
 pub use process::{Proc, describe, free_port, gateway_bin, is_root, relay_bin, run_command};
 pub use procfs::{rss_kib, write_bytes};
 pub use proxy::Proxy;

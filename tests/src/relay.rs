@@ -13,6 +13,9 @@ use crate::{TestDir, fmt_count, secs, wait_until};
 pub struct Relay {
     proc: Proc,
     port: u16,
+    /// `[tls]` is configured: the harness asks over HTTPS (without checking the
+    /// certificate: the tests that are about TLS check it themselves).
+    https: bool,
     config_path: PathBuf,
     data_dir: PathBuf,
 }
@@ -63,6 +66,7 @@ impl Relay {
             let mut relay = Relay {
                 proc,
                 port,
+                https: table.contains_key("tls"),
                 config_path: config_path.clone(),
                 data_dir: data_dir.clone(),
             };
@@ -99,9 +103,10 @@ impl Relay {
         self.port
     }
 
-    /// `http://127.0.0.1:<port>`, for the gateway's `relay.url`.
+    /// `http://127.0.0.1:<port>` (`https://` with `[tls]`), for the gateway's `relay.url`.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn config_path(&self) -> &std::path::Path {
@@ -154,7 +159,7 @@ impl Relay {
                     self.proc.log_path().display()
                 ));
             }
-            let last = match http_get(self.port, "/ready").await {
+            let last = match self.get("/ready").await {
                 Ok((200, _)) => return Ok(()),
                 Ok((code, body)) => format!("GET /ready answered {code}: {body}"),
                 Err(e) => format!("GET /ready failed: {e}"),
@@ -171,7 +176,11 @@ impl Relay {
 
     /// `GET path` on the relay: status code and body.
     pub async fn get(&self, path: &str) -> Result<(u16, String), String> {
-        http_get(self.port, path).await
+        if self.https {
+            crate::http::curl_get(&["--insecure"], &format!("{}{path}", self.url())).await
+        } else {
+            http_get(self.port, path).await
+        }
     }
 
     /// The value of one sample on `GET /metrics` (Prometheus text), e.g.

@@ -16,6 +16,7 @@ mod body;
 mod encode;
 mod files;
 mod limit;
+pub mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -106,6 +107,9 @@ impl Uplink {
         if !https {
             // Plain HTTP needs no trust store: do not fail on a system that has none.
             builder = builder.tls_certs_only(std::iter::empty());
+        } else if let Some(tls) = tls::client_config(&config).map_err(anyhow::Error::msg)? {
+            // relay.ca_file and/or relay.client_cert.
+            builder = builder.tls_backend_preconfigured(tls);
         }
         let client = builder.build().map_err(|e| {
             // reqwest says "builder error"; the reason is further down the chain.

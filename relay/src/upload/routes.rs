@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -22,6 +22,7 @@ use super::service::{Created, PatchRequest, Patched, UploadError, not_found};
 use crate::auth::{AuthError, Principal};
 use crate::ingest::media_type;
 use crate::server::{AppState, Failure, ReadError, drain, read_body, request_permit};
+use crate::tls::Peer;
 
 /// Room in a create's body for what surrounds its event.
 const CREATE_OVERHEAD: u64 = 64 * 1024;
@@ -34,8 +35,8 @@ const UPLOAD_OFFSET: HeaderName = HeaderName::from_static(wire::HEADER_UPLOAD_OF
 const UPLOAD_LENGTH: HeaderName = HeaderName::from_static(wire::HEADER_UPLOAD_LENGTH);
 
 /// Uploads always need a token, even with `allow_unauthenticated`.
-fn gateway(st: &AppState, headers: &HeaderMap) -> Result<GatewayId, Failure> {
-    match st.auth.authenticate(headers) {
+fn gateway(st: &AppState, peer: &Peer, headers: &HeaderMap) -> Result<GatewayId, Failure> {
+    match st.auth.authenticate(headers, peer.client.as_deref()) {
         Ok(Principal::Gateway(g)) => Ok(g),
         Ok(Principal::Anonymous) => Err(Failure::unauthorized(&AuthError::Missing)),
         Err(e) => Err(Failure::unauthorized(&e)),
@@ -111,7 +112,12 @@ fn check_upload_id(gateway: &GatewayId, id: &str) -> Result<(), Failure> {
 }
 
 /// `POST /v1/uploads`.
-pub async fn create(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+pub async fn create(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let stream = body.into_data_stream();
     let limit = st.limits.max_event_bytes.saturating_add(CREATE_OVERHEAD);
     let too_large = || {
@@ -124,7 +130,7 @@ pub async fn create(State(st): State<Arc<AppState>>, headers: HeaderMap, body: B
     };
     let admitted = (|| {
         let permit = request_permit(&st)?;
-        let gw = gateway(&st, &headers)?;
+        let gw = gateway(&st, &peer, &headers)?;
         let ct = headers
             .get(CONTENT_TYPE)
             .map(|v| v.to_str().map(media_type).unwrap_or_default());
@@ -186,6 +192,7 @@ pub async fn create(State(st): State<Arc<AppState>>, headers: HeaderMap, body: B
 /// The checks of a `PATCH` that need only its headers.
 fn admit_patch(
     st: &AppState,
+    peer: &Peer,
     headers: &HeaderMap,
     id: &str,
 ) -> Result<(OwnedSemaphorePermit, PatchRequest), Failure> {
@@ -195,7 +202,7 @@ fn admit_patch(
             st.limits.max_concurrent_uploads
         ))
     })?;
-    let gateway = gateway(st, headers)?;
+    let gateway = gateway(st, peer, headers)?;
     let ct = headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -239,12 +246,13 @@ fn admit_patch(
 /// `PATCH /v1/uploads/<id>`.
 pub async fn patch(
     State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let stream = body.into_data_stream();
-    let (permit, req) = match admit_patch(&st, &headers, &id) {
+    let (permit, req) = match admit_patch(&st, &peer, &headers, &id) {
         Ok(a) => a,
         Err(f) => {
             drain(&headers, stream, PATCH_DRAIN_CAP).await;
@@ -280,11 +288,12 @@ pub async fn patch(
 /// The checks of a `HEAD` or `DELETE`: a request slot, the token, an id that can exist.
 fn admit_short(
     st: &AppState,
+    peer: &Peer,
     headers: &HeaderMap,
     id: &str,
 ) -> Result<(OwnedSemaphorePermit, GatewayId), Failure> {
     let permit = request_permit(st)?;
-    let gw = gateway(st, headers)?;
+    let gw = gateway(st, peer, headers)?;
     check_upload_id(&gw, id)?;
     Ok((permit, gw))
 }
@@ -292,11 +301,12 @@ fn admit_short(
 /// `HEAD /v1/uploads/<id>`.
 pub async fn head(
     State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
     let answer = async {
-        let (_permit, gw) = admit_short(&st, &headers, &id)?;
+        let (_permit, gw) = admit_short(&st, &peer, &headers, &id)?;
         st.uploads.head(&gw, &id).await.map_err(|e| failure(&st, e))
     };
     match answer.await {
@@ -308,11 +318,12 @@ pub async fn head(
 /// `DELETE /v1/uploads/<id>`.
 pub async fn delete(
     State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
     let answer = async {
-        let (_permit, gw) = admit_short(&st, &headers, &id)?;
+        let (_permit, gw) = admit_short(&st, &peer, &headers, &id)?;
         st.uploads
             .delete(&gw, &id)
             .await
