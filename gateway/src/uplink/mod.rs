@@ -595,7 +595,28 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         }
         src = cause.source();
     }
+    if let Some(hint) = tls_hint(&s) {
+        s.push_str(" (");
+        s.push_str(hint);
+        s.push(')');
+    }
     s
+}
+
+/// What to do about a relay certificate the gateway refused, from rustls's words.
+fn tls_hint(error: &str) -> Option<&'static str> {
+    if !error.contains("invalid peer certificate") {
+        return None;
+    }
+    Some(if error.contains("UnknownIssuer") {
+        "the relay's certificate is not signed by a CA this gateway trusts: set relay.ca_file to the CA that signed it"
+    } else if error.contains("Expired") {
+        "the relay's certificate has expired: its operator must renew it"
+    } else if error.contains("NotValidForName") {
+        "the relay's certificate is not for the host in relay.url"
+    } else {
+        "the gateway does not accept the relay's certificate"
+    })
 }
 
 /// Sleeps for `d`; returns true if shutdown was requested meanwhile.
@@ -603,5 +624,28 @@ async fn sleep_or_shutdown(shutdown: &mut watch::Receiver<bool>, d: Duration) ->
     tokio::select! {
         _ = shutdown.changed() => true,
         _ = tokio::time::sleep(d) => *shutdown.borrow(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tls_hint;
+
+    #[test]
+    fn refused_relay_certificates_say_what_to_do() {
+        let e = |kind: &str| format!("client error (Connect): invalid peer certificate: {kind}");
+        assert!(
+            tls_hint(&e("UnknownIssuer"))
+                .unwrap()
+                .contains("relay.ca_file")
+        );
+        assert!(tls_hint(&e("Expired")).unwrap().contains("renew"));
+        assert!(
+            tls_hint(&e("NotValidForName"))
+                .unwrap()
+                .contains("relay.url")
+        );
+        assert!(tls_hint(&e("BadSignature")).is_some());
+        assert_eq!(tls_hint("connection refused"), None);
     }
 }
