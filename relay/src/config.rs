@@ -234,6 +234,7 @@ pub struct CaptureConfig {
     pub enabled: bool,
     pub roll_bytes: ByteSize,
     pub roll_age: Duration,
+    pub group: String,
 }
 
 impl Default for CaptureConfig {
@@ -242,6 +243,7 @@ impl Default for CaptureConfig {
             enabled: false,
             roll_bytes: ByteSize::mib(16),
             roll_age: Duration::from_secs(300),
+            group: "pigeon-relay-capture".to_owned(),
         }
     }
 }
@@ -705,7 +707,7 @@ impl RelayConfig {
             tenants.insert(g.id.clone(), tenant);
         }
         let stream = self.stream.validate(l.max_event_bytes.get())?;
-        let capture = self.capture.validate(s3.is_some(), &stream)?;
+        let capture = self.capture.validate(s3.is_some())?;
 
         Ok(Config {
             listen: self.listen,
@@ -756,11 +758,7 @@ pub fn check_tenant(t: &str) -> Result<(), String> {
 }
 
 impl CaptureConfig {
-    fn validate(
-        &self,
-        s3: bool,
-        stream: &StreamSettings,
-    ) -> Result<Option<crate::capture::CaptureSettings>, ConfigError> {
+    fn validate(&self, s3: bool) -> Result<Option<crate::capture::CaptureSettings>, ConfigError> {
         if !self.enabled {
             return Ok(None);
         }
@@ -770,10 +768,17 @@ impl CaptureConfig {
                 "needs objects.kind = \"s3\": capture objects go to that bucket",
             ));
         }
-        if *stream != StreamSettings::Files {
+        let g = &self.group;
+        if !(1..=200).contains(&g.len())
+            || !g
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
             return Err(invalid(
-                "capture.enabled",
-                "needs stream.kind = \"files\" (capture reads the stream files); with Kafka, capture the topics with Kafka Connect's S3 sink or Event Hubs Capture",
+                "capture.group",
+                format!(
+                    "({g:?}) must be 1 to 200 of A-Z a-z 0-9 . _ - (it names the Kafka consumer group and a prefix in the bucket)"
+                ),
             ));
         }
         let bytes = self.roll_bytes.get();
@@ -791,6 +796,7 @@ impl CaptureConfig {
         Ok(Some(crate::capture::CaptureSettings {
             roll_bytes: bytes,
             roll_age: self.roll_age.get(),
+            group: g.clone(),
         }))
     }
 }
@@ -1094,7 +1100,7 @@ mod tests {
     }
 
     #[test]
-    fn capture_needs_s3_and_the_files_stream() {
+    fn capture_needs_s3_and_a_valid_group() {
         let s3 = "[objects]\nkind = \"s3\"\n[objects.s3]\nbucket = \"b-1\"\n";
         let on = |rest: &str| format!("{s3}[capture]\nenabled = true\n{rest}");
         let c = RelayConfig::parse(&on("roll_bytes = \"1MiB\"\nroll_age = \"30s\"\n"))
@@ -1106,9 +1112,19 @@ mod tests {
             Some(crate::capture::CaptureSettings {
                 roll_bytes: 1 << 20,
                 roll_age: std::time::Duration::from_secs(30),
+                group: "pigeon-relay-capture".to_owned(),
             })
         );
         assert_eq!(RelayConfig::default().validate().unwrap().capture, None);
+        // With Kafka, capture reads the topics with a consumer group.
+        let kafka = RelayConfig::parse(&format!(
+            "{}[stream]\nkind = \"kafka\"\n[stream.kafka]\nbrokers = \"k:9092\"\n",
+            on("group = \"lake.bronze\"\n")
+        ))
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(kafka.capture.unwrap().group, "lake.bronze");
         let message = |toml: &str| {
             RelayConfig::parse(toml)
                 .unwrap()
@@ -1119,13 +1135,8 @@ mod tests {
         };
         for (toml, want) in [
             ("[capture]\nenabled = true\n".to_owned(), "objects.kind"),
-            (
-                format!(
-                    "{}[stream]\nkind = \"kafka\"\n[stream.kafka]\nbrokers = \"k:9092\"\n",
-                    on("")
-                ),
-                "stream.kind",
-            ),
+            (on("group = \"a/b\"\n"), "capture.group"),
+            (on("group = \"\"\n"), "capture.group"),
             (on("roll_bytes = \"1KiB\"\n"), "capture.roll_bytes"),
             (on("roll_age = \"0s\"\n"), "capture.roll_age"),
         ] {

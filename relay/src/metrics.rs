@@ -111,6 +111,8 @@ pub struct Metrics {
     pub capture_objects: AtomicU64,
     pub capture_bytes: AtomicU64,
     pub capture_errors: AtomicU64,
+    pub capture_partitions: AtomicU64,
+    pub capture_buffered_bytes: AtomicU64,
     /// TLS handshakes that failed or timed out (only with `[tls]`).
     pub tls_handshake_errors: AtomicU64,
     pub tls_reloads: AtomicU64,
@@ -159,6 +161,8 @@ impl Metrics {
             capture_objects: AtomicU64::new(0),
             capture_bytes: AtomicU64::new(0),
             capture_errors: AtomicU64::new(0),
+            capture_partitions: AtomicU64::new(0),
+            capture_buffered_bytes: AtomicU64::new(0),
             tls_handshake_errors: AtomicU64::new(0),
             tls_reloads: AtomicU64::new(0),
             tls_reload_errors: AtomicU64::new(0),
@@ -374,6 +378,18 @@ impl Metrics {
         ] {
             counter(&mut out, name, help, v.load(Relaxed));
         }
+        gauge(
+            &mut out,
+            "pigeon_relay_capture_partitions",
+            "Kafka partitions this relay captures (its share of the capture consumer group).",
+            self.capture_partitions.load(Relaxed),
+        );
+        gauge(
+            &mut out,
+            "pigeon_relay_capture_buffered_bytes",
+            "Event bytes read from Kafka and not yet in a capture object.",
+            self.capture_buffered_bytes.load(Relaxed),
+        );
         for (name, help, v) in [
             (
                 "pigeon_relay_tls_handshake_errors_total",

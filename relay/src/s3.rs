@@ -193,6 +193,28 @@ impl Bucket {
         }
     }
 
+    /// The bytes of a small object at `key`, if there is one.
+    pub async fn get_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, S3Error> {
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.key(key))
+            .send()
+            .await
+        {
+            Ok(o) => o,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(unavailable("GetObject", &e)),
+        };
+        let body = out.body.collect().await.map_err(|e| {
+            S3Error::Unavailable(format!("GetObject {key}: the body broke off: {e}"))
+        })?;
+        Ok(Some(body.to_vec()))
+    }
+
     async fn body(path: &Path, offset: u64, length: u64) -> Result<ByteStream, S3Error> {
         ByteStream::read_from()
             .path(path)

@@ -173,6 +173,56 @@ impl Tansu {
                 .collect(),
         )
     }
+    /// Sets consumer group `group`'s committed offset of `topic`/`partition`, as a member
+    /// of the group that stopped there would: joins it, waits for the partition, commits,
+    /// and leaves.
+    pub async fn commit_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> Result<(), String> {
+        use rdkafka::consumer::CommitMode;
+        let (bootstrap, group, topic) = (self.bootstrap(), group.to_owned(), topic.to_owned());
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .set("group.id", &group)
+                .set("enable.auto.commit", "false")
+                .set("session.timeout.ms", "10000")
+                .create()
+                .map_err(|e| format!("cannot create a Kafka consumer: {e}"))?;
+            consumer
+                .subscribe(&[&topic])
+                .map_err(|e| format!("subscribe {topic}: {e}"))?;
+            let deadline = Instant::now() + Duration::from_secs(90);
+            loop {
+                let _ = consumer.poll(Duration::from_millis(100));
+                let mine = consumer
+                    .assignment()
+                    .is_ok_and(|a| a.find_partition(&topic, partition).is_some());
+                if mine {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "{group} never gave this consumer {topic}/{partition}"
+                    ));
+                }
+            }
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&topic, partition, Offset::Offset(offset))
+                .map_err(|e| e.to_string())?;
+            consumer
+                .commit(&tpl, CommitMode::Sync)
+                .map_err(|e| format!("commit {group} {topic}/{partition} @ {offset}: {e}"))?;
+            consumer.unsubscribe();
+            Ok(())
+        })
+        .await
+        .expect("commit task")
+    }
 }
 
 async fn wait_for_port(port: u16, timeout: Duration) -> Result<(), String> {

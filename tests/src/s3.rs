@@ -205,6 +205,17 @@ root_domain = ".s3.garage.localhost"
         (bytes, meta)
     }
 
+    /// Deletes the object at `key` (to stand for one a crash never wrote).
+    pub async fn delete(&self, key: &str) {
+        self.client
+            .delete_object()
+            .bucket(BUCKET)
+            .key(key)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("DeleteObject {key}: {}", show(&e)));
+    }
+
     /// Every capture object under `prefix` (e.g. `capture/`), gunzipped: key → its lines
     /// parsed as JSON. A line that does not parse is a panic.
     pub async fn capture(&self, prefix: &str) -> BTreeMap<String, Vec<serde_json::Value>> {
@@ -223,6 +234,26 @@ root_domain = ".s3.garage.localhost"
             out.insert(key, events);
         }
         out
+    }
+
+    /// Waits until the capture objects under `capture/` hold at least `n` events, then
+    /// three seconds more (a duplicate written late would show by then); key → events.
+    pub async fn wait_for_capture(&self, n: usize) -> BTreeMap<String, Vec<serde_json::Value>> {
+        crate::wait_until(
+            &format!("{n} events in capture"),
+            crate::secs(120),
+            || async {
+                let have: usize = self.capture("capture/").await.values().map(Vec::len).sum();
+                if have >= n {
+                    Ok(())
+                } else {
+                    Err(format!("{have} of {n}"))
+                }
+            },
+        )
+        .await;
+        tokio::time::sleep(crate::secs(3)).await;
+        self.capture("capture/").await
     }
 
     /// The keys of the multipart uploads not completed (nor aborted) yet.

@@ -30,23 +30,7 @@ fn capture_config(t: &mut toml::Table, garage: &Garage) {
 /// Waits until the capture objects hold `n` events; returns them as a [`Stream`] (in key
 /// order) after checking every key's partitions.
 async fn captured(garage: &Garage, n: usize) -> Stream {
-    wait_until(&format!("{n} events in capture"), secs(120), || async {
-        let have: usize = garage
-            .capture("capture/")
-            .await
-            .values()
-            .map(Vec::len)
-            .sum();
-        if have >= n {
-            Ok(())
-        } else {
-            Err(format!("{have} of {n}"))
-        }
-    })
-    .await;
-    // A duplicate written late would show by now.
-    tokio::time::sleep(secs(3)).await;
-    let objects = garage.capture("capture/").await;
+    let objects = garage.wait_for_capture(n).await;
     let mut events = Vec::new();
     for (key, evs) in objects {
         let parts: Vec<&str> = key.split('/').collect();

@@ -135,6 +135,69 @@ pub fn identity<'h>(
     Some((source?, producer?, sequence?))
 }
 
+/// The structured JSON of a record read back (binary mode undone), one line without its
+/// newline: `ce_` headers become attributes (as strings: the binding keeps no types, and
+/// Pigeon's own extensions are strings), `content-type` becomes `datacontenttype`, and the
+/// value becomes `data` — parsed when the content type is JSON (or absent), a string for
+/// text, `data_base64` otherwise (and for JSON that does not parse).
+pub fn structured<'h>(
+    headers: impl IntoIterator<Item = (&'h str, Option<&'h [u8]>)>,
+    value: Option<&[u8]>,
+) -> Vec<u8> {
+    let mut first: [Option<Value>; 4] = Default::default();
+    let mut rest = Map::new();
+    let mut content_type = None;
+    for (k, v) in headers {
+        let text = || Value::String(String::from_utf8_lossy(v.unwrap_or_default()).into_owned());
+        if k == "content-type" {
+            content_type = Some(String::from_utf8_lossy(v.unwrap_or_default()).into_owned());
+        } else if let Some(attr) = k.strip_prefix(HEADER_PREFIX) {
+            match REQUIRED.iter().position(|r| *r == attr) {
+                Some(i) => first[i] = Some(text()),
+                None if attr == "datacontenttype" || attr == "data" || attr == "data_base64" => {}
+                None => {
+                    rest.insert(attr.to_owned(), text());
+                }
+            }
+        }
+    }
+    let mut obj = Map::with_capacity(rest.len() + 6);
+    for (name, v) in REQUIRED.iter().zip(first) {
+        if let Some(v) = v {
+            obj.insert((*name).to_owned(), v);
+        }
+    }
+    obj.extend(rest);
+    if let Some(ct) = &content_type {
+        obj.insert("datacontenttype".to_owned(), Value::String(ct.clone()));
+    }
+    if let Some(v) = value {
+        let b64 = || Value::String(base64::engine::general_purpose::STANDARD.encode(v));
+        if is_json(content_type.as_deref()) {
+            match serde_json::from_slice::<Value>(v) {
+                Ok(data) => obj.insert("data".to_owned(), data),
+                Err(_) => obj.insert("data_base64".to_owned(), b64()),
+            };
+        } else if let (true, Ok(s)) = (is_text(content_type.as_deref()), std::str::from_utf8(v)) {
+            obj.insert("data".to_owned(), Value::String(s.to_owned()));
+        } else {
+            obj.insert("data_base64".to_owned(), b64());
+        }
+    }
+    // A map of JSON values always serializes.
+    serde_json::to_vec(&Value::Object(obj)).unwrap_or_default()
+}
+
+/// Whether a (non-JSON) content type is text, so its data reads as a string.
+fn is_text(content_type: Option<&str>) -> bool {
+    let essence = content_type
+        .and_then(|ct| ct.split(';').next())
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence.starts_with("text/") || essence == "application/xml" || essence.ends_with("+xml")
+}
+
 /// A topic name pattern: literal text with `{tenant}` (required) and `{type}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicTemplate {
@@ -230,6 +293,75 @@ impl TopicTemplate {
             ));
         }
         Ok(out)
+    }
+
+    /// The tenants `topic` can be the topic of: every tenant name (see
+    /// `config::check_tenant`) that, in the `{tenant}` place, lets the rest match. One for
+    /// the usual templates; more only where a literal next to `{tenant}` can also be part
+    /// of a tenant name (`{tenant}-events` and a tenant `a-b`).
+    pub fn tenants_of<'t>(&self, topic: &'t str) -> Vec<&'t str> {
+        fn tenant_byte(b: u8) -> bool {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
+        }
+        fn go<'t>(parts: &[Part], s: &'t str, tenant: Option<&'t str>, out: &mut Vec<&'t str>) {
+            match parts.split_first() {
+                None => {
+                    if s.is_empty()
+                        && let Some(t) = tenant
+                        && !out.contains(&t)
+                    {
+                        out.push(t);
+                    }
+                }
+                Some((Part::Literal(l), rest)) => {
+                    if let Some(after) = s.strip_prefix(l.as_str()) {
+                        go(rest, after, tenant, out);
+                    }
+                }
+                Some((Part::Tenant, rest)) => {
+                    let b = s.as_bytes();
+                    if b.first().is_none_or(|c| !c.is_ascii_alphanumeric()) {
+                        return;
+                    }
+                    for n in (1..=b.len().min(64)).take_while(|&n| tenant_byte(b[n - 1])) {
+                        go(rest, &s[n..], Some(&s[..n]), out);
+                    }
+                }
+                Some((Part::Type, rest)) => {
+                    let b = s.as_bytes();
+                    for n in (1..=b.len()).take_while(|&n| topic_byte(b[n - 1])) {
+                        go(rest, &s[n..], tenant, out);
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        go(&self.parts, topic, None, &mut out);
+        out
+    }
+
+    /// A librdkafka subscription pattern (`^…`, POSIX-style) for every topic the template
+    /// can render.
+    pub fn subscription(&self) -> String {
+        let mut re = String::from("^");
+        for p in &self.parts {
+            match p {
+                Part::Literal(l) => {
+                    for c in l.chars() {
+                        if c.is_ascii_alphanumeric() || c == '_' {
+                            re.push(c);
+                        } else {
+                            re.push('\\');
+                            re.push(c);
+                        }
+                    }
+                }
+                Part::Tenant => re.push_str("[a-z0-9][a-z0-9_-]*"),
+                Part::Type => re.push_str("[A-Za-z0-9._-]+"),
+            }
+        }
+        re.push('$');
+        re
     }
 
     /// Whether `topic` is a name this template can render (for finding the relay's
@@ -347,6 +479,65 @@ mod tests {
             let err = record(line).unwrap_err();
             assert!(err.contains(want), "{err} should say {want}");
         }
+    }
+
+    #[test]
+    fn records_read_back_give_the_structured_event() {
+        let line = r#"{"specversion":"1.0","id":"e1","source":"/gateways/pi-1/mqtt","type":"io.pigeon.reading","datacontenttype":"application/json","time":"2026-12-02T01:00:00Z","subject":"home/t","producerid":"p","sequence":"00000000000000000007","data":{"c":21.5}}"#;
+        let back = |line: &str| {
+            let r = record(line.as_bytes()).unwrap();
+            let headers = r.headers.iter().map(|(k, v)| (k.as_str(), Some(&v[..])));
+            String::from_utf8(structured(headers, r.value.as_deref())).unwrap()
+        };
+        let json = |s: &str| serde_json::from_str::<Value>(s).unwrap();
+        assert_eq!(json(&back(line)), json(line));
+        assert!(back(line).starts_with(r#"{"specversion":"1.0","id":"e1","source":"#));
+        for same in [
+            r#"{"specversion":"1.0","id":"e","source":"/s","type":"t","datacontenttype":"text/plain; charset=utf-8","data":"21.5 C"}"#,
+            r#"{"specversion":"1.0","id":"e","source":"/s","type":"t","datacontenttype":"image/jpeg","data_base64":"/9j/4A=="}"#,
+            r#"{"specversion":"1.0","id":"e","source":"/s","type":"t"}"#,
+            r#"{"specversion":"1.0","id":"e","source":"/s","type":"t","data":"plain"}"#,
+        ] {
+            assert_eq!(back(same), same);
+        }
+        // Types the binding does not keep come back as strings; bytes that are not the
+        // JSON their content type says come back as data_base64.
+        assert_eq!(
+            back(r#"{"specversion":"1.0","id":"e","source":"/s","type":"t","priority":7}"#),
+            r#"{"specversion":"1.0","id":"e","source":"/s","type":"t","priority":"7"}"#
+        );
+        let odd = structured(
+            [
+                ("ce_id", Some(&b"e"[..])),
+                ("content-type", Some(b"application/json")),
+            ],
+            Some(b"\xff{"),
+        );
+        assert_eq!(
+            String::from_utf8(odd).unwrap(),
+            r#"{"id":"e","datacontenttype":"application/json","data_base64":"/3s="}"#
+        );
+    }
+
+    #[test]
+    fn tenants_are_found_in_topic_names() {
+        let t = TopicTemplate::parse("pigeon.{tenant}.{type}").unwrap();
+        assert_eq!(t.tenants_of("pigeon.acme.io.pigeon.reading"), ["acme"]);
+        assert_eq!(t.tenants_of("pigeon.a-b_c.x"), ["a-b_c"]);
+        assert!(t.tenants_of("pigeon.Acme.x").is_empty());
+        assert!(t.tenants_of("pigeon.acme").is_empty());
+        assert!(t.tenants_of("other.acme.x").is_empty());
+        let t = TopicTemplate::parse("{tenant}-events").unwrap();
+        assert_eq!(t.tenants_of("acme-events"), ["acme"]);
+        assert_eq!(t.tenants_of("a-b-events"), ["a-b"]);
+        let t = TopicTemplate::parse("p-{tenant}-{type}").unwrap();
+        assert_eq!(t.tenants_of("p-a-b-c"), ["a", "a-b"]);
+        assert_eq!(
+            TopicTemplate::parse("pigeon.{tenant}.{type}")
+                .unwrap()
+                .subscription(),
+            r"^pigeon\.[a-z0-9][a-z0-9_-]*\.[A-Za-z0-9._-]+$"
+        );
     }
 
     #[test]

@@ -35,6 +35,8 @@ use crate::s3::Bucket;
 use crate::sink::checkpoint::Checkpoint;
 use crate::sink::stream::{STATE_DIR, STREAM_DIR, complete_prefix_len, write_atomic};
 
+pub mod kafka;
+
 /// Where capture objects go, after `objects.s3.prefix`.
 pub const CAPTURE_PREFIX: &str = "capture";
 const STATE_FILE: &str = "capture.json";
@@ -50,12 +52,14 @@ const UNLISTED_FINAL_AFTER: Duration = Duration::from_secs(2 * 3600);
 const FINAL_AFTER_HOURS: i64 = 3;
 
 /// Checked `[capture]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaptureSettings {
     /// A roll is written once it has this many bytes of events (uncompressed).
     pub roll_bytes: u64,
     /// … or once its first event waited this long.
     pub roll_age: Duration,
+    /// With Kafka: the consumer group the relays capture with.
+    pub group: String,
 }
 
 /// `state/capture.json`.
@@ -145,32 +149,43 @@ pub fn roll_objects(
     from: u64,
     lines: &[u8],
 ) -> BTreeMap<String, Vec<u8>> {
+    let mut by_type: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for line in lines.split_inclusive(|&b| b == b'\n') {
+        by_type
+            .entry(line_type(line))
+            .or_default()
+            .extend_from_slice(line);
+    }
+    by_type
+        .into_iter()
+        .map(|(ty, body)| {
+            let name = format!("{}.{instance}.{from:016}", f.gateway);
+            (
+                object_key(f.tenant, &ty, f.date, f.hour, &name),
+                gzip(&body),
+            )
+        })
+        .collect()
+}
+
+/// `capture/tenant=<tenant>/type=<type>/date=<date>/hour=<hour>/<name>.jsonl.gz`.
+pub fn object_key(tenant: &str, ty: &str, date: &str, hour: &str, name: &str) -> String {
+    format!(
+        "{CAPTURE_PREFIX}/tenant={tenant}/type={}/date={date}/hour={hour}/{name}.jsonl.gz",
+        partition_value(ty)
+    )
+}
+
+/// The event's `type` in a structured JSON line, or "" (kept under `type=%00`).
+pub fn line_type(line: &[u8]) -> String {
     #[derive(Deserialize)]
     struct TypeOnly<'a> {
         #[serde(borrow, rename = "type")]
         ty: std::borrow::Cow<'a, str>,
     }
-    let mut by_type: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    for line in lines.split_inclusive(|&b| b == b'\n') {
-        let ty = serde_json::from_slice::<TypeOnly>(line)
-            .map(|t| t.ty.into_owned())
-            .unwrap_or_default();
-        by_type.entry(ty).or_default().extend_from_slice(line);
-    }
-    by_type
-        .into_iter()
-        .map(|(ty, body)| {
-            let key = format!(
-                "{CAPTURE_PREFIX}/tenant={}/type={}/date={}/hour={}/{}.{instance}.{from:016}.jsonl.gz",
-                f.tenant,
-                partition_value(&ty),
-                f.date,
-                f.hour,
-                f.gateway
-            );
-            (key, gzip(&body))
-        })
-        .collect()
+    serde_json::from_slice::<TypeOnly>(line)
+        .map(|t| t.ty.into_owned())
+        .unwrap_or_default()
 }
 
 /// What [`roll_objects`] needs to know of the stream file.
@@ -182,7 +197,7 @@ pub struct StreamFileRef<'a> {
 }
 
 /// gzip with no name and no timestamp in the header, so equal input gives equal bytes.
-fn gzip(data: &[u8]) -> Vec<u8> {
+pub fn gzip(data: &[u8]) -> Vec<u8> {
     let mut enc = flate2::GzBuilder::new().mtime(0).write(
         Vec::with_capacity(data.len() / 4),
         flate2::Compression::default(),
