@@ -11,16 +11,20 @@
 //! * a burst of 200 snapshots of 200 KB (one `PutObject` each): files/s end to end;
 //! * capture catching up a backlog: 200,000 readings already in a stream file (three
 //!   hours old, so final), a relay started on it with capture on: events/s into
-//!   gzip-compressed capture objects, and the compression.
+//!   gzip-compressed capture objects, and the compression;
+//! * the same from Kafka: 200,000 readings already in a tansu topic (3 partitions, binary
+//!   mode, 50 sensors as keys), a relay with the Kafka stream and capture on: events/s
+//!   from the capture consumer group into capture objects.
 //!
-//! `PIGEON_BENCH_CLIP_MB` scales the clip; `AWS_CLI` names the `aws` binary.
+//! `PIGEON_BENCH_CLIP_MB` scales the clip; `AWS_CLI` names the `aws` binary; `-- capture-kafka`
+//! runs the Kafka capture scenario alone.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use pigeon_e2e::{
     ACCESS_KEY, BUCKET, CameraFile, Garage, Gateway, GatewayConfig, REGION, Relay, SECRET_KEY,
-    Stream, TestDir, files_section, rss_kib, watch_table,
+    Stream, Tansu, TestDir, files_section, rss_kib, watch_table,
 };
 
 const GATEWAY: &str = "bench-cams";
@@ -49,6 +53,11 @@ async fn main() {
     println!("# Pigeon camera files into S3 (garage 2.5.0, release binaries, loopback)\n");
     let dir = TestDir::new("bench-s3");
     let garage = Garage::start(&dir).await;
+    // `-- capture-kafka`: that scenario alone.
+    if std::env::args().any(|a| a == "capture-kafka") {
+        capture_kafka_backlog(&garage, &dir, 200_000).await;
+        return;
+    }
     let mut relay = Relay::start_with(&dir, &[(GATEWAY, TOKEN)], |t| {
         t.insert("objects".into(), garage.objects_table("8MiB").into());
     })
@@ -148,6 +157,136 @@ async fn main() {
     drop(relay);
 
     capture_backlog(&garage, &dir, 200_000).await;
+    capture_kafka_backlog(&garage, &dir, 200_000).await;
+}
+
+/// Produces `n` readings into a topic of a fresh tansu, starts a relay with the Kafka
+/// stream and capture on, and times capture until it has every event.
+async fn capture_kafka_backlog(garage: &Garage, dir: &TestDir, n: usize) {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+    let tansu = Tansu::start(dir).await;
+    let topic = "pigeon.default";
+    tansu.create_topic(topic, 3).await;
+    let bootstrap = tansu.bootstrap();
+    let produced = tokio::task::spawn_blocking(move || {
+        let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("linger.ms", "20")
+            .set("queue.buffering.max.messages", "500000")
+            .create()
+            .expect("producer");
+        let mut bytes = 0usize;
+        for i in 0..n {
+            let source = format!("/gateways/bench-sensors/mqtt/t{}", i % 50);
+            let id = format!("01a2351c-0000-7000-8000-{i:012}");
+            let seq = format!("{:020}", i + 1);
+            let time = format!("2026-12-01T21:00:00.{:03}Z", i % 1000);
+            let subject = format!("sites/s1/sensors/t{}", i % 50);
+            let data = format!(
+                r#"{{"celsius":{}.{},"humidity":{},"n":{i}}}"#,
+                15 + i % 10,
+                i % 10,
+                40 + i % 30
+            );
+            let h = [
+                ("ce_specversion", "1.0"),
+                ("ce_id", id.as_str()),
+                ("ce_source", source.as_str()),
+                ("ce_type", "com.example.sensor.reading"),
+                ("ce_subject", subject.as_str()),
+                ("ce_time", time.as_str()),
+                ("ce_sequence", seq.as_str()),
+                ("ce_producerid", "bench-producer"),
+                ("content-type", "application/json"),
+            ];
+            let mut headers = OwnedHeaders::new_with_capacity(h.len());
+            for (k, v) in h {
+                bytes += k.len() + v.len();
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v),
+                });
+            }
+            bytes += data.len();
+            let mut record = BaseRecord::to(topic)
+                .key(source.as_bytes())
+                .payload(data.as_bytes())
+                .headers(headers);
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((_, r)) => {
+                        record = r;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+        }
+        producer.flush(Duration::from_secs(120)).expect("flush");
+        bytes
+    })
+    .await
+    .expect("producer task");
+    let sub = TestDir::new("bench-s3-capture-kafka");
+    let t0 = Instant::now();
+    let relay = Relay::start_with(&sub, &[("bench-sensors", TOKEN)], |t| {
+        let mut kafka = toml::Table::new();
+        kafka.insert("brokers".into(), tansu.bootstrap().into());
+        kafka.insert("topic".into(), "pigeon.{tenant}".into());
+        let mut stream = toml::Table::new();
+        stream.insert("kind".into(), "kafka".into());
+        stream.insert("kafka".into(), kafka.into());
+        t.insert("stream".into(), stream.into());
+        t.insert("objects".into(), garage.objects_table("8MiB").into());
+        let mut c = toml::Table::new();
+        c.insert("enabled".into(), true.into());
+        c.insert("roll_age".into(), "1s".into());
+        c.insert("group".into(), "bench-capture".into());
+        t.insert("capture".into(), c.into());
+    })
+    .await;
+    let ready = t0.elapsed();
+    let mut first: Option<Instant> = None;
+    loop {
+        let got = relay
+            .metric_or_zero("pigeon_relay_capture_events_total")
+            .await;
+        if got > 0.0 && first.is_none() {
+            first = Some(Instant::now());
+        }
+        if got as usize >= n {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(600),
+            "capture is stuck at {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = t0.elapsed() - ready;
+    let compressed = relay
+        .metric_or_zero("pigeon_relay_capture_bytes_total")
+        .await;
+    let objects = relay
+        .metric_or_zero("pigeon_relay_capture_objects_total")
+        .await;
+    let steady = first.map_or(took, |f| f.elapsed());
+    println!(
+        "capture from Kafka, a backlog of {n} readings ({:.1} MB of headers and values) in 3 partitions into S3 (16 MiB rolls):",
+        produced as f64 / 1e6
+    );
+    println!(
+        "  {:.2} s after the relay was ready, of which {:.2} s from the first roll written ({:.2} s before: joining the group): {:.0} events/s overall, {:.0} events/s from the first roll; {objects} objects, {:.1} MB compressed\n",
+        took.as_secs_f64(),
+        steady.as_secs_f64(),
+        (took - steady).as_secs_f64(),
+        n as f64 / took.as_secs_f64(),
+        n as f64 / steady.as_secs_f64(),
+        compressed / 1e6,
+    );
 }
 
 /// Writes `n` readings into one stream file of a fresh data dir, ages it three hours,

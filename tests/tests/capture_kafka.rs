@@ -397,3 +397,99 @@ async fn capture_from_kafka_survives_relay_kills_and_an_s3_outage() {
         "the restarted relay did not write the interrupted roll again"
     );
 }
+
+/// Two relays in one capture group: the one that holds the partition captures; when it is
+/// killed the other takes the partition over from where the first left it (its range
+/// file and the group's offset), and capture still holds every event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_relay_takes_capture_over_from_a_killed_one() {
+    let dir = TestDir::new("capture-kafka-handover");
+    let dir_b = TestDir::new("capture-kafka-handover-b");
+    let garage = Garage::start(&dir).await;
+    let tansu = Tansu::start(&dir).await;
+    tansu.create_topic(TOPIC, 1).await;
+    let mosquitto = Mosquitto::start(&dir).await;
+    let bootstrap = tansu.bootstrap();
+    let edit = |t: &mut toml::Table| cloud_config(t, &garage, &bootstrap);
+    let mut a = Relay::start_with(&dir, &[(GW, TOKEN)], edit).await;
+    let config = GatewayConfig::new(GW, TOKEN, &a.url(), mosquitto.port());
+    let _gateway = Gateway::start_subscribed(&dir, config, &mosquitto).await;
+    let total = 6_000u64;
+    let options = PublisherOptions {
+        rate_per_sec: Some(200),
+        ..PublisherOptions::default()
+    };
+    let publisher = Publisher::spawn(mosquitto.port(), climate_readings(0..total), options);
+    wait_until("relay A to capture", secs(60), || async {
+        match a.metric_or_zero("pigeon_relay_capture_events_total").await {
+            n if n > 0.0 => Ok(()),
+            _ => Err("nothing captured yet".to_owned()),
+        }
+    })
+    .await;
+    let mut b = Relay::start_with(&dir_b, &[(GW, TOKEN)], edit).await;
+    // The group has two members and one partition: one of them holds it.
+    wait_until("the group to settle with B in it", secs(60), || async {
+        let pa = a.metric_or_zero("pigeon_relay_capture_partitions").await;
+        let pb = b.metric_or_zero("pigeon_relay_capture_partitions").await;
+        // After B joined, A's partition was revoked and given again (or B was given it).
+        let given = |d: &TestDir| {
+            std::fs::read_to_string(d.join("logs").join("relay.log"))
+                .unwrap_or_default()
+                .matches("Capture was given partitions")
+                .count()
+        };
+        let joined = given(&dir) + given(&dir_b) >= 2;
+        if joined && pa + pb == 1.0 {
+            Ok(())
+        } else {
+            Err(format!("A holds {pa}, B {pb}"))
+        }
+    })
+    .await;
+    // Kill whichever holds it while rolls are written; the other takes over from where
+    // the killed one left the partition.
+    let (holder, other) = if a.metric_or_zero("pigeon_relay_capture_partitions").await == 1.0 {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    holder.kill();
+    wait_until(
+        "the other relay to take the partition over",
+        secs(60),
+        || async {
+            match other
+                .metric_or_zero("pigeon_relay_capture_partitions")
+                .await
+            {
+                1.0 => Ok(()),
+                n => Err(format!("it holds {n}")),
+            }
+        },
+    )
+    .await;
+    holder.restart().await;
+    let log = other.proc().log_text();
+    let resumed = log
+        .lines()
+        .filter(|l| l.contains("Capture resumes a partition."))
+        .next_back()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        resumed.contains("range=Some("),
+        "the relay that took over did not start from the other's progress: {resumed}"
+    );
+    let report = publisher.finish(secs(120)).await;
+    report.assert_all_acked(total as usize);
+    wait_for_records(&tansu, TOPIC, total as usize, secs(120)).await;
+    let records = tansu.records(TOPIC).await;
+    assert_eq!(
+        records.len(),
+        total as usize,
+        "the topic holds an event twice"
+    );
+    let capture = captured(&garage, total as usize).await;
+    assert_capture_is_the_topic(&capture, &records);
+}
