@@ -473,8 +473,7 @@ async fn a_second_relay_takes_capture_over_from_a_killed_one() {
     let log = other.proc().log_text();
     let resumed = log
         .lines()
-        .filter(|l| l.contains("Capture resumes a partition."))
-        .next_back()
+        .rfind(|l| l.contains("Capture resumes a partition."))
         .unwrap_or_default()
         .to_owned();
     assert!(
