@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use pigeon_e2e::{
     ACCESS_KEY, BUCKET, CameraFile, Garage, Gateway, GatewayConfig, REGION, Relay, SECRET_KEY,
-    Stream, Tansu, TestDir, files_section, rss_kib, watch_table,
+    Stream, Tansu, TestDir, files_section, kafka_stream_table, rss_kib, watch_table,
 };
 
 const GATEWAY: &str = "bench-cams";
@@ -233,13 +233,10 @@ async fn capture_kafka_backlog(garage: &Garage, dir: &TestDir, n: usize) {
     let sub = TestDir::new("bench-s3-capture-kafka");
     let t0 = Instant::now();
     let relay = Relay::start_with(&sub, &[("bench-sensors", TOKEN)], |t| {
-        let mut kafka = toml::Table::new();
-        kafka.insert("brokers".into(), tansu.bootstrap().into());
-        kafka.insert("topic".into(), "pigeon.{tenant}".into());
-        let mut stream = toml::Table::new();
-        stream.insert("kind".into(), "kafka".into());
-        stream.insert("kafka".into(), kafka.into());
-        t.insert("stream".into(), stream.into());
+        t.insert(
+            "stream".into(),
+            kafka_stream_table(&tansu.bootstrap(), "pigeon.{tenant}").into(),
+        );
         t.insert("objects".into(), garage.objects_table("8MiB").into());
         let mut c = toml::Table::new();
         c.insert("enabled".into(), true.into());
@@ -249,37 +246,10 @@ async fn capture_kafka_backlog(garage: &Garage, dir: &TestDir, n: usize) {
     })
     .await;
     let ready = t0.elapsed();
-    // When the group gave the relay its partitions.
-    let mut first: Option<Instant> = None;
-    loop {
-        let got = relay
-            .metric_or_zero("pigeon_relay_capture_events_total")
-            .await;
-        if first.is_none()
-            && relay
-                .metric_or_zero("pigeon_relay_capture_partitions")
-                .await
-                > 0.0
-        {
-            first = Some(Instant::now());
-        }
-        if got as usize >= n {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(600),
-            "capture is stuck at {got}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let took = t0.elapsed() - ready;
-    let compressed = relay
-        .metric_or_zero("pigeon_relay_capture_bytes_total")
-        .await;
-    let objects = relay
-        .metric_or_zero("pigeon_relay_capture_objects_total")
-        .await;
-    let steady = first.map_or(took, |f| f.elapsed());
+    let done = wait_captured(&relay, n, t0).await;
+    let took = done.at - t0 - ready;
+    let steady = done.joined.map_or(took, |j| done.at - j);
+    let (compressed, objects) = (done.compressed, done.objects);
     println!(
         "capture from Kafka, a backlog of {n} readings ({:.1} MB of headers and values) in 3 partitions into S3 (16 MiB rolls):",
         produced as f64 / 1e6
@@ -343,26 +313,9 @@ async fn capture_backlog(garage: &Garage, dir: &TestDir, n: usize) {
     })
     .await;
     let ready = t0.elapsed();
-    loop {
-        let got = relay
-            .metric_or_zero("pigeon_relay_capture_events_total")
-            .await;
-        if got as usize >= n {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(600),
-            "capture is stuck at {got}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let took = t0.elapsed() - ready;
-    let compressed = relay
-        .metric_or_zero("pigeon_relay_capture_bytes_total")
-        .await;
-    let objects = relay
-        .metric_or_zero("pigeon_relay_capture_objects_total")
-        .await;
+    let done = wait_captured(&relay, n, t0).await;
+    let took = done.at - t0 - ready;
+    let (compressed, objects) = (done.compressed, done.objects);
     println!(
         "capture, a backlog of {n} readings ({:.1} MB of JSON lines) into S3 (16 MiB rolls):",
         bytes as f64 / 1e6
@@ -376,4 +329,49 @@ async fn capture_backlog(garage: &Garage, dir: &TestDir, n: usize) {
         compressed / 1e6,
         bytes as f64 / compressed.max(1.0)
     );
+}
+
+/// When capture had every event, and what it wrote.
+struct Captured {
+    at: Instant,
+    /// When the relay first held capture partitions (Kafka only).
+    joined: Option<Instant>,
+    compressed: f64,
+    objects: f64,
+}
+
+/// Polls the relay's metrics until capture wrote `n` events (at most 10 minutes after `t0`).
+async fn wait_captured(relay: &Relay, n: usize, t0: Instant) -> Captured {
+    let mut joined = None;
+    let at = loop {
+        let got = relay
+            .metric_or_zero("pigeon_relay_capture_events_total")
+            .await;
+        if got as usize >= n {
+            break Instant::now();
+        }
+        if joined.is_none()
+            && relay
+                .metric_or_zero("pigeon_relay_capture_partitions")
+                .await
+                > 0.0
+        {
+            joined = Some(Instant::now());
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(600),
+            "capture is stuck at {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    Captured {
+        at,
+        joined,
+        compressed: relay
+            .metric_or_zero("pigeon_relay_capture_bytes_total")
+            .await,
+        objects: relay
+            .metric_or_zero("pigeon_relay_capture_objects_total")
+            .await,
+    }
 }

@@ -26,6 +26,19 @@ pub fn tansu_bin() -> PathBuf {
     server_bin("tansu", "TANSU_BIN")
 }
 
+/// The relay's `[stream]` table for the Kafka stream at `bootstrap` with topic template
+/// `topic` (deliveries time out after 3 s, so outages show quickly).
+pub fn kafka_stream_table(bootstrap: &str, topic: &str) -> toml::Table {
+    let mut kafka = toml::Table::new();
+    kafka.insert("brokers".into(), bootstrap.into());
+    kafka.insert("topic".into(), topic.into());
+    kafka.insert("delivery_timeout".into(), "3s".into());
+    let mut stream = toml::Table::new();
+    stream.insert("kind".into(), "kafka".into());
+    stream.insert("kafka".into(), kafka.into());
+    stream
+}
+
 /// A running tansu broker (SIGKILLed when dropped) and the proxy in front of it.
 pub struct Tansu {
     proc: Proc,

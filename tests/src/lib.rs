@@ -63,7 +63,7 @@ pub use ftp::{
 pub use gateway::{Gateway, GatewayConfig, Subscription, Token};
 pub use http::{curl_get, http_get, metric_value};
 pub use http_fault::FailingProxy;
-pub use kafka::{KafkaRecord, Tansu, tansu_bin, wait_for_records};
+pub use kafka::{KafkaRecord, Tansu, kafka_stream_table, tansu_bin, wait_for_records};
 pub use mosquitto::{Mosquitto, MosquittoOptions};
 pub use notify::NotifySocket;
 pub use pipeline::{GATEWAY_ID, Pipeline, TOKEN};

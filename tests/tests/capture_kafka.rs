@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use pigeon_e2e::{
     CameraFile, Garage, Gateway, GatewayConfig, KafkaRecord, Mosquitto, Publisher,
-    PublisherOptions, READING_TYPE, Relay, Tansu, TestDir, climate_readings, files_section, secs,
-    wait_for_records, wait_until, watch_table,
+    PublisherOptions, READING_TYPE, Relay, Tansu, TestDir, climate_readings, files_section,
+    kafka_stream_table, secs, wait_for_records, wait_until, watch_table,
 };
 use serde_json::Value;
 
@@ -22,14 +22,10 @@ const GROUP: &str = "pigeon-relay-capture";
 
 /// Kafka stream (a topic per tenant), objects and capture in garage, small rolls.
 fn cloud_config(t: &mut toml::Table, garage: &Garage, bootstrap: &str) {
-    let mut kafka = toml::Table::new();
-    kafka.insert("brokers".into(), bootstrap.into());
-    kafka.insert("topic".into(), "pigeon.{tenant}".into());
-    kafka.insert("delivery_timeout".into(), "3s".into());
-    let mut stream = toml::Table::new();
-    stream.insert("kind".into(), "kafka".into());
-    stream.insert("kafka".into(), kafka.into());
-    t.insert("stream".into(), stream.into());
+    t.insert(
+        "stream".into(),
+        kafka_stream_table(bootstrap, "pigeon.{tenant}").into(),
+    );
     t.insert("objects".into(), garage.objects_table("5MiB").into());
     let mut c = toml::Table::new();
     c.insert("enabled".into(), true.into());

@@ -7,21 +7,15 @@ use std::path::Path;
 
 use pigeon_e2e::{
     Gateway, GatewayConfig, KafkaRecord, Mosquitto, Publisher, PublisherOptions, READING_TYPE,
-    Relay, Tansu, TestDir, climate_readings, run_command, secs, wait_for_records, wait_until,
+    Relay, Tansu, TestDir, climate_readings, kafka_stream_table, run_command, secs,
+    wait_for_records, wait_until,
 };
 
 const TOPIC: &str = "pigeon.default";
 
 /// `[stream]` for the Kafka stream at `bootstrap`.
 fn kafka_stream(t: &mut toml::Table, bootstrap: &str, topic: &str) {
-    let mut kafka = toml::Table::new();
-    kafka.insert("brokers".into(), bootstrap.into());
-    kafka.insert("topic".into(), topic.into());
-    kafka.insert("delivery_timeout".into(), "3s".into());
-    let mut stream = toml::Table::new();
-    stream.insert("kind".into(), "kafka".into());
-    stream.insert("kafka".into(), kafka.into());
-    t.insert("stream".into(), stream.into());
+    t.insert("stream".into(), kafka_stream_table(bootstrap, topic).into());
 }
 
 /// Every record's (producerid, sequence) in a partition comes in increasing order per key,
