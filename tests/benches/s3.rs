@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use pigeon_e2e::{
     ACCESS_KEY, BUCKET, CameraFile, Garage, Gateway, GatewayConfig, REGION, Relay, SECRET_KEY,
-    Stream, Tansu, TestDir, files_section, kafka_stream_table, rss_kib, watch_table,
+    Stream, Tansu, TestDir, capture_table, files_section, kafka_stream_table, rss_kib, watch_table,
 };
 
 const GATEWAY: &str = "bench-cams";
@@ -238,11 +238,8 @@ async fn capture_kafka_backlog(garage: &Garage, dir: &TestDir, n: usize) {
             kafka_stream_table(&tansu.bootstrap(), "pigeon.{tenant}").into(),
         );
         t.insert("objects".into(), garage.objects_table("8MiB").into());
-        let mut c = toml::Table::new();
-        c.insert("enabled".into(), true.into());
-        c.insert("roll_age".into(), "1s".into());
-        c.insert("group".into(), "bench-capture".into());
-        t.insert("capture".into(), c.into());
+        let capture = capture_table(&[("roll_age", "1s"), ("group", "bench-capture")]);
+        t.insert("capture".into(), capture.into());
     })
     .await;
     let ready = t0.elapsed();
@@ -306,10 +303,10 @@ async fn capture_backlog(garage: &Garage, dir: &TestDir, n: usize) {
     let relay = Relay::start_with(&sub, &[("bench-sensors", TOKEN)], |t| {
         t.insert("data_dir".into(), data_dir.display().to_string().into());
         t.insert("objects".into(), garage.objects_table("8MiB").into());
-        let mut c = toml::Table::new();
-        c.insert("enabled".into(), true.into());
-        c.insert("roll_age".into(), "1s".into());
-        t.insert("capture".into(), c.into());
+        t.insert(
+            "capture".into(),
+            capture_table(&[("roll_age", "1s")]).into(),
+        );
     })
     .await;
     let ready = t0.elapsed();

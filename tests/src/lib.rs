@@ -73,7 +73,7 @@ pub use procfs::{rss_kib, write_bytes};
 pub use proxy::Proxy;
 pub use publisher::{PublishReport, Publisher, PublisherOptions, Reading};
 pub use readings::{READING_TYPE, climate_payload, climate_readings, climate_topic};
-pub use relay::Relay;
+pub use relay::{Relay, capture_table, set_gateway_tenant};
 pub use s3::{ACCESS_KEY, BUCKET, Garage, REGION, SECRET_KEY, StoredObject, garage_bin};
 pub use stream::{Stream, summarize_numbers};
 

@@ -9,6 +9,25 @@ use crate::process::{Proc, free_port, relay_bin};
 use crate::stream::{Stream, summarize_numbers};
 use crate::{TestDir, fmt_count, secs, wait_until};
 
+/// Puts the `index`th `[[gateways]]` table of a relay config in `tenant`.
+pub fn set_gateway_tenant(t: &mut toml::Table, index: usize, tenant: &str) {
+    if let Some(toml::Value::Array(gws)) = t.get_mut("gateways")
+        && let Some(toml::Value::Table(g)) = gws.get_mut(index)
+    {
+        g.insert("tenant".into(), tenant.into());
+    }
+}
+
+/// A relay's `[capture]` table: enabled, with `keys` (e.g. `("roll_age", "1s")`).
+pub fn capture_table(keys: &[(&str, &str)]) -> toml::Table {
+    let mut c = toml::Table::new();
+    c.insert("enabled".into(), true.into());
+    for (k, v) in keys {
+        c.insert((*k).into(), (*v).into());
+    }
+    c
+}
+
 /// A `pigeon-relay` process: its config, port and data directory survive restarts.
 pub struct Relay {
     proc: Proc,

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use pigeon_e2e::{
     Garage, Gateway, GatewayConfig, Mosquitto, Publisher, PublisherOptions, READING_TYPE, Relay,
-    Stream, TestDir, climate_readings, secs, wait_until,
+    Stream, TestDir, capture_table, climate_readings, secs, set_gateway_tenant, wait_until,
 };
 
 const GW: &str = "pi-1";
@@ -15,16 +15,9 @@ const TOKEN: &str = "capture-token-0123456789";
 /// The relay config: objects and capture in garage, small and frequent rolls.
 fn capture_config(t: &mut toml::Table, garage: &Garage) {
     t.insert("objects".into(), garage.objects_table("5MiB").into());
-    let mut c = toml::Table::new();
-    c.insert("enabled".into(), true.into());
-    c.insert("roll_bytes".into(), "64KiB".into());
-    c.insert("roll_age".into(), "1s".into());
-    t.insert("capture".into(), c.into());
-    if let Some(toml::Value::Array(gws)) = t.get_mut("gateways")
-        && let Some(toml::Value::Table(g)) = gws.get_mut(0)
-    {
-        g.insert("tenant".into(), "acme".into());
-    }
+    let capture = capture_table(&[("roll_bytes", "64KiB"), ("roll_age", "1s")]);
+    t.insert("capture".into(), capture.into());
+    set_gateway_tenant(t, 0, "acme");
 }
 
 /// Waits until the capture objects hold `n` events; returns them as a [`Stream`] (in key

@@ -8,8 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use pigeon_e2e::{
     CameraFile, Garage, Gateway, GatewayConfig, KafkaRecord, Mosquitto, Publisher,
-    PublisherOptions, READING_TYPE, Relay, Tansu, TestDir, climate_readings, files_section,
-    kafka_stream_table, secs, wait_for_records, wait_until, watch_table,
+    PublisherOptions, READING_TYPE, Relay, Tansu, TestDir, capture_table, climate_readings,
+    files_section, kafka_stream_table, secs, set_gateway_tenant, wait_for_records, wait_until,
+    watch_table,
 };
 use serde_json::Value;
 
@@ -27,16 +28,9 @@ fn cloud_config(t: &mut toml::Table, garage: &Garage, bootstrap: &str) {
         kafka_stream_table(bootstrap, "pigeon.{tenant}").into(),
     );
     t.insert("objects".into(), garage.objects_table("5MiB").into());
-    let mut c = toml::Table::new();
-    c.insert("enabled".into(), true.into());
-    c.insert("roll_bytes".into(), "64KiB".into());
-    c.insert("roll_age".into(), "1s".into());
-    t.insert("capture".into(), c.into());
-    if let Some(toml::Value::Array(gws)) = t.get_mut("gateways")
-        && let Some(toml::Value::Table(g)) = gws.get_mut(0)
-    {
-        g.insert("tenant".into(), TENANT.into());
-    }
+    let capture = capture_table(&[("roll_bytes", "64KiB"), ("roll_age", "1s")]);
+    t.insert("capture".into(), capture.into());
+    set_gateway_tenant(t, 0, TENANT);
 }
 
 struct Cloud {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use pigeon_e2e::{
     BUCKET, CameraFile, Garage, Gateway, GatewayConfig, Relay, TestDir, files_section, secs,
-    wait_until, watch_table,
+    set_gateway_tenant, wait_until, watch_table,
 };
 
 const GW: &str = "pi-cams";
@@ -147,11 +147,7 @@ async fn camera_files_land_in_the_bucket_once_per_tenant() {
         &[(GW, TOKEN), ("pi-b", "token-b-0123456789abcd")],
         |t| {
             s3_objects(t, &garage);
-            if let Some(toml::Value::Array(gws)) = t.get_mut("gateways")
-                && let Some(toml::Value::Table(b)) = gws.get_mut(1)
-            {
-                b.insert("tenant".into(), "acme".into());
-            }
+            set_gateway_tenant(t, 1, "acme");
         },
     )
     .await;
