@@ -101,6 +101,22 @@ const MIGRATIONS: &[&str] = &[
     -- what most records have, and they cost no index writes; their queries walk sequences.
     CREATE INDEX records_priority ON records (priority, seq) WHERE priority <> 5;
     "#,
+    // 5: packed events (see outbox::pack). A packed record's `data` is its subject and
+    // data deflated against dictionary `packed`, which also names its source, type and
+    // content type; its `id` is empty (derived from the producer id and the sequence),
+    // `source` and `type` are empty, `subject` and `content_type` NULL. Dead letters are
+    // never packed. AUTOINCREMENT: an id is never reused, so a cached dictionary is
+    // never the wrong one.
+    r#"
+    CREATE TABLE dictionaries (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        source       TEXT NOT NULL,
+        type         TEXT NOT NULL,
+        content_type TEXT,
+        bytes        BLOB NOT NULL
+    );
+    ALTER TABLE records ADD COLUMN packed INTEGER;
+    "#,
 ];
 
 pub(crate) const META_PRODUCER_ID: &str = "producer_id";

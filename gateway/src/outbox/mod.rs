@@ -9,13 +9,23 @@
 //!   while the writer writes).
 //! * [`dead_letters`] lists, re-queues and deletes dead letters from another process
 //!   (`pigeon-gateway dead-letter …`), safely while the gateway runs.
+//! * [`pack`] stores events compactly: compressed against a dictionary of recent events
+//!   of the same kind, so that a stream of readings does not wear out an SD card.
 //! * [`depth`] caches how much is waiting, for metrics, status and heartbeats.
 //! * [`quota`] keeps the outbox and the spool within their disk budget, dropping the
 //!   oldest data of the lowest priority where its route allows.
 
+/// SQL for a record's event type, packed or not (a packed record's is its dictionary's).
+macro_rules! record_type {
+    () => {
+        "CASE WHEN packed IS NULL THEN type ELSE (SELECT type FROM dictionaries WHERE id = packed) END"
+    };
+}
+
 pub mod db;
 pub mod dead_letters;
 pub mod depth;
+pub(crate) mod pack;
 pub mod quota;
 pub mod reader;
 pub mod writer;

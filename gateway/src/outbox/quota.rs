@@ -81,15 +81,21 @@ const SPOOL_BYTES: &str = "SELECT
   + (SELECT coalesce(sum(size), 0) FROM file_claims WHERE committed = 0)";
 /// Droppable records of one priority after a sequence, by the priority index (which leaves
 /// out the default priority; the literal `priority <> 5` lets SQLite use it).
-pub(crate) const EVICTABLE: &str =
-    "SELECT seq, type, length(data), file, coalesce(file_size, 0), time_us
+pub(crate) const EVICTABLE: &str = concat!(
+    "SELECT seq, ",
+    record_type!(),
+    ", length(data), file, coalesce(file_size, 0), time_us
     FROM records WHERE priority = ?1 AND priority <> 5 AND evictable = 1 AND seq > ?2
-    ORDER BY seq LIMIT ?3";
+    ORDER BY seq LIMIT ?3"
+);
 /// Droppable records of the default priority after a sequence and up to one (`?1`).
-pub(crate) const EVICTABLE_DEFAULT: &str =
-    "SELECT seq, type, length(data), file, coalesce(file_size, 0),
+pub(crate) const EVICTABLE_DEFAULT: &str = concat!(
+    "SELECT seq, ",
+    record_type!(),
+    ", length(data), file, coalesce(file_size, 0),
     time_us FROM records WHERE seq > ?2 AND seq <= ?1 AND priority = 5 AND evictable = 1
-    ORDER BY seq LIMIT ?3";
+    ORDER BY seq LIMIT ?3"
+);
 const _: () = assert!(super::DEFAULT_PRIORITY == 5);
 const MAX_SEQ: &str = "SELECT coalesce(max(seq), 0) FROM records";
 const DELETE: &str = "DELETE FROM records WHERE seq = ?1";

@@ -5,6 +5,7 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OpenFlags};
 
+use super::pack::{Unpacker, derived_id};
 use super::{
     DEFAULT_PRIORITY, FileClaim, FileRef, KeptFile, OutboxError, Record, db, path_bytes,
     path_from_bytes,
@@ -14,6 +15,10 @@ use super::{
 pub struct OutboxReader {
     conn: Mutex<Connection>,
     learnt: Mutex<Learnt>,
+    /// Dictionaries of packed events (taken while `conn` is held).
+    unpacker: Mutex<Unpacker>,
+    /// The producer id, once read (packed events' ids derive from it).
+    producer: std::sync::OnceLock<String>,
 }
 
 /// What the reader has learnt about where the default priority's events are not.
@@ -57,18 +62,18 @@ pub struct Pending {
 /// Events for the batch lane — everything but files, which have a lane of their own — in
 /// sequence order, whatever their priority.
 const READ_AFTER: &str = "SELECT seq, id, source, type, subject, time_us, content_type, data,
-    file, file_size, file_sha256, file_move_to, priority
+    file, file_size, file_sha256, file_move_to, priority, packed
     FROM records WHERE seq > ?1 AND file IS NULL ORDER BY seq LIMIT ?2";
 /// The batch lane's events of one priority after its cursor, by the priority index (the
 /// literal `priority <> 5` lets SQLite use it: the index leaves out the default priority).
 pub(crate) const READ_LANE: &str =
     "SELECT seq, id, source, type, subject, time_us, content_type, data,
-    file, file_size, file_sha256, file_move_to, priority
+    file, file_size, file_sha256, file_move_to, priority, packed
     FROM records WHERE priority = ?3 AND priority <> 5 AND file IS NULL AND seq > ?1
     ORDER BY seq LIMIT ?2";
 /// The batch lane's events of the default priority, from its cursor up to a sequence.
 pub(crate) const READ_LANE_DEFAULT: &str = "SELECT seq, id, source, type, subject, time_us,
-    content_type, data, file, file_size, file_sha256, file_move_to, priority
+    content_type, data, file, file_size, file_sha256, file_move_to, priority, packed
     FROM records WHERE seq > ?1 AND seq <= ?3 AND file IS NULL AND priority = 5
     ORDER BY seq LIMIT ?2";
 // The queries above spell the default priority out, for SQLite to match the index's
@@ -77,7 +82,7 @@ const _: () = assert!(DEFAULT_PRIORITY == 5);
 const MAX_SEQ: &str = "SELECT coalesce(max(seq), 0) FROM records";
 /// Files, most important first, then oldest first.
 const READ_FILES: &str = "SELECT seq, id, source, type, subject, time_us, content_type,
-    data, file, file_size, file_sha256, file_move_to, priority
+    data, file, file_size, file_sha256, file_move_to, priority, packed
     FROM records WHERE file IS NOT NULL ORDER BY priority DESC, seq LIMIT ?2 OFFSET ?1";
 const MIN_SEQ: &str = "SELECT min(seq) FROM records";
 pub(crate) const OLDEST_OF: &str = "SELECT time_us FROM records
@@ -109,6 +114,8 @@ impl OutboxReader {
         Ok(Self {
             conn: Mutex::new(conn),
             learnt: Mutex::new(Learnt::default()),
+            unpacker: Mutex::new(Unpacker::default()),
+            producer: std::sync::OnceLock::new(),
         })
     }
 
@@ -281,6 +288,14 @@ impl OutboxReader {
         third: Option<u64>,
     ) -> Result<(Vec<Record>, bool), OutboxError> {
         let conn = self.conn();
+        let producer = match self.producer.get() {
+            Some(p) => p.clone(),
+            None => {
+                let p = db::producer_id(&conn)?;
+                self.producer.get_or_init(|| p).clone()
+            }
+        };
+        let mut unpacker = self.unpacker.lock().unwrap_or_else(|p| p.into_inner());
         let mut stmt = conn.prepare_cached(sql)?;
         let limit = max_events.min(i64::MAX as usize) as i64;
         let mut rows = match third {
@@ -290,13 +305,24 @@ impl OutboxReader {
         let mut out = Vec::new();
         let mut bytes = 0u64;
         while let Some(row) = rows.next()? {
+            let mut rec = record_from_row(row)?;
             let data: Vec<u8> = row.get(7)?;
-            bytes += data.len() as u64;
+            match row.get::<_, Option<i64>>(13)? {
+                None => rec.data = data,
+                Some(dictionary) => {
+                    let ev = unpacker.unpack(&conn, rec.seq, dictionary, &data)?;
+                    rec.id = derived_id(&producer, rec.seq, rec.time_us);
+                    rec.source = ev.kind.source;
+                    rec.event_type = ev.kind.event_type;
+                    rec.content_type = ev.kind.content_type;
+                    rec.subject = ev.subject;
+                    rec.data = ev.data;
+                }
+            }
+            bytes += rec.data.len() as u64;
             if !out.is_empty() && bytes > max_bytes {
                 return Ok((out, false));
             }
-            let mut rec = record_from_row(row)?;
-            rec.data = data;
             out.push(rec);
         }
         let complete = out.len() < max_events;
@@ -389,9 +415,13 @@ impl OutboxReader {
 /// takes it).
 fn record_from_row(row: &rusqlite::Row<'_>) -> Result<Record, rusqlite::Error> {
     let id: Vec<u8> = row.get(1)?;
-    let id = uuid::Uuid::from_slice(&id).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(16, rusqlite::types::Type::Blob, Box::new(e))
-    })?;
+    // A packed record's is empty: the caller derives it.
+    let id = match id.is_empty() {
+        true => uuid::Uuid::nil(),
+        false => uuid::Uuid::from_slice(&id).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(16, rusqlite::types::Type::Blob, Box::new(e))
+        })?,
+    };
     let file = match row.get::<_, Option<String>>(8)? {
         None => None,
         Some(spool) => {

@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use super::pack::{Kind, Packer};
 use super::quota::{Dropped, Incoming, Quota, QuotaSettings, ROW_OVERHEAD};
 use super::{FileClaim, NewRecord, OutboxError, WhenFull, db, path_bytes};
 use crate::stats::Stats;
@@ -119,6 +120,8 @@ impl OutboxWriter {
     ) -> Result<(Self, std::thread::JoinHandle<()>), OutboxError> {
         let next_seq = db::next_seq(&conn)?;
         let deliveries = load_deliveries(&conn)?;
+        let packer = Packer::load(&conn)?;
+        let producer = db::producer_id(&conn)?;
         let quota = quota.map(|q| Quota::new(q, &conn)).transpose()?;
         if let Some(q) = &quota {
             stats.outbox_used_bytes.store(q.used(&conn), Relaxed);
@@ -139,6 +142,10 @@ impl OutboxWriter {
             quota,
             drops: DropLog::default(),
             used_at: std::time::Instant::now(),
+            packer,
+            producer,
+            // The first look a minute after the start.
+            gc_at: std::time::Instant::now() - GC_EVERY + std::time::Duration::from_secs(60),
         };
         let handle = std::thread::Builder::new()
             .name("outbox-writer".into())
@@ -297,6 +304,12 @@ struct WriterState {
     drops: DropLog,
     /// When `outbox_used_bytes` was last measured (at most every second, and after drops).
     used_at: std::time::Instant,
+    /// Packs events, and unpacks them for dead letters.
+    packer: Packer,
+    /// The producer id (packed events' ids derive from it).
+    producer: String,
+    /// When replaced dictionaries were last looked for.
+    gc_at: std::time::Instant,
 }
 
 /// What a full outbox dropped since it last said so: logged at most every
@@ -358,8 +371,8 @@ impl DropLog {
 
 const INSERT_RECORD: &str = "INSERT INTO records
     (seq, id, source, type, subject, time_us, content_type, data, expires_us,
-     file, file_size, file_sha256, file_move_to, priority, evictable)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)";
+     file, file_size, file_sha256, file_move_to, priority, evictable, packed)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)";
 const INSERT_CLAIM: &str = "INSERT OR REPLACE INTO file_claims
     (spool, watch, original, rel, dev, ino, copy, size, mtime_ns, committed, claimed_us,
      priority)
@@ -372,8 +385,12 @@ const COMMIT_CLAIM: &str = "UPDATE file_claims SET committed = 1 WHERE spool = ?
 const INSERT_KEPT: &str = "INSERT OR REPLACE INTO kept_files (path, dev, ino, size, mtime_ns)
     VALUES (?1, ?2, ?3, ?4, ?5)";
 const DELETE_KEPT: &str = "DELETE FROM kept_files WHERE path = ?1";
-const EXPIRED_BY_TYPE: &str = "SELECT type, count(*) FROM records
-    WHERE expires_us IS NOT NULL AND expires_us < ?1 GROUP BY type ORDER BY type";
+const EXPIRED_BY_TYPE: &str = concat!(
+    "SELECT ",
+    record_type!(),
+    " AS t, count(*) FROM records
+    WHERE expires_us IS NOT NULL AND expires_us < ?1 GROUP BY t ORDER BY t"
+);
 const DELETE_EXPIRED: &str = "DELETE FROM records WHERE expires_us IS NOT NULL AND expires_us < ?1";
 const UPSERT_DELIVERY: &str =
     "INSERT OR REPLACE INTO mqtt_deliveries (session, pkid, digest) VALUES (?1, ?2, ?3)";
@@ -386,7 +403,20 @@ const DEAD_LETTER: &str = "INSERT OR REPLACE INTO dead_letters
      file, file_size, file_sha256, file_move_to, priority, evictable)
     SELECT seq, id, source, type, subject, time_us, content_type, data, ?2, ?3,
      file, file_size, file_sha256, file_move_to, priority, evictable
-    FROM records WHERE seq = ?1";
+    FROM records WHERE seq = ?1 AND packed IS NULL";
+/// A packed record, to be unpacked into the dead-letter table.
+const PACKED_RECORD: &str = "SELECT time_us, data, packed, priority, evictable
+    FROM records WHERE seq = ?1 AND packed IS NOT NULL";
+const INSERT_DEAD_LETTER: &str = "INSERT OR REPLACE INTO dead_letters
+    (seq, id, source, type, subject, time_us, content_type, data, reason, failed_at_us,
+     priority, evictable)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+/// The span of sequences in the outbox: replaced dictionaries are looked for in scans of
+/// the records, which wait for an outbox of at most [`GC_SPAN`] sequences.
+const SEQ_SPAN: &str = "SELECT coalesce(max(seq) - min(seq), 0) FROM records";
+const GC_SPAN: i64 = 100_000;
+/// How often the writer looks for replaced dictionaries to delete.
+const GC_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl WriterState {
     fn run(&mut self, mut rx: mpsc::Receiver<Command>) {
@@ -452,13 +482,19 @@ impl WriterState {
                             &mut next_seq,
                             &self.deliveries,
                             &mut new_deliveries,
+                            &mut self.packer,
+                            &self.producer,
                         )?),
                     }),
                     Command::Settle {
                         delivered,
                         rejected,
                         ..
-                    } => spool_delta -= settle(&tx, delivered, rejected)? as i64,
+                    } => {
+                        spool_delta -=
+                            settle(&tx, delivered, rejected, &mut self.packer, &self.producer)?
+                                as i64
+                    }
                     Command::Ping(_) => {}
                     Command::Expire { now_us, .. } => expired.push(expire(&tx, *now_us)?),
                     Command::Claims { add, remove, .. } => {
@@ -488,6 +524,16 @@ impl WriterState {
             if deletes {
                 tx.prepare_cached(SET_NEXT_SEQ)?
                     .execute(params![db::META_NEXT_SEQ, next_seq as i64])?;
+                if self.gc_at.elapsed() >= GC_EVERY {
+                    self.gc_at = std::time::Instant::now();
+                    let span: i64 = tx.prepare_cached(SEQ_SPAN)?.query_row([], |r| r.get(0))?;
+                    if span <= GC_SPAN {
+                        let n = self.packer.delete_unused(&tx)?;
+                        if n > 0 {
+                            tracing::debug!(dictionaries = n, "Deleted replaced dictionaries.");
+                        }
+                    }
+                }
             }
             tx.commit()?;
             Ok(stored_any)
@@ -525,6 +571,10 @@ impl WriterState {
             self.drops.add(dropped);
         }
         self.drops.flush(false);
+        match &result {
+            Ok(_) => self.packer.committed(),
+            Err(_) => self.packer.rolled_back(),
+        }
         match result {
             Ok(stored_any) => {
                 self.next_seq = next_seq;
@@ -748,7 +798,9 @@ fn append_one(
     next_seq: &mut u64,
     committed: &Deliveries,
     pending: &mut Vec<(DeliveryKey, [u8; 16])>,
-) -> Result<Appended, rusqlite::Error> {
+    packer: &mut Packer,
+    producer: &str,
+) -> Result<Appended, OutboxError> {
     if let Some(mark) = &rec.delivery {
         let key = (mark.session.clone(), mark.pkid);
         if mark.dup {
@@ -771,17 +823,42 @@ fn append_one(
         pending.push((key, mark.digest));
     }
     let seq = *next_seq;
-    let id = uuid::Uuid::now_v7();
     let file = rec.file.as_ref().map(|f| &f.file);
-    tx.prepare_cached(INSERT_RECORD)?.execute(params![
+    let packed = match file {
+        Some(_) => None,
+        None => {
+            let kind = Kind {
+                source: rec.source.clone(),
+                event_type: rec.event_type.clone(),
+                content_type: rec.content_type.clone(),
+            };
+            packer.pack(tx, kind, rec.subject.as_deref(), &rec.data)?
+        }
+    };
+    // Derived, as a packed record's is when it is read: every id sorts by receive time.
+    let id = super::pack::derived_id(producer, seq, rec.time_us);
+    let insert = &mut tx.prepare_cached(INSERT_RECORD)?;
+    let head = match &packed {
+        // Its names are in the dictionary, its subject in the packed bytes, its id derived.
+        Some(_) => (&[][..], "", "", None, None),
+        None => (
+            &id.as_bytes()[..],
+            rec.source.as_str(),
+            rec.event_type.as_str(),
+            rec.subject.as_deref(),
+            rec.content_type.as_deref(),
+        ),
+    };
+    let data = packed.as_ref().map_or(&rec.data[..], |p| &p.1[..]);
+    insert.execute(params![
         seq as i64,
-        &id.as_bytes()[..],
-        rec.source,
-        rec.event_type,
-        rec.subject,
+        head.0,
+        head.1,
+        head.2,
+        head.3,
         rec.time_us,
-        rec.content_type,
-        &rec.data[..],
+        head.4,
+        data,
         rec.expires_us,
         file.map(|f| &f.spool),
         file.map(|f| f.size as i64),
@@ -789,6 +866,7 @@ fn append_one(
         file.and_then(|f| f.move_to.as_deref()).map(path_bytes),
         rec.policy.priority,
         rec.policy.when_full == WhenFull::DropOldest,
+        packed.as_ref().map(|p| p.0),
     ])?;
     if let Some(f) = &rec.file {
         // The file is in the spool and described by this record: its claim is done, or
@@ -819,7 +897,9 @@ fn settle(
     tx: &Transaction<'_>,
     delivered: &[u64],
     rejected: &[(u64, String)],
-) -> Result<u64, rusqlite::Error> {
+    packer: &mut Packer,
+    producer: &str,
+) -> Result<u64, OutboxError> {
     let now_us = chrono::Utc::now().timestamp_micros();
     let mut dead = tx.prepare_cached(DEAD_LETTER)?;
     let mut delete = tx.prepare_cached(DELETE_EVENT)?;
@@ -836,7 +916,9 @@ fn settle(
         Ok(size.unwrap_or(0).max(0) as u64)
     };
     for (seq, reason) in rejected {
-        dead.execute(params![*seq as i64, reason, now_us])?;
+        if dead.execute(params![*seq as i64, reason, now_us])? == 0 {
+            dead_letter_packed(tx, *seq, reason, now_us, packer, producer)?;
+        }
         gone(*seq)?;
     }
     let mut file_bytes = 0u64;
@@ -846,8 +928,52 @@ fn settle(
     Ok(file_bytes)
 }
 
+/// Moves a packed record to the dead-letter table unpacked (dead letters are read by
+/// `pigeon-gateway dead-letter` as they are, and re-queued as they are).
+fn dead_letter_packed(
+    tx: &Transaction<'_>,
+    seq: u64,
+    reason: &str,
+    now_us: i64,
+    packer: &mut Packer,
+    producer: &str,
+) -> Result<(), OutboxError> {
+    let row = tx
+        .prepare_cached(PACKED_RECORD)?
+        .query_row([seq as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
+        })
+        .optional()?;
+    let Some((time_us, data, dictionary, priority, evictable)) = row else {
+        return Ok(());
+    };
+    let ev = packer.unpacker.unpack(tx, seq, dictionary, &data)?;
+    let id = super::pack::derived_id(producer, seq, time_us);
+    tx.prepare_cached(INSERT_DEAD_LETTER)?.execute(params![
+        seq as i64,
+        &id.as_bytes()[..],
+        ev.kind.source,
+        ev.kind.event_type,
+        ev.subject,
+        time_us,
+        ev.kind.content_type,
+        ev.data,
+        reason,
+        now_us,
+        priority,
+        evictable,
+    ])?;
+    Ok(())
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::Synchronous;
     use crate::outbox::{DeliveryMark, OutboxReader};
@@ -916,10 +1042,24 @@ mod tests {
         (w, h, OutboxReader::open(&path).unwrap(), stats)
     }
 
+    /// Bytes that do not compress (events are packed: see outbox::pack), so that `len`
+    /// is what a record costs.
+    pub(crate) fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
     fn routed(n: u32, ty: &str, priority: u8, when_full: WhenFull, len: usize) -> NewRecord {
         NewRecord {
             event_type: ty.into(),
-            data: Bytes::from(vec![b'x'; len]),
+            data: Bytes::from(noise(u64::from(n) << 8 | u64::from(priority), len)),
             policy: crate::outbox::Policy {
                 priority,
                 when_full,
@@ -1374,6 +1514,154 @@ mod tests {
             })
             .unwrap();
         assert_eq!((seq, reason.as_str()), (2, "bad type"));
+        drop(w);
+        h.join().unwrap();
+    }
+
+    /// Readings as the outbox packs them (see outbox::pack) come back as they went in —
+    /// with the same ids at every read and after a restart — and leave it unpacked: as
+    /// dead letters, and counted by type when they expire.
+    #[tokio::test]
+    async fn packed_events_read_back_as_committed_and_leave_unpacked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, h, r) = open(dir.path());
+        let recs: Vec<NewRecord> = (0..300)
+            .map(|n| NewRecord {
+                data: Bytes::from(format!(
+                    r#"{{"n":{n},"temperature_c":{}.5,"humidity_pct":40,"sensor":"S{n:06}"}}"#,
+                    n % 30
+                )),
+                subject: (n % 10 != 0).then(|| format!("site/room/{}/climate", n % 25)),
+                expires_us: (n >= 280).then_some(1_000),
+                ..record(n, None)
+            })
+            .collect();
+        for rec in &recs {
+            w.append_and_wait(rec.clone()).await.unwrap();
+        }
+        let conn = rusqlite::Connection::open(db::path_in(dir.path())).unwrap();
+        let packed: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM records WHERE packed IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(packed > 250, "{packed} of 300 packed");
+        let stored: i64 = conn
+            .query_row(
+                "SELECT sum(length(data)) FROM records WHERE packed IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let raw: usize = recs[300 - packed as usize..]
+            .iter()
+            .map(|r| r.data.len())
+            .sum();
+        assert!(
+            stored as usize * 2 < raw,
+            "{stored} B stored for {raw} B of data"
+        );
+        let batch = r.read_after(0, 1000, u64::MAX).unwrap();
+        assert_eq!(batch.len(), 300);
+        for (rec, got) in recs.iter().zip(&batch) {
+            assert_eq!(
+                (
+                    &got.source,
+                    &got.event_type,
+                    &got.subject,
+                    &got.content_type,
+                    got.time_us
+                ),
+                (
+                    &rec.source,
+                    &rec.event_type,
+                    &rec.subject,
+                    &rec.content_type,
+                    rec.time_us
+                )
+            );
+            assert_eq!(got.data, rec.data);
+        }
+        let ids: Vec<uuid::Uuid> = batch.iter().map(|r| r.id).collect();
+        assert!(ids.windows(2).all(|p| p[0] < p[1]), "ids sort as sequences");
+        // Within the bytes limit as unpacked, not as stored.
+        let some = r
+            .read_after(0, 1000, batch[0].data.len() as u64 * 10)
+            .unwrap();
+        assert_eq!(some.len(), 10);
+
+        // The relay rejects a packed one: its dead letter is plain, id and all.
+        w.settle(vec![], vec![(251, "bad schema".into())])
+            .await
+            .unwrap();
+        let (id, source, ty, subject, ct, data, reason): (
+            Vec<u8>,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+            Vec<u8>,
+            String,
+        ) = conn
+            .query_row(
+                "SELECT id, source, type, subject, content_type, data, reason FROM dead_letters",
+                [],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                    ))
+                },
+            )
+            .unwrap();
+        let was = &batch[250];
+        assert_eq!(was.seq, 251);
+        assert_eq!(uuid::Uuid::from_slice(&id).unwrap(), was.id);
+        assert_eq!(
+            (source, ty, subject, ct),
+            (
+                was.source.clone(),
+                was.event_type.clone(),
+                was.subject.clone(),
+                was.content_type.clone()
+            )
+        );
+        assert_eq!((data, reason.as_str()), (was.data.clone(), "bad schema"));
+
+        // Expired packed ones are counted by their type.
+        assert_eq!(w.expire(2_000).await.unwrap(), vec![("t".to_string(), 20)]);
+        drop(w);
+        h.join().unwrap();
+
+        // After a restart: the same ids, and new events packed with the same dictionary.
+        let (w, h, r) = open(dir.path());
+        let again = r.read_after(0, 1000, u64::MAX).unwrap();
+        assert_eq!(again.len(), 279);
+        assert!(again.iter().all(|g| {
+            batch
+                .iter()
+                .any(|b| b.seq == g.seq && b.id == g.id && b.data == g.data)
+        }));
+        let Appended::Stored { seq } = w.append_and_wait(recs[5].clone()).await.unwrap() else {
+            panic!("not stored")
+        };
+        let dictionaries: i64 = conn
+            .query_row("SELECT count(DISTINCT packed) FROM records", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(dictionaries, 1);
+        assert_eq!(
+            r.read_after(seq - 1, 1, u64::MAX).unwrap()[0].data,
+            recs[5].data
+        );
         drop(w);
         h.join().unwrap();
     }
