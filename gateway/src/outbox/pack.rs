@@ -38,6 +38,8 @@ const FIRST_AFTER: usize = 2048;
 pub(crate) const RENEW_EVERY: u64 = 50_000;
 /// A kind whose events did not compress is tried again after this many events.
 const RETRY_EVERY: u64 = 256;
+/// Dictionaries an [`Unpacker`] keeps in memory.
+const CACHED_DICTIONARIES: usize = 64;
 /// Events larger than this (subject and data) are stored as they are: a 4 KiB dictionary
 /// makes little difference to them.
 const PACK_MAX: usize = 16 * 1024;
@@ -217,12 +219,20 @@ impl Unpacker {
                 ))
             })?;
         let d = Arc::new(d);
-        self.dictionaries.insert(id, d.clone());
+        self.learn(id, d.clone());
         Ok(d)
     }
 
-    /// Remembers a dictionary the writer just stored.
+    /// Remembers a dictionary (one the writer just stored, or one read).
     fn learn(&mut self, id: i64, d: Arc<Dictionary>) {
+        // Replaced dictionaries would pile up over the years: keep the newest few (an
+        // older one is read again if a record still needs it).
+        while self.dictionaries.len() >= CACHED_DICTIONARIES {
+            let Some(oldest) = self.dictionaries.keys().min().copied() else {
+                break;
+            };
+            self.dictionaries.remove(&oldest);
+        }
         self.dictionaries.insert(id, d);
     }
 
