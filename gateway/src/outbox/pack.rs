@@ -567,6 +567,34 @@ mod tests {
     }
 
     #[test]
+    fn the_unpacker_keeps_a_bounded_cache_and_reads_evicted_dictionaries_again() {
+        let conn = db();
+        let mut packer = Packer::load(&conn).unwrap();
+        let mut last = Vec::new();
+        for k in 0..CACHED_DICTIONARIES as u64 + 6 {
+            let ty = format!("climate.{k}");
+            let mut packed = None;
+            for n in 0..100 {
+                let (subject, data) = reading(n);
+                packed = packer
+                    .pack(&conn, kind(&ty), Some(&subject), &data)
+                    .unwrap();
+                packer.committed();
+            }
+            last.push((ty, packed.unwrap()));
+        }
+        let mut unpacker = Unpacker::default();
+        for _ in 0..2 {
+            for (ty, (id, bytes)) in &last {
+                let ev = unpacker.unpack(&conn, 99, *id, bytes).unwrap();
+                assert_eq!(ev.kind, kind(ty));
+                assert_eq!(ev.data, reading(99).1);
+                assert!(unpacker.dictionaries.len() <= CACHED_DICTIONARIES);
+            }
+        }
+    }
+
+    #[test]
     fn data_that_does_not_compress_gets_no_dictionary() {
         let conn = db();
         let mut packer = Packer::load(&conn).unwrap();
