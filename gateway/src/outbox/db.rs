@@ -117,6 +117,25 @@ const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE records ADD COLUMN packed INTEGER;
     "#,
+    // 6: smaller MQTT delivery marks (see outbox::marks): sessions numbered once, a mark
+    // keyed by session × 65536 + packet id with the first 8 bytes of its digest (the
+    // gateway computes the same 8 bytes, so marks taken before the upgrade still match).
+    r#"
+    CREATE TABLE mqtt_sessions (
+        id   INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE  -- broker:port/client id
+    );
+    CREATE TABLE mqtt_marks (
+        key    INTEGER PRIMARY KEY,  -- session id × 65536 + packet id
+        digest BLOB NOT NULL         -- SHA-256 of topic and payload, first 8 bytes
+    );
+    INSERT INTO mqtt_sessions (name) SELECT DISTINCT session FROM mqtt_deliveries ORDER BY session;
+    INSERT INTO mqtt_marks (key, digest)
+        SELECT s.id * 65536 + d.pkid, substr(d.digest, 1, 8)
+        FROM mqtt_deliveries d JOIN mqtt_sessions s ON s.name = d.session
+        WHERE d.pkid BETWEEN 0 AND 65535;
+    DROP TABLE mqtt_deliveries;
+    "#,
 ];
 
 pub(crate) const META_PRODUCER_ID: &str = "producer_id";
@@ -340,6 +359,53 @@ mod tests {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn schema_6_keeps_the_delivery_marks_taken_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = path_in(dir.path());
+        let mut conn = open(&path, Synchronous::Normal).unwrap();
+        for sql in &MIGRATIONS[..5] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 5).unwrap();
+        let digest: Vec<u8> = (1..=16).collect();
+        for (session, pkid) in [("b:1883/gw", 7), ("a:1883/gw", 7), ("a:1883/gw", 65535)] {
+            conn.execute(
+                "INSERT INTO mqtt_deliveries (session, pkid, digest) VALUES (?1, ?2, ?3)",
+                rusqlite::params![session, pkid, &digest],
+            )
+            .unwrap();
+        }
+        migrate(&mut conn).unwrap();
+        let marks: Vec<(String, i64, Vec<u8>)> = conn
+            .prepare(
+                "SELECT s.name, m.key % 65536, m.digest FROM mqtt_marks m
+                 JOIN mqtt_sessions s ON s.id = m.key / 65536 ORDER BY s.name, m.key",
+            )
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let first8 = digest[..8].to_vec();
+        assert_eq!(
+            marks,
+            [
+                ("a:1883/gw".to_owned(), 7, first8.clone()),
+                ("a:1883/gw".to_owned(), 65535, first8.clone()),
+                ("b:1883/gw".to_owned(), 7, first8),
+            ]
+        );
+        let old: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE name = 'mqtt_deliveries'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(old, 0);
     }
 
     #[test]

@@ -25,6 +25,7 @@ macro_rules! record_type {
 pub mod db;
 pub mod dead_letters;
 pub mod depth;
+pub(crate) mod marks;
 pub(crate) mod pack;
 pub mod quota;
 pub mod reader;
@@ -178,8 +179,9 @@ pub struct DeliveryMark {
     pub session: Arc<str>,
     pub pkid: u16,
     pub dup: bool,
-    /// SHA-256 of topic and payload, truncated to 16 bytes.
-    pub digest: [u8; 16],
+    /// SHA-256 of topic and payload, its first 8 bytes: a message is taken for a
+    /// re-delivery only with the DUP flag, the same packet id and the same 8 bytes.
+    pub digest: [u8; 8],
 }
 
 /// A committed record, as the uplink reads it.

@@ -6,13 +6,13 @@
 //! instead of letting memory grow. Each round drains whatever is queued (up to
 //! `commit_max_records`) into ONE transaction, then answers every waiter: group commit.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use super::marks::Marks;
 use super::pack::{Kind, Packer};
 use super::quota::{Dropped, Incoming, Quota, QuotaSettings, ROW_OVERHEAD};
 use super::{FileClaim, NewRecord, OutboxError, WhenFull, db, path_bytes};
@@ -32,10 +32,6 @@ pub enum Appended {
     /// record (of a `when_full = "drop_oldest"` route) was dropped itself, and counted.
     Dropped,
 }
-
-/// Packet-id marks by (MQTT session, packet id): the digest of the last committed PUBLISH.
-type DeliveryKey = (Arc<str>, u16);
-type Deliveries = HashMap<DeliveryKey, [u8; 16]>;
 
 type Reply<T> = oneshot::Sender<Result<T, OutboxError>>;
 
@@ -119,7 +115,7 @@ impl OutboxWriter {
         quota: Option<QuotaSettings>,
     ) -> Result<(Self, std::thread::JoinHandle<()>), OutboxError> {
         let next_seq = db::next_seq(&conn)?;
-        let deliveries = load_deliveries(&conn)?;
+        let marks = Marks::load(&conn)?;
         let packer = Packer::load(&conn)?;
         let producer = db::producer_id(&conn)?;
         let quota = quota.map(|q| Quota::new(q, &conn)).transpose()?;
@@ -133,7 +129,7 @@ impl OutboxWriter {
         let mut state = WriterState {
             conn,
             next_seq,
-            deliveries,
+            marks,
             max_records: commit_max_records.max(1),
             committed: committed.clone(),
             files_committed: files_committed.clone(),
@@ -271,29 +267,11 @@ impl OutboxWriter {
     }
 }
 
-fn load_deliveries(conn: &Connection) -> Result<Deliveries, OutboxError> {
-    let mut stmt = conn.prepare("SELECT session, pkid, digest FROM mqtt_deliveries")?;
-    let rows = stmt.query_map([], |r| {
-        let session: String = r.get(0)?;
-        let pkid: i64 = r.get(1)?;
-        let digest: Vec<u8> = r.get(2)?;
-        Ok((session, pkid, digest))
-    })?;
-    let mut map = HashMap::new();
-    for row in rows {
-        let (session, pkid, digest) = row?;
-        if let (Ok(pkid), Ok(digest)) = (u16::try_from(pkid), <[u8; 16]>::try_from(digest)) {
-            map.insert((Arc::from(session), pkid), digest);
-        }
-    }
-    Ok(map)
-}
-
 struct WriterState {
     conn: Connection,
     next_seq: u64,
-    /// Mirror of `mqtt_deliveries`, so a re-delivery check costs no query.
-    deliveries: Deliveries,
+    /// The MQTT delivery marks.
+    marks: Marks,
     max_records: usize,
     committed: Arc<Notify>,
     files_committed: Arc<Notify>,
@@ -392,8 +370,6 @@ const EXPIRED_BY_TYPE: &str = concat!(
     WHERE expires_us IS NOT NULL AND expires_us < ?1 GROUP BY t ORDER BY t"
 );
 const DELETE_EXPIRED: &str = "DELETE FROM records WHERE expires_us IS NOT NULL AND expires_us < ?1";
-const UPSERT_DELIVERY: &str =
-    "INSERT OR REPLACE INTO mqtt_deliveries (session, pkid, digest) VALUES (?1, ?2, ?3)";
 const SET_NEXT_SEQ: &str = "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)";
 const DELETE_RECORD: &str = "DELETE FROM records WHERE seq = ?1 RETURNING coalesce(file_size, 0)";
 /// Deletes a record that is not a file (cheaper than a `RETURNING` delete).
@@ -449,7 +425,6 @@ impl WriterState {
 
     fn commit_round(&mut self, batch: &mut Vec<Command>) {
         let mut next_seq = self.next_seq;
-        let mut new_deliveries = Vec::new();
         let mut appended: Vec<Result<Appended, OutboxError>> = Vec::with_capacity(batch.len());
         let mut expired = Vec::new();
         let mut claimed = Vec::new();
@@ -480,8 +455,7 @@ impl WriterState {
                             &tx,
                             rec,
                             &mut next_seq,
-                            &self.deliveries,
-                            &mut new_deliveries,
+                            &mut self.marks,
                             &mut self.packer,
                             &self.producer,
                         )?),
@@ -572,13 +546,18 @@ impl WriterState {
         }
         self.drops.flush(false);
         match &result {
-            Ok(_) => self.packer.committed(),
-            Err(_) => self.packer.rolled_back(),
+            Ok(_) => {
+                self.packer.committed();
+                self.marks.committed();
+            }
+            Err(_) => {
+                self.packer.rolled_back();
+                self.marks.rolled_back();
+            }
         }
         match result {
             Ok(stored_any) => {
                 self.next_seq = next_seq;
-                self.deliveries.extend(new_deliveries);
                 self.stats.outbox_commits.fetch_add(1, Relaxed);
                 self.stats.outbox_failing.store(false, Relaxed);
                 let mut appended = appended.into_iter();
@@ -796,31 +775,14 @@ fn append_one(
     tx: &Transaction<'_>,
     rec: &NewRecord,
     next_seq: &mut u64,
-    committed: &Deliveries,
-    pending: &mut Vec<(DeliveryKey, [u8; 16])>,
+    marks: &mut Marks,
     packer: &mut Packer,
     producer: &str,
 ) -> Result<Appended, OutboxError> {
-    if let Some(mark) = &rec.delivery {
-        let key = (mark.session.clone(), mark.pkid);
-        if mark.dup {
-            // The newest mark for this packet id, including ones from this same round.
-            let last = pending
-                .iter()
-                .rev()
-                .find(|(k, _)| *k == key)
-                .map(|(_, d)| d)
-                .or_else(|| committed.get(&key));
-            if last == Some(&mark.digest) {
-                return Ok(Appended::Redelivery);
-            }
-        }
-        tx.prepare_cached(UPSERT_DELIVERY)?.execute(params![
-            &*mark.session,
-            mark.pkid as i64,
-            &mark.digest[..]
-        ])?;
-        pending.push((key, mark.digest));
+    if let Some(mark) = &rec.delivery
+        && marks.check_and_record(tx, mark)?
+    {
+        return Ok(Appended::Redelivery);
     }
     let seq = *next_seq;
     let file = rec.file.as_ref().map(|f| &f.file);
@@ -999,7 +961,7 @@ pub(crate) mod tests {
             session: Arc::from("s"),
             pkid,
             dup,
-            digest: [digest; 16],
+            digest: [digest; 8],
         })
     }
 

@@ -580,8 +580,8 @@ pub fn record_from_publish(
     h.update(p.topic.as_bytes());
     h.update(&p.payload);
     let full = h.finalize();
-    let mut digest = [0u8; 16];
-    digest.copy_from_slice(&full[..16]);
+    let mut digest = [0u8; 8];
+    digest.copy_from_slice(&full[..8]);
     NewRecord {
         source: source.to_owned(),
         event_type: event_type.to_owned(),
