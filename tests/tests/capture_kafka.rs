@@ -21,6 +21,12 @@ const TOPIC: &str = "pigeon.acme";
 const PARTITIONS: u32 = 3;
 const GROUP: &str = "pigeon-relay-capture";
 
+/// One test of this file at a time: each starts a whole cloud (garage, tansu, one or two
+/// relays with rdkafka, mosquitto, a gateway), and three at once on 2 cores starved the
+/// relay kills test on a slow day (2026-12-03: no capture roll attempted in the 60 s it
+/// waits after S3 went away; the same test alone passed).
+static ONE_CLOUD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Kafka stream (a topic per tenant), objects and capture in garage, small rolls.
 fn cloud_config(t: &mut toml::Table, garage: &Garage, bootstrap: &str) {
     t.insert(
@@ -141,6 +147,7 @@ fn assert_capture_is_the_topic(capture: &BTreeMap<String, Vec<Value>>, records: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_and_files_land_as_records_objects_and_capture_once() {
+    let _one = ONE_CLOUD.lock().await;
     let Cloud {
         garage,
         tansu,
@@ -268,6 +275,7 @@ async fn readings_and_files_land_as_records_objects_and_capture_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capture_from_kafka_survives_relay_kills_and_an_s3_outage() {
+    let _one = ONE_CLOUD.lock().await;
     let Cloud {
         garage,
         tansu,
@@ -393,6 +401,7 @@ async fn capture_from_kafka_survives_relay_kills_and_an_s3_outage() {
 /// file and the group's offset), and capture still holds every event once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_relay_takes_capture_over_from_a_killed_one() {
+    let _one = ONE_CLOUD.lock().await;
     let dir = TestDir::new("capture-kafka-handover");
     let dir_b = TestDir::new("capture-kafka-handover-b");
     let garage = Garage::start(&dir).await;
