@@ -65,6 +65,11 @@ pub struct LimitsConfig {
     pub max_concurrent_requests: usize,
     pub max_object_bytes: ByteSize,
     pub max_concurrent_uploads: usize,
+    pub max_requests_per_gateway: usize,
+    pub max_buffered_bytes_per_gateway: ByteSize,
+    pub max_buffered_bytes: ByteSize,
+    pub body_idle_timeout: Duration,
+    pub body_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -72,11 +77,22 @@ impl Default for LimitsConfig {
         Self {
             max_request_bytes: ByteSize::mib(16),
             max_decompressed_bytes: ByteSize::mib(64),
-            max_event_bytes: ByteSize::mib(1),
+            // Room for the event of any message pigeon-gateway takes by default (its
+            // mqtt.max_packet_size, 1 MiB, is 1.33 MiB in base64); its
+            // relay.max_event_bytes defaults to this (issue 24).
+            max_event_bytes: ByteSize::mib(2),
             max_events_per_request: 100_000,
             max_concurrent_requests: 256,
             max_object_bytes: ByteSize::mib(4 * 1024),
             max_concurrent_uploads: 64,
+            // A pigeon-gateway has one batch and one upload in flight at a time.
+            max_requests_per_gateway: 8,
+            // Two full batches.
+            max_buffered_bytes_per_gateway: ByteSize::mib(32),
+            max_buffered_bytes: ByteSize::mib(512),
+            body_idle_timeout: Duration::from_secs(15),
+            // Twice the gateway's relay.request_timeout.
+            body_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -418,6 +434,14 @@ pub struct Limits {
     pub max_concurrent_requests: usize,
     pub max_object_bytes: u64,
     pub max_concurrent_uploads: usize,
+    pub max_requests_per_gateway: usize,
+    pub max_buffered_bytes_per_gateway: u64,
+    pub max_buffered_bytes: u64,
+    /// A request body that sends nothing for this long is answered 408.
+    pub body_idle_timeout: std::time::Duration,
+    /// A request body (other than an upload `PATCH`'s) not complete after this long is
+    /// answered 408.
+    pub body_timeout: std::time::Duration,
 }
 
 /// Checked `[sink]`.
@@ -581,6 +605,49 @@ impl RelayConfig {
                 format!("must be from 1 to {MAX_PERMITS}"),
             ));
         }
+        if !(1..=MAX_PERMITS).contains(&l.max_requests_per_gateway) {
+            return Err(invalid(
+                "limits.max_requests_per_gateway",
+                format!("must be from 1 to {MAX_PERMITS}"),
+            ));
+        }
+        // A gateway must be able to send its largest request, and its largest upload's
+        // create (its event and the CreateUpload around it).
+        let largest_body = l
+            .max_request_bytes
+            .get()
+            .max(l.max_event_bytes.get() + crate::upload::routes::CREATE_OVERHEAD);
+        if l.max_buffered_bytes_per_gateway.get() < largest_body {
+            return Err(invalid(
+                "limits.max_buffered_bytes_per_gateway",
+                format!(
+                    "({}) must be at least the largest request body a gateway may send ({}: limits.max_request_bytes, or limits.max_event_bytes and an upload's envelope)",
+                    l.max_buffered_bytes_per_gateway,
+                    ByteSize(largest_body)
+                ),
+            ));
+        }
+        if l.max_buffered_bytes < l.max_buffered_bytes_per_gateway {
+            return Err(invalid(
+                "limits.max_buffered_bytes",
+                format!(
+                    "({}) must be at least limits.max_buffered_bytes_per_gateway ({})",
+                    l.max_buffered_bytes, l.max_buffered_bytes_per_gateway
+                ),
+            ));
+        }
+        if l.body_idle_timeout.get() < std::time::Duration::from_secs(1) {
+            return Err(invalid("limits.body_idle_timeout", "must be at least 1s"));
+        }
+        if l.body_timeout.get() < l.body_idle_timeout.get() {
+            return Err(invalid(
+                "limits.body_timeout",
+                format!(
+                    "({}) must be at least limits.body_idle_timeout ({})",
+                    l.body_timeout, l.body_idle_timeout
+                ),
+            ));
+        }
         if self.uploads.abandon_after.get() < MIN_ABANDON_AFTER {
             return Err(invalid("uploads.abandon_after", "must be at least 1m"));
         }
@@ -722,6 +789,11 @@ impl RelayConfig {
                 max_concurrent_requests: l.max_concurrent_requests,
                 max_object_bytes: l.max_object_bytes.get(),
                 max_concurrent_uploads: l.max_concurrent_uploads,
+                max_requests_per_gateway: l.max_requests_per_gateway,
+                max_buffered_bytes_per_gateway: l.max_buffered_bytes_per_gateway.get(),
+                max_buffered_bytes: l.max_buffered_bytes.get(),
+                body_idle_timeout: l.body_idle_timeout.get(),
+                body_timeout: l.body_timeout.get(),
             },
             sink: SinkSettings {
                 checkpoint_interval: s.checkpoint_interval.get(),
@@ -1255,6 +1327,44 @@ mod tests {
         assert!(e.to_string().contains("listen"), "{e}");
         let e = RelayConfig::parse("[[gateways]]\nid = \"a/b\"\ntoken = \"x\"\n").unwrap_err();
         assert!(e.to_string().contains("invalid gateway id"), "{e}");
+    }
+
+    #[test]
+    fn each_gateways_share_is_checked_against_the_largest_body() {
+        let c = RelayConfig::default().validate().unwrap();
+        assert_eq!(c.limits.max_requests_per_gateway, 8);
+        assert_eq!(c.limits.max_buffered_bytes_per_gateway, 32 << 20);
+        assert_eq!(c.limits.max_buffered_bytes, 512 << 20);
+        assert_eq!(c.limits.body_idle_timeout.as_secs(), 15);
+        assert_eq!(c.limits.body_timeout.as_secs(), 60);
+        for (toml, key) in [
+            (
+                "max_requests_per_gateway = 0",
+                "limits.max_requests_per_gateway",
+            ),
+            // Smaller than one full batch (16 MiB): that gateway could never send one.
+            (
+                "max_buffered_bytes_per_gateway = \"8MiB\"",
+                "limits.max_buffered_bytes_per_gateway",
+            ),
+            (
+                "max_buffered_bytes = \"16MiB\"",
+                "limits.max_buffered_bytes",
+            ),
+            ("body_idle_timeout = \"0s\"", "limits.body_idle_timeout"),
+            (
+                "body_idle_timeout = \"30s\"\nbody_timeout = \"20s\"",
+                "limits.body_timeout",
+            ),
+        ] {
+            assert_eq!(invalid_key(&format!("[limits]\n{toml}\n")), key, "{toml}");
+        }
+        let e = RelayConfig::parse("[limits]\nmax_buffered_bytes_per_gateway = \"8MiB\"\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("(8MiB)") && e.contains("16MiB"), "{e}");
     }
 
     fn invalid_key(toml: &str) -> String {

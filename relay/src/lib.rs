@@ -5,6 +5,8 @@
 //!
 //! * [`config`] — the TOML configuration and its validation into a checked [`Config`];
 //! * [`auth`] — bearer tokens → gateway ids;
+//! * [`admission`] — each gateway's share of the relay: requests in progress and request
+//!   body bytes held, so one gateway cannot lock the others out;
 //! * [`ingest`] — the CloudEvents HTTP binding (batch, structured, binary; gzip) and
 //!   Pigeon's per-event rules, as pure functions;
 //! * [`server`] — the axum routes: the ingest endpoint, the upload endpoint, `/live`,
@@ -20,6 +22,7 @@
 //! [`run`] ties them together. The protocol is documented in `docs/protocol.md`, the
 //! files in `docs/data-layout.md`, the configuration in `docs/configuration-relay.md`.
 
+pub mod admission;
 pub mod auth;
 pub mod capture;
 pub mod config;
@@ -186,6 +189,14 @@ pub async fn run(
         retry_after: config.sink.retry_after,
         metrics: metrics.clone(),
         permits: Arc::new(Semaphore::new(config.limits.max_concurrent_requests)),
+        admission: Arc::new(admission::Admission::new(
+            admission::Shares {
+                requests_per_client: config.limits.max_requests_per_gateway,
+                bytes_per_client: config.limits.max_buffered_bytes_per_gateway,
+                bytes_total: config.limits.max_buffered_bytes,
+            },
+            metrics.clone(),
+        )),
         uploads,
         upload_permits: Arc::new(Semaphore::new(config.limits.max_concurrent_uploads)),
     });

@@ -5,7 +5,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 /// Status codes the ingest endpoint answers with, each with its own counter.
-const CODES: [u16; 10] = [200, 400, 401, 403, 404, 413, 415, 500, 503, 0];
+const CODES: [u16; 12] = [200, 400, 401, 403, 404, 408, 413, 415, 429, 500, 503, 0];
+
+/// Why a request was refused at admission (`pigeon_relay_admission_refused_total`): the
+/// global limits, then each client's share (see [`crate::admission`]).
+pub const ADMISSION_LIMITS: [&str; 5] = [
+    "requests",
+    "uploads",
+    "requests_per_gateway",
+    "buffered_bytes_per_gateway",
+    "buffered_bytes",
+];
+
+/// Which deadline stopped a request body (`pigeon_relay_request_body_timeouts_total`).
+pub const BODY_DEADLINES: [&str; 2] = ["idle", "total"];
 
 /// A histogram with fixed buckets (in seconds).
 #[derive(Debug)]
@@ -119,6 +132,10 @@ pub struct Metrics {
     pub tls_reload_errors: AtomicU64,
     /// The served certificate's `notAfter`, Unix seconds; 0 without `[tls]`.
     pub tls_cert_not_after: AtomicU64,
+    admission_refused: [AtomicU64; ADMISSION_LIMITS.len()],
+    /// Request body bytes held in memory now (reserved by admission).
+    pub buffered_body_bytes: AtomicU64,
+    body_timeouts: [AtomicU64; BODY_DEADLINES.len()],
 }
 
 impl Default for Metrics {
@@ -167,6 +184,31 @@ impl Metrics {
             tls_reloads: AtomicU64::new(0),
             tls_reload_errors: AtomicU64::new(0),
             tls_cert_not_after: AtomicU64::new(0),
+            admission_refused: Default::default(),
+            buffered_body_bytes: AtomicU64::new(0),
+            body_timeouts: Default::default(),
+        }
+    }
+
+    /// Counts a request refused by one of [`ADMISSION_LIMITS`].
+    pub fn count_admission_refused(&self, limit: &str) {
+        if let Some(i) = ADMISSION_LIMITS.iter().position(|&l| l == limit) {
+            self.admission_refused[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Requests refused so far by one of [`ADMISSION_LIMITS`].
+    pub fn admission_refused(&self, limit: &str) -> u64 {
+        ADMISSION_LIMITS
+            .iter()
+            .position(|&l| l == limit)
+            .map_or(0, |i| self.admission_refused[i].load(Relaxed))
+    }
+
+    /// Counts a request body stopped by one of [`BODY_DEADLINES`].
+    pub fn count_body_timeout(&self, deadline: &str) {
+        if let Some(i) = BODY_DEADLINES.iter().position(|&d| d == deadline) {
+            self.body_timeouts[i].fetch_add(1, Relaxed);
         }
     }
 
@@ -415,7 +457,41 @@ impl Metrics {
             "notAfter of the certificate the relay serves, in Unix seconds (0 without [tls]).",
             self.tls_cert_not_after.load(Relaxed),
         );
+        labelled(
+            &mut out,
+            "pigeon_relay_admission_refused_total",
+            "Requests refused before their body was read, by the limit that was reached: the relay's (requests, uploads, buffered_bytes: 503) or one gateway's share (requests_per_gateway, buffered_bytes_per_gateway: 429).",
+            "limit",
+            ADMISSION_LIMITS.iter().zip(&self.admission_refused),
+        );
+        gauge(
+            &mut out,
+            "pigeon_relay_buffered_body_bytes",
+            "Bytes of request bodies held in memory now (limits.max_buffered_bytes).",
+            self.buffered_body_bytes.load(Relaxed),
+        );
+        labelled(
+            &mut out,
+            "pigeon_relay_request_body_timeouts_total",
+            "Request bodies stopped (answered 408) because no byte came for limits.body_idle_timeout (idle) or the whole body took longer than limits.body_timeout (total).",
+            "deadline",
+            BODY_DEADLINES.iter().zip(&self.body_timeouts),
+        );
         out
+    }
+}
+
+/// A counter with one label, a sample per value.
+fn labelled<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    samples: impl Iterator<Item = (&'a &'a str, &'a AtomicU64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (value, c) in samples {
+        let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {}", c.load(Relaxed));
     }
 }
 
@@ -435,6 +511,10 @@ mod tests {
         m.uploads_in_progress.fetch_add(2, Relaxed);
         m.sink_commit_seconds.observe(Duration::from_micros(300));
         m.sink_commit_seconds.observe(Duration::from_millis(20));
+        m.count_admission_refused("requests_per_gateway");
+        m.count_admission_refused("no such limit");
+        m.count_body_timeout("idle");
+        m.buffered_body_bytes.store(4096, Relaxed);
         let text = m.render();
         for expected in [
             "pigeon_relay_ingest_requests_total{code=\"200\"} 2",
@@ -452,6 +532,11 @@ mod tests {
             "# TYPE pigeon_relay_uploads_in_progress gauge",
             "pigeon_relay_uploads_in_progress 2",
             "pigeon_relay_object_bytes_written_total 0",
+            "pigeon_relay_admission_refused_total{limit=\"requests_per_gateway\"} 1",
+            "pigeon_relay_admission_refused_total{limit=\"buffered_bytes\"} 0",
+            "pigeon_relay_buffered_body_bytes 4096",
+            "pigeon_relay_request_body_timeouts_total{deadline=\"idle\"} 1",
+            "pigeon_relay_request_body_timeouts_total{deadline=\"total\"} 0",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }

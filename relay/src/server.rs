@@ -15,7 +15,9 @@ use axum::Json;
 use axum::Router;
 use axum::body::{Body, BodyDataStream, Bytes};
 use axum::extract::{ConnectInfo, State};
-use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, EXPECT, RETRY_AFTER, WWW_AUTHENTICATE};
+use axum::http::header::{
+    CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, head, post};
@@ -24,6 +26,7 @@ use pigeon_shared::ce::GatewayId;
 use pigeon_shared::wire::{self, ErrorBody, EventResult, EventStatus, IngestResponse};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::admission::{Admission, Client, Refused, Ticket};
 use crate::auth::{AuthError, Authenticator, Principal};
 use crate::config::Limits;
 use crate::ingest::{self, CheckedEvent, Rejection, RequestError};
@@ -53,6 +56,8 @@ pub struct AppState {
     /// `limits.max_concurrent_requests`: ingest requests, and upload requests other than
     /// `PATCH`.
     pub permits: Arc<Semaphore>,
+    /// Each gateway's share of the requests and of the body bytes held.
+    pub admission: Arc<Admission>,
     pub uploads: Arc<Uploads>,
     /// `limits.max_concurrent_uploads`: upload `PATCH`es.
     pub upload_permits: Arc<Semaphore>,
@@ -165,6 +170,19 @@ impl Failure {
     }
 }
 
+impl From<Refused> for Failure {
+    /// 429 when the client is over its own share, 503 when the relay is full; both with
+    /// `Retry-After: 1`.
+    fn from(r: Refused) -> Self {
+        let status = if r.is_clients_own() {
+            StatusCode::TOO_MANY_REQUESTS
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        Failure::new(status, r.to_string()).retry_after(OVERLOAD_RETRY_AFTER_SECS)
+    }
+}
+
 impl From<RequestError> for Failure {
     fn from(e: RequestError) -> Self {
         Failure::new(e.status(), e.to_string())
@@ -191,17 +209,46 @@ impl IntoResponse for Failure {
 /// One of `limits.max_concurrent_requests`, or a 503 at once.
 pub(crate) fn request_permit(st: &AppState) -> Result<OwnedSemaphorePermit, Failure> {
     st.permits.clone().try_acquire_owned().map_err(|_| {
+        st.metrics.count_admission_refused("requests");
         Failure::overloaded(format!(
-            "the relay is handling its maximum of {} concurrent requests; retry later",
+            "the relay is handling its maximum of {} concurrent requests (limits.max_concurrent_requests); retry later",
             st.limits.max_concurrent_requests
         ))
     })
+}
+
+/// The authenticated client's request slot (its share, see [`crate::admission`]), then
+/// one of the relay's `limits.max_concurrent_requests`. The client's share is taken
+/// first, so a client over it never holds one of the relay's permits.
+pub(crate) fn admit_client(
+    st: &AppState,
+    peer: &Peer,
+    principal: &Principal,
+) -> Result<(Ticket, OwnedSemaphorePermit), Failure> {
+    let ticket = client_ticket(st, peer, principal)?;
+    Ok((ticket, request_permit(st)?))
+}
+
+/// The authenticated client's request slot alone (an upload `PATCH` takes one of
+/// `limits.max_concurrent_uploads` instead of a request permit).
+pub(crate) fn client_ticket(
+    st: &AppState,
+    peer: &Peer,
+    principal: &Principal,
+) -> Result<Ticket, Failure> {
+    let client = match principal {
+        Principal::Gateway(g) => Client::Gateway(g.clone()),
+        Principal::Anonymous => Client::Address(peer.addr.ip()),
+    };
+    Ok(st.admission.enter(client)?)
 }
 
 /// What the headers alone decided about an admitted request.
 struct Admitted {
     /// Held until the answer: counts against `max_concurrent_requests`.
     _permit: OwnedSemaphorePermit,
+    /// Held until the answer: the client's request slot and the body bytes reserved.
+    ticket: Ticket,
     principal: Principal,
     settled: Option<ingest::SettledBelow>,
     encoding: ingest::Encoding,
@@ -211,11 +258,11 @@ struct Admitted {
 /// The checks that need only the headers: concurrency, token, Pigeon headers, content
 /// type and encoding, declared length.
 fn admit(st: &AppState, peer: &Peer, headers: &HeaderMap) -> Result<Admitted, Failure> {
-    let permit = request_permit(st)?;
     let principal = st
         .auth
         .authenticate(headers, peer.client.as_deref())
         .map_err(|e| Failure::unauthorized(&e))?;
+    let (mut ticket, permit) = admit_client(st, peer, &principal)?;
     let settled = ingest::settled_below(headers)?;
     let encoding = ingest::content_encoding(headers)?;
     let mode = ingest::detect_mode(headers)?;
@@ -223,11 +270,15 @@ fn admit(st: &AppState, peer: &Peer, headers: &HeaderMap) -> Result<Admitted, Fa
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > st.limits.max_request_bytes) {
-        return Err(too_large(st.limits.max_request_bytes));
+    if let Some(n) = declared {
+        if n > st.limits.max_request_bytes {
+            return Err(too_large(st.limits.max_request_bytes));
+        }
+        ticket.reserve(n)?;
     }
     Ok(Admitted {
         _permit: permit,
+        ticket,
         principal,
         settled,
         encoding,
@@ -238,6 +289,7 @@ fn admit(st: &AppState, peer: &Peer, headers: &HeaderMap) -> Result<Admitted, Fa
 async fn handle_ingest(st: &AppState, peer: &Peer, headers: &HeaderMap, body: Body) -> Response {
     let Admitted {
         _permit,
+        mut ticket,
         principal,
         settled,
         encoding,
@@ -250,18 +302,14 @@ async fn handle_ingest(st: &AppState, peer: &Peer, headers: &HeaderMap, body: Bo
         }
     };
 
-    let raw = match read_body(body.into_data_stream(), st.limits.max_request_bytes).await {
+    let max = st.limits.max_request_bytes;
+    let read = read_body(st, body.into_data_stream(), max, &mut ticket).await;
+    let raw = match read {
         Ok(b) => b,
-        Err(ReadError::TooLarge(rest)) => {
-            drain(headers, rest, drain_cap(&st.limits)).await;
-            return too_large(st.limits.max_request_bytes).into_response();
-        }
-        Err(ReadError::Failed(e)) => {
-            return Failure::new(
-                StatusCode::BAD_REQUEST,
-                format!("could not read the request body: {e}"),
-            )
-            .into_response();
+        Err(e) => {
+            // Nothing is held while the rest of the body is drained.
+            drop((ticket, _permit));
+            return e.answer(st, headers, || too_large(max)).await;
         }
     };
 
@@ -402,22 +450,96 @@ fn single_gateway(checked: &[Result<CheckedEvent, Rejection>]) -> Option<Gateway
     gws.all(|g| g == first).then(|| first.clone())
 }
 
+/// Why a request body could not be read whole.
 pub(crate) enum ReadError {
     /// Over the limit; the rest of the body is still to be drained.
     TooLarge(BodyDataStream),
+    /// Over the client's share of memory (or the relay's); the rest is to be drained.
+    Refused(Refused, BodyDataStream),
+    /// No byte for `limits.body_idle_timeout` ("idle"), or not whole after
+    /// `limits.body_timeout` ("total").
+    TimedOut(&'static str),
     Failed(String),
 }
 
-/// Reads the body, stopping once it exceeds `limit` bytes.
-pub(crate) async fn read_body(mut stream: BodyDataStream, limit: u64) -> Result<Bytes, ReadError> {
+impl ReadError {
+    /// The answer, after draining what is left of the body where that helps the client
+    /// read it. `too_large` is the request kind's 413.
+    pub(crate) async fn answer(
+        self,
+        st: &AppState,
+        headers: &HeaderMap,
+        too_large: impl FnOnce() -> Failure,
+    ) -> Response {
+        let cap = drain_cap(&st.limits);
+        match self {
+            ReadError::TooLarge(rest) => {
+                drain(headers, rest, cap).await;
+                too_large().into_response()
+            }
+            ReadError::Refused(r, rest) => {
+                drain(headers, rest, cap).await;
+                Failure::from(r).into_response()
+            }
+            ReadError::TimedOut(deadline) => {
+                st.metrics.count_body_timeout(deadline);
+                let message = if deadline == "idle" {
+                    format!(
+                        "no byte of the request body arrived for {} s (limits.body_idle_timeout)",
+                        st.limits.body_idle_timeout.as_secs()
+                    )
+                } else {
+                    format!(
+                        "the request body did not arrive whole within {} s (limits.body_timeout)",
+                        st.limits.body_timeout.as_secs()
+                    )
+                };
+                // The connection is stuck mid-body: it cannot carry another request.
+                Failure::new(StatusCode::REQUEST_TIMEOUT, message)
+                    .header(CONNECTION, HeaderValue::from_static("close"))
+                    .into_response()
+            }
+            ReadError::Failed(e) => Failure::new(
+                StatusCode::BAD_REQUEST,
+                format!("could not read the request body: {e}"),
+            )
+            .into_response(),
+        }
+    }
+}
+
+/// Reads the body, stopping once it exceeds `limit` bytes, when no byte came for
+/// `limits.body_idle_timeout`, or when it is not whole after `limits.body_timeout`.
+/// Every byte held is first reserved in `ticket` (the client's share of memory).
+pub(crate) async fn read_body(
+    st: &AppState,
+    mut stream: BodyDataStream,
+    limit: u64,
+    ticket: &mut Ticket,
+) -> Result<Bytes, ReadError> {
+    let started = tokio::time::Instant::now();
+    let whole_by = started + st.limits.body_timeout;
     let mut first: Option<Bytes> = None;
     let mut buf: Vec<u8> = Vec::new();
     let mut total: u64 = 0;
-    while let Some(chunk) = stream.next().await {
+    loop {
+        let idle_by = tokio::time::Instant::now() + st.limits.body_idle_timeout;
+        let (by, deadline) = if idle_by < whole_by {
+            (idle_by, "idle")
+        } else {
+            (whole_by, "total")
+        };
+        let Ok(next) = tokio::time::timeout_at(by, stream.next()).await else {
+            return Err(ReadError::TimedOut(deadline));
+        };
+        let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| ReadError::Failed(e.to_string()))?;
         total += chunk.len() as u64;
         if total > limit {
             return Err(ReadError::TooLarge(stream));
+        }
+        if let Err(r) = ticket.reserve(total) {
+            return Err(ReadError::Refused(r, stream));
         }
         // The common case is a single chunk: keep it without copying.
         match first.take() {

@@ -19,13 +19,14 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::key::is_upload_id;
 use super::service::{Created, PatchRequest, Patched, UploadError, not_found};
+use crate::admission::Ticket;
 use crate::auth::{AuthError, Principal};
 use crate::ingest::media_type;
-use crate::server::{AppState, Failure, ReadError, drain, read_body, request_permit};
+use crate::server::{AppState, Failure, admit_client, client_ticket, drain, read_body};
 use crate::tls::Peer;
 
 /// Room in a create's body for what surrounds its event.
-const CREATE_OVERHEAD: u64 = 64 * 1024;
+pub const CREATE_OVERHEAD: u64 = 64 * 1024;
 /// How much of a refused `PATCH`'s body is read away before the answer, so a client
 /// still sending reads it instead of a connection reset. A longer body may see the
 /// reset; its gateway creates the upload again and learns the offset.
@@ -41,6 +42,17 @@ fn gateway(st: &AppState, peer: &Peer, headers: &HeaderMap) -> Result<GatewayId,
         Ok(Principal::Anonymous) => Err(Failure::unauthorized(&AuthError::Missing)),
         Err(e) => Err(Failure::unauthorized(&e)),
     }
+}
+
+/// The gateway, its request slot and one of `limits.max_concurrent_requests`.
+fn admit_gateway(
+    st: &AppState,
+    peer: &Peer,
+    headers: &HeaderMap,
+) -> Result<(GatewayId, Ticket, OwnedSemaphorePermit), Failure> {
+    let gw = gateway(st, peer, headers)?;
+    let (ticket, permit) = admit_client(st, peer, &Principal::Gateway(gw.clone()))?;
+    Ok((gw, ticket, permit))
 }
 
 fn failure(st: &AppState, e: UploadError) -> Failure {
@@ -129,8 +141,7 @@ pub async fn create(
         )
     };
     let admitted = (|| {
-        let permit = request_permit(&st)?;
-        let gw = gateway(&st, &peer, &headers)?;
+        let (gw, mut ticket, permit) = admit_gateway(&st, &peer, &headers)?;
         let ct = headers
             .get(CONTENT_TYPE)
             .map(|v| v.to_str().map(media_type).unwrap_or_default());
@@ -144,30 +155,27 @@ pub async fn create(
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit) {
-            return Err(too_large());
+        if let Some(n) = declared {
+            if n > limit {
+                return Err(too_large());
+            }
+            ticket.reserve(n)?;
         }
-        Ok((permit, gw))
+        Ok((permit, ticket, gw))
     })();
-    let (_permit, gw) = match admitted {
+    let (_permit, mut ticket, gw) = match admitted {
         Ok(a) => a,
         Err(f) => {
             drain(&headers, stream, limit).await;
             return f.into_response();
         }
     };
-    let raw = match read_body(stream, limit).await {
+    let raw = match read_body(&st, stream, limit, &mut ticket).await {
         Ok(b) => b,
-        Err(ReadError::TooLarge(rest)) => {
-            drain(&headers, rest, limit).await;
-            return too_large().into_response();
-        }
-        Err(ReadError::Failed(e)) => {
-            return Failure::new(
-                StatusCode::BAD_REQUEST,
-                format!("could not read the request body: {e}"),
-            )
-            .into_response();
+        Err(e) => {
+            // Nothing is held while the rest of the body is drained.
+            drop((ticket, _permit));
+            return e.answer(&st, &headers, too_large).await;
         }
     };
     let req: CreateUpload = match serde_json::from_slice(&raw) {
@@ -195,14 +203,16 @@ fn admit_patch(
     peer: &Peer,
     headers: &HeaderMap,
     id: &str,
-) -> Result<(OwnedSemaphorePermit, PatchRequest), Failure> {
+) -> Result<(OwnedSemaphorePermit, Ticket, PatchRequest), Failure> {
+    let gateway = gateway(st, peer, headers)?;
+    let ticket = client_ticket(st, peer, &Principal::Gateway(gateway.clone()))?;
     let permit = st.upload_permits.clone().try_acquire_owned().map_err(|_| {
+        st.metrics.count_admission_refused("uploads");
         Failure::overloaded(format!(
             "the relay is receiving its maximum of {} uploads at once (limits.max_concurrent_uploads); retry later",
             st.limits.max_concurrent_uploads
         ))
     })?;
-    let gateway = gateway(st, peer, headers)?;
     let ct = headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -234,6 +244,7 @@ fn admit_patch(
         .and_then(|v| v.parse::<u64>().ok());
     Ok((
         permit,
+        ticket,
         PatchRequest {
             gateway,
             id: id.to_owned(),
@@ -252,7 +263,7 @@ pub async fn patch(
     body: Body,
 ) -> Response {
     let stream = body.into_data_stream();
-    let (permit, req) = match admit_patch(&st, &peer, &headers, &id) {
+    let (permit, ticket, req) = match admit_patch(&st, &peer, &headers, &id) {
         Ok(a) => a,
         Err(f) => {
             drain(&headers, stream, PATCH_DRAIN_CAP).await;
@@ -261,8 +272,12 @@ pub async fn patch(
     };
     // A task of its own: if the client goes away, hyper drops this handler, but the
     // bytes received so far are still written (and their hash kept) before the upload
-    // is let go.
-    let task = tokio::spawn(st.uploads.clone().patch(req, stream, permit));
+    // is let go. The task holds the gateway's request slot until then.
+    let uploads = st.uploads.clone();
+    let task = tokio::spawn(async move {
+        let _ticket = ticket;
+        uploads.patch(req, stream, permit).await
+    });
     let answer = match task.await {
         Ok(a) => a,
         Err(e) => {
@@ -291,11 +306,10 @@ fn admit_short(
     peer: &Peer,
     headers: &HeaderMap,
     id: &str,
-) -> Result<(OwnedSemaphorePermit, GatewayId), Failure> {
-    let permit = request_permit(st)?;
-    let gw = gateway(st, peer, headers)?;
+) -> Result<(OwnedSemaphorePermit, Ticket, GatewayId), Failure> {
+    let (gw, ticket, permit) = admit_gateway(st, peer, headers)?;
     check_upload_id(&gw, id)?;
-    Ok((permit, gw))
+    Ok((permit, ticket, gw))
 }
 
 /// `HEAD /v1/uploads/<id>`.
@@ -306,7 +320,7 @@ pub async fn head(
     headers: HeaderMap,
 ) -> Response {
     let answer = async {
-        let (_permit, gw) = admit_short(&st, &peer, &headers, &id)?;
+        let (_permit, _ticket, gw) = admit_short(&st, &peer, &headers, &id)?;
         st.uploads.head(&gw, &id).await.map_err(|e| failure(&st, e))
     };
     match answer.await {
@@ -323,7 +337,7 @@ pub async fn delete(
     headers: HeaderMap,
 ) -> Response {
     let answer = async {
-        let (_permit, gw) = admit_short(&st, &peer, &headers, &id)?;
+        let (_permit, _ticket, gw) = admit_short(&st, &peer, &headers, &id)?;
         st.uploads
             .delete(&gw, &id)
             .await

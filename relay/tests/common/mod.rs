@@ -469,6 +469,11 @@ impl RawConn {
         self.stream.write_all(bytes).expect("send");
     }
 
+    /// Like [`RawConn::send`], but a closed connection is an error, not a panic.
+    pub fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
     /// Reads until the server closes the connection.
     pub fn response(self) -> Response {
         self.try_response().expect("read response")
