@@ -52,9 +52,17 @@ fn file_event(seq: u64, size: usize) -> Value {
     })
 }
 
+/// The upload id of pi-1's (`producer`, `seq`), as `docs/data-layout.md` defines it.
+fn upload_id(producer: &str, seq: u64) -> String {
+    let mut id = sha256_of(format!("pigeon-upload\0pi-1\0{producer}\0{seq}").as_bytes());
+    id.truncate(32);
+    id
+}
+
 /// The object key of `file_event(seq, _)` with extension jpg.
 fn key(seq: u64) -> String {
-    format!("pi-1/files/cameras/2026-12-01/21/img-{seq}.jpg")
+    let upload = upload_id("p-1", seq);
+    format!("pi-1/files/cameras/2026-12-01/21/img-{seq}.{upload}.jpg")
 }
 
 fn create_body(event: &Value, bytes: &[u8]) -> Vec<u8> {
@@ -268,6 +276,61 @@ fn a_file_is_stored_at_its_key_and_its_event_published_with_a_dataref() {
     ] {
         assert_eq!(relay.metric(sample), value, "{sample}");
     }
+}
+
+/// Issue 24 (2a): uploads whose events share `id`, `time` and `source` but not
+/// (`producerid`, `sequence`) — a dead letter sent again under a new sequence, a
+/// producer reusing ids — got one object key, and the later one replaced the bytes the
+/// earlier one's `dataref` already named. Each keeps its own object now.
+#[test]
+fn issue_24_uploads_sharing_an_event_id_and_time_keep_their_own_bytes() {
+    let relay = Relay::start();
+    let event = |producer: &str, seq: u64, size: usize| {
+        let mut e = file_event(seq, size);
+        e["id"] = json!("img-shared");
+        e["producerid"] = json!(producer);
+        e
+    };
+    let uploads = [
+        ("p-1", 1, file_bytes(20_000, 241)),
+        ("p-1", 2, file_bytes(30_000, 242)),
+        ("p-2", 1, file_bytes(25_000, 243)),
+    ];
+    let mut datarefs: Vec<String> = Vec::new();
+    for (producer, seq, bytes) in &uploads {
+        let body = create_body(&event(producer, *seq, bytes.len()), bytes);
+        let r = create_with(&relay, &auth1(), &body);
+        assert_eq!(r.status, 201, "{}", body_text(&r));
+        let location = r.json()["location"].as_str().unwrap().to_owned();
+        let v = assert_done(&patch(&relay, &location, 0, bytes), "accepted");
+        let dataref = v["dataref"].as_str().unwrap().to_owned();
+        // What was published before is unchanged.
+        for (earlier, (_, _, bytes)) in datarefs.iter().zip(&uploads) {
+            let stored = std::fs::read(file_url_path(earlier)).unwrap();
+            assert!(&stored == bytes, "{earlier} no longer holds its bytes");
+            assert_ne!(&dataref, earlier);
+        }
+        datarefs.push(dataref);
+    }
+    for (dataref, (producer, seq, bytes)) in datarefs.iter().zip(&uploads) {
+        assert!(&std::fs::read(file_url_path(dataref)).unwrap() == bytes);
+        // The documented key: the event id, then the upload id.
+        let upload = upload_id(producer, *seq);
+        let key = format!("pi-1/files/cameras/2026-12-01/21/img-shared.{upload}.jpg");
+        assert_eq!(file_url_path(dataref), object_path(&relay, &key));
+    }
+    let published: Vec<_> = relay
+        .stream_events()
+        .iter()
+        .map(|e| e["dataref"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(published, datarefs);
+
+    // The first sent again: duplicate, naming its own object.
+    let (producer, seq, bytes) = &uploads[0];
+    let body = create_body(&event(producer, *seq, bytes.len()), bytes);
+    let v = assert_done(&create_with(&relay, &auth1(), &body), "duplicate");
+    assert_eq!(v["dataref"], datarefs[0]);
 }
 
 #[test]

@@ -12,6 +12,7 @@ use pigeon_e2e::{
     CameraFile, Gateway, GatewayConfig, PureFtpd, PureFtpdOptions, Relay, TestDir, UploadMode,
     files_section, metric_value, secs, wait_until, wait_until_no_files, watch_table,
 };
+use sha2::Digest as _;
 
 const GW: &str = "pi-cams";
 const TOKEN: &str = "camera-token";
@@ -98,16 +99,25 @@ async fn ftp_to_relay(name: &str, mode: UploadMode) {
     let bare = &events["cam-3/snapshot"];
     assert_eq!(bare.event["data"]["contenttype"], "image/jpeg");
     assert_eq!(bare.event["type"], "io.pigeon.camera.image");
-    // The object key: <gateway>/<input>/<date>/<hour>/<id>.<ext>.
+    // The object key: <gateway>/<input>/<date>/<hour>/<id>.<upload id>.<ext>, the upload
+    // id being the first 32 hex digits of SHA-256("pigeon-upload\0<gateway>\0<producerid>\0
+    // <sequence in decimal>") (docs/data-layout.md#objects).
     let rel = clip.object.strip_prefix(relay.objects_dir()).unwrap();
     let parts: Vec<_> = rel
         .iter()
         .map(|c| c.to_string_lossy().into_owned())
         .collect();
     assert_eq!(&parts[..3], [GW, "files", "cameras"], "{}", rel.display());
+    let sequence: u64 = clip.event["sequence"].as_str().unwrap().parse().unwrap();
+    let producer = clip.event["producerid"].as_str().unwrap();
+    let identity = format!("pigeon-upload\0{GW}\0{producer}\0{sequence}");
+    let upload: String = sha2::Sha256::digest(identity.as_bytes())[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     assert_eq!(
         parts[5],
-        format!("{}.mp4", clip.event["id"].as_str().unwrap())
+        format!("{}.{upload}.mp4", clip.event["id"].as_str().unwrap())
     );
 
     // Delivered files are deleted (the default); the spool and the outbox are empty, and

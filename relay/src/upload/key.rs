@@ -2,7 +2,9 @@
 //! object key (see `docs/data-layout.md#objects`).
 //!
 //! Both are deterministic, so a re-sent file finds its upload again and lands on the same
-//! key with the same bytes.
+//! key with the same bytes. The key holds the upload id, so two uploads (two events by
+//! the dedup identity) never share a key, even when their `id`, `time` and `source` are
+//! the same: a `dataref` once published keeps naming the bytes it was published with.
 
 use chrono::{DateTime, Utc};
 use pigeon_shared::ce::{GatewayId, SOURCE_PREFIX};
@@ -43,20 +45,52 @@ pub fn is_upload_id(s: &str) -> bool {
 }
 
 /// The object key of a file, relative to `<data_dir>/objects/` (and to `objects.base_url`):
-/// `<gateway>/<input>/<YYYY-MM-DD>/<HH>/<id>[.<extension>]`, the date and hour being the
-/// event's `time` in UTC. `extension` must have passed `wire::valid_extension`.
+/// `<gateway>/<input>/<YYYY-MM-DD>/<HH>/<id>.<upload>[.<extension>]`, the date and hour
+/// being the event's `time` in UTC and `upload` the event's [`upload_id`] (32 hex digits,
+/// so a name reads from the right: the extension, if any, then the upload id).
+/// `extension` must have passed `wire::valid_extension`.
+///
+/// The upload id makes the key unique per (gateway, `producerid`, `sequence`) without
+/// any state: whoever computes it (this relay, another one on the same bucket) gets the
+/// same key for the same upload and another key for any other, so no check-then-write is
+/// needed for a key never to be given other bytes (issue 24).
 pub fn object_key(
+    gateway: &GatewayId,
+    source: &str,
+    time: DateTime<Utc>,
+    event_id: &str,
+    upload: &str,
+    extension: Option<&str>,
+) -> String {
+    debug_assert!(is_upload_id(upload), "{upload:?} is not an upload id");
+    let name = format!("{}.{upload}", object_name(event_id));
+    key_of(gateway, source, time, name, extension)
+}
+
+/// The key a file had before keys held the upload id (issue 24):
+/// `<gateway>/<input>/<YYYY-MM-DD>/<HH>/<id>[.<extension>]`. Never written to any more;
+/// only looked at, for the `dataref` of an event published then and sent again.
+pub fn legacy_object_key(
     gateway: &GatewayId,
     source: &str,
     time: DateTime<Utc>,
     event_id: &str,
     extension: Option<&str>,
 ) -> String {
+    key_of(gateway, source, time, object_name(event_id), extension)
+}
+
+fn key_of(
+    gateway: &GatewayId,
+    source: &str,
+    time: DateTime<Utc>,
+    name: String,
+    extension: Option<&str>,
+) -> String {
     let mut key = format!(
-        "{gateway}/{}/{}/{}",
+        "{gateway}/{}/{}/{name}",
         input_path(gateway, source),
         time.format("%Y-%m-%d/%H"),
-        object_name(event_id)
     );
     if let Some(ext) = extension {
         key.push('.');
@@ -121,15 +155,18 @@ mod tests {
         DateTime::parse_from_rfc3339(s).unwrap().to_utc()
     }
 
+    /// `upload_id(pi-1, "p-1", 42)`.
+    const U: &str = "61f0d86010b3c57032efd3e36fd7e0b0";
+
     fn key(source: &str, id: &str, ext: Option<&str>) -> String {
-        object_key(&pi1(), source, t("2026-12-01T21:04:05.123Z"), id, ext)
+        object_key(&pi1(), source, t("2026-12-01T21:04:05.123Z"), id, U, ext)
     }
 
     #[test]
     fn upload_ids_are_the_documented_digest() {
         // python3: hashlib.sha256(b'pigeon-upload\0pi-1\0p-1\x0042').hexdigest()[:32]
         let id = upload_id(&pi1(), "p-1", 42);
-        assert_eq!(id, "61f0d86010b3c57032efd3e36fd7e0b0");
+        assert_eq!(id, U);
         assert!(is_upload_id(&id));
         assert_ne!(upload_id(&pi1(), "p-1", 43), id);
         assert_ne!(upload_id(&pi1(), "p-2", 42), id);
@@ -147,17 +184,22 @@ mod tests {
 
     #[test]
     fn the_protocol_example() {
+        // The example event of docs/data-layout.md (producerid 5f0c1e9a-…, sequence 42).
+        let upload = upload_id(&pi1(), "5f0c1e9a-3c1d-4f7e-9b1a-2d6e8f0a7c55", 42);
         assert_eq!(
-            key(
+            object_key(
+                &pi1(),
                 "/gateways/pi-1/files/cameras",
+                t("2026-12-01T21:04:05.123Z"),
                 "0190c7a4-5b2e-7c3d-9a41-6f0e2d1c3b4a",
+                &upload,
                 Some("jpg")
             ),
-            "pi-1/files/cameras/2026-12-01/21/0190c7a4-5b2e-7c3d-9a41-6f0e2d1c3b4a.jpg"
+            "pi-1/files/cameras/2026-12-01/21/0190c7a4-5b2e-7c3d-9a41-6f0e2d1c3b4a.d9e002ab3fc4077528b3546bcc3a2e2e.jpg"
         );
         assert_eq!(
             key("/gateways/pi-1/ftp", "e1", None),
-            "pi-1/ftp/2026-12-01/21/e1"
+            format!("pi-1/ftp/2026-12-01/21/e1.{U}")
         );
     }
 
@@ -168,9 +210,10 @@ mod tests {
             "/gateways/pi-1/ftp",
             t("2026-12-02T00:30:00+01:00"),
             "e",
+            U,
             None,
         );
-        assert_eq!(k, "pi-1/ftp/2026-12-01/23/e");
+        assert_eq!(k, format!("pi-1/ftp/2026-12-01/23/e.{U}"));
     }
 
     #[test]
@@ -192,7 +235,7 @@ mod tests {
         ] {
             assert_eq!(
                 key(source, "e", None),
-                format!("pi-1/{input}/2026-12-01/21/e"),
+                format!("pi-1/{input}/2026-12-01/21/e.{U}"),
                 "{source}"
             );
         }
@@ -203,7 +246,7 @@ mod tests {
                 "e",
                 None
             ),
-            format!("pi-1/_/{}/2026-12-01/21/e", "y".repeat(64))
+            format!("pi-1/_/{}/2026-12-01/21/e.{U}", "y".repeat(64))
         );
     }
 
@@ -215,12 +258,12 @@ mod tests {
         );
         assert_eq!(
             key(&source, "e", None),
-            "pi-1/0/1/2/3/4/5/6/_/2026-12-01/21/e"
+            format!("pi-1/0/1/2/3/4/5/6/_/2026-12-01/21/e.{U}")
         );
         let exactly_eight = "/gateways/pi-1/0/1/2/3/4/5/6/7";
         assert_eq!(
             key(exactly_eight, "e", None),
-            "pi-1/0/1/2/3/4/5/6/7/2026-12-01/21/e"
+            format!("pi-1/0/1/2/3/4/5/6/7/2026-12-01/21/e.{U}")
         );
     }
 
@@ -230,16 +273,65 @@ mod tests {
         let digest = "c14cddc033f64b9dea80ea675cf280a015e672516090a5626781153dc68fea11";
         assert_eq!(
             key("/gateways/pi-1/f", "a/b", Some("mp4")),
-            format!("pi-1/f/2026-12-01/21/{digest}.mp4")
+            format!("pi-1/f/2026-12-01/21/{digest}.{U}.mp4")
         );
         for bad in ["", ".x", "..", "a b", "é", &"x".repeat(129)] {
             let k = key("/gateways/pi-1/f", bad, None);
             let name = k.rsplit('/').next().unwrap();
-            assert_eq!(name.len(), 64, "{bad:?} → {k}");
-            assert!(name.bytes().all(|b| b.is_ascii_hexdigit()), "{k}");
+            let (digest, upload) = name.split_once('.').unwrap();
+            assert_eq!((digest.len(), upload), (64, U), "{bad:?} → {k}");
+            assert!(digest.bytes().all(|b| b.is_ascii_hexdigit()), "{k}");
         }
         let ok = format!("_{}", "x".repeat(127));
-        assert!(key("/gateways/pi-1/f", &ok, None).ends_with(&ok));
-        assert!(key("/gateways/pi-1/f", "a.b", Some("jpg")).ends_with("/a.b.jpg"));
+        assert!(key("/gateways/pi-1/f", &ok, None).ends_with(&format!("/{ok}.{U}")));
+        assert!(key("/gateways/pi-1/f", "a.b", Some("jpg")).ends_with(&format!("/a.b.{U}.jpg")));
+    }
+
+    /// Issue 24: two uploads whose events share `id`, `time` and `source` but not their
+    /// identity got one key, and the second replaced the bytes the first's `dataref`
+    /// named. Their keys differ now; the same upload still gets the same key.
+    #[test]
+    fn issue_24_keys_are_unique_per_upload_and_deterministic() {
+        let at = t("2026-12-01T21:04:05.123Z");
+        let source = "/gateways/pi-1/files/cameras";
+        let key_of = |gateway: &GatewayId, producer: &str, sequence: u64| {
+            let upload = upload_id(gateway, producer, sequence);
+            object_key(gateway, source, at, "img", &upload, Some("jpg"))
+        };
+        let first = key_of(&pi1(), "p-1", 42);
+        assert_eq!(
+            first,
+            format!("pi-1/files/cameras/2026-12-01/21/img.{U}.jpg")
+        );
+        assert_eq!(key_of(&pi1(), "p-1", 42), first, "deterministic");
+        assert_ne!(key_of(&pi1(), "p-1", 43), first, "another sequence");
+        assert_ne!(key_of(&pi1(), "p-2", 42), first, "another producer");
+        // Another gateway's key differs by its first segment already, but its name too.
+        let pi2 = GatewayId::new("pi-2").unwrap();
+        let other = key_of(&pi2, "p-1", 42);
+        assert_ne!(other.rsplit('/').next(), first.rsplit('/').next());
+
+        // The key from before, still known for the duplicate answer, is the same without
+        // the upload id.
+        assert_eq!(
+            legacy_object_key(&pi1(), source, at, "img", Some("jpg")),
+            "pi-1/files/cameras/2026-12-01/21/img.jpg"
+        );
+        assert_eq!(
+            legacy_object_key(&pi1(), "/gateways/pi-1/ftp", at, "a/b", None),
+            "pi-1/ftp/2026-12-01/21/c14cddc033f64b9dea80ea675cf280a015e672516090a5626781153dc68fea11"
+        );
+    }
+
+    #[test]
+    fn names_stay_below_name_max() {
+        let longest = key(
+            "/gateways/pi-1/f",
+            &"x".repeat(MAX_ID_LEN),
+            Some(&"z".repeat(16)),
+        );
+        let name = longest.rsplit('/').next().unwrap();
+        assert_eq!(name.len(), MAX_ID_LEN + 1 + UPLOAD_ID_LEN + 1 + 16);
+        assert!(name.len() <= 255, "{}", name.len());
     }
 }

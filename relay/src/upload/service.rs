@@ -187,9 +187,13 @@ pub struct Prepared {
     pub event_id: String,
     pub producer: String,
     pub sequence: u64,
+    /// [`key::upload_id`] of (gateway, `producer`, `sequence`).
+    pub upload: String,
     /// The object key, relative to `objects/`.
     pub key: String,
     pub dataref: String,
+    /// The key the object had before keys held the upload id (only looked at).
+    pub legacy_key: String,
 }
 
 /// Checks a create's event as ingest would (plus `time`), with the `dataref` it will be
@@ -209,29 +213,31 @@ pub fn prepare(
                 .to_owned(),
         });
     };
+    let principal = Principal::Gateway(gateway.clone());
+    // The key holds the upload id, so the identity is needed before the dataref; the
+    // size limit is checked below, on the line with its dataref.
+    let identity = ingest::check_event(&event, &principal, u64::MAX)?;
+    let upload = key::upload_id(gateway, &identity.producer, identity.sequence);
+    let (source, ext) = (event.source().as_str(), req.extension.as_deref());
     let key = format!(
         "{key_prefix}{}",
-        key::object_key(
-            gateway,
-            event.source().as_str(),
-            time,
-            event.id(),
-            req.extension.as_deref(),
-        )
+        key::object_key(gateway, source, time, event.id(), &upload, ext)
+    );
+    let legacy_key = format!(
+        "{key_prefix}{}",
+        key::legacy_object_key(gateway, source, time, event.id(), ext)
     );
     let dataref = format!("{base_url}{key}");
     event.set_extension(ce::EXT_DATAREF, dataref.clone());
-    let checked = ingest::check_event(
-        &event,
-        &Principal::Gateway(gateway.clone()),
-        max_event_bytes,
-    )?;
+    let checked = ingest::check_event(&event, &principal, max_event_bytes)?;
     Ok(Prepared {
         event_id: checked.id,
         producer: checked.producer,
         sequence: checked.sequence,
+        upload,
         key,
         dataref,
+        legacy_key,
     })
 }
 
@@ -518,6 +524,20 @@ impl Uploads {
         }
     }
 
+    /// The `dataref` of a durable event's object, if it is still there: at its key, or
+    /// at the key without the upload id, which an event published before keys held it
+    /// (issue 24) names — so a gateway sending such a file again after the upgrade still
+    /// learns where it is.
+    async fn dataref_in_place(&self, p: &Prepared) -> Result<Option<String>, UploadError> {
+        if self.object_in_place(&p.key).await? {
+            return Ok(Some(p.dataref.clone()));
+        }
+        if self.object_in_place(&p.legacy_key).await? {
+            return Ok(Some(format!("{}{}", self.settings.base_url, p.legacy_key)));
+        }
+        Ok(None)
+    }
+
     /// Bytes held for the upload: in S3 parts and in the part file here.
     async fn held(&self, gateway: &GatewayId, id: &str, m: &Manifest) -> Result<u64, UploadError> {
         let store = self.store.clone();
@@ -560,7 +580,7 @@ impl Uploads {
                 }));
             }
         };
-        let id = key::upload_id(gateway, &p.producer, p.sequence);
+        let id = p.upload.clone();
         let mut lease = self.registry.take_over(&Self::slot(gateway, &id)).await;
 
         let durable = self
@@ -572,7 +592,7 @@ impl Uploads {
             // Left over if the relay stopped between publishing and deleting them.
             self.abandon(gateway, &id).await;
             lease.held().forget();
-            let in_place = self.object_in_place(&p.key).await?;
+            let dataref = self.dataref_in_place(&p).await?;
             self.metrics.uploads_duplicate.fetch_add(1, Relaxed);
             tracing::debug!(gateway = %gateway, upload = %id, "An upload's event is durable already; nothing to send.");
             return Ok(Created::Done(UploadState {
@@ -584,7 +604,7 @@ impl Uploads {
                     status: EventStatus::Duplicate,
                     reason: None,
                 }),
-                dataref: in_place.then_some(p.dataref),
+                dataref,
             }));
         }
 
@@ -1698,6 +1718,12 @@ mod tests {
         }
     }
 
+    /// The object key of `file_event(seq)` with extension jpg.
+    fn object_key(seq: u64) -> String {
+        let upload = key::upload_id(&pi1(), "p-1", seq);
+        format!("pi-1/files/cameras/2026-12-01/21/img-{seq}.{upload}.jpg")
+    }
+
     fn id_of(created: &Created) -> String {
         let (Created::New(s) | Created::Existing(s) | Created::Done(s)) = created;
         s.location
@@ -1712,12 +1738,27 @@ mod tests {
     #[test]
     fn prepare_checks_the_event_and_adds_the_dataref() {
         let p = prepare(&pi1(), &create_req(42, b"x"), "s3://b/", "", 1 << 20).unwrap();
-        assert_eq!(p.key, "pi-1/files/cameras/2026-12-01/21/img-42.jpg");
+        // The upload id of (pi-1, p-1, 42) between the event id and the extension.
+        let name = "img-42.61f0d86010b3c57032efd3e36fd7e0b0.jpg";
+        assert_eq!(p.upload, key::upload_id(&pi1(), "p-1", 42));
+        assert_eq!(p.key, format!("pi-1/files/cameras/2026-12-01/21/{name}"));
         assert_eq!(
             p.dataref,
-            "s3://b/pi-1/files/cameras/2026-12-01/21/img-42.jpg"
+            format!("s3://b/pi-1/files/cameras/2026-12-01/21/{name}")
         );
+        assert_eq!(p.legacy_key, "pi-1/files/cameras/2026-12-01/21/img-42.jpg");
         assert_eq!((p.producer.as_str(), p.sequence), ("p-1", 42));
+        let with_prefix = prepare(
+            &pi1(),
+            &create_req(42, b"x"),
+            "s3://b/",
+            "tenant=t/",
+            1 << 20,
+        );
+        assert_eq!(
+            with_prefix.unwrap().key,
+            format!("tenant=t/pi-1/files/cameras/2026-12-01/21/{name}")
+        );
 
         let mut req = create_req(1, b"x");
         req.event.as_object_mut().unwrap().remove("time");
@@ -1813,12 +1854,9 @@ mod tests {
         assert_eq!(state.result.as_ref().unwrap().status, EventStatus::Accepted);
         assert_eq!(
             state.dataref.as_deref(),
-            Some("s3://bucket/pi-1/files/cameras/2026-12-01/21/img-7.jpg")
+            Some(format!("s3://bucket/{}", object_key(7)).as_str())
         );
-        let object = f
-            .dir
-            .path()
-            .join("objects/pi-1/files/cameras/2026-12-01/21/img-7.jpg");
+        let object = f.dir.path().join("objects").join(object_key(7));
         assert_eq!(std::fs::read(object).unwrap(), bytes);
         assert!(
             f.uploads.registry.is_empty(),
@@ -1834,7 +1872,70 @@ mod tests {
             panic!("{again:?}")
         };
         assert_eq!(s.result.unwrap().status, EventStatus::Duplicate);
-        assert!(s.dataref.is_some());
+        assert_eq!(s.dataref, state.dataref);
+        f.stop().await;
+    }
+
+    /// After the upgrade that put the upload id in object keys (issue 24), an upload
+    /// begun before it keeps the key in its manifest: it completes there, and its event
+    /// names that key.
+    #[tokio::test]
+    async fn issue_24_an_upload_begun_before_the_upgrade_keeps_its_key() {
+        let f = Fixture::new();
+        let id = f.id(5, b"abc").await;
+        let mut m = f.uploads.store.load(&pi1(), &id).unwrap().unwrap();
+        assert_eq!(m.key, object_key(5));
+        let old = "pi-1/files/cameras/2026-12-01/21/img-5.jpg";
+        m.key = old.into();
+        f.uploads.store.update(&id, &m).unwrap();
+
+        let Ok(Patched::Done(s)) = f.patch(&id, 0, b"abc").await else {
+            panic!("not done")
+        };
+        assert_eq!(s.dataref, Some(format!("s3://bucket/{old}")));
+        let objects = f.dir.path().join("objects");
+        assert_eq!(std::fs::read(objects.join(old)).unwrap(), b"abc");
+        assert!(!objects.join(object_key(5)).exists());
+        f.stop().await;
+    }
+
+    /// A file whose event was published under the key without the upload id, sent again
+    /// after the upgrade (issue 24): `duplicate`, with the `dataref` its event has.
+    #[tokio::test]
+    async fn issue_24_a_duplicate_from_before_the_upgrade_finds_its_old_key() {
+        let f = Fixture::new();
+        let publish = |seq: u64| SinkEvent {
+            gateway: pi1(),
+            producer: "p-1".into(),
+            sequence: seq,
+            line: serde_json::to_vec(&file_event(seq)).unwrap(),
+        };
+        f.sink
+            .write(vec![publish(8), publish(9)], None)
+            .await
+            .unwrap();
+        let old = f
+            .dir
+            .path()
+            .join("objects/pi-1/files/cameras/2026-12-01/21/img-8.jpg");
+        std::fs::create_dir_all(old.parent().unwrap()).unwrap();
+        std::fs::write(&old, b"abc").unwrap();
+
+        let Created::Done(s) = f.create(8, b"abc").await else {
+            panic!("not done")
+        };
+        assert_eq!(s.result.unwrap().status, EventStatus::Duplicate);
+        assert_eq!(
+            s.dataref.as_deref(),
+            Some("s3://bucket/pi-1/files/cameras/2026-12-01/21/img-8.jpg")
+        );
+        // Its object gone (moved by an operator): still duplicate, without a dataref.
+        let Created::Done(s) = f.create(9, b"abc").await else {
+            panic!("not done")
+        };
+        assert_eq!(s.result.unwrap().status, EventStatus::Duplicate);
+        assert_eq!(s.dataref, None);
+        assert!(f.uploads.store.scan().unwrap().is_empty(), "nothing stored");
         f.stop().await;
     }
 
@@ -1902,10 +2003,7 @@ mod tests {
             matches!(&done, Created::Done(s) if s.result.as_ref().unwrap().status == EventStatus::Accepted),
             "{done:?}"
         );
-        let object = f
-            .dir
-            .path()
-            .join("objects/pi-1/files/cameras/2026-12-01/21/img-4.jpg");
+        let object = f.dir.path().join("objects").join(object_key(4));
         assert_eq!(std::fs::metadata(object).unwrap().len(), 0);
         f.stop().await;
     }
