@@ -22,6 +22,7 @@ use base64::engine::general_purpose::STANDARD as BASE64_STANDARD;
 use cloudevents::event::ExtensionValue;
 use cloudevents::{AttributesReader, Event};
 use pigeon_shared::ce::{self, GatewayId};
+use pigeon_shared::json;
 use pigeon_shared::wire::{HEADER_PRODUCER_ID, HEADER_SETTLED_BELOW};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -211,7 +212,7 @@ pub fn parse_events(
     headers: &HeaderMap,
     body: &[u8],
     max_events: usize,
-) -> Result<Vec<Result<Event, Rejection>>, RequestError> {
+) -> Result<Vec<Result<Parsed, Rejection>>, RequestError> {
     match mode {
         Mode::Batch => {
             let elements = split_batch(body, max_events)?;
@@ -286,47 +287,161 @@ fn split_batch(body: &[u8], max_events: usize) -> Result<Vec<&RawValue>, Request
     })
 }
 
+/// An event as received: its attributes, checked by the CloudEvents SDK, and its data as
+/// the sender's JSON text (compacted, see [`pigeon_shared::json`]), never parsed into a
+/// tree and written again, so numbers and duplicate keys reach the stream unchanged.
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    /// Without `data` and `data_base64`.
+    pub event: Event,
+    /// `None` without data (or with `null`).
+    pub data: Option<Data>,
+}
+
+/// An event's data: the JSON text of its `data` or `data_base64` member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Data {
+    /// `data`: any JSON value.
+    Json(String),
+    /// `data_base64`: a JSON string of valid base64.
+    Base64(String),
+}
+
+impl Parsed {
+    /// The event as one line of structured JSON: the SDK's attributes, then the data.
+    pub fn line(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let mut line = serde_json::to_vec(&self.event)?;
+        match &self.data {
+            Some(Data::Json(text)) => json::push_member(&mut line, "data", text),
+            Some(Data::Base64(text)) => json::push_member(&mut line, "data_base64", text),
+            None => {}
+        }
+        Ok(line)
+    }
+}
+
 /// One structured event from its JSON text.
-fn structured_event(raw: &RawValue) -> Result<Event, Rejection> {
+fn structured_event(raw: &RawValue) -> Result<Parsed, Rejection> {
     let text = raw.get();
     if !text.starts_with('{') {
         return Err(Rejection::new(None, "an event must be a JSON object"));
     }
-    serde_json::from_str::<Event>(text).map_err(|e| {
-        // Only now look for the id, to say which event this was.
-        #[derive(serde::Deserialize)]
-        struct IdOnly {
-            id: Option<Value>,
+    let members = json::members(text)
+        .map_err(|e| Rejection::new(None, format!("not a valid CloudEvent: {e}")))?;
+    from_members(members)
+}
+
+/// An event from its members: `data` kept as text, the rest checked by the SDK.
+fn from_members(members: Vec<(Cow<'_, str>, &RawValue)>) -> Result<Parsed, Rejection> {
+    // Only look for the id when something is wrong, to say which event this was.
+    let id =
+        |members: &Map<String, Value>| members.get("id").and_then(Value::as_str).map(str::to_owned);
+    let mut attributes = Map::with_capacity(members.len());
+    let (mut data, mut base64): (Option<&RawValue>, Option<&RawValue>) = (None, None);
+    let mut twice = None;
+    for (name, value) in members {
+        let slot = match name.as_ref() {
+            "data" => Some(&mut data),
+            "data_base64" => Some(&mut base64),
+            _ => None,
+        };
+        if attributes.contains_key(name.as_ref()) || slot.as_ref().is_some_and(|s| s.is_some()) {
+            twice.get_or_insert(name.into_owned());
+            continue;
         }
-        let id = serde_json::from_str::<IdOnly>(text)
-            .ok()
-            .and_then(|i| i.id)
-            .and_then(|v| v.as_str().map(str::to_owned));
-        Rejection {
-            id,
+        if let Some(slot) = slot {
+            *slot = Some(value);
+            continue;
+        }
+        let value = serde_json::from_str::<Value>(value.get()).map_err(|e| Rejection {
+            id: None,
+            reason: format!("attribute {name:?} is not valid JSON: {e}"),
+        })?;
+        attributes.insert(name.into_owned(), value);
+    }
+    if let Some(name) = twice {
+        return Err(Rejection {
+            id: id(&attributes),
+            reason: format!("attribute {name:?} appears more than once"),
+        });
+    }
+    fn not_null(v: Option<&RawValue>) -> Option<&str> {
+        v.map(RawValue::get).filter(|t| *t != "null")
+    }
+    let data = match (not_null(data), not_null(base64)) {
+        (Some(_), Some(_)) => {
+            return Err(Rejection {
+                id: id(&attributes),
+                reason: "an event has either data or data_base64, not both".to_owned(),
+            });
+        }
+        (Some(text), None) => Some(Data::Json(json::compact(text).into_owned())),
+        (None, Some(text)) => {
+            let valid = serde_json::from_str::<String>(text)
+                .map_err(|e| e.to_string())
+                .and_then(|s| BASE64_STANDARD.decode(s).map_err(|e| e.to_string()));
+            if let Err(e) = valid {
+                return Err(Rejection {
+                    id: id(&attributes),
+                    reason: format!("data_base64 must be a string of base64 (RFC 4648): {e}"),
+                });
+            }
+            Some(Data::Base64(text.to_owned()))
+        }
+        (None, None) => None,
+    };
+    let event_id = id(&attributes);
+    let event =
+        serde_json::from_value::<Event>(Value::Object(attributes)).map_err(|e| Rejection {
+            id: event_id.clone(),
             reason: format!("not a valid CloudEvent: {e}"),
-        }
-    })
+        })?;
+    // JSON data is any JSON value; data of another media type is a string.
+    if let (Some(Data::Json(d)), Some(ct)) = (&data, event.datacontenttype())
+        && !is_json_media_type(ct)
+        && !d.starts_with('"')
+    {
+        return Err(Rejection {
+            id: event_id,
+            reason: format!(
+                "data must be a JSON string when datacontenttype ({ct:?}) is not JSON; send bytes as data_base64"
+            ),
+        });
+    }
+    Ok(Parsed { event, data })
+}
+
+/// Whether a media type is JSON: `application/json`, `text/json` or `*/*+json`, in any
+/// case and with any parameters.
+pub(crate) fn is_json_media_type(content_type: &str) -> bool {
+    let t = media_type(content_type);
+    t == "application/json" || t == "text/json" || t.ends_with("+json")
 }
 
 /// One structured event from JSON parsed already (the `event` of an upload's
 /// `CreateUpload`), with the same rejections as a structured event of a batch.
-pub fn event_from_value(value: &Value) -> Result<Event, Rejection> {
-    use serde::Deserialize as _;
-    if !value.is_object() {
+pub fn event_from_value(value: &Value) -> Result<Parsed, Rejection> {
+    let Some(object) = value.as_object() else {
         return Err(Rejection::new(None, "an event must be a JSON object"));
-    }
-    Event::deserialize(value).map_err(|e| Rejection {
-        id: value.get("id").and_then(Value::as_str).map(str::to_owned),
-        reason: format!("not a valid CloudEvent: {e}"),
-    })
+    };
+    let texts = object
+        .iter()
+        .map(|(k, v)| Ok((k.as_str(), serde_json::value::to_raw_value(v)?)))
+        .collect::<Result<Vec<_>, serde_json::Error>>()
+        .map_err(|e| Rejection::new(None, format!("not a valid CloudEvent: {e}")))?;
+    from_members(
+        texts
+            .iter()
+            .map(|(k, v)| (Cow::Borrowed(*k), v.as_ref()))
+            .collect(),
+    )
 }
 
 /// Attributes that binary mode carries elsewhere than in `ce-` headers.
 const NOT_IN_CE_HEADERS: [&str; 3] = ["data", "data_base64", "datacontenttype"];
 
 /// Builds a binary-mode event: attributes from `ce-*` headers, data from the body.
-fn binary_event(headers: &HeaderMap, body: &[u8]) -> Result<Event, Rejection> {
+fn binary_event(headers: &HeaderMap, body: &[u8]) -> Result<Parsed, Rejection> {
     let id = headers
         .get("ce-id")
         .and_then(|v| v.to_str().ok())
@@ -365,28 +480,24 @@ fn binary_event(headers: &HeaderMap, body: &[u8]) -> Result<Event, Rejection> {
     if let Some(ct) = content_type {
         map.insert("datacontenttype".to_owned(), Value::String(ct.to_owned()));
     }
+    let mut data = None;
     if !body.is_empty() {
-        let is_json = content_type.is_some_and(|ct| {
-            let t = media_type(ct);
-            t == "application/json" || t == "text/json" || t.ends_with("+json")
-        });
-        let data = if is_json {
-            serde_json::from_slice::<Value>(body)
-                .ok()
-                .map(|v| ("data", v))
+        let is_json = content_type.is_some_and(is_json_media_type);
+        let text = std::str::from_utf8(body).ok();
+        if is_json {
+            // The body is the data's JSON text, kept as it is.
+            data = text
+                .filter(|t| serde_json::from_str::<serde::de::IgnoredAny>(t).is_ok())
+                .map(|t| Data::Json(json::compact(t).into_owned()));
         } else if content_type.is_some() {
-            std::str::from_utf8(body)
-                .ok()
-                .map(|s| ("data", Value::String(s.to_owned())))
-        } else {
-            None
-        };
+            data = text.map(|t| Data::Json(Value::String(t.to_owned()).to_string()));
+        }
         // Anything that is not JSON or text as declared is kept byte for byte.
-        let (key, value) =
-            data.unwrap_or_else(|| ("data_base64", Value::String(BASE64_STANDARD.encode(body))));
-        map.insert(key.to_owned(), value);
+        let bytes = || Data::Base64(Value::String(BASE64_STANDARD.encode(body)).to_string());
+        data = data.or_else(|| Some(bytes()));
     }
     serde_json::from_value::<Event>(Value::Object(map))
+        .map(|event| Parsed { event, data })
         .map_err(|e| reject(format!("not a valid CloudEvent: {e}")))
 }
 
@@ -425,10 +536,11 @@ pub struct CheckedEvent {
 
 /// Applies Pigeon's rules to one parsed event and renders its stream line.
 pub fn check_event(
-    event: &Event,
+    parsed: &Parsed,
     principal: &Principal,
     max_event_bytes: u64,
 ) -> Result<CheckedEvent, Rejection> {
+    let event = &parsed.event;
     let id = event.id();
     let reject = |reason: String| Rejection::new(Some(id), reason);
     let source = event.source().as_str();
@@ -477,7 +589,8 @@ pub fn check_event(
         }
     };
 
-    let line = serde_json::to_vec(event)
+    let line = parsed
+        .line()
         .map_err(|e| reject(format!("the event cannot be serialized: {e}")))?;
     if line.len() as u64 > max_event_bytes {
         return Err(reject(format!(
@@ -681,14 +794,14 @@ mod tests {
         let body = serde_json::to_vec(&json!([event_json(1), bad, 42, event_json(3)])).unwrap();
         let events = parse_events(Mode::Batch, &HeaderMap::new(), &body, 100).unwrap();
         assert_eq!(events.len(), 4);
-        assert_eq!(events[0].as_ref().unwrap().id(), "id-1");
+        assert_eq!(events[0].as_ref().unwrap().event.id(), "id-1");
         let r = events[1].as_ref().unwrap_err();
         assert_eq!(r.id.as_deref(), Some("id-2"));
         assert!(r.reason.contains("type"), "{}", r.reason);
         let r = events[2].as_ref().unwrap_err();
         assert_eq!(r.id, None);
         assert!(r.reason.contains("JSON object"), "{}", r.reason);
-        assert_eq!(events[3].as_ref().unwrap().id(), "id-3");
+        assert_eq!(events[3].as_ref().unwrap().event.id(), "id-3");
     }
 
     #[test]
@@ -798,6 +911,101 @@ mod tests {
 
         let v = one(None, b"");
         assert!(v.get("data").is_none() && v.get("data_base64").is_none());
+
+        // Without a content type the body is bytes, also when it happens to parse as
+        // JSON (the SDK used to turn it into JSON data).
+        let v = one(None, b"{\"a\":1}");
+        assert_eq!(v["data_base64"], "eyJhIjoxfQ==");
+        assert!(v.get("data").is_none() && v.get("datacontenttype").is_none());
+    }
+
+    /// The stored line of the one event of a body.
+    fn stored(mode: Mode, h: &HeaderMap, body: &[u8]) -> String {
+        let ev = parse_events(mode, h, body, 100)
+            .unwrap()
+            .pop()
+            .unwrap()
+            .unwrap();
+        String::from_utf8(check_event(&ev, &pi1(), 1 << 20).unwrap().line).unwrap()
+    }
+
+    /// Issue 24.2b: data is stored as the sender's document in every mode: numbers beyond
+    /// an f64, 20-digit decimals, duplicate keys, key order and escapes byte for byte;
+    /// only the whitespace between tokens goes.
+    #[test]
+    fn issue_24_data_is_stored_as_sent_in_every_mode() {
+        let data = "{ \"big\": 12345678901234567890123, \"dec\": 0.12345678901234567891,\n  \"k\": 1, \"k\": 2, \"z\": 1.50, \"a\": \"\\u00e9\\n\" }";
+        let want = ",\"data\":{\"big\":12345678901234567890123,\"dec\":0.12345678901234567891,\"k\":1,\"k\":2,\"z\":1.50,\"a\":\"\\u00e9\\n\"}}";
+        let mut envelope = event_json(1);
+        envelope.as_object_mut().unwrap().remove("data");
+        let text = serde_json::to_string(&envelope).unwrap();
+        let event = format!("{},\"data\": {data}}}", &text[..text.len() - 1]);
+
+        let line = stored(
+            Mode::Batch,
+            &HeaderMap::new(),
+            format!("[{event}]").as_bytes(),
+        );
+        assert!(line.ends_with(want), "{line}");
+        let line = stored(Mode::Structured, &HeaderMap::new(), event.as_bytes());
+        assert!(line.ends_with(want), "{line}");
+        let line = stored(
+            Mode::Binary,
+            &binary_headers(Some("application/json")),
+            data.as_bytes(),
+        );
+        assert!(line.ends_with(want), "{line}");
+        // JSON is JSON in any case and with parameters (RFC 2045: case-insensitive).
+        for ct in ["Application/JSON", "application/ld+json; charset=utf-8"] {
+            let line = stored(Mode::Binary, &binary_headers(Some(ct)), data.as_bytes());
+            assert!(line.ends_with(want), "{ct}: {line}");
+            let mut e: Value = serde_json::from_str(&event).unwrap();
+            e["datacontenttype"] = ct.into();
+            let line = stored(
+                Mode::Structured,
+                &HeaderMap::new(),
+                e.to_string().as_bytes(),
+            );
+            assert!(line.contains("\"data\":{"), "{ct}: {line}");
+        }
+        // The envelope is the SDK's, and the whole line reads back as a CloudEvent.
+        let back: cloudevents::Event = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.id(), "b-1");
+    }
+
+    #[test]
+    fn attributes_twice_or_data_twice_are_rejected_by_name() {
+        let rejected = |body: &str| {
+            parse_events(Mode::Structured, &HeaderMap::new(), body.as_bytes(), 100)
+                .unwrap()
+                .pop()
+                .unwrap()
+                .unwrap_err()
+        };
+        let e = event_json(1).to_string();
+        let r = rejected(&format!("{},\"id\":\"other\"}}", &e[..e.len() - 1]));
+        assert_eq!(r.reason, "attribute \"id\" appears more than once");
+        let r = rejected(&format!("{},\"data\":2}}", &e[..e.len() - 1]));
+        assert_eq!(r.reason, "attribute \"data\" appears more than once");
+        assert_eq!(r.id.as_deref(), Some("id-1"));
+        let r = rejected(&format!("{},\"data_base64\":\"AA==\"}}", &e[..e.len() - 1]));
+        assert!(
+            r.reason.contains("either data or data_base64"),
+            "{}",
+            r.reason
+        );
+        // Data of a media type that is not JSON is a string.
+        let mut v = event_json(1);
+        v["datacontenttype"] = "text/plain".into();
+        let r = rejected(&v.to_string());
+        assert!(r.reason.contains("must be a JSON string"), "{}", r.reason);
+        v["data"] = "21.5 C".into();
+        let line = stored(
+            Mode::Structured,
+            &HeaderMap::new(),
+            v.to_string().as_bytes(),
+        );
+        assert!(line.ends_with(",\"data\":\"21.5 C\"}"), "{line}");
     }
 
     #[test]
@@ -831,8 +1039,7 @@ mod tests {
     }
 
     fn check(v: Value, principal: &Principal) -> Result<CheckedEvent, Rejection> {
-        let ev: Event = serde_json::from_value(v).unwrap();
-        check_event(&ev, principal, 1 << 20)
+        check_event(&event_from_value(&v).unwrap(), principal, 1 << 20)
     }
 
     #[test]
@@ -905,7 +1112,7 @@ mod tests {
     fn events_over_max_event_bytes_are_rejected() {
         let mut v = event_json(1);
         v["data"] = json!("x".repeat(2000));
-        let ev: Event = serde_json::from_value(v).unwrap();
+        let ev = event_from_value(&v).unwrap();
         assert!(check_event(&ev, &pi1(), 4000).is_ok());
         let r = check_event(&ev, &pi1(), 1000).unwrap_err();
         assert!(r.reason.contains("max_event_bytes"), "{}", r.reason);

@@ -436,7 +436,7 @@ fn prepare(
     let events = ingest::parse_events(mode, headers, &body, limits.max_events_per_request)?;
     Ok(events
         .into_iter()
-        .map(|e| e.and_then(|ev| ingest::check_event(&ev, principal, limits.max_event_bytes)))
+        .map(|e| e.and_then(|p| ingest::check_event(&p, principal, limits.max_event_bytes)))
         .collect())
 }
 

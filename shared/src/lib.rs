@@ -6,12 +6,15 @@
 //! * [`wire`] — the gateway↔relay protocol: the ingest path, headers, and the per-event
 //!   result document the relay answers with (see `docs/protocol.md`).
 //! * [`units`] — small config value types (`"30s"`, `"64MiB"`) both binaries parse the same way.
+//! * [`json`] — an event's `data` carried as the sender's JSON text (numbers and
+//!   duplicate keys unchanged), and splicing it into an event's JSON.
 //! * [`dirs`] — the check of a configured data directory both binaries make before starting.
 //!
 //! This crate has no binary-only dependencies (no clap, rusqlite, HTTP stacks or cloud SDKs).
 
 pub mod ce;
 pub mod dirs;
+pub mod json;
 pub mod units;
 pub mod wire;
 pub mod x509;

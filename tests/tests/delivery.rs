@@ -203,3 +203,53 @@ async fn non_utf8_payload_arrives_as_data_base64_next_to_intact_json() {
     assert_eq!(e["datacontenttype"], "application/json", "{e:#}");
     assert_eq!(e["data"], json!(21.5));
 }
+
+/// Issue 24.2b: a reading is stored as the sensor's document. Numbers that do not fit an
+/// f64, 20-digit decimals, duplicate keys, key order and escapes arrive in the relay's
+/// stream byte for byte; only the whitespace between JSON tokens is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_24_a_json_reading_is_stored_as_the_sensor_sent_it() {
+    let p = Pipeline::start("as-sent").await;
+    let payload = "{ \"meter\": 12345678901234567890123,\n  \"kwh\": 0.12345678901234567891,\n  \"v\": 1, \"v\": 2, \"t\": 21.50, \"unit\": \"\\u00b0C\" }";
+    let stored = "{\"meter\":12345678901234567890123,\"kwh\":0.12345678901234567891,\"v\":1,\"v\":2,\"t\":21.50,\"unit\":\"\\u00b0C\"}";
+    let topic = "org/contoso/site/berlin/building/41/floor/1/room/9/sensors/meter";
+    let readings = vec![Reading {
+        n: 1,
+        topic: topic.to_owned(),
+        payload: payload.as_bytes().to_vec(),
+    }];
+    let report =
+        Publisher::publish_all(p.mosquitto.port(), readings, p.publisher(), secs(30)).await;
+    report.assert_all_acked(1);
+    wait_until("the reading in the relay's stream", secs(60), || async {
+        match p.relay.read_stream().len() {
+            0 => Err("not yet".to_owned()),
+            _ => Ok(()),
+        }
+    })
+    .await;
+    let stream = p.relay.read_stream();
+    let lines: Vec<String> = stream
+        .files()
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    let want = format!(",\"data\":{stored}}}");
+    assert!(
+        lines[0].ends_with(&want),
+        "stored {}\nwanted it to end with {want}",
+        lines[0]
+    );
+    assert!(
+        lines[0].contains("\"datacontenttype\":\"application/json\""),
+        "{}",
+        lines[0]
+    );
+}

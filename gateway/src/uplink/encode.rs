@@ -2,8 +2,9 @@
 
 use std::io::Write;
 
-use cloudevents::{EventBuilder, EventBuilderV10};
+use cloudevents::{AttributesWriter, EventBuilder, EventBuilderV10};
 use pigeon_shared::ce::{EXT_PRODUCER_ID, EXT_SEQUENCE, format_sequence};
+use pigeon_shared::json;
 
 use crate::config::Compression;
 use crate::outbox::Record;
@@ -14,6 +15,24 @@ use crate::outbox::Record;
 /// (`data_base64`). A record marked JSON whose bytes do not parse (it cannot happen for
 /// records this gateway wrote, but the database is on an SD card) is sent as bytes.
 pub fn to_event(rec: &Record, producer_id: &str) -> Result<cloudevents::Event, String> {
+    let b = envelope(rec, producer_id)?;
+    let ct = rec
+        .content_type
+        .as_deref()
+        .unwrap_or("application/octet-stream");
+    let b = match ct {
+        "application/json" => match serde_json::from_slice::<serde_json::Value>(&rec.data) {
+            Ok(v) => b.data(ct, v),
+            Err(_) => b.data("application/octet-stream", rec.data.clone()),
+        },
+        _ => b.data(ct, rec.data.clone()),
+    };
+    b.build()
+        .map_err(|e| format!("cannot build a CloudEvent: {e}"))
+}
+
+/// The event's attributes, without data.
+fn envelope(rec: &Record, producer_id: &str) -> Result<EventBuilderV10, String> {
     let time = chrono::DateTime::from_timestamp_micros(rec.time_us)
         .ok_or_else(|| format!("receive time {} µs is out of range", rec.time_us))?;
     let mut b = EventBuilderV10::new()
@@ -26,19 +45,31 @@ pub fn to_event(rec: &Record, producer_id: &str) -> Result<cloudevents::Event, S
     if let Some(s) = &rec.subject {
         b = b.subject(s.as_str());
     }
-    let ct = rec
-        .content_type
-        .as_deref()
-        .unwrap_or("application/octet-stream");
-    b = match ct {
-        "application/json" => match serde_json::from_slice::<serde_json::Value>(&rec.data) {
-            Ok(v) => b.data(ct, v),
-            Err(_) => b.data("application/octet-stream", rec.data.clone()),
-        },
-        _ => b.data(ct, rec.data.clone()),
+    Ok(b)
+}
+
+/// The structured JSON of one record's CloudEvent, as the batch carries it.
+///
+/// JSON data travels as the sender's text (whitespace between tokens removed, see
+/// [`pigeon_shared::json`]), never parsed into a tree and written again, so numbers that
+/// do not fit an `f64` and duplicate keys reach the relay unchanged. A record marked JSON
+/// whose bytes are not JSON (the database is on an SD card) is sent as bytes.
+pub fn event_json(rec: &Record, producer_id: &str) -> Result<Vec<u8>, String> {
+    let json_text = (rec.content_type.as_deref() == Some("application/json"))
+        .then(|| std::str::from_utf8(&rec.data).ok())
+        .flatten()
+        .filter(|t| serde_json::from_str::<serde::de::IgnoredAny>(t).is_ok());
+    let Some(text) = json_text else {
+        let event = to_event(rec, producer_id)?;
+        return serde_json::to_vec(&event).map_err(|e| e.to_string());
     };
-    b.build()
-        .map_err(|e| format!("cannot build a CloudEvent: {e}"))
+    let mut event = envelope(rec, producer_id)?
+        .build()
+        .map_err(|e| format!("cannot build a CloudEvent: {e}"))?;
+    event.set_datacontenttype(Some("application/json"));
+    let mut out = serde_json::to_vec(&event).map_err(|e| e.to_string())?;
+    json::push_member(&mut out, "data", &json::compact(text));
+    Ok(out)
 }
 
 /// Encodes `batch` as a CloudEvents batch (a JSON array), compressed as configured.
@@ -93,8 +124,8 @@ fn write_batch(
         if i > 0 {
             w.write_all(b",").map_err(io)?;
         }
-        let event = to_event(rec, producer_id).map_err(|reason| (Some(rec.seq), reason))?;
-        serde_json::to_writer(&mut *w, &event).map_err(|e| (Some(rec.seq), e.to_string()))?;
+        let event = event_json(rec, producer_id).map_err(|reason| (Some(rec.seq), reason))?;
+        w.write_all(&event).map_err(io)?;
     }
     w.write_all(b"]").map_err(io)
 }
@@ -158,5 +189,42 @@ mod tests {
         let v = serde_json::to_value(&e).unwrap();
         assert_eq!(v["datacontenttype"], "application/octet-stream");
         assert!(v.get("data_base64").is_some());
+        let line = event_json(&rec(1, "application/json", b"{not json"), "p").unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["datacontenttype"], "application/octet-stream");
+        assert_eq!(v["data_base64"], "e25vdCBqc29u");
+    }
+
+    /// Issue 24.2b: a reading is the sender's document. Numbers beyond an f64, 20-digit
+    /// decimals, duplicate keys and escapes reach the relay as sent.
+    #[test]
+    fn issue_24_json_data_is_sent_as_the_senders_text() {
+        let payload = "{\"big\": 12345678901234567890123,\n \"dec\": 0.12345678901234567891,\n \"k\": 1, \"k\": 2, \"e\": \"\\u00e9 \\\"\", \"f\": 1.50}";
+        let r = rec(3, "application/json", payload.as_bytes());
+        let line = event_json(&r, "p").unwrap();
+        let line = String::from_utf8(line).unwrap();
+        assert!(
+            line.ends_with(
+                ",\"data\":{\"big\":12345678901234567890123,\"dec\":0.12345678901234567891,\"k\":1,\"k\":2,\"e\":\"\\u00e9 \\\"\",\"f\":1.50}}"
+            ),
+            "{line}"
+        );
+        // The rest is the same event as the SDK's.
+        let mut v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let sdk_rec = Record {
+            data: b"{}".to_vec(),
+            ..r.clone()
+        };
+        let mut sdk = serde_json::to_value(to_event(&sdk_rec, "p").unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("data");
+        sdk.as_object_mut().unwrap().remove("data");
+        assert_eq!(v, sdk);
+        // A bare JSON value is data too.
+        let line = event_json(&rec(4, "application/json", b" 1e400 "), "p").unwrap();
+        assert!(
+            line.ends_with(b",\"data\":1e400}"),
+            "{}",
+            String::from_utf8_lossy(&line)
+        );
     }
 }

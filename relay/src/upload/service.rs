@@ -205,10 +205,10 @@ pub fn prepare(
     key_prefix: &str,
     max_event_bytes: u64,
 ) -> Result<Prepared, Rejection> {
-    let mut event = ingest::event_from_value(&req.event)?;
-    let Some(time) = event.time().copied() else {
+    let mut parsed = ingest::event_from_value(&req.event)?;
+    let Some(time) = parsed.event.time().copied() else {
         return Err(Rejection {
-            id: Some(event.id().to_owned()),
+            id: Some(parsed.event.id().to_owned()),
             reason: "missing attribute 'time' (required for uploads: the object key is partitioned by it)"
                 .to_owned(),
         });
@@ -216,8 +216,9 @@ pub fn prepare(
     let principal = Principal::Gateway(gateway.clone());
     // The key holds the upload id, so the identity is needed before the dataref; the
     // size limit is checked below, on the line with its dataref.
-    let identity = ingest::check_event(&event, &principal, u64::MAX)?;
+    let identity = ingest::check_event(&parsed, &principal, u64::MAX)?;
     let upload = key::upload_id(gateway, &identity.producer, identity.sequence);
+    let event = &mut parsed.event;
     let (source, ext) = (event.source().as_str(), req.extension.as_deref());
     let key = format!(
         "{key_prefix}{}",
@@ -229,7 +230,7 @@ pub fn prepare(
     );
     let dataref = format!("{base_url}{key}");
     event.set_extension(ce::EXT_DATAREF, dataref.clone());
-    let checked = ingest::check_event(&event, &principal, max_event_bytes)?;
+    let checked = ingest::check_event(&parsed, &principal, max_event_bytes)?;
     Ok(Prepared {
         event_id: checked.id,
         producer: checked.producer,
@@ -1333,14 +1334,15 @@ impl Uploads {
         started: Instant,
     ) -> Result<UploadState, UploadError> {
         let dataref = format!("{}{}", self.settings.base_url, m.key);
-        let mut event = ingest::event_from_value(&m.event).map_err(|r| {
+        let mut parsed = ingest::event_from_value(&m.event).map_err(|r| {
             UploadError::Internal(format!(
                 "the manifest of upload {id} holds an unusable event: {}",
                 r.reason
             ))
         })?;
-        event.set_extension(ce::EXT_DATAREF, dataref.clone());
-        let line = serde_json::to_vec(&event)
+        parsed.event.set_extension(ce::EXT_DATAREF, dataref.clone());
+        let line = parsed
+            .line()
             .map_err(|e| UploadError::Internal(format!("the event cannot be serialized: {e}")))?;
         let outcomes = self
             .sink
@@ -1389,7 +1391,7 @@ impl Uploads {
             offset: m.length,
             length: m.length,
             result: Some(EventResult {
-                id: Some(event.id().to_owned()),
+                id: Some(parsed.event.id().to_owned()),
                 status,
                 reason: None,
             }),

@@ -13,6 +13,9 @@
 //! [CloudEvents Kafka protocol binding]: https://github.com/cloudevents/spec/blob/main/cloudevents/bindings/kafka-protocol-binding.md
 
 use base64::Engine as _;
+use pigeon_shared::json;
+use serde::de::IgnoredAny;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// The Kafka form of one event.
@@ -36,17 +39,29 @@ const REQUIRED: [&str; 4] = ["specversion", "id", "source", "type"];
 
 /// Builds the record for an event's structured JSON (as the relay renders it).
 pub fn record(line: &[u8]) -> Result<Record, String> {
-    let Value::Object(mut obj) = serde_json::from_slice::<Value>(line)
-        .map_err(|e| format!("the event is not valid JSON: {e}"))?
-    else {
-        return Err("the event is not a JSON object".to_owned());
-    };
+    let text = std::str::from_utf8(line).map_err(|e| format!("the event is not UTF-8: {e}"))?;
+    let members = json::members(text).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => "the event is not a JSON object".to_owned(),
+        _ => format!("the event is not valid JSON: {e}"),
+    })?;
+    // `data` stays the text it is in the line: the record's value is the sender's JSON.
+    let mut data: Option<&RawValue> = None;
+    let mut obj = Map::with_capacity(members.len());
+    for (name, value) in members {
+        if name == "data" {
+            data = Some(value);
+            continue;
+        }
+        let value = serde_json::from_str::<Value>(value.get())
+            .map_err(|e| format!("attribute {name} is not valid JSON: {e}"))?;
+        obj.insert(name.into_owned(), value);
+    }
     let content_type = match obj.shift_remove("datacontenttype") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s),
         Some(_) => return Err("datacontenttype is not a string".to_owned()),
     };
-    let value = data_value(&mut obj, content_type.as_deref())?;
+    let value = data_value(&mut obj, data, content_type.as_deref())?;
 
     let mut headers: Vec<(String, Vec<u8>)> = Vec::with_capacity(obj.len() + 1);
     for name in REQUIRED {
@@ -99,6 +114,7 @@ fn is_json(content_type: Option<&str>) -> bool {
 
 fn data_value(
     obj: &mut Map<String, Value>,
+    data: Option<&RawValue>,
     content_type: Option<&str>,
 ) -> Result<Option<Vec<u8>>, String> {
     if let Some(b64) = obj.shift_remove("data_base64") {
@@ -110,10 +126,14 @@ fn data_value(
             .map(Some)
             .map_err(|e| format!("data_base64 is not valid base64: {e}"));
     }
-    Ok(match obj.shift_remove("data") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if !is_json(content_type) => Some(s.into_bytes()),
-        Some(v) => Some(serde_json::to_vec(&v).map_err(|e| e.to_string())?),
+    Ok(match data.map(RawValue::get) {
+        None | Some("null") => None,
+        Some(text) if !is_json(content_type) && text.starts_with('"') => Some(
+            serde_json::from_str::<String>(text)
+                .map_err(|e| e.to_string())?
+                .into_bytes(),
+        ),
+        Some(text) => Some(text.as_bytes().to_vec()),
     })
 }
 
@@ -171,21 +191,28 @@ pub fn structured<'h>(
     if let Some(ct) = &content_type {
         obj.insert("datacontenttype".to_owned(), Value::String(ct.clone()));
     }
+    // JSON data is spliced in as the record holds it, never parsed into a tree.
+    let mut json_data = None;
     if let Some(v) = value {
         let b64 = || Value::String(base64::engine::general_purpose::STANDARD.encode(v));
+        let text = std::str::from_utf8(v).ok();
         if is_json(content_type.as_deref()) {
-            match serde_json::from_slice::<Value>(v) {
-                Ok(data) => obj.insert("data".to_owned(), data),
-                Err(_) => obj.insert("data_base64".to_owned(), b64()),
-            };
-        } else if let (true, Ok(s)) = (is_text(content_type.as_deref()), std::str::from_utf8(v)) {
+            json_data = text.filter(|t| serde_json::from_str::<IgnoredAny>(t).is_ok());
+            if json_data.is_none() {
+                obj.insert("data_base64".to_owned(), b64());
+            }
+        } else if let (true, Some(s)) = (is_text(content_type.as_deref()), text) {
             obj.insert("data".to_owned(), Value::String(s.to_owned()));
         } else {
             obj.insert("data_base64".to_owned(), b64());
         }
     }
     // A map of JSON values always serializes.
-    serde_json::to_vec(&Value::Object(obj)).unwrap_or_default()
+    let mut line = serde_json::to_vec(&Value::Object(obj)).unwrap_or_default();
+    if let Some(data) = json_data {
+        json::push_member(&mut line, "data", &json::compact(data));
+    }
+    line
 }
 
 /// Whether a (non-JSON) content type is text, so its data reads as a string.
@@ -516,6 +543,33 @@ mod tests {
         assert_eq!(
             String::from_utf8(odd).unwrap(),
             r#"{"id":"e","datacontenttype":"application/json","data_base64":"/3s="}"#
+        );
+    }
+
+    /// Issue 24.2b: JSON data becomes the record's value as the stream line holds it, and
+    /// comes back from it the same (numbers beyond an f64, duplicate keys).
+    #[test]
+    fn issue_24_json_data_keeps_its_numbers_and_keys_through_kafka() {
+        let data = r#"{"big":12345678901234567890123,"dec":0.12345678901234567891,"k":1,"k":2}"#;
+        let line = format!(
+            r#"{{"specversion":"1.0","id":"e","source":"/s","type":"t","datacontenttype":"application/json","data":{data}}}"#
+        );
+        let r = record(line.as_bytes()).unwrap();
+        assert_eq!(r.value.as_deref(), Some(data.as_bytes()));
+        let headers = r.headers.iter().map(|(k, v)| (k.as_str(), Some(&v[..])));
+        let back = String::from_utf8(structured(headers, r.value.as_deref())).unwrap();
+        assert_eq!(back, line);
+        // A value with whitespace (another producer's record) is stored compacted.
+        let spaced = structured(
+            [
+                ("ce_id", Some(&b"e"[..])),
+                ("content-type", Some(b"application/json")),
+            ],
+            Some(b"{ \"n\" : 1.0 }\n"),
+        );
+        assert_eq!(
+            String::from_utf8(spaced).unwrap(),
+            r#"{"id":"e","datacontenttype":"application/json","data":{"n":1.0}}"#
         );
     }
 
