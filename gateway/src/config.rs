@@ -186,6 +186,18 @@ pub struct RelayConfig {
     /// that did not reach the relay do not count. None: retry for ever.
     #[serde(default)]
     pub max_attempts: Option<u32>,
+    /// The relay's `limits.max_event_bytes`: the longest event, as structured JSON, the
+    /// relay takes. An MQTT message whose event would be longer is refused at ingest
+    /// instead of being acknowledged and then dead-lettered, and `mqtt.max_packet_size`
+    /// must not let through binary messages that long. Change it with the relay's.
+    #[serde(default = "default_max_event_bytes")]
+    pub max_event_bytes: ByteSize,
+}
+
+/// pigeon-relay's default `limits.max_event_bytes`: room for the largest event of a
+/// message of the default `mqtt.max_packet_size` (1 MiB, base64: 1.33 MiB).
+fn default_max_event_bytes() -> ByteSize {
+    ByteSize::mib(2)
 }
 
 fn default_max_file_uploads() -> usize {
@@ -427,6 +439,12 @@ impl Config {
                 "must be at least 2; leave it out to retry for ever".into(),
             ));
         }
+        if r.max_event_bytes.get() < 1024 {
+            return Err((
+                "relay.max_event_bytes",
+                "must be at least 1KiB (the relay's limits.max_event_bytes)".into(),
+            ));
+        }
         if !(1..=16).contains(&r.max_file_uploads) {
             return Err(("relay.max_file_uploads", "must be between 1 and 16".into()));
         }
@@ -454,6 +472,7 @@ impl Config {
         }
         if let Some(mqtt) = &self.mqtt {
             mqtt.validate()?;
+            mqtt.check_relay_limit(&self.gateway.id.source("mqtt"), r.max_event_bytes)?;
         }
         if let Some(files) = &self.files {
             files.validate()?;
@@ -717,6 +736,69 @@ mod tests {
         assert!(c.relay.batch_linger.get().is_zero());
         let e = parse(&format!("{MINIMAL}\ntoken_file = \"/x\"\n")).unwrap_err();
         assert!(e.contains("not both"), "{e}");
+    }
+
+    /// MINIMAL with `relay` added to [relay], and an [mqtt] section with `mqtt` and a
+    /// subscription of type `event_type`.
+    fn with_mqtt(relay: &str, mqtt: &str, event_type: &str) -> String {
+        format!(
+            "{MINIMAL}{relay}\n[mqtt]\n{mqtt}\n[[mqtt.subscriptions]]\nfilter = \"sensors/#\"\ntype = {event_type:?}\n"
+        )
+    }
+
+    /// Issue 24: the gateway took MQTT messages of up to 1 MiB while the relay refused
+    /// events over 1 MiB of JSON, so binary payloads over about 768 KiB were acknowledged
+    /// to the broker and then dead-lettered.
+    #[test]
+    fn issue_24_mqtt_max_packet_size_must_fit_relay_max_event_bytes() {
+        let reading = "io.pigeon.sensor.reading";
+        let check = |relay: &str, mqtt: &str| parse(&with_mqtt(relay, mqtt, reading));
+        // The defaults agree: a 1 MiB message's event (base64: 1.33 MiB) fits 2 MiB.
+        let c = check("", "").unwrap();
+        assert_eq!(c.relay.max_event_bytes.get(), 2 << 20);
+        assert_eq!(c.mqtt.as_ref().unwrap().max_packet_size.get(), 1 << 20);
+
+        // The relay's old default does not take what the gateway lets through.
+        let e = check("max_event_bytes = \"1MiB\"", "").unwrap_err();
+        assert!(
+            e.contains("mqtt.max_packet_size: (1MiB) lets through"),
+            "{e}"
+        );
+        assert!(e.contains("over relay.max_event_bytes (1MiB)"), "{e}");
+        assert!(e.contains("at most 767KiB"), "{e}");
+        assert!(e.contains("limits.max_event_bytes"), "{e}");
+
+        let e = check("", "max_packet_size = \"3MiB\"").unwrap_err();
+        assert!(e.contains("(3MiB) lets through"), "{e}");
+        assert!(e.contains("(4.0 MiB)"), "{e}");
+        assert!(e.contains("over relay.max_event_bytes (2MiB)"), "{e}");
+        assert!(e.contains("at most 1535KiB"), "{e}");
+        // The suggested figure passes; one KiB more does not.
+        check("", "max_packet_size = \"1535KiB\"").unwrap();
+        check("", "max_packet_size = \"1536KiB\"").unwrap_err();
+        // Raising both works.
+        check("max_event_bytes = \"5MiB\"", "max_packet_size = \"3MiB\"").unwrap();
+
+        // The longest event type counts: it is in every event of its route.
+        let long_type = "t".repeat(800 << 10);
+        let Err(e) = parse(&with_mqtt("", "", &long_type)) else {
+            panic!("an 800 KiB type and a 1 MiB packet fit 2 MiB");
+        };
+        assert!(e.contains("mqtt.max_packet_size"), "{e}");
+
+        // Without [mqtt], only its floor.
+        parse(&format!("{MINIMAL}max_event_bytes = \"1KiB\"\n")).unwrap();
+        let e = parse(&format!("{MINIMAL}max_event_bytes = \"1000\"\n")).unwrap_err();
+        assert!(e.contains("relay.max_event_bytes"), "{e}");
+        let e = check("max_event_bytes = \"1KiB\"", "").unwrap_err();
+        assert!(e.contains("mqtt.max_packet_size"), "{e}");
+        let e = parse(&with_mqtt("max_event_bytes = \"1KiB\"", "", &long_type)).unwrap_err();
+        assert!(
+            e.contains(
+                "relay.max_event_bytes: (1KiB) is less than the event of an empty MQTT message"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -142,7 +142,7 @@ pub async fn run(
         reader.clone(),
         writer.clone(),
         stats.clone(),
-        producer_id,
+        producer_id.clone(),
     )?);
     let uplink_task = tokio::spawn(uplink.clone().run(stop_rx.clone()));
     // Files have a lane of their own (also with [files] removed: some may still wait).
@@ -169,6 +169,8 @@ pub async fn run(
             writer.clone(),
             stats.clone(),
             &data_dir,
+            config.relay.max_event_bytes.get(),
+            producer_id.clone(),
         );
         tokio::spawn(source.run(stop_rx.clone()))
     });

@@ -106,7 +106,7 @@ pub fn render(r: &StatusReport) -> String {
             e.one(
                 "pigeon_gateway_mqtt_oversized_total",
                 C,
-                "MQTT messages dropped (and acknowledged) for being larger than mqtt.max_packet_size.",
+                "MQTT messages dropped (and acknowledged) for being larger than mqtt.max_packet_size, or with an event larger than relay.max_event_bytes.",
                 l.mqtt_oversized,
             );
             let name = "pigeon_gateway_mqtt_subscription_records_total";

@@ -89,7 +89,8 @@ pub struct LiveStatus {
     /// `None` when no MQTT source is configured.
     pub mqtt_connected: Option<bool>,
     pub mqtt_received: u64,
-    /// MQTT messages dropped for being larger than `mqtt.max_packet_size`.
+    /// MQTT messages dropped for being larger than `mqtt.max_packet_size`, or with an
+    /// event larger than `relay.max_event_bytes`.
     #[serde(default)]
     pub mqtt_oversized: u64,
     /// Whether the last upload attempt reached the relay; `None` before the first.
@@ -473,7 +474,7 @@ pub fn render_text(r: &StatusReport) -> String {
                     counted(l.mqtt_received, "message", "messages"),
                     if l.mqtt_oversized > 0 {
                         format!(
-                            ", {} DROPPED as larger than mqtt.max_packet_size",
+                            ", {} DROPPED as too large (mqtt.max_packet_size, relay.max_event_bytes)",
                             count(l.mqtt_oversized)
                         )
                     } else {

@@ -13,7 +13,8 @@ pub struct Stats {
     pub mqtt_connected: AtomicBool,
     /// MQTT PUBLISH packets received (including a broker's re-deliveries).
     pub mqtt_received: AtomicU64,
-    /// MQTT messages dropped because they were larger than `mqtt.max_packet_size`.
+    /// MQTT messages dropped because they were larger than `mqtt.max_packet_size`, or
+    /// their events would have been larger than `relay.max_event_bytes`.
     pub mqtt_oversized: AtomicU64,
     /// Whether the last upload attempt reached the relay (see `relay_last_attempt_unix`).
     pub relay_reachable: AtomicBool,

@@ -4,7 +4,11 @@
 //! * [`mqtt`] — readings from an MQTT broker;
 //! * [`files`] — camera drop directories;
 //! * [`health`] — heartbeat events about the Pi and the gateway itself.
+//!
+//! [`event_size`] tells how long a record's event will be at the relay, so a source can
+//! refuse what the relay never takes before acknowledging it.
 
+pub(crate) mod event_size;
 pub mod files;
 pub mod health;
 pub mod mqtt;

@@ -3,7 +3,9 @@
 use pigeon_shared::units::{ByteSize, Duration};
 use serde::Deserialize;
 
+use super::source::UNMATCHED_TYPE;
 use crate::outbox::{Policy, WhenFull};
+use crate::sources::event_size::{largest_binary_event, largest_packet_within};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -18,7 +20,8 @@ pub struct MqttConfig {
     pub password: Option<String>,
     #[serde(default = "default_keep_alive")]
     pub keep_alive: Duration,
-    /// Largest PUBLISH accepted from the broker.
+    /// Largest PUBLISH accepted from the broker (its remaining length: topic, packet id
+    /// and payload). Its events must fit `relay.max_event_bytes`.
     #[serde(default = "default_max_packet_size")]
     pub max_packet_size: ByteSize,
     /// Messages received but not yet committed (and so not yet acknowledged). When full,
@@ -162,6 +165,59 @@ impl MqttConfig {
             }
         }
         Ok(())
+    }
+
+    /// Checks that the relay takes the event of every message `max_packet_size` lets
+    /// through, the worst case being a payload that is not JSON (base64: 4 bytes for 3)
+    /// under the longest event type; `max_event_bytes` is the relay's limit and `source`
+    /// the messages' event source. What this cannot foresee — a topic full of characters
+    /// JSON escapes (`"` takes 2 bytes, a control character 6) — is refused at ingest,
+    /// where each message's event is measured exactly.
+    pub(crate) fn check_relay_limit(
+        &self,
+        source: &str,
+        max_event_bytes: ByteSize,
+    ) -> Result<(), (&'static str, String)> {
+        let limit = max_event_bytes.get();
+        let event_type = self
+            .subscriptions
+            .iter()
+            .map(|s| s.event_type.as_str())
+            .chain([UNMATCHED_TYPE])
+            .max_by_key(|t| t.len())
+            .unwrap_or(UNMATCHED_TYPE);
+        let largest = largest_binary_event(source, event_type, self.max_packet_size.get());
+        if largest <= limit {
+            return Ok(());
+        }
+        let Some(fits) = largest_packet_within(source, event_type, limit) else {
+            return Err((
+                "relay.max_event_bytes",
+                format!(
+                    "({max_event_bytes}) is less than the event of an empty MQTT message of type {event_type:?} ({} bytes)",
+                    largest_binary_event(source, event_type, 0)
+                ),
+            ));
+        };
+        // A round figure to write down.
+        let fits = if fits >= 1024 {
+            fits / 1024 * 1024
+        } else {
+            fits
+        };
+        Err((
+            "mqtt.max_packet_size",
+            format!(
+                "({}) lets through messages whose events are up to {largest} bytes ({:.1} MiB) as JSON \
+                 (a payload that is not JSON travels base64-encoded, 4 bytes for 3), \
+                 over relay.max_event_bytes ({max_event_bytes}), the relay's limit: \
+                 lower mqtt.max_packet_size to at most {}, or raise relay.max_event_bytes \
+                 together with the relay's limits.max_event_bytes",
+                self.max_packet_size,
+                largest as f64 / f64::from(1 << 20),
+                ByteSize(fits),
+            ),
+        ))
     }
 
     /// The subscription whose filter matches `topic` first, in configuration order.

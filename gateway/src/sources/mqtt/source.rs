@@ -33,6 +33,7 @@ use tracing::{debug, error, info, warn};
 use super::MqttConfig;
 use super::conn::{Conn, ConnError, Incoming};
 use crate::outbox::{Appended, DeliveryMark, NewRecord, OutboxError, OutboxWriter};
+use crate::sources::event_size;
 use crate::stats::Stats;
 
 /// Event type for messages on topics no configured filter matches (the broker may still
@@ -81,15 +82,22 @@ pub struct MqttSource {
     writer: OutboxWriter,
     stats: Arc<Stats>,
     state_file: std::path::PathBuf,
+    /// The relay's limit (`relay.max_event_bytes`) and the producer id the events are
+    /// sent under: a message whose event would be longer is refused.
+    max_event_bytes: u64,
+    producer_id: String,
 }
 
 impl MqttSource {
+    /// `max_event_bytes` is `relay.max_event_bytes`; `producer_id` the outbox's.
     pub fn new(
         config: MqttConfig,
         gateway: &GatewayId,
         writer: OutboxWriter,
         stats: Arc<Stats>,
         data_dir: &std::path::Path,
+        max_event_bytes: u64,
+        producer_id: String,
     ) -> Self {
         let client_id = config
             .client_id
@@ -104,6 +112,8 @@ impl MqttSource {
             session,
             writer,
             stats,
+            max_event_bytes,
+            producer_id,
         }
     }
 
@@ -334,7 +344,24 @@ impl MqttSource {
             Packet::Publish(p) => {
                 let qos = p.qos;
                 let (pkid, topic) = (p.pkid, p.topic.clone());
-                let (done, record) = self.ingest(p).await.ok_or("the outbox writer stopped")?;
+                let record = self.record(&p);
+                if let Some(bytes) =
+                    event_size::over_limit(&record, &self.producer_id, self.max_event_bytes)
+                {
+                    // The relay would refuse it after the broker had been told it is
+                    // safe: drop it now, loudly, like a message over max_packet_size.
+                    self.stats.mqtt_oversized.fetch_add(1, Ordering::Relaxed);
+                    error!(topic = ?topic, event_bytes = bytes, limit = self.max_event_bytes, "Dropped an MQTT message whose event would be larger than relay.max_event_bytes, so the relay would refuse it; raise that limit together with the relay's limits.max_event_bytes to accept such messages. It is acknowledged so that the messages behind it keep flowing.");
+                    if qos != QoS::AtMostOnce {
+                        conn.send(ack_packet(qos, pkid))
+                            .map_err(|e| e.to_string())?;
+                    }
+                    return Ok(Handled::Done);
+                }
+                let (done, record) = self
+                    .ingest(record)
+                    .await
+                    .ok_or("the outbox writer stopped")?;
                 if qos == QoS::AtMostOnce {
                     return Ok(Handled::Done);
                 }
@@ -381,24 +408,30 @@ impl MqttSource {
         }
     }
 
-    /// Hands one message to the outbox; the commit's receiver and the record (to offer it
-    /// again if a full outbox refuses it). `None` when the writer has stopped.
-    #[allow(clippy::type_complexity)]
-    async fn ingest(
-        &self,
-        p: Publish,
-    ) -> Option<(
-        oneshot::Receiver<Result<Appended, OutboxError>>,
-        Option<NewRecord>,
-    )> {
+    /// The outbox record of one message, as its route (the first matching subscription)
+    /// says.
+    fn record(&self, p: &Publish) -> NewRecord {
         let sub = self.config.subscription_for(&p.topic);
         let event_type = sub.map_or(UNMATCHED_TYPE, |s| s.event_type.as_str());
         let now_us = chrono::Utc::now().timestamp_micros();
-        let mut record = record_from_publish(&p, event_type, &self.source, &self.session, now_us);
+        let mut record = record_from_publish(p, event_type, &self.source, &self.session, now_us);
         record.expires_us = sub
             .and_then(|s| s.ttl)
             .map(|ttl| now_us.saturating_add(ttl.get().as_micros().min(i64::MAX as u128) as i64));
         record.policy = sub.map(|s| s.policy()).unwrap_or_default();
+        record
+    }
+
+    /// Hands one message's record to the outbox; the commit's receiver and the record (to
+    /// offer it again if a full outbox refuses it). `None` when the writer has stopped.
+    #[allow(clippy::type_complexity)]
+    async fn ingest(
+        &self,
+        record: NewRecord,
+    ) -> Option<(
+        oneshot::Receiver<Result<Appended, OutboxError>>,
+        Option<NewRecord>,
+    )> {
         self.stats.mqtt_received.fetch_add(1, Ordering::Relaxed);
         // Only a route that may be refused needs its record again.
         let again =
