@@ -357,6 +357,11 @@ impl Config {
                     ),
                 ));
             }
+            (Some(t), None) => {
+                // It goes into an HTTP header: one that cannot would fail every request.
+                pigeon_shared::wire::check_bearer_token(t.trim())
+                    .map_err(|e| ("relay.token", e))?;
+            }
             _ => {}
         }
         let https = r.url.starts_with("https:");
@@ -503,6 +508,9 @@ impl Config {
                 if token.is_empty() {
                     return Err(format!("relay.token_file: {} is empty", path.display()));
                 }
+                pigeon_shared::wire::check_bearer_token(&token).map_err(|e| {
+                    format!("relay.token_file: the token in {} {e}", path.display())
+                })?;
                 Ok(Some(token))
             }
             (None, None) => Ok(None),
@@ -817,6 +825,34 @@ mod tests {
         assert!(e.contains("http.listen"), "{e}");
         let e = parse(&format!("{MINIMAL}\n[http]\nport = 9464\n")).unwrap_err();
         assert!(e.contains("port"), "{e}");
+    }
+
+    /// Issue 24.4: a token that cannot travel in the Authorization header is refused by
+    /// check-config, naming relay.token (it used to fail every request at run time).
+    #[test]
+    fn issue_24_tokens_that_cannot_be_sent_are_refused_up_front() {
+        for (token, problem) in [
+            ("sec\\nret", "a line break at character 4"),
+            ("sécret", "the non-ASCII character 'é' at character 2"),
+            ("sec ret", "white space at character 4"),
+            ("sec\\u0007ret", "the control character"),
+        ] {
+            let text = MINIMAL.replace("token = \"secret\"", &format!("token = \"{token}\""));
+            let e = parse(&text).unwrap_err();
+            assert!(
+                e.contains("relay.token") && e.contains(problem),
+                "{token}: {e}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "s3crét\n").unwrap();
+        let text = MINIMAL.replace("token = \"secret\"", &format!("token_file = {:?}", path));
+        let e = parse(&text).unwrap().relay_token().unwrap_err();
+        assert!(
+            e.starts_with("relay.token_file: the token in") && e.contains("non-ASCII"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -69,6 +69,8 @@ pub enum AuthError {
     Missing,
     #[error("the Authorization header is not a bearer token")]
     Malformed,
+    #[error("the request has more than one Authorization header; send exactly one")]
+    Repeated,
     #[error("the bearer token is not valid")]
     Invalid,
     #[error(
@@ -86,7 +88,10 @@ impl AuthError {
     /// client certificate the relay does not accept as any gateway.
     pub fn status(&self) -> u16 {
         match self {
-            AuthError::Missing | AuthError::Malformed | AuthError::Invalid => 401,
+            AuthError::Missing
+            | AuthError::Malformed
+            | AuthError::Repeated
+            | AuthError::Invalid => 401,
             AuthError::CertificateWithoutName
             | AuthError::UnknownCertificate(_)
             | AuthError::Mismatch(_) => 403,
@@ -97,7 +102,7 @@ impl AuthError {
     pub fn challenge(&self) -> Option<&'static str> {
         match self {
             AuthError::Missing => Some("Bearer realm=\"pigeon-relay\""),
-            AuthError::Malformed => {
+            AuthError::Malformed | AuthError::Repeated => {
                 Some("Bearer realm=\"pigeon-relay\", error=\"invalid_request\"")
             }
             AuthError::Invalid => Some("Bearer realm=\"pigeon-relay\", error=\"invalid_token\""),
@@ -187,9 +192,14 @@ impl Authenticator {
 
 /// The bearer token of the `Authorization` header, if there is one.
 fn bearer(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
-    let Some(value) = headers.get(AUTHORIZATION) else {
+    let mut all = headers.get_all(AUTHORIZATION).iter();
+    let Some(value) = all.next() else {
         return Ok(None);
     };
+    // Which one would count is a guess a proxy in front may guess differently.
+    if all.next().is_some() {
+        return Err(AuthError::Repeated);
+    }
     let value = value.to_str().map_err(|_| AuthError::Malformed)?;
     let (scheme, token) = value.split_once(' ').ok_or(AuthError::Malformed)?;
     if !scheme.eq_ignore_ascii_case("bearer") {
@@ -254,6 +264,23 @@ mod tests {
             a.authenticate(&headers(Some("Bearer secret-2")), None),
             Ok(Principal::Gateway(GatewayId::new("pi-2").unwrap()))
         );
+    }
+
+    /// Issue 24.4: two Authorization headers are refused, not resolved by taking the
+    /// first (a proxy in front might have checked the other).
+    #[test]
+    fn issue_24_two_authorization_headers_are_refused() {
+        let a = auth(true);
+        let mut h = headers(Some("Bearer secret-1"));
+        h.append(AUTHORIZATION, HeaderValue::from_static("Bearer secret-2"));
+        let e = a.authenticate(&h, None).unwrap_err();
+        assert_eq!(e, AuthError::Repeated);
+        assert_eq!(e.status(), 401);
+        assert!(e.challenge().unwrap().contains("invalid_request"));
+        // Also when both are the same valid token.
+        let mut h = headers(Some("Bearer secret-1"));
+        h.append(AUTHORIZATION, HeaderValue::from_static("Bearer secret-1"));
+        assert_eq!(a.authenticate(&h, None), Err(AuthError::Repeated));
     }
 
     #[test]

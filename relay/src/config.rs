@@ -738,6 +738,9 @@ impl RelayConfig {
                     if t.is_empty() {
                         return Err(invalid(key("token"), "must not be empty"));
                     }
+                    // A token no Authorization header can carry would never match.
+                    pigeon_shared::wire::check_bearer_token(t)
+                        .map_err(|e| invalid(key("token"), e))?;
                     if t.len() < 16 {
                         tracing::warn!(
                             gateway = %g.id,
@@ -1365,6 +1368,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("(8MiB)") && e.contains("16MiB"), "{e}");
+    }
+
+    #[test]
+    fn issue_24_a_token_no_header_can_carry_is_refused() {
+        let e = RelayConfig::parse("[[gateways]]\nid = \"a\"\ntoken = \"abc\\ndef0123456789\"\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("gateways[0].token") && e.contains("a line break at character 4"),
+            "{e}"
+        );
     }
 
     fn invalid_key(toml: &str) -> String {

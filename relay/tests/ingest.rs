@@ -509,3 +509,51 @@ fn sigterm_lets_an_in_flight_request_finish() {
     assert_eq!(status.code(), Some(0), "{}", relay.log());
     assert_eq!(relay.stream_ids(), ["p-1-1"]);
 }
+
+/// Issue 24.4: a request with both Content-Length and chunked encoding is framed by the
+/// chunks alone (what hyper's parser does: it drops Content-Length), and its connection is
+/// closed after the answer, as RFC 9112 (section 6.3) requires, so nothing a proxy in
+/// front framed differently can be read as a second request on it.
+#[test]
+fn issue_24_content_length_with_chunked_encoding_closes_the_connection() {
+    let relay = Relay::start();
+    let body = serde_json::to_vec(&[event("p-1", 1)]).unwrap();
+    let mut c = RawConn::connect(relay.port);
+    // Keep-alive (no `Connection: close`): only the framing conflict may close it.
+    c.send(
+        format!(
+            "POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {}\r\nAuthorization: {}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n",
+            BATCH.1,
+            auth1(),
+            body.len()
+        )
+        .as_bytes(),
+    );
+    c.send(&body);
+    c.send(b"\r\n0\r\n\r\n");
+    // Reads until the relay closes the connection; a kept-alive one would time out.
+    let r = c.response();
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.statuses(), ["accepted"]);
+    assert_eq!(relay.stream_events().len(), 1);
+}
+
+/// Issue 24.4: two Authorization headers are refused by name, even when one is valid.
+#[test]
+fn issue_24_two_authorization_headers_are_refused() {
+    let relay = Relay::start();
+    let body = serde_json::to_vec(&[event("p-1", 1)]).unwrap();
+    let auth = auth1();
+    let r = relay.post(
+        &[
+            BATCH,
+            ("authorization", "Bearer not-a-token"),
+            ("authorization", auth.as_str()),
+        ],
+        &body,
+    );
+    assert_eq!(r.status, 401);
+    let e = r.json()["error"].as_str().unwrap().to_owned();
+    assert!(e.contains("more than one Authorization header"), "{e}");
+    assert!(relay.stream_events().is_empty());
+}

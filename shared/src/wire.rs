@@ -84,6 +84,44 @@ pub struct UploadState {
     pub dataref: Option<String>,
 }
 
+/// Checks that a bearer token can travel in an `Authorization` header and be read back
+/// the same: 1 to 4096 printable ASCII characters, no spaces (RFC 6750's `b64token` and
+/// more). The reason names the first character that cannot, by position.
+///
+/// ```
+/// use pigeon_shared::wire::check_bearer_token;
+/// assert!(check_bearer_token("s3cret-Token_+/=").is_ok());
+/// assert_eq!(
+///     check_bearer_token("abc\ndef").unwrap_err(),
+///     "has a line break at character 4; a token is printable ASCII without spaces"
+/// );
+/// ```
+pub fn check_bearer_token(token: &str) -> Result<(), String> {
+    const RULE: &str = "a token is printable ASCII without spaces";
+    if token.is_empty() {
+        return Err("is empty".to_owned());
+    }
+    if token.len() > 4096 {
+        return Err(format!("is {} bytes long; at most 4096", token.len()));
+    }
+    match token
+        .chars()
+        .enumerate()
+        .find(|(_, c)| !c.is_ascii_graphic())
+    {
+        None => Ok(()),
+        Some((i, c)) => {
+            let what = match c {
+                '\n' | '\r' => "a line break".to_owned(),
+                ' ' | '\t' => "white space".to_owned(),
+                c if c.is_control() => format!("the control character {c:?}"),
+                c => format!("the non-ASCII character {c:?}"),
+            };
+            Err(format!("has {what} at character {}; {RULE}", i + 1))
+        }
+    }
+}
+
 /// Parses 64 hex digits (either case) into a SHA-256 digest.
 pub fn parse_sha256_hex(s: &str) -> Option<[u8; 32]> {
     if s.len() != 64 {
