@@ -100,3 +100,27 @@ fn an_unusable_data_dir_exits_64_naming_the_key() {
         assert!(stderr.contains(&data.display().to_string()), "{stderr}");
     }
 }
+
+/// A data dir nothing can be made in, by root neither: below `/proc`. access(2) lets root
+/// pass there, so the check has to try; the message names the key and says what the OS
+/// answered.
+#[test]
+fn issue_24_a_data_dir_root_cannot_write_either_exits_64_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for data in ["/proc/pigeon-issue-24/data", "/proc/self/pigeon-data"] {
+        let data = std::path::Path::new(data);
+        let path = write_config(dir.path(), &Relay::config_text(free_port(), data, "", ""));
+        for args in [
+            vec!["--config", &path, "check-config"],
+            vec!["--config", &path],
+        ] {
+            let (code, _, stderr) = run_bin(&args);
+            assert_eq!(code, Some(64), "{args:?}: {stderr}");
+            assert!(
+                stderr.contains(&format!("data_dir: {} cannot be created", data.display())),
+                "{stderr}"
+            );
+            assert!(stderr.contains("os error"), "no OS error: {stderr}");
+        }
+    }
+}

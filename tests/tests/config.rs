@@ -1,7 +1,7 @@
 //! Config handling of both binaries: a bad config exits 64 and names what is wrong; a good
 //! one passes `check-config`; the printed default config is a good one.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use pigeon_e2e::{
@@ -288,10 +288,7 @@ async fn a_data_dir_the_service_cannot_use_is_refused_naming_the_key() {
     let cases = [
         (file.clone(), "is not a directory"),
         (file.join("below"), "is not a directory"),
-        (
-            read_only.join("data"),
-            "cannot be created: its parent is not writable",
-        ),
+        (read_only.join("data"), "cannot be created"),
     ];
     for (data_dir, expected) in cases {
         let mut gateway = gateway_config(&dir);
@@ -318,6 +315,85 @@ async fn a_data_dir_the_service_cannot_use_is_refused_naming_the_key() {
                 );
             }
         }
+    }
+}
+
+/// Where root cannot write either — below `/proc`, on a read-only filesystem, on a full
+/// one — both binaries refuse the data dir with exit 64 naming the key and the OS error,
+/// for `check-config` as for `run`. access(2) lets root pass everywhere, so the check
+/// tries (issue 24).
+#[tokio::test]
+async fn issue_24_a_data_dir_root_cannot_write_either_is_refused_naming_the_key() {
+    let dir = TestDir::new("data-dir-root");
+    let mut cases = vec![(
+        PathBuf::from("/proc/pigeon-issue-24/data"),
+        "cannot be created",
+    )];
+    let mut mounts = Vec::new();
+    if is_root() {
+        let ro = Tmpfs::mount(&dir.join("read-only-fs"), "size=1m,ro").await;
+        let full = Tmpfs::mount(&dir.join("full-fs"), "size=64k").await;
+        // Fill it: the last write fails for want of room.
+        let mut f = std::fs::File::create(full.0.join("filler")).unwrap();
+        while std::io::Write::write_all(&mut f, &[0; 4096]).is_ok() {}
+        drop(f);
+        cases.push((ro.0.clone(), "Read-only file system"));
+        cases.push((ro.0.join("data"), "Read-only file system"));
+        cases.push((full.0.clone(), "No space left on device"));
+        cases.push((full.0.join("data"), "No space left on device"));
+        mounts.extend([ro, full]);
+    } else {
+        eprintln!("SKIPPED: the read-only and full filesystems need root to mount");
+    }
+    for (data_dir, expected) in cases {
+        let mut gateway = gateway_config(&dir);
+        table(&mut gateway, "gateway")
+            .insert("data_dir".into(), data_dir.display().to_string().into());
+        let relay = Relay::config(9, &data_dir, &[("pi-1", "t0ken")]);
+        for (bin, config, key) in [
+            (gateway_bin(), gateway, "gateway.data_dir"),
+            (relay_bin(), relay, "data_dir"),
+        ] {
+            let path = dir.join("config.toml");
+            std::fs::write(&path, config.to_string()).unwrap();
+            for sub in ["check-config", "run"] {
+                let out = run(&bin, &path, Some(sub)).await;
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert!(
+                    out.status.code() == Some(64)
+                        && stderr.contains(&format!("{key}: {}", data_dir.display()))
+                        && stderr.contains(expected),
+                    "{} {sub} with {key} = {}: {}",
+                    bin.display(),
+                    data_dir.display(),
+                    describe(&out)
+                );
+            }
+        }
+    }
+    drop(mounts);
+}
+
+/// A tmpfs mounted with `opts`, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    async fn mount(at: &Path, opts: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let at_str = at.to_str().unwrap();
+        let args = ["-t", "tmpfs", "-o", opts, "pigeon-test", at_str];
+        let out = run_command(Path::new("mount"), &args, secs(10)).await;
+        assert!(out.status.success(), "mount tmpfs: {}", describe(&out));
+        Tmpfs(at.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
     }
 }
 
