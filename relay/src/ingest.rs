@@ -28,6 +28,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::auth::Principal;
+use crate::spec;
 
 /// Longest `producerid` accepted.
 pub const MAX_PRODUCER_ID_LEN: usize = 64;
@@ -305,6 +306,9 @@ pub enum Data {
     Json(String),
     /// `data_base64`: a JSON string of valid base64.
     Base64(String),
+    /// CloudEvents 0.3's bytes: `data`, a JSON string of valid base64, with
+    /// `datacontentencoding: base64` (0.3 has no `data_base64`).
+    Base64In03(String),
 }
 
 impl Parsed {
@@ -314,6 +318,10 @@ impl Parsed {
         match &self.data {
             Some(Data::Json(text)) => json::push_member(&mut line, "data", text),
             Some(Data::Base64(text)) => json::push_member(&mut line, "data_base64", text),
+            Some(Data::Base64In03(text)) => {
+                json::push_member(&mut line, "datacontentencoding", "\"base64\"");
+                json::push_member(&mut line, "data", text);
+            }
             None => {}
         }
         Ok(line)
@@ -375,22 +383,32 @@ fn from_members(members: Vec<(Cow<'_, str>, &RawValue)>) -> Result<Parsed, Rejec
                 reason: "an event has either data or data_base64, not both".to_owned(),
             });
         }
+        (Some(text), None) if attributes.contains_key("datacontentencoding") => {
+            // 0.3's bytes; the SDK would decode them and forget the encoding.
+            check_base64("data (with datacontentencoding)", text)
+                .map_err(|reason| Rejection::new(id(&attributes).as_deref(), reason))?;
+            Some(Data::Base64In03(text.to_owned()))
+        }
         (Some(text), None) => Some(Data::Json(json::compact(text).into_owned())),
         (None, Some(text)) => {
-            let valid = serde_json::from_str::<String>(text)
-                .map_err(|e| e.to_string())
-                .and_then(|s| BASE64_STANDARD.decode(s).map_err(|e| e.to_string()));
-            if let Err(e) = valid {
-                return Err(Rejection {
-                    id: id(&attributes),
-                    reason: format!("data_base64 must be a string of base64 (RFC 4648): {e}"),
-                });
-            }
+            check_base64("data_base64", text)
+                .map_err(|reason| Rejection::new(id(&attributes).as_deref(), reason))?;
             Some(Data::Base64(text.to_owned()))
         }
         (None, None) => None,
     };
     let event_id = id(&attributes);
+    spec::check_attributes(&attributes).map_err(|reason| Rejection {
+        id: event_id.clone(),
+        reason,
+    })?;
+    // Written back with the data it describes (see `Data::Base64In03`).
+    if attributes.shift_remove("datacontentencoding").is_some() && data.is_none() {
+        return Err(Rejection {
+            id: event_id,
+            reason: "attribute \"datacontentencoding\" is set but the event has no data".to_owned(),
+        });
+    }
     let event =
         serde_json::from_value::<Event>(Value::Object(attributes)).map_err(|e| Rejection {
             id: event_id.clone(),
@@ -409,6 +427,15 @@ fn from_members(members: Vec<(Cow<'_, str>, &RawValue)>) -> Result<Parsed, Rejec
         });
     }
     Ok(Parsed { event, data })
+}
+
+/// Checks that `text` is a JSON string of base64 (RFC 4648, padded).
+fn check_base64(what: &str, text: &str) -> Result<(), String> {
+    serde_json::from_str::<String>(text)
+        .map_err(|e| e.to_string())
+        .and_then(|s| BASE64_STANDARD.decode(s).map_err(|e| e.to_string()))
+        .map(drop)
+        .map_err(|e| format!("{what} must be a string of base64 (RFC 4648): {e}"))
 }
 
 /// Whether a media type is JSON: `application/json`, `text/json` or `*/*+json`, in any
@@ -438,7 +465,12 @@ pub fn event_from_value(value: &Value) -> Result<Parsed, Rejection> {
 }
 
 /// Attributes that binary mode carries elsewhere than in `ce-` headers.
-const NOT_IN_CE_HEADERS: [&str; 3] = ["data", "data_base64", "datacontenttype"];
+const NOT_IN_CE_HEADERS: [&str; 4] = [
+    "data",
+    "data_base64",
+    "datacontenttype",
+    "datacontentencoding",
+];
 
 /// Builds a binary-mode event: attributes from `ce-*` headers, data from the body.
 fn binary_event(headers: &HeaderMap, body: &[u8]) -> Result<Parsed, Rejection> {
@@ -492,10 +524,19 @@ fn binary_event(headers: &HeaderMap, body: &[u8]) -> Result<Parsed, Rejection> {
         } else if content_type.is_some() {
             data = text.map(|t| Data::Json(Value::String(t.to_owned()).to_string()));
         }
-        // Anything that is not JSON or text as declared is kept byte for byte.
-        let bytes = || Data::Base64(Value::String(BASE64_STANDARD.encode(body)).to_string());
-        data = data.or_else(|| Some(bytes()));
+        // Anything that is not JSON or text as declared is kept byte for byte: as
+        // data_base64, or in 0.3 (which has no data_base64) as base64 data with
+        // datacontentencoding.
+        if data.is_none() {
+            let b64 = Value::String(BASE64_STANDARD.encode(body)).to_string();
+            data = Some(if map.get("specversion") == Some(&Value::from("0.3")) {
+                Data::Base64In03(b64)
+            } else {
+                Data::Base64(b64)
+            });
+        }
     }
+    spec::check_attributes(&map).map_err(reject)?;
     serde_json::from_value::<Event>(Value::Object(map))
         .map(|event| Parsed { event, data })
         .map_err(|e| reject(format!("not a valid CloudEvent: {e}")))
@@ -563,6 +604,8 @@ pub fn check_event(
                 ))
             })?,
     };
+
+    ce::check_source_segments(source).map_err(reject)?;
 
     let sequence = match string_extension(event, ce::EXT_SEQUENCE).map_err(reject)? {
         Some(s) => ce::parse_sequence(s)
@@ -862,7 +905,7 @@ mod tests {
         bad.as_object_mut().unwrap().remove("type");
         let r = event_from_value(&bad).unwrap_err();
         assert_eq!(r.id.as_deref(), Some("id-4"));
-        assert!(r.reason.contains("not a valid CloudEvent"), "{}", r.reason);
+        assert_eq!(r.reason, "missing attribute \"type\"");
         let r = event_from_value(&json!([1])).unwrap_err();
         assert_eq!(r.id, None);
         assert!(r.reason.contains("JSON object"), "{}", r.reason);

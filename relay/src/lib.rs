@@ -7,6 +7,7 @@
 //! * [`auth`] — bearer tokens → gateway ids;
 //! * [`admission`] — each gateway's share of the relay: requests in progress and request
 //!   body bytes held, so one gateway cannot lock the others out;
+//! * [`spec`] — the CloudEvents rules for attributes the SDK does not check;
 //! * [`ingest`] — the CloudEvents HTTP binding (batch, structured, binary; gzip) and
 //!   Pigeon's per-event rules, as pure functions;
 //! * [`server`] — the axum routes: the ingest endpoint, the upload endpoint, `/live`,
@@ -32,6 +33,7 @@ pub mod s3;
 pub mod server;
 pub mod service;
 pub mod sink;
+pub mod spec;
 pub mod tls;
 pub mod upload;
 

@@ -557,3 +557,78 @@ fn issue_24_two_authorization_headers_are_refused() {
     assert!(e.contains("more than one Authorization header"), "{e}");
     assert!(relay.stream_events().is_empty());
 }
+
+/// Issue 24.3: events against the CloudEvents specification are rejected one by one, each
+/// with a reason that names the attribute; the good event beside them is stored.
+#[test]
+fn issue_24_events_against_the_spec_are_rejected_naming_the_attribute() {
+    let relay = Relay::start();
+    let with = |k: &str, v: Value| {
+        let mut e = event("p-1", 1);
+        e[k] = v;
+        e
+    };
+    let bad = [
+        (with("MyExt", "x".into()), "attribute name \"MyExt\""),
+        (with("id", "".into()), "attribute \"id\" must not be empty"),
+        (
+            with("type", "".into()),
+            "attribute \"type\" must not be empty",
+        ),
+        (
+            with("id", "a\u{7}b".into()),
+            "attribute \"id\" has the control character",
+        ),
+        (
+            with("source", "/gateways/pi-1/my input\n".into()),
+            "attribute \"source\"",
+        ),
+        (
+            with("datacontenttype", "not a media type".into()),
+            "attribute \"datacontenttype\"",
+        ),
+        (
+            with("source", "/gateways/pi-1/../pi-2/mqtt".into()),
+            "a '..' segment",
+        ),
+        (with("ext", 1.5.into()), "extension attribute \"ext\""),
+    ];
+    let mut events: Vec<Value> = bad.iter().map(|(e, _)| e.clone()).collect();
+    events.push(event("p-1", 2));
+    let r = relay.post_batch(&events);
+    assert_eq!(r.status, 200);
+    let results = r.json()["results"].as_array().unwrap().clone();
+    for ((_, reason), result) in bad.iter().zip(&results) {
+        assert_eq!(result["status"], "rejected", "{result}");
+        let got = result["reason"].as_str().unwrap();
+        assert!(got.contains(reason), "{got:?} should name {reason:?}");
+    }
+    assert_eq!(results.last().unwrap()["status"], "accepted");
+    assert_eq!(relay.stream_ids(), ["p-1-2"]);
+
+    // Binary mode: a `ce-:` header would be an attribute with an empty name.
+    let auth = auth1();
+    let r = relay.post(
+        &[
+            ("authorization", auth.as_str()),
+            ("ce-specversion", "1.0"),
+            ("ce-id", "b-1"),
+            ("ce-type", "t"),
+            ("ce-source", "/gateways/pi-1/mqtt"),
+            ("ce-sequence", "3"),
+            ("ce-producerid", "p-1"),
+            ("ce-", "x"),
+            ("content-type", "text/plain"),
+        ],
+        b"hello",
+    );
+    assert_eq!(r.statuses(), ["rejected"]);
+    assert!(
+        r.json()["results"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("empty name"),
+        "{}",
+        r.json()
+    );
+}

@@ -137,9 +137,62 @@ pub fn source_gateway(source: &str) -> Option<&str> {
     (!id.is_empty()).then_some(id)
 }
 
+/// Checks the segments of a gateway's `source` (`/gateways/<id>/<input>/…`): none may be
+/// empty, `.` or `..` (also percent-encoded), so that no normalisation of the URI can make
+/// it name another gateway's input (`/gateways/pi-a/../pi-b/mqtt`).
+///
+/// ```
+/// use pigeon_shared::ce::check_source_segments;
+/// assert!(check_source_segments("/gateways/pi-a/mqtt").is_ok());
+/// assert!(check_source_segments("/gateways/pi-a/../pi-b/mqtt").is_err());
+/// ```
+pub fn check_source_segments(source: &str) -> Result<(), String> {
+    let path = source.split(['?', '#']).next().unwrap_or(source);
+    let Some(rest) = path.strip_prefix(SOURCE_PREFIX) else {
+        return Ok(());
+    };
+    for (i, segment) in rest.split('/').enumerate() {
+        let decoded = segment.replace("%2e", ".").replace("%2E", ".");
+        let problem = match decoded.as_str() {
+            "" => "an empty segment",
+            "." => "a '.' segment",
+            ".." => "a '..' segment",
+            _ => continue,
+        };
+        return Err(format!(
+            "source {source:?} has {problem} (segment {} after {SOURCE_PREFIX}); a source names its gateway and input without empty, '.' or '..' segments",
+            i + 1
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn issue_24_sources_with_dot_or_empty_segments_are_refused() {
+        for ok in [
+            "/gateways/pi-a",
+            "/gateways/pi-a/mqtt",
+            "/gateways/pi-a/files/cam.1/x..y",
+            "/other//x",
+        ] {
+            assert_eq!(check_source_segments(ok), Ok(()), "{ok}");
+        }
+        for (bad, problem) in [
+            ("/gateways/pi-a/../pi-b/mqtt", "a '..' segment (segment 2"),
+            ("/gateways/pi-a/%2E%2e/pi-b", "a '..' segment"),
+            ("/gateways/pi-a/./mqtt", "a '.' segment"),
+            ("/gateways/pi-a//mqtt", "an empty segment (segment 2"),
+            ("/gateways/pi-a/mqtt/", "an empty segment (segment 3"),
+            ("/gateways//pi-a", "an empty segment (segment 1"),
+        ] {
+            let e = check_source_segments(bad).unwrap_err();
+            assert!(e.contains(problem), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn sequence_round_trips_and_orders_as_strings() {
