@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use tracing_subscriber::field::MakeExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -257,11 +258,23 @@ fn init_tracing(last_error: Arc<LastErrorSlot>) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .fmt_fields(tracing_subscriber::fmt::format::debug_fn(log_field).delimited(" "))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .finish()
         .with(LastErrorLayer::new(last_error))
         .init();
+}
+
+/// One field of a log line, with control characters escaped: a camera's file name or an
+/// error message holding one stays on its line, even where it is logged with `%`
+/// (issue 24).
+fn log_field(
+    w: &mut tracing_subscriber::fmt::format::Writer<'_>,
+    field: &tracing::field::Field,
+    value: &dyn std::fmt::Debug,
+) -> std::fmt::Result {
+    pigeon_shared::escape::log_field(w, field.name(), value)
 }
 
 /// `pigeon-gateway status [--json]`.

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::{ArgGroup, Subcommand};
+use pigeon_shared::escape::controls;
 use pigeon_shared::units;
 use serde::Serialize;
 
@@ -212,7 +213,11 @@ fn render_list(path: &Path, total: u64, letters: &[DeadLetter]) -> String {
                 utc(d.failed_at_us),
                 human_bytes(d.size_bytes),
                 d.event_type.clone(),
-                d.subject.clone().unwrap_or_else(|| "-".into()),
+                // Topics and reasons came from outside: no control character may
+                // break the table (issue 24); previews are escaped already.
+                d.subject
+                    .as_deref()
+                    .map_or("-".into(), |s| controls(s).into_owned()),
             ]
         })
         .collect();
@@ -239,7 +244,7 @@ fn render_list(path: &Path, total: u64, letters: &[DeadLetter]) -> String {
     for (d, row) in letters.iter().zip(&rows) {
         out.push_str(&line(&row.each_ref().map(String::as_str)));
         out.push_str(&format!("{indent}id      {}\n", d.id));
-        out.push_str(&format!("{indent}reason  {}\n", d.reason));
+        out.push_str(&format!("{indent}reason  {}\n", controls(&d.reason)));
         match &d.preview {
             Some(p) => out.push_str(&format!("{indent}data    {p}\n")),
             None => out.push_str(&format!("{indent}data    (binary)\n")),
@@ -347,5 +352,28 @@ mod tests {
             render_list(Path::new("/x/outbox.db"), 0, &[]),
             "no dead letters (in /x/outbox.db)\n"
         );
+    }
+
+    /// A topic or a reason with a newline or an escape sequence stays in its cell.
+    #[test]
+    fn issue_24_the_table_escapes_control_characters() {
+        let d = DeadLetter {
+            seq: 7,
+            id: uuid::Uuid::nil(),
+            source: "/gateways/pi-1/mqtt".into(),
+            event_type: "t".into(),
+            subject: Some("home/a\nforged".into()),
+            time_us: 0,
+            failed_at_us: 0,
+            reason: "bad \x1b[2J\r".into(),
+            content_type: None,
+            size_bytes: 1,
+            preview: None,
+            file: None,
+        };
+        let text = render_list(Path::new("/x/outbox.db"), 1, &[d]);
+        assert!(text.contains("  home/a\\nforged\n"), "{text}");
+        assert!(text.contains("reason  bad \\u{1b}[2J\\r\n"), "{text}");
+        assert!(!text.contains('\x1b') && !text.contains('\r'), "{text}");
     }
 }

@@ -227,7 +227,9 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LastErrorLayer {
     }
 }
 
-/// "Message. key=value key=value", from an event's fields.
+/// "Message. key=value key=value", from an event's fields, written as the log line
+/// writes them: control characters escaped, so a file name or topic in a field cannot
+/// break the line `status` shows it on (issue 24).
 #[derive(Default)]
 struct MessageVisitor {
     message: String,
@@ -250,19 +252,21 @@ impl MessageVisitor {
 impl tracing::field::Visit for MessageVisitor {
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
         if field.name() == "message" {
-            self.message = value.to_owned();
+            self.message = pigeon_shared::escape::controls(value).into_owned();
         } else {
-            self.fields.push_str(&format!(" {}={value}", field.name()));
+            self.record_debug(field, &value);
         }
     }
 
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "message" {
-            self.message = format!("{value:?}");
+        let out = if field.name() == "message" {
+            self.message.clear();
+            &mut self.message
         } else {
-            self.fields
-                .push_str(&format!(" {}={value:?}", field.name()));
-        }
+            self.fields.push(' ');
+            &mut self.fields
+        };
+        let _ = pigeon_shared::escape::log_field(out, field.name(), value);
     }
 }
 
@@ -338,5 +342,23 @@ mod tests {
         let e = stats.last_error().unwrap();
         assert_eq!(e.level, "warn");
         assert_eq!(e.message, "Cannot deliver. retry_in=2s relay=http://r");
+    }
+
+    /// A file name with a newline, logged with `%` or `?`, or in the message, stays on
+    /// the one line `status` shows.
+    #[test]
+    fn issue_24_the_last_error_escapes_control_characters() {
+        let stats = Stats::default();
+        let subscriber =
+            tracing_subscriber::registry().with(LastErrorLayer::new(stats.last_error.clone()));
+        let name = "a\nINFO forged line.jpg";
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!(file = %name, raw = name, "Cannot pick up {name}.");
+        });
+        let e = stats.last_error().unwrap();
+        assert_eq!(
+            e.message,
+            r#"Cannot pick up a\nINFO forged line.jpg. file=a\nINFO forged line.jpg raw="a\nINFO forged line.jpg""#
+        );
     }
 }

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use pigeon_relay::config::{DEFAULT_CONFIG, RelayConfig};
+use tracing_subscriber::field::MakeExt;
 
 /// sysexits.h EX_USAGE: the command line or the configuration is wrong.
 const EXIT_CONFIG: u8 = 64;
@@ -125,9 +126,21 @@ fn init_tracing() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .fmt_fields(tracing_subscriber::fmt::format::debug_fn(log_field).delimited(" "))
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
+}
+
+/// One field of a log line, with control characters escaped: a header value, an event's
+/// id or an S3 key, or an error message holding one, stays on its line, even where it is
+/// logged with `%` (issue 24).
+fn log_field(
+    w: &mut tracing_subscriber::fmt::format::Writer<'_>,
+    field: &tracing::field::Field,
+    value: &dyn std::fmt::Debug,
+) -> std::fmt::Result {
+    pigeon_shared::escape::log_field(w, field.name(), value)
 }
 
 fn run(config: pigeon_relay::Config) -> ExitCode {

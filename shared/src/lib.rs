@@ -9,11 +9,14 @@
 //! * [`json`] — an event's `data` carried as the sender's JSON text (numbers and
 //!   duplicate keys unchanged), and splicing it into an event's JSON.
 //! * [`dirs`] — the check of a configured data directory both binaries make before starting.
+//! * [`escape`] — control characters escaped, for names from outside in logs and `status`,
+//!   and the log field format both binaries use.
 //!
 //! This crate has no binary-only dependencies (no clap, rusqlite, HTTP stacks or cloud SDKs).
 
 pub mod ce;
 pub mod dirs;
+pub mod escape;
 pub mod json;
 pub mod units;
 pub mod wire;

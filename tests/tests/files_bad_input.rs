@@ -322,3 +322,100 @@ async fn a_full_spool_holds_back_only_what_does_not_fit() {
     gw.stop().await;
     drop(disk);
 }
+
+/// A camera's file name is text from outside: a newline in it must not start a log line
+/// the gateway did not write, nor a carriage return or an escape sequence reach a
+/// terminal (issue 24). Names are logged escaped, in the log and in `status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_24_file_names_cannot_forge_log_lines() {
+    let dir = TestDir::new("files-forged-names");
+    let mut relay = Relay::start(&dir, &[(GW, TOKEN)]).await;
+    // The drop directory's own name too, although it comes from the configuration: it is
+    // logged with `%` ("Watching a drop directory."), and still cannot forge a line.
+    let inbox = dir.join("drop\nINFO forged dir");
+    std::fs::create_dir_all(&inbox).unwrap();
+    // A pipe is never closed after writing: it is taken up when quiet for this long.
+    let files = files_section(
+        vec![watch_table("cameras", &inbox, &[])],
+        &[("quiet_period", "500ms".into())],
+    );
+    let mut gw = Gateway::start_watching(
+        &dir,
+        GatewayConfig::for_files(GW, TOKEN, &relay.url(), files),
+    )
+    .await;
+    let good = vec![
+        CameraFile::jpeg("cam-1/a\nINFO forged line.jpg", 20_000, 1),
+        CameraFile::jpeg("cam-1/b\r2026-01-01T00:00:00Z  WARN forged.jpg", 20_000, 2),
+        CameraFile::jpeg("cam-1/c\x1b[2J\x1b[31mforged.jpg", 20_000, 3),
+    ];
+    for f in &good {
+        f.write_into(&inbox);
+    }
+    relay.assert_files_exactly_once(&good, secs(60)).await;
+    // One that cannot be picked up: an ERROR naming it, the gateway's last error.
+    let out = run_command(
+        Path::new("mkfifo"),
+        &[inbox.join("cam-1/pipe\nERROR forged.jpg").to_str().unwrap()],
+        secs(5),
+    )
+    .await;
+    assert!(out.status.success(), "mkfifo failed");
+    wait_for_log(
+        &gw,
+        "the pipe's error",
+        &["pipe\\nERROR forged.jpg", "named pipe"],
+    )
+    .await;
+
+    let log = gw.log_text();
+    assert!(
+        log.contains(r"Watching a drop directory. watch=cameras path=")
+            && log.contains(r"/drop\nINFO forged dir poll="),
+        "the drop directory is not logged escaped: {log}"
+    );
+    for name in [
+        r"a\nINFO forged line.jpg",
+        r"b\r2026-01-01T00:00:00Z  WARN forged.jpg",
+        r"c\u{1b}[2J\u{1b}[31mforged.jpg",
+    ] {
+        assert!(
+            log.contains(&format!("file=\"cam-1/{name}\"")),
+            "{name} is not logged escaped: {log}"
+        );
+    }
+    let relay_log = relay.proc().log_text();
+    for (who, text) in [("gateway", &log), ("relay", &relay_log)] {
+        assert_no_forgery(who, text);
+    }
+
+    // `status`: the last error names the file escaped, on one line.
+    let out = gw.status_command(&[]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_no_forgery("status", &text);
+    let last = text
+        .lines()
+        .find(|l| l.starts_with("  Last error"))
+        .unwrap_or_else(|| panic!("no last error: {text}"));
+    assert!(last.contains(r"pipe\nERROR forged.jpg"), "{text}");
+    let out = gw.status_command(&["--json"]).await;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let message = json["live"]["last_error"]["message"].as_str().unwrap();
+    assert!(message.contains(r"pipe\nERROR forged.jpg"), "{message}");
+    assert!(!message.contains('\n'), "{message:?}");
+    gw.stop().await;
+}
+
+/// No line of `text` starts with forged text, and no carriage return or escape sequence
+/// is in it.
+fn assert_no_forgery(who: &str, text: &str) {
+    for line in text.lines() {
+        assert!(
+            !(line.starts_with("INFO forged")
+                || line.starts_with("ERROR forged")
+                || line.contains('\r')
+                || line.contains('\x1b')),
+            "{who}: a file name forged a line: {line:?}"
+        );
+    }
+}

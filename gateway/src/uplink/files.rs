@@ -220,7 +220,7 @@ async fn deliver(
                 match tokio::task::spawn_blocking(move || s.dispose(&f)).await {
                     Ok(Ok(moved)) => {
                         if let Some(to) = moved {
-                            debug!(file = %file.spool, to = %to.display(), "Moved a delivered file.");
+                            debug!(file = %file.spool, to = ?to, "Moved a delivered file.");
                         }
                         break;
                     }

@@ -352,7 +352,7 @@ fn stream_files(stream_dir: &Path) -> Result<Vec<(GatewayId, String, PathBuf)>, 
     let mut out = Vec::new();
     for gw_entry in read_dir_sorted(stream_dir)? {
         let Some(gateway) = dir_name(&gw_entry).and_then(|n| GatewayId::new(&n).ok()) else {
-            tracing::warn!(path = %gw_entry.display(), "Ignoring an entry of the stream directory that is not a gateway.");
+            tracing::warn!(path = ?gw_entry, "Ignoring an entry of the stream directory that is not a gateway.");
             continue;
         };
         if !gw_entry.is_dir() {

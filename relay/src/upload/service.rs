@@ -1013,7 +1013,7 @@ impl Uploads {
         m: &mut Manifest,
         error: &str,
     ) -> UploadError {
-        tracing::warn!(gateway = %gateway, upload = %id, key = %m.key, error, "An upload's parts are gone from S3; it starts again from offset 0.");
+        tracing::warn!(gateway = %gateway, upload = %id, key = ?m.key, error, "An upload's parts are gone from S3; it starts again from offset 0.");
         if let Err(e) = self.reset(gateway, id, m).await {
             return e;
         }
@@ -1052,7 +1052,7 @@ impl Uploads {
     async fn abort_multipart(&self, gateway: &GatewayId, id: &str, m: &Manifest) {
         let Some(mp) = &m.multipart else { return };
         let Objects::S3 { bucket, .. } = &self.objects else {
-            tracing::warn!(gateway = %gateway, upload = %id, upload_id = %mp.upload_id, "An upload into S3 was dropped while objects.kind is not \"s3\"; its parts stay in the bucket until a lifecycle rule removes them.");
+            tracing::warn!(gateway = %gateway, upload = %id, upload_id = ?mp.upload_id, "An upload into S3 was dropped while objects.kind is not \"s3\"; its parts stay in the bucket until a lifecycle rule removes them.");
             return;
         };
         match self
@@ -1165,10 +1165,10 @@ impl Uploads {
             }
         };
         if actual != m.sha256 {
-            tracing::warn!(gateway = %gateway, upload = %id, key = %m.key, expected = %m.sha256, actual = %actual, "Another file is at the upload's object key; the upload goes on and will replace it.");
+            tracing::warn!(gateway = %gateway, upload = %id, key = ?m.key, expected = %m.sha256, actual = %actual, "Another file is at the upload's object key; the upload goes on and will replace it.");
             return Ok(None);
         }
-        tracing::info!(gateway = %gateway, upload = %id, key = %m.key, "Found an upload's object complete but its event unpublished (the relay stopped, or the sink failed, in between); publishing it now.");
+        tracing::info!(gateway = %gateway, upload = %id, key = ?m.key, "Found an upload's object complete but its event unpublished (the relay stopped, or the sink failed, in between); publishing it now.");
         self.metrics.uploads_resumed.fetch_add(1, Relaxed);
         self.publish(lease, gateway, id, m, started).await.map(Some)
     }
@@ -1315,7 +1315,7 @@ impl Uploads {
         let error = gone.unwrap_or_default();
         match self.timed(bucket.head(&key)).await {
             Ok(Some(o)) if o.length == m.length && o.sha256.as_deref() == Some(&m.sha256) => {
-                tracing::info!(gateway = %gateway, upload = %id, key = %m.key, "An upload's multipart upload was completed before (its answer was lost); the object is in place.");
+                tracing::info!(gateway = %gateway, upload = %id, key = ?m.key, "An upload's multipart upload was completed before (its answer was lost); the object is in place.");
                 Ok(())
             }
             Ok(_) => Err(self.parts_gone(gateway, id, &mut m.clone(), &error).await),
@@ -1379,7 +1379,7 @@ impl Uploads {
         tracing::info!(
             gateway = %gateway,
             upload = %id,
-            key = %m.key,
+            key = ?m.key,
             bytes = m.length,
             result,
             duration_ms = started.elapsed().as_millis() as u64,
@@ -1567,10 +1567,10 @@ impl Uploads {
                 Ok(()) => {
                     aborted += 1;
                     self.metrics.uploads_abandoned.fetch_add(1, Relaxed);
-                    tracing::info!(key = %u.key, upload_id = %u.upload_id, "Aborted an S3 multipart upload no upload here knows, started over uploads.abandon_after ago.");
+                    tracing::info!(key = ?u.key, upload_id = ?u.upload_id, "Aborted an S3 multipart upload no upload here knows, started over uploads.abandon_after ago.");
                 }
                 Err(e) => {
-                    tracing::warn!(key = %u.key, error = %e, "Could not abort an orphaned S3 multipart upload; trying again later.");
+                    tracing::warn!(key = ?u.key, error = %e, "Could not abort an orphaned S3 multipart upload; trying again later.");
                 }
             }
         }

@@ -390,7 +390,7 @@ impl FilesSource {
                 self.tracker.event(path, w, self.watches[w].mode, s, now);
                 continue;
             }
-            debug!(watch = %self.watches[w].cfg.name, file = %lossy(&rel), event = ?s, "File event.");
+            debug!(watch = %self.watches[w].cfg.name, file = ?lossy(&rel), event = ?s, "File event.");
             if let Some(r) = self.tracker.event(path, w, self.watches[w].mode, s, now) {
                 ready.push(r);
             }
@@ -657,7 +657,7 @@ impl FilesSource {
                 Err(e) => {
                     if self.spool.path(&claim.spool).exists() {
                         // In the spool already; its claim finishes it later.
-                        error!(file = %claim.original.display(), error = %e, "A file was moved into the spool but could not be read there; it is tried again.");
+                        error!(file = ?claim.original, error = %e, "A file was moved into the spool but could not be read there; it is tried again.");
                         self.claims_pending = true;
                     } else {
                         unclaim.push(claim.spool.clone());
@@ -676,7 +676,7 @@ impl FilesSource {
                         release.push(claim.clone());
                     }
                     if let Some(n) = self.failing.remove(&claim.original) {
-                        info!(watch = %self.watches[w].cfg.name, file = %lossy(&claim.rel), failed_attempts = n, "A file that could not be picked up before was picked up.");
+                        info!(watch = %self.watches[w].cfg.name, file = ?lossy(&claim.rel), failed_attempts = n, "A file that could not be picked up before was picked up.");
                         self.stats
                             .file_pickups_failing
                             .store(self.failing.len() as u64, Relaxed);
@@ -684,9 +684,9 @@ impl FilesSource {
                     self.stats.files_picked_up.fetch_add(1, Relaxed);
                     self.stats.file_bytes_picked_up.fetch_add(t.size, Relaxed);
                     if t.size == 0 {
-                        warn!(watch = %self.watches[w].cfg.name, file = %lossy(&claim.rel), "An empty file was finished (a camera's failed upload?); it is sent as an empty object.");
+                        warn!(watch = %self.watches[w].cfg.name, file = ?lossy(&claim.rel), "An empty file was finished (a camera's failed upload?); it is sent as an empty object.");
                     } else {
-                        info!(watch = %self.watches[w].cfg.name, file = %lossy(&claim.rel), bytes = t.size, spool = %t.spool, "Picked up a file.");
+                        info!(watch = %self.watches[w].cfg.name, file = ?lossy(&claim.rel), bytes = t.size, spool = %t.spool, "Picked up a file.");
                     }
                 }
                 Ok(Err(_)) | Err(_) => {
@@ -726,7 +726,7 @@ impl FilesSource {
             match r {
                 Ok(_) => done.push(c.spool),
                 Err(e) => {
-                    error!(file = %c.original.display(), error = %e, "Cannot delete a file from the drop directory after copying it into the spool; it is tried again (it will not be sent twice).");
+                    error!(file = ?c.original, error = %e, "Cannot delete a file from the drop directory after copying it into the spool; it is tried again (it will not be sent twice).");
                     self.claims_pending = true;
                 }
             }
@@ -741,7 +741,7 @@ impl FilesSource {
     fn failed(&mut self, w: usize, path: &Path, e: PickupError) {
         if let PickupError::StillOpen = e {
             // Its end was guessed from a pause; now its close decides.
-            debug!(watch = %self.watches[w].cfg.name, file = %path.display(), "A file is still open for writing; waiting for its writer to close it.");
+            debug!(watch = %self.watches[w].cfg.name, file = ?path, "A file is still open for writing; waiting for its writer to close it.");
             self.tracker
                 .event(path, w, self.watches[w].mode, Seen::Written, Instant::now());
             return;
@@ -761,7 +761,7 @@ impl FilesSource {
             .unwrap_or_else(|_| lossy(path));
         if let PickupError::Vanished = e {
             self.failing.remove(path);
-            info!(watch = %watch, file = %file, "A finished file was gone before it could be picked up (deleted or renamed by someone else).");
+            info!(watch = %watch, file = ?file, "A finished file was gone before it could be picked up (deleted or renamed by someone else).");
             return;
         }
         // Counted and logged once per file; a file that keeps failing is mentioned again
@@ -779,24 +779,24 @@ impl FilesSource {
         match &e {
             _ if e.is_transient() => {
                 if say {
-                    warn!(watch = %watch, file = %file, reason = e.kind(), error = %e, attempts, "Could not pick up a file; trying again shortly.");
+                    warn!(watch = %watch, file = ?file, reason = e.kind(), error = %e, attempts, "Could not pick up a file; trying again shortly.");
                 }
                 self.defer(path.to_owned(), w, RETRY_AFTER);
             }
             PickupError::Unreadable(_) | PickupError::CannotMove(_) => {
                 if say {
-                    error!(watch = %watch, file = %file, reason = e.kind(), error = %e, attempts, "Cannot pick up a file; it is left where it is and tried again every minute.");
+                    error!(watch = %watch, file = ?file, reason = e.kind(), error = %e, attempts, "Cannot pick up a file; it is left where it is and tried again every minute.");
                 }
                 self.defer(path.to_owned(), w, RETRY_DENIED_AFTER);
             }
             _ => {
                 if say {
-                    error!(watch = %watch, file = %file, reason = e.kind(), error = %e, attempts, "Cannot pick up a file; it is left where it is (it is looked at again at the next scan).");
+                    error!(watch = %watch, file = ?file, reason = e.kind(), error = %e, attempts, "Cannot pick up a file; it is left where it is (it is looked at again at the next scan).");
                 }
             }
         }
         if !say {
-            debug!(watch = %watch, file = %file, reason = e.kind(), attempts, "Still cannot pick up a file.");
+            debug!(watch = %watch, file = ?file, reason = e.kind(), attempts, "Still cannot pick up a file.");
         }
     }
 
@@ -923,10 +923,10 @@ impl FilesSource {
                     super::spool::TMP_SUFFIX
                 )));
                 if same_original && w != usize::MAX {
-                    info!(file = %c.original.display(), "A file was being picked up when the gateway stopped; picking it up again.");
+                    info!(file = ?c.original, "A file was being picked up when the gateway stopped; picking it up again.");
                     redo.push((c.original.clone(), w));
                 } else if !same_original {
-                    warn!(file = %c.original.display(), "A file was being picked up when the gateway stopped and is gone since; nothing to send.");
+                    warn!(file = ?c.original, "A file was being picked up when the gateway stopped and is gone since; nothing to send.");
                 }
                 drop.push(c.spool);
             }
@@ -951,13 +951,13 @@ impl FilesSource {
                     let rec = self.record(w, &c, &t);
                     let release = rec.file.as_ref().is_some_and(|f| f.release_original);
                     self.writer.append_and_wait(rec).await?;
-                    info!(file = %c.original.display(), spool = %c.spool, "Finished a pickup the gateway was doing when it stopped.");
+                    info!(file = ?c.original, spool = %c.spool, "Finished a pickup the gateway was doing when it stopped.");
                     if release {
                         copied.push(c);
                     }
                 }
                 Err(e) => {
-                    error!(file = %c.original.display(), spool = %c.spool, error = %e, "Cannot read a spooled file; it is tried again.");
+                    error!(file = ?c.original, spool = %c.spool, error = %e, "Cannot read a spooled file; it is tried again.");
                     self.claims_pending = true;
                 }
             }
@@ -970,7 +970,7 @@ impl FilesSource {
             .filter(|n| !n.ends_with(super::spool::TMP_SUFFIX))
             .collect();
         for name in &orphans {
-            warn!(spool = %name, "A spooled file is not in the outbox (was the outbox replaced after damage?); sending it as a recovered file.");
+            warn!(spool = ?name, "A spooled file is not in the outbox (was the outbox replaced after damage?); sending it as a recovered file.");
             let spool = self.spool.clone();
             let n = name.clone();
             let Ok(Ok(t)) = tokio::task::spawn_blocking(move || spool.rehash(&n)).await else {
@@ -1029,7 +1029,7 @@ fn list_files(dir: &Path, recursive: bool, probe: bool) -> Vec<(PathBuf, Stamp, 
             Ok(e) => e,
             Err(e) => {
                 if e.kind() != std::io::ErrorKind::NotFound {
-                    warn!(dir = %d.display(), error = %e, "Cannot list a drop directory.");
+                    warn!(dir = ?d, error = %e, "Cannot list a drop directory.");
                 }
                 continue;
             }
