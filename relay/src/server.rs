@@ -191,7 +191,7 @@ impl From<RequestError> for Failure {
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
-        tracing::debug!(status = self.status.as_u16(), error = %self.message, "Refused a request.");
+        tracing::debug!(status = self.status.as_u16(), error = ?self.message, "Refused a request.");
         let mut r = (
             self.status,
             Json(ErrorBody {
@@ -374,7 +374,7 @@ async fn handle_ingest(st: &AppState, peer: &Peer, headers: &HeaderMap, body: Bo
                 });
             }
             Err(Rejection { id, reason }) => {
-                tracing::debug!(id = ?id, reason = %reason, "Rejected an event.");
+                tracing::debug!(id = ?id, reason = ?reason, "Rejected an event.");
                 results.push(EventResult {
                     id,
                     status: EventStatus::Rejected,
@@ -391,7 +391,7 @@ async fn handle_ingest(st: &AppState, peer: &Peer, headers: &HeaderMap, body: Bo
                         Outcome::Accepted => {}
                         Outcome::Duplicate => results[slot].status = EventStatus::Duplicate,
                         Outcome::Rejected(reason) => {
-                            tracing::debug!(id = ?results[slot].id, reason = %reason, "The stream refused an event.");
+                            tracing::debug!(id = ?results[slot].id, reason = ?reason, "The stream refused an event.");
                             results[slot].status = EventStatus::Rejected;
                             results[slot].reason = Some(reason);
                         }

@@ -332,7 +332,7 @@ impl MqttSource {
                 len,
             } => {
                 self.stats.mqtt_oversized.fetch_add(1, Ordering::Relaxed);
-                error!(topic = %topic, bytes = len, limit = self.config.max_packet_size.get(), "Dropped an MQTT message larger than mqtt.max_packet_size; raise that limit to accept such messages. It is acknowledged so that the messages behind it keep flowing.");
+                error!(topic = ?topic, bytes = len, limit = self.config.max_packet_size.get(), "Dropped an MQTT message larger than mqtt.max_packet_size; raise that limit to accept such messages. It is acknowledged so that the messages behind it keep flowing.");
                 if qos != QoS::AtMostOnce {
                     conn.send(ack_packet(qos, pkid))
                         .map_err(|e| e.to_string())?;
@@ -556,7 +556,7 @@ async fn acker(
                 Ok(Ok(_)) => break true,
                 Ok(Err(OutboxError::Full)) => {
                     if full_since.is_none() {
-                        warn!(topic = %p.topic, "The outbox is full and this route may not drop older data (when_full = \"refuse\"): its MQTT messages are not acknowledged, so the broker keeps them, until there is room.");
+                        warn!(topic = ?p.topic, "The outbox is full and this route may not drop older data (when_full = \"refuse\"): its MQTT messages are not acknowledged, so the broker keeps them, until there is room.");
                         full_since = Some(tokio::time::Instant::now());
                     }
                     tokio::time::sleep(FULL_RETRY).await;
@@ -572,7 +572,7 @@ async fn acker(
                     }
                 }
                 Ok(Err(e)) => {
-                    error!(topic = %p.topic, error = %e, "Could not commit an MQTT message; not acknowledging it, so the broker keeps it and re-sends it after a reconnect.");
+                    error!(topic = ?p.topic, error = %e, "Could not commit an MQTT message; not acknowledging it, so the broker keeps it and re-sends it after a reconnect.");
                     break false;
                 }
                 Err(_) => break false,
