@@ -40,6 +40,26 @@ fn stalled_ingest(relay: &Relay, len: usize) -> RawConn {
     c
 }
 
+/// Opens a chunked request of pi-1 and sends `chunk` as one chunk; `last` ends the body.
+fn chunked_ingest(relay: &Relay, chunk: &[u8], last: bool) -> RawConn {
+    let auth = bearer(TOKEN_1);
+    let mut c = RawConn::connect(relay.port);
+    c.send_request_head(
+        relay.port,
+        "POST",
+        "/v1/events",
+        &[
+            BATCH,
+            ("authorization", auth.as_str()),
+            ("transfer-encoding", "chunked"),
+        ],
+    );
+    c.send(format!("{:x}\r\n", chunk.len()).as_bytes());
+    c.send(chunk);
+    c.send(if last { &b"\r\n0\r\n\r\n"[..] } else { b"\r\n" });
+    c
+}
+
 fn refused(limit: &str) -> String {
     format!("pigeon_relay_admission_refused_total{{limit=\"{limit}\"}}")
 }
@@ -127,45 +147,15 @@ fn issue_24_a_chunked_body_is_counted_as_it_arrives() {
         "",
         "[limits]\nmax_request_bytes = \"1MiB\"\nmax_event_bytes = \"512KiB\"\nmax_buffered_bytes_per_gateway = \"2MiB\"\n",
     );
-    let auth = bearer(TOKEN_1);
     // Two chunked bodies of 900 KiB each fit; the third crosses pi-1's 2 MiB as it arrives.
     let chunk = vec![b' '; 900 << 10];
-    let mut open = Vec::new();
-    for _ in 0..2 {
-        let mut c = RawConn::connect(relay.port);
-        c.send_request_head(
-            relay.port,
-            "POST",
-            "/v1/events",
-            &[
-                BATCH,
-                ("authorization", auth.as_str()),
-                ("transfer-encoding", "chunked"),
-            ],
-        );
-        c.send(format!("{:x}\r\n", chunk.len()).as_bytes());
-        c.send(&chunk);
-        c.send(b"\r\n");
-        open.push(c);
-    }
+    let open: Vec<RawConn> = (0..2)
+        .map(|_| chunked_ingest(&relay, &chunk, false))
+        .collect();
     relay.wait_metric("pigeon_relay_buffered_body_bytes", |n| {
         n == 2 * chunk.len() as u64
     });
-    let mut c = RawConn::connect(relay.port);
-    c.send_request_head(
-        relay.port,
-        "POST",
-        "/v1/events",
-        &[
-            BATCH,
-            ("authorization", auth.as_str()),
-            ("transfer-encoding", "chunked"),
-        ],
-    );
-    c.send(format!("{:x}\r\n", chunk.len()).as_bytes());
-    c.send(&chunk);
-    c.send(b"\r\n0\r\n\r\n");
-    let r = c.response();
+    let r = chunked_ingest(&relay, &chunk, true).response();
     assert_eq!(r.status, 429, "{:?}", String::from_utf8_lossy(&r.body));
     assert!(
         r.json()["error"]
