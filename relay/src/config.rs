@@ -70,6 +70,7 @@ pub struct LimitsConfig {
     pub max_buffered_bytes: ByteSize,
     pub body_idle_timeout: Duration,
     pub body_timeout: Duration,
+    pub header_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -93,6 +94,7 @@ impl Default for LimitsConfig {
             body_idle_timeout: Duration::from_secs(15),
             // Twice the gateway's relay.request_timeout.
             body_timeout: Duration::from_secs(60),
+            header_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -442,6 +444,9 @@ pub struct Limits {
     /// A request body (other than an upload `PATCH`'s) not complete after this long is
     /// answered 408.
     pub body_timeout: std::time::Duration,
+    /// A connection whose next request's headers are not complete this long after it
+    /// began waiting for them is closed (also an idle kept-alive one).
+    pub header_timeout: std::time::Duration,
 }
 
 /// Checked `[sink]`.
@@ -639,6 +644,9 @@ impl RelayConfig {
         if l.body_idle_timeout.get() < std::time::Duration::from_secs(1) {
             return Err(invalid("limits.body_idle_timeout", "must be at least 1s"));
         }
+        if l.header_timeout.get() < std::time::Duration::from_secs(1) {
+            return Err(invalid("limits.header_timeout", "must be at least 1s"));
+        }
         if l.body_timeout.get() < l.body_idle_timeout.get() {
             return Err(invalid(
                 "limits.body_timeout",
@@ -797,6 +805,7 @@ impl RelayConfig {
                 max_buffered_bytes: l.max_buffered_bytes.get(),
                 body_idle_timeout: l.body_idle_timeout.get(),
                 body_timeout: l.body_timeout.get(),
+                header_timeout: l.header_timeout.get(),
             },
             sink: SinkSettings {
                 checkpoint_interval: s.checkpoint_interval.get(),
@@ -1340,6 +1349,7 @@ mod tests {
         assert_eq!(c.limits.max_buffered_bytes, 512 << 20);
         assert_eq!(c.limits.body_idle_timeout.as_secs(), 15);
         assert_eq!(c.limits.body_timeout.as_secs(), 60);
+        assert_eq!(c.limits.header_timeout.as_secs(), 30);
         for (toml, key) in [
             (
                 "max_requests_per_gateway = 0",
@@ -1355,6 +1365,7 @@ mod tests {
                 "limits.max_buffered_bytes",
             ),
             ("body_idle_timeout = \"0s\"", "limits.body_idle_timeout"),
+            ("header_timeout = \"0s\"", "limits.header_timeout"),
             (
                 "body_idle_timeout = \"30s\"\nbody_timeout = \"20s\"",
                 "limits.body_timeout",

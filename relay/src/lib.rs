@@ -10,6 +10,7 @@
 //! * [`spec`] — the CloudEvents rules for attributes the SDK does not check;
 //! * [`ingest`] — the CloudEvents HTTP binding (batch, structured, binary; gzip) and
 //!   Pigeon's per-event rules, as pure functions;
+//! * [`serve`] — the connection loop: hyper with a deadline for request headers;
 //! * [`server`] — the axum routes: the ingest endpoint, the upload endpoint, `/live`,
 //!   `/ready`, `/metrics`;
 //! * [`sink`] — the embedded stream sink: the deduplication index, the `.jsonl` stream
@@ -30,6 +31,7 @@ pub mod config;
 pub mod ingest;
 pub mod metrics;
 pub mod s3;
+pub mod serve;
 pub mod server;
 pub mod service;
 pub mod sink;
@@ -245,20 +247,17 @@ pub async fn run(
         ))
     });
 
-    let app = app.into_make_service_with_connect_info::<tls::Peer>();
     let serve_stop = stop_rx.clone();
     let serve = async move {
+        let header_timeout = config.limits.header_timeout;
         match tls {
             Some(t) => {
                 let listener = tls::TlsListener::new(listener, t)?;
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stopped(serve_stop))
-                    .await
+                serve::serve(listener, app, header_timeout, stopped(serve_stop)).await
             }
             None => {
-                axum::serve(tls::PlainListener(listener), app)
-                    .with_graceful_shutdown(stopped(serve_stop))
-                    .await
+                let listener = tls::PlainListener(listener);
+                serve::serve(listener, app, header_timeout, stopped(serve_stop)).await
             }
         }
     };

@@ -257,3 +257,45 @@ fn issue_24_stalled_upload_creates_count_against_the_same_share() {
     assert_eq!(post_as_pi2(&relay, 1).status, 200);
     assert_eq!(relay.metric(&refused("requests_per_gateway")), 1);
 }
+
+/// Issue 24, found after the list: request headers sent a byte at a time held a
+/// connection for ever (axum::serve gives hyper no timer). Now the connection is closed
+/// `limits.header_timeout` after the relay began waiting for the headers, however
+/// steadily they trickle.
+#[test]
+fn issue_24_request_headers_that_trickle_are_cut_off() {
+    use std::io::{Read, Write};
+    let relay = Relay::start_with("", "[limits]\nheader_timeout = \"2s\"\n");
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut writer = conn.try_clone().unwrap();
+    let started = Instant::now();
+    let trickle = std::thread::spawn(move || {
+        let head = b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ";
+        if writer.write_all(head).is_err() {
+            return;
+        }
+        // One byte every 200 ms, for at most 15 s.
+        while started.elapsed() < Duration::from_secs(15) {
+            std::thread::sleep(Duration::from_millis(200));
+            if writer.write_all(b"a").is_err() {
+                return;
+            }
+        }
+    });
+    let mut answer = Vec::new();
+    let read = conn.read_to_end(&mut answer);
+    let took = started.elapsed();
+    assert!(
+        read.is_ok() || took < Duration::from_secs(10),
+        "the relay did not close the connection: {read:?} after {took:?}"
+    );
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+        "closed after {took:?}, expected about 2 s"
+    );
+    trickle.join().unwrap();
+    // Requests that send their headers at once are served as before.
+    assert_eq!(relay.post_batch(&[event("p-1", 1)]).status, 200);
+}
