@@ -290,32 +290,7 @@ async fn a_data_dir_the_service_cannot_use_is_refused_naming_the_key() {
         (file.join("below"), "is not a directory"),
         (read_only.join("data"), "cannot be created"),
     ];
-    for (data_dir, expected) in cases {
-        let mut gateway = gateway_config(&dir);
-        table(&mut gateway, "gateway")
-            .insert("data_dir".into(), data_dir.display().to_string().into());
-        let relay = Relay::config(9, &data_dir, &[("pi-1", "t0ken")]);
-        for (bin, config, key) in [
-            (gateway_bin(), gateway, "gateway.data_dir"),
-            (relay_bin(), relay, "data_dir"),
-        ] {
-            let path = dir.join("config.toml");
-            std::fs::write(&path, config.to_string()).unwrap();
-            for sub in ["check-config", "run"] {
-                let out = run_as_service_user(&bin, &path, sub).await;
-                let stderr = String::from_utf8_lossy(&out.stderr);
-                assert!(
-                    out.status.code() == Some(64)
-                        && stderr.contains(&format!("{key}: "))
-                        && stderr.contains(expected),
-                    "{} {sub} with {key} = {}: {}",
-                    bin.display(),
-                    data_dir.display(),
-                    describe(&out)
-                );
-            }
-        }
-    }
+    assert_data_dirs_refused(&dir, &cases, true).await;
 }
 
 /// Where root cannot write either — below `/proc`, on a read-only filesystem, on a full
@@ -345,32 +320,7 @@ async fn issue_24_a_data_dir_root_cannot_write_either_is_refused_naming_the_key(
     } else {
         eprintln!("SKIPPED: the read-only and full filesystems need root to mount");
     }
-    for (data_dir, expected) in cases {
-        let mut gateway = gateway_config(&dir);
-        table(&mut gateway, "gateway")
-            .insert("data_dir".into(), data_dir.display().to_string().into());
-        let relay = Relay::config(9, &data_dir, &[("pi-1", "t0ken")]);
-        for (bin, config, key) in [
-            (gateway_bin(), gateway, "gateway.data_dir"),
-            (relay_bin(), relay, "data_dir"),
-        ] {
-            let path = dir.join("config.toml");
-            std::fs::write(&path, config.to_string()).unwrap();
-            for sub in ["check-config", "run"] {
-                let out = run(&bin, &path, Some(sub)).await;
-                let stderr = String::from_utf8_lossy(&out.stderr);
-                assert!(
-                    out.status.code() == Some(64)
-                        && stderr.contains(&format!("{key}: {}", data_dir.display()))
-                        && stderr.contains(expected),
-                    "{} {sub} with {key} = {}: {}",
-                    bin.display(),
-                    data_dir.display(),
-                    describe(&out)
-                );
-            }
-        }
-    }
+    assert_data_dirs_refused(&dir, &cases, false).await;
     drop(mounts);
 }
 
@@ -394,6 +344,42 @@ impl Drop for Tmpfs {
             .arg("-l")
             .arg(&self.0)
             .status();
+    }
+}
+
+/// Both binaries, with each data dir of `cases`, exit 64 for `check-config` and `run`
+/// with a message naming the key, the dir and the expected problem; as the service user
+/// (`nobody` when the tests run as root) when `as_service_user`, else as ourselves.
+async fn assert_data_dirs_refused(dir: &TestDir, cases: &[(PathBuf, &str)], as_service_user: bool) {
+    for (data_dir, expected) in cases {
+        let mut gateway = gateway_config(dir);
+        table(&mut gateway, "gateway")
+            .insert("data_dir".into(), data_dir.display().to_string().into());
+        let relay = Relay::config(9, data_dir, &[("pi-1", "t0ken")]);
+        for (bin, config, key) in [
+            (gateway_bin(), gateway, "gateway.data_dir"),
+            (relay_bin(), relay, "data_dir"),
+        ] {
+            let path = dir.join("config.toml");
+            std::fs::write(&path, config.to_string()).unwrap();
+            for sub in ["check-config", "run"] {
+                let out = if as_service_user {
+                    run_as_service_user(&bin, &path, sub).await
+                } else {
+                    run(&bin, &path, Some(sub)).await
+                };
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert!(
+                    out.status.code() == Some(64)
+                        && stderr.contains(&format!("{key}: {}", data_dir.display()))
+                        && stderr.contains(expected),
+                    "{} {sub} with {key} = {}: {}",
+                    bin.display(),
+                    data_dir.display(),
+                    describe(&out)
+                );
+            }
+        }
     }
 }
 
