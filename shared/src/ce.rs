@@ -152,11 +152,10 @@ pub fn check_source_segments(source: &str) -> Result<(), String> {
         return Ok(());
     };
     for (i, segment) in rest.split('/').enumerate() {
-        let decoded = segment.replace("%2e", ".").replace("%2E", ".");
-        let problem = match decoded.as_str() {
-            "" => "an empty segment",
-            "." => "a '.' segment",
-            ".." => "a '..' segment",
+        let problem = match dots_only(segment) {
+            Some(0) => "an empty segment",
+            Some(1) => "a '.' segment",
+            Some(2) => "a '..' segment",
             _ => continue,
         };
         return Err(format!(
@@ -165,6 +164,24 @@ pub fn check_source_segments(source: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// How many dots `segment` is, if it is nothing but dots (`.` or `%2e` in either case);
+/// without allocating, as it runs for every event.
+fn dots_only(segment: &str) -> Option<usize> {
+    let mut rest = segment.as_bytes();
+    let mut dots = 0;
+    while !rest.is_empty() {
+        rest = if rest[0] == b'.' {
+            &rest[1..]
+        } else if rest.len() >= 3 && rest[..3].eq_ignore_ascii_case(b"%2e") {
+            &rest[3..]
+        } else {
+            return None;
+        };
+        dots += 1;
+    }
+    Some(dots)
 }
 
 #[cfg(test)]
@@ -184,6 +201,8 @@ mod tests {
         for (bad, problem) in [
             ("/gateways/pi-a/../pi-b/mqtt", "a '..' segment (segment 2"),
             ("/gateways/pi-a/%2E%2e/pi-b", "a '..' segment"),
+            ("/gateways/pi-a/.%2E/pi-b", "a '..' segment"),
+            ("/gateways/pi-a/%2e/mqtt", "a '.' segment"),
             ("/gateways/pi-a/./mqtt", "a '.' segment"),
             ("/gateways/pi-a//mqtt", "an empty segment (segment 2"),
             ("/gateways/pi-a/mqtt/", "an empty segment (segment 3"),
