@@ -129,6 +129,12 @@ impl Decoder {
         }
         let topic_len = u16::from_be_bytes([v[0], v[1]]) as usize;
         let id_len = if qos == QoS::AtMostOnce { 0 } else { 2 };
+        if 2 + topic_len + id_len > remaining {
+            // The topic would run into the next packet's bytes.
+            return Err(ConnError::Protocol(format!(
+                "a PUBLISH of {remaining} bytes whose topic is {topic_len} bytes long"
+            )));
+        }
         if v.len() < 2 + topic_len + id_len {
             return Ok(None);
         }
@@ -337,5 +343,16 @@ mod tests {
     fn malformed_length_is_an_error_not_a_hang() {
         let mut buf = BytesMut::from(&[0x30u8, 0xff, 0xff, 0xff, 0xff, 0x01][..]);
         assert!(Decoder::new(10).next(&mut buf).is_err());
+    }
+
+    #[test]
+    fn oversized_publish_whose_topic_overruns_it_is_an_error() {
+        // PUBLISH QoS 1, remaining length 20 (over the limit of 10), topic length 30: the
+        // topic would be read from the next packet's bytes.
+        let mut bytes = vec![0x32u8, 20, 0, 30];
+        bytes.extend_from_slice(&[b'a'; 60]);
+        let mut buf = BytesMut::from(&bytes[..]);
+        let err = Decoder::new(10).next(&mut buf).unwrap_err();
+        assert!(err.to_string().contains("topic is 30 bytes"), "{err}");
     }
 }
