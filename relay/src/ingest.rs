@@ -312,9 +312,10 @@ pub enum Data {
 }
 
 impl Parsed {
-    /// The event as one line of structured JSON: the SDK's attributes, then the data.
+    /// The event as one line of structured JSON: the attributes ([`Attributes`]), then
+    /// the data.
     pub fn line(&self) -> Result<Vec<u8>, serde_json::Error> {
-        let mut line = serde_json::to_vec(&self.event)?;
+        let mut line = serde_json::to_vec(&Attributes(&self.event))?;
         match &self.data {
             Some(Data::Json(text)) => json::push_member(&mut line, "data", text),
             Some(Data::Base64(text)) => json::push_member(&mut line, "data_base64", text),
@@ -325,6 +326,40 @@ impl Parsed {
             None => {}
         }
         Ok(line)
+    }
+}
+
+/// An event's attributes as the stream stores them: the context attributes in the
+/// SDK's order, then the extensions sorted by name.
+///
+/// The SDK keeps extensions in a `HashMap` and writes them in its iteration order, which
+/// differs from one map to the next: the same event sent twice would be stored as two
+/// different lines. Here an event always has one rendering.
+pub struct Attributes<'e>(pub &'e Event);
+
+impl serde::Serialize for Attributes<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use cloudevents::event::AttributeValue as V;
+        use serde::ser::SerializeMap as _;
+        let mut extensions: Vec<_> = self.0.iter_extensions().collect();
+        extensions.sort_unstable_by_key(|(name, _)| *name);
+        let mut map = serializer.serialize_map(None)?;
+        for (name, value) in self.0.iter_attributes() {
+            match value {
+                V::SpecVersion(v) => map.serialize_entry(name, v.as_str())?,
+                V::String(v) => map.serialize_entry(name, v)?,
+                V::URI(v) => map.serialize_entry(name, v.as_str())?,
+                V::URIRef(v) => map.serialize_entry(name, v)?,
+                V::Time(v) => map.serialize_entry(name, v)?,
+                V::Boolean(v) => map.serialize_entry(name, v)?,
+                V::Integer(v) => map.serialize_entry(name, v)?,
+                V::Binary(v) => map.serialize_entry(name, &BASE64_STANDARD.encode(v))?,
+            }
+        }
+        for (name, value) in extensions {
+            map.serialize_entry(name, value)?;
+        }
+        map.end()
     }
 }
 
@@ -746,6 +781,51 @@ mod tests {
 
     fn pi1() -> Principal {
         Principal::Gateway(GatewayId::new("pi-1").unwrap())
+    }
+
+    #[test]
+    fn one_event_is_always_one_line_with_extensions_by_name() {
+        let mut event = event_json(1);
+        for name in ["zeta", "alpha", "mid", "beta", "omega", "kappa"] {
+            event[name] = json!(name);
+        }
+        let body = serde_json::to_vec(&event).unwrap();
+        let lines: Vec<Vec<u8>> = (0..8)
+            .map(|_| {
+                let parsed = parse_events(Mode::Structured, &HeaderMap::new(), &body, 1)
+                    .unwrap()
+                    .pop()
+                    .unwrap()
+                    .unwrap();
+                check_event(&parsed, &pi1(), u64::MAX).unwrap().line
+            })
+            .collect();
+        // Eight parses, eight hash maps of extensions: one rendering.
+        assert!(lines.windows(2).all(|w| w[0] == w[1]));
+        let names: Vec<String> = json::members(std::str::from_utf8(&lines[0]).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n.into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "specversion",
+                "id",
+                "type",
+                "source",
+                "datacontenttype",
+                "alpha",
+                "beta",
+                "kappa",
+                "mid",
+                "omega",
+                "producerid",
+                "sequence",
+                "zeta",
+                "data"
+            ]
+        );
     }
 
     #[test]
