@@ -71,6 +71,7 @@ pub struct LimitsConfig {
     pub body_idle_timeout: Duration,
     pub body_timeout: Duration,
     pub header_timeout: Duration,
+    pub max_connections: usize,
 }
 
 impl Default for LimitsConfig {
@@ -95,6 +96,9 @@ impl Default for LimitsConfig {
             // Twice the gateway's relay.request_timeout.
             body_timeout: Duration::from_secs(60),
             header_timeout: Duration::from_secs(30),
+            // Far above what a fleet keeps open (one or two per gateway at a time, closed
+            // after header_timeout idle), well below the unit's LimitNOFILE (65536).
+            max_connections: 16_384,
         }
     }
 }
@@ -447,6 +451,8 @@ pub struct Limits {
     /// A connection whose next request's headers are not complete this long after it
     /// began waiting for them is closed (also an idle kept-alive one).
     pub header_timeout: std::time::Duration,
+    /// Client connections open at once; the next waits in the listen queue.
+    pub max_connections: usize,
 }
 
 /// Checked `[sink]`.
@@ -647,6 +653,21 @@ impl RelayConfig {
         if l.header_timeout.get() < std::time::Duration::from_secs(1) {
             return Err(invalid("limits.header_timeout", "must be at least 1s"));
         }
+        if l.max_connections < l.max_concurrent_requests {
+            return Err(invalid(
+                "limits.max_connections",
+                format!(
+                    "({}) must be at least limits.max_concurrent_requests ({}): every request needs a connection",
+                    l.max_connections, l.max_concurrent_requests
+                ),
+            ));
+        }
+        if l.max_connections > MAX_PERMITS {
+            return Err(invalid(
+                "limits.max_connections",
+                format!("must be at most {MAX_PERMITS}"),
+            ));
+        }
         if l.body_timeout.get() < l.body_idle_timeout.get() {
             return Err(invalid(
                 "limits.body_timeout",
@@ -806,6 +827,7 @@ impl RelayConfig {
                 body_idle_timeout: l.body_idle_timeout.get(),
                 body_timeout: l.body_timeout.get(),
                 header_timeout: l.header_timeout.get(),
+                max_connections: l.max_connections,
             },
             sink: SinkSettings {
                 checkpoint_interval: s.checkpoint_interval.get(),
@@ -1350,6 +1372,7 @@ mod tests {
         assert_eq!(c.limits.body_idle_timeout.as_secs(), 15);
         assert_eq!(c.limits.body_timeout.as_secs(), 60);
         assert_eq!(c.limits.header_timeout.as_secs(), 30);
+        assert_eq!(c.limits.max_connections, 16_384);
         for (toml, key) in [
             (
                 "max_requests_per_gateway = 0",
@@ -1366,6 +1389,9 @@ mod tests {
             ),
             ("body_idle_timeout = \"0s\"", "limits.body_idle_timeout"),
             ("header_timeout = \"0s\"", "limits.header_timeout"),
+            // Fewer connections than requests at once: the request limit could never bite.
+            ("max_connections = 100", "limits.max_connections"),
+            ("max_connections = 2000000", "limits.max_connections"),
             (
                 "body_idle_timeout = \"30s\"\nbody_timeout = \"20s\"",
                 "limits.body_timeout",

@@ -76,6 +76,7 @@ pub async fn run(
 ) -> Result<(), RelayError> {
     let notifier = Arc::new(Notifier::from_env());
     let metrics = Arc::new(metrics::Metrics::new());
+    serve::raise_descriptor_limit(config.limits.max_connections);
     // First: a certificate problem is the operator's to fix, before anything is opened.
     let tls = match &config.tls {
         Some(settings) => Some(tls::Tls::open(settings.clone(), metrics.clone())?),
@@ -248,16 +249,21 @@ pub async fn run(
     });
 
     let serve_stop = stop_rx.clone();
+    let serve_metrics = metrics.clone();
     let serve = async move {
-        let header_timeout = config.limits.header_timeout;
+        let limits = serve::ConnectionLimits {
+            header_timeout: config.limits.header_timeout,
+            max_connections: config.limits.max_connections,
+        };
+        let stop = stopped(serve_stop);
         match tls {
             Some(t) => {
                 let listener = tls::TlsListener::new(listener, t)?;
-                serve::serve(listener, app, header_timeout, stopped(serve_stop)).await
+                serve::serve(listener, app, limits, serve_metrics, stop).await
             }
             None => {
                 let listener = tls::PlainListener(listener);
-                serve::serve(listener, app, header_timeout, stopped(serve_stop)).await
+                serve::serve(listener, app, limits, serve_metrics, stop).await
             }
         }
     };

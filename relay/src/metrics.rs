@@ -136,6 +136,10 @@ pub struct Metrics {
     /// Request body bytes held in memory now (reserved by admission).
     pub buffered_body_bytes: AtomicU64,
     body_timeouts: [AtomicU64; BODY_DEADLINES.len()],
+    /// Client connections open now (limits.max_connections).
+    pub open_connections: AtomicU64,
+    /// Times the accept loop found every connection slot taken and waited for one.
+    pub connection_limit_reached: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -187,6 +191,8 @@ impl Metrics {
             admission_refused: Default::default(),
             buffered_body_bytes: AtomicU64::new(0),
             body_timeouts: Default::default(),
+            open_connections: AtomicU64::new(0),
+            connection_limit_reached: AtomicU64::new(0),
         }
     }
 
@@ -476,6 +482,18 @@ impl Metrics {
             "Request bodies stopped (answered 408) because no byte came for limits.body_idle_timeout (idle) or the whole body took longer than limits.body_timeout (total).",
             "deadline",
             BODY_DEADLINES.iter().zip(&self.body_timeouts),
+        );
+        gauge(
+            &mut out,
+            "pigeon_relay_open_connections",
+            "Client connections open now (limits.max_connections).",
+            self.open_connections.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "pigeon_relay_connection_limit_reached_total",
+            "Times every connection slot (limits.max_connections) was taken and new connections waited in the listen queue.",
+            self.connection_limit_reached.load(Relaxed),
         );
         out
     }

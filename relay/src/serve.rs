@@ -7,12 +7,19 @@
 //! also an idle kept-alive connection after that long without a new request (a gateway
 //! opens a new one when it has something to send).
 //!
+//! At most `limits.max_connections` connections are open at once: with every slot taken
+//! the loop stops accepting and new connections wait in the kernel's listen queue, so a
+//! flood of connections costs a bounded number of file descriptors and buffers, and the
+//! relay never runs into its descriptor limit (where every accept would fail).
+//!
 //! On shutdown the loop stops accepting, tells every connection to finish the request it
 //! is on and close, and returns once all have.
 
 use std::future::Future;
 use std::io;
 use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use axum::Router;
@@ -22,32 +29,61 @@ use axum::serve::Listener;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tower_service::Service as _;
 
+use crate::metrics::Metrics;
 use crate::tls::Peer;
+
+/// What bounds the connections.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// `limits.header_timeout`.
+    pub header_timeout: Duration,
+    /// `limits.max_connections`.
+    pub max_connections: usize,
+}
 
 /// Serves `router` on the connections `listener` accepts until `shutdown` completes, then
 /// lets the connections finish their requests.
 pub async fn serve<L>(
     mut listener: L,
     router: Router,
-    header_timeout: Duration,
+    limits: ConnectionLimits,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()>
 where
     L: Listener<Addr = Peer>,
 {
     let (stop_tx, stop_rx) = watch::channel(false);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut shutdown = pin!(shutdown);
     loop {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                metrics.connection_limit_reached.fetch_add(1, Relaxed);
+                tracing::debug!(
+                    max_connections = limits.max_connections,
+                    "Every connection slot is taken; new connections wait (limits.max_connections)."
+                );
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+                    () = &mut shutdown => break,
+                }
+            }
+        };
         let (io, peer) = tokio::select! {
             accepted = listener.accept() => accepted,
             () = &mut shutdown => break,
         };
         let router = router.clone();
         let mut stop = stop_rx.clone();
+        let open = OpenConnection::new(slot, metrics.clone());
+        let header_timeout = limits.header_timeout;
         tokio::spawn(async move {
+            let _open = open;
             let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 req.extensions_mut().insert(ConnectInfo(peer.clone()));
                 let mut router = router.clone();
@@ -80,4 +116,65 @@ where
     let _ = stop_tx.send(true);
     stop_tx.closed().await;
     Ok(())
+}
+
+/// Descriptors the relay keeps besides its connections: files of the stream, uploads,
+/// the listener, Kafka's and S3's sockets.
+const RESERVED_DESCRIPTORS: u64 = 1024;
+
+/// Raises the soft limit on open files to the hard one (as the systemd unit's
+/// `LimitNOFILE` sets both), and warns when `max_connections` would not fit under it:
+/// accepts would then fail with "too many open files" before the connection cap applies.
+// rlim_t is u32 on 32-bit ARM, u64 elsewhere.
+#[allow(clippy::unnecessary_cast)]
+pub fn raise_descriptor_limit(max_connections: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    let needed = (max_connections as u64).saturating_add(RESERVED_DESCRIPTORS);
+    if (limit.rlim_cur as u64) < needed {
+        tracing::warn!(
+            open_files = limit.rlim_cur as u64,
+            max_connections,
+            "The limit on open files is below limits.max_connections plus {RESERVED_DESCRIPTORS}: \
+             a flood of connections would make accepts fail before the connection cap applies. \
+             Raise it (LimitNOFILE= in the systemd unit, ulimit -n) or lower limits.max_connections."
+        );
+    }
+}
+
+/// A connection slot, counted in `pigeon_relay_open_connections` while held.
+struct OpenConnection {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl OpenConnection {
+    fn new(slot: tokio::sync::OwnedSemaphorePermit, metrics: Arc<Metrics>) -> Self {
+        metrics.open_connections.fetch_add(1, Relaxed);
+        Self {
+            _slot: slot,
+            metrics,
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.metrics.open_connections.fetch_sub(1, Relaxed);
+    }
 }

@@ -299,3 +299,41 @@ fn issue_24_request_headers_that_trickle_are_cut_off() {
     // Requests that send their headers at once are served as before.
     assert_eq!(relay.post_batch(&[event("p-1", 1)]).status, 200);
 }
+
+/// Issue 24, found after the list: connections had no cap, so a flood of them (each held
+/// up to `limits.header_timeout`) ran the relay into its open-files limit, where every
+/// accept fails, a gateway's included. With `limits.max_connections` taken, new
+/// connections wait in the listen queue until one closes, and are then served.
+#[test]
+fn issue_24_connections_beyond_max_connections_wait_for_a_slot() {
+    let relay = Relay::start_with(
+        "",
+        "[limits]\nmax_concurrent_requests = 4\nmax_requests_per_gateway = 4\nmax_connections = 4\nheader_timeout = \"120s\"\n",
+    );
+    // Three idle connections; the metrics request is the fourth.
+    let mut idle: Vec<RawConn> = (0..3).map(|_| RawConn::connect(relay.port)).collect();
+    relay.wait_metric("pigeon_relay_open_connections", |n| n == 4);
+    idle.push(RawConn::connect(relay.port));
+    // Every slot is taken: a gateway's request waits in the listen queue...
+    let port = relay.port;
+    let waiting = std::thread::spawn(move || {
+        let body = serde_json::to_vec(&[event("p-1", 1)]).unwrap();
+        let auth = bearer(TOKEN_1);
+        request(
+            port,
+            "POST",
+            "/v1/events",
+            &[BATCH, ("authorization", auth.as_str())],
+            &body,
+        )
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!waiting.is_finished(), "a fifth connection was served");
+    // ...and is served as soon as one closes.
+    drop(idle.pop());
+    let r = waiting.join().unwrap();
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.statuses(), ["accepted"]);
+    drop(idle);
+    assert!(relay.metric("pigeon_relay_connection_limit_reached_total") >= 1);
+}
