@@ -140,6 +140,8 @@ pub struct Metrics {
     pub open_connections: AtomicU64,
     /// Times the accept loop found every connection slot taken and waited for one.
     pub connection_limit_reached: AtomicU64,
+    /// Requests that were not valid HTTP/1.1, answered by hyper itself.
+    pub malformed_requests: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -193,6 +195,7 @@ impl Metrics {
             body_timeouts: Default::default(),
             open_connections: AtomicU64::new(0),
             connection_limit_reached: AtomicU64::new(0),
+            malformed_requests: AtomicU64::new(0),
         }
     }
 
@@ -494,6 +497,12 @@ impl Metrics {
             "pigeon_relay_connection_limit_reached_total",
             "Times every connection slot (limits.max_connections) was taken and new connections waited in the listen queue.",
             self.connection_limit_reached.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "pigeon_relay_malformed_requests_total",
+            "Requests that were not valid HTTP/1.1 (a malformed request line or header, headers too large), answered 400 or 431 and the connection closed; the debug log names the peer and the fault.",
+            self.malformed_requests.load(Relaxed),
         );
         out
     }
