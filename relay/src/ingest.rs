@@ -480,23 +480,10 @@ pub(crate) fn is_json_media_type(content_type: &str) -> bool {
     t == "application/json" || t == "text/json" || t.ends_with("+json")
 }
 
-/// One structured event from JSON parsed already (the `event` of an upload's
-/// `CreateUpload`), with the same rejections as a structured event of a batch.
-pub fn event_from_value(value: &Value) -> Result<Parsed, Rejection> {
-    let Some(object) = value.as_object() else {
-        return Err(Rejection::new(None, "an event must be a JSON object"));
-    };
-    let texts = object
-        .iter()
-        .map(|(k, v)| Ok((k.as_str(), serde_json::value::to_raw_value(v)?)))
-        .collect::<Result<Vec<_>, serde_json::Error>>()
-        .map_err(|e| Rejection::new(None, format!("not a valid CloudEvent: {e}")))?;
-    from_members(
-        texts
-            .iter()
-            .map(|(k, v)| (Cow::Borrowed(*k), v.as_ref()))
-            .collect(),
-    )
+/// One structured event from its JSON text (the `event` of an upload's `CreateUpload`,
+/// or of its manifest), with the same rejections as a structured event of a batch.
+pub fn event_from_text(raw: &RawValue) -> Result<Parsed, Rejection> {
+    structured_event(raw)
 }
 
 /// Attributes that binary mode carries elsewhere than in `ce-` headers.
@@ -781,6 +768,10 @@ mod tests {
 
     fn pi1() -> Principal {
         Principal::Gateway(GatewayId::new("pi-1").unwrap())
+    }
+
+    fn event_from_value(v: &Value) -> Result<Parsed, Rejection> {
+        event_from_text(&serde_json::value::to_raw_value(v).unwrap())
     }
 
     #[test]

@@ -544,11 +544,17 @@ fn issue_24_content_length_with_chunked_encoding_closes_the_connection() {
 #[test]
 fn issue_24_requests_that_are_not_http_are_counted_and_logged() {
     let relay = Relay::start();
-    let big = format!("GET /live HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(500_000));
+    let big = format!(
+        "GET /live HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(500_000)
+    );
     let cases: [(&[u8], u16); 4] = [
         (b"GET / HTTP/1.1\r\nA header without a colon\r\n\r\n", 400),
         (b"GARBAGE\r\n\r\n", 400),
-        (b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400),
+        (
+            b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+            400,
+        ),
         (big.as_bytes(), 431),
     ];
     for (request, status) in cases {
@@ -560,7 +566,10 @@ fn issue_24_requests_that_are_not_http_are_counted_and_logged() {
     }
     relay.wait_metric("pigeon_relay_malformed_requests_total", |n| n == 4);
     let log = relay.log();
-    assert!(log.contains("Refused a request that is not valid HTTP/1.1."), "{log}");
+    assert!(
+        log.contains("Refused a request that is not valid HTTP/1.1."),
+        "{log}"
+    );
     assert_eq!(relay.post_batch(&[event("p-1", 1)]).status, 200);
 }
 

@@ -333,6 +333,44 @@ fn issue_24_uploads_sharing_an_event_id_and_time_keep_their_own_bytes() {
     assert_eq!(v["dataref"], datarefs[0]);
 }
 
+/// Issue 24.2b for uploads: the create's event was parsed into a tree and written again,
+/// so its data lost what a tree cannot hold. Now it is kept as the gateway's text, as an
+/// ingested event's is.
+#[test]
+fn issue_24_an_uploads_event_data_is_stored_as_sent() {
+    let relay = Relay::start();
+    let bytes = file_bytes(1000, 7);
+    let event = serde_json::to_string(&file_event(1, bytes.len())).unwrap();
+    let data = r#"{"filename":"snap 01.jpg","size":1000,"exposure":0.12345678901234567890,"id":12345678901234567890123,"tag":"a","tag":"b"}"#;
+    let event = event.replace(
+        &serde_json::to_string(&file_event(1, bytes.len())["data"]).unwrap(),
+        data,
+    );
+    assert!(event.contains(data));
+    let body = format!(
+        r#"{{"event":{event},"length":{},"sha256":"{}","extension":"jpg"}}"#,
+        bytes.len(),
+        sha256_of(&bytes)
+    );
+    let r = create_with(&relay, &auth1(), body.as_bytes());
+    assert_eq!(r.status, 201, "{}", body_text(&r));
+    let location = r.json()["location"].as_str().unwrap().to_owned();
+    assert_done(&patch(&relay, &location, 0, &bytes), "accepted");
+    let lines: Vec<String> = stream_files(&relay.data_dir())
+        .iter()
+        .flat_map(|p| {
+            let text = std::fs::read_to_string(p).unwrap();
+            text.lines().map(str::to_owned).collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(lines.len(), 1);
+    assert!(
+        lines[0].ends_with(&format!(",\"data\":{data}}}")),
+        "{}",
+        lines[0]
+    );
+}
+
 #[test]
 fn a_body_that_breaks_off_is_resumed_without_sending_a_byte_twice() {
     let relay = Relay::start();

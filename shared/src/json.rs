@@ -90,6 +90,41 @@ pub fn push_member(object: &mut Vec<u8>, name: &str, value: &str) {
     object.push(b'}');
 }
 
+/// A JSON value kept as its text, for a document that is read where it is used and never
+/// parsed into a tree and written again (an upload's event). Compared by its text.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Text(Box<RawValue>);
+
+impl Text {
+    /// The JSON text, as received.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    pub fn raw(&self) -> &RawValue {
+        &self.0
+    }
+
+    /// Checks that `text` is JSON and keeps it as it is.
+    pub fn from_string(text: String) -> Result<Self, serde_json::Error> {
+        RawValue::from_string(text).map(Self)
+    }
+
+    /// `value` written as JSON text.
+    pub fn from_value(value: &serde_json::Value) -> Self {
+        Self(serde_json::value::to_raw_value(value).expect("a Value always serializes"))
+    }
+}
+
+impl PartialEq for Text {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Eq for Text {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,9 +51,10 @@ pub const CONTENT_TYPE_UPLOAD_CHUNK: &str = "application/offset+octet-stream";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CreateUpload {
     /// The file's CloudEvent in structured JSON form, as it is to be published once the
-    /// file is stored (the relay adds the `dataref` extension). It must carry `time`:
+    /// file is stored (the relay adds the `dataref` extension), kept as the gateway wrote
+    /// it (its `data` is stored as that text, like an ingested event's). It must carry `time`:
     /// the object key is partitioned by it, so that a re-sent file lands on the same key.
-    pub event: serde_json::Value,
+    pub event: crate::json::Text,
     /// The file's size in bytes.
     pub length: u64,
     /// SHA-256 of the whole file, 64 lowercase hex digits. The relay checks it before
@@ -278,14 +279,23 @@ mod tests {
     #[test]
     fn upload_documents_shape() {
         let create = CreateUpload {
-            event: serde_json::json!({"id": "e1"}),
+            event: crate::json::Text::from_value(&serde_json::json!({"id": "e1"})),
             length: 10,
             sha256: "ab".repeat(32),
             extension: None,
         };
         let v = serde_json::to_value(&create).unwrap();
         assert!(v.get("extension").is_none());
-        assert_eq!(serde_json::from_value::<CreateUpload>(v).unwrap(), create);
+        let text = serde_json::to_string(&create).unwrap();
+        assert_eq!(serde_json::from_str::<CreateUpload>(&text).unwrap(), create);
+        // The event is kept as its text: numbers beyond f64, duplicate keys, spacing.
+        let sent =
+            r#"{"event":{"id":"e1","n":12345678901234567890123,"n":1 },"length":1,"sha256":"x"}"#;
+        let c: CreateUpload = serde_json::from_str(sent).unwrap();
+        assert_eq!(
+            c.event.get(),
+            r#"{"id":"e1","n":12345678901234567890123,"n":1 }"#
+        );
         let state: UploadState =
             serde_json::from_str(r#"{"location":"/v1/uploads/x","offset":4,"length":10}"#).unwrap();
         assert_eq!(state.offset, 4);

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
+use pigeon_shared::json;
 use pigeon_shared::wire::{self, CreateUpload, EventStatus, UploadState};
 use reqwest::{StatusCode, header};
 use tokio::sync::watch;
@@ -20,8 +21,8 @@ use tracing::{debug, error, info, warn};
 
 use super::body::stream_file;
 use super::{
-    Backoff, Failure, IDLE_RECHECK, Uplink, error_chain, error_message, retry_after,
-    sleep_or_shutdown, to_event,
+    Backoff, Failure, IDLE_RECHECK, Uplink, encode, error_chain, error_message, retry_after,
+    sleep_or_shutdown,
 };
 use crate::outbox::{FileRef, Record};
 use crate::sources::files::spool::{Spool, verify};
@@ -340,8 +341,10 @@ impl Uplink {
     }
 
     async fn create_upload(&self, rec: &Record, file: &FileRef) -> Result<UploadState, Attempt> {
-        let event = to_event(rec, &self.producer_id).map_err(Attempt::Refused)?;
-        let event = serde_json::to_value(&event)
+        // The event's JSON as a batch carries it (data as its text).
+        let event = encode::event_json(rec, &self.producer_id)
+            .and_then(|json| String::from_utf8(json).map_err(|e| e.to_string()))
+            .and_then(|json| json::Text::from_string(json).map_err(|e| e.to_string()))
             .map_err(|e| Attempt::Refused(format!("cannot encode the file's event: {e}")))?;
         let extension = file
             .spool

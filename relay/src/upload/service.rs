@@ -102,7 +102,17 @@ fn s3_key(key: &str) -> String {
 /// The file's media type as the gateway described it (`data.contenttype`), if it looks
 /// like one; stored as the object's `Content-Type`.
 fn content_type(m: &Manifest) -> Option<String> {
-    let ct = m.event.get("data")?.get("contenttype")?.as_str()?;
+    #[derive(serde::Deserialize)]
+    struct Event {
+        data: Option<Data>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Data {
+        contenttype: Option<String>,
+    }
+    let event: Event = serde_json::from_str(m.event.get()).ok()?;
+    let ct = event.data?.contenttype?;
+    let ct = ct.as_str();
     let ok = ct.len() <= 127
         && ct.contains('/')
         && ct.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
@@ -205,7 +215,7 @@ pub fn prepare(
     key_prefix: &str,
     max_event_bytes: u64,
 ) -> Result<Prepared, Rejection> {
-    let mut parsed = ingest::event_from_value(&req.event)?;
+    let mut parsed = ingest::event_from_text(req.event.raw())?;
     let Some(time) = parsed.event.time().copied() else {
         return Err(Rejection {
             id: Some(parsed.event.id().to_owned()),
@@ -1334,7 +1344,7 @@ impl Uploads {
         started: Instant,
     ) -> Result<UploadState, UploadError> {
         let dataref = format!("{}{}", self.settings.base_url, m.key);
-        let mut parsed = ingest::event_from_value(&m.event).map_err(|r| {
+        let mut parsed = ingest::event_from_text(m.event.raw()).map_err(|r| {
             UploadError::Internal(format!(
                 "the manifest of upload {id} holds an unusable event: {}",
                 r.reason
@@ -1607,6 +1617,7 @@ mod tests {
     use super::*;
     use crate::config::SinkSettings;
     use axum::body::Body;
+    use pigeon_shared::json::Text;
     use serde_json::json;
     use sha2::Digest as _;
     use tokio::sync::Semaphore;
@@ -1632,7 +1643,7 @@ mod tests {
 
     fn create_req(seq: u64, bytes: &[u8]) -> CreateUpload {
         CreateUpload {
-            event: file_event(seq),
+            event: Text::from_value(&file_event(seq)),
             length: bytes.len() as u64,
             sha256: wire::sha256_hex(&sha2::Sha256::digest(bytes).into()),
             extension: Some("jpg".into()),
@@ -1763,13 +1774,17 @@ mod tests {
         );
 
         let mut req = create_req(1, b"x");
-        req.event.as_object_mut().unwrap().remove("time");
+        let mut event = file_event(1);
+        event.as_object_mut().unwrap().remove("time");
+        req.event = Text::from_value(&event);
         let r = prepare(&pi1(), &req, "s3://b/", "", 1 << 20).unwrap_err();
         assert_eq!(r.id.as_deref(), Some("img-1"));
         assert!(r.reason.contains("'time'"), "{}", r.reason);
 
         let mut req = create_req(1, b"x");
-        req.event["source"] = json!("/gateways/pi-2/files");
+        let mut event = file_event(1);
+        event["source"] = json!("/gateways/pi-2/files");
+        req.event = Text::from_value(&event);
         let r = prepare(&pi1(), &req, "s3://b/", "", 1 << 20).unwrap_err();
         assert!(
             r.reason.contains("does not belong to gateway pi-1"),
@@ -1779,7 +1794,7 @@ mod tests {
 
         // The limit applies to the line with its dataref.
         let req = create_req(1, b"x");
-        let without = serde_json::to_vec(&req.event).unwrap().len() as u64;
+        let without = req.event.get().len() as u64;
         let r = prepare(&pi1(), &req, "s3://b/", "", without + 5).unwrap_err();
         assert!(r.reason.contains("max_event_bytes"), "{}", r.reason);
     }

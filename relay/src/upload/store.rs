@@ -58,7 +58,7 @@ pub struct Manifest {
     pub created_at_ms: u64,
     /// The event as the gateway sent it (without `dataref`, which is added when it is
     /// published, from the `objects.base_url` of that moment).
-    pub event: serde_json::Value,
+    pub event: pigeon_shared::json::Text,
     /// Set for an upload into S3: the size of its parts (fixed when it was created).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub part_size: Option<u64>,
@@ -612,7 +612,9 @@ mod tests {
             extension: Some("jpg".into()),
             key: "pi-1/ftp/2026-12-01/21/e1.jpg".into(),
             created_at_ms: now_ms(),
-            event: serde_json::json!({"id": "e1", "data": {"filename": "a b.jpg"}}),
+            event: pigeon_shared::json::Text::from_value(
+                &serde_json::json!({"id": "e1", "data": {"filename": "a b.jpg"}}),
+            ),
             part_size: None,
             multipart: None,
         }
