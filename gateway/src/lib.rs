@@ -15,6 +15,9 @@
 pub mod cli;
 pub mod config;
 pub mod dead_letter_cli;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod host;
 pub mod http;
 pub mod metrics;

@@ -28,6 +28,9 @@ pub mod admission;
 pub mod auth;
 pub mod capture;
 pub mod config;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ingest;
 pub mod metrics;
 pub mod s3;

@@ -17,6 +17,9 @@
 pub mod ce;
 pub mod dirs;
 pub mod escape;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod json;
 pub mod units;
 pub mod wire;

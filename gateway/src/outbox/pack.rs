@@ -42,7 +42,7 @@ const RETRY_EVERY: u64 = 256;
 const CACHED_DICTIONARIES: usize = 64;
 /// Events larger than this (subject and data) are stored as they are: a 4 KiB dictionary
 /// makes little difference to them.
-const PACK_MAX: usize = 16 * 1024;
+pub(crate) const PACK_MAX: usize = 16 * 1024;
 
 /// What an event is of: its dictionary is shared by these.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -167,6 +167,38 @@ fn inflate(d: &mut Decompress, dictionary: &[u8], input: &[u8]) -> Result<Vec<u8
     }
 }
 
+/// The subject and data packed in `packed` with `dictionary`.
+fn unpack_plain(
+    d: &mut Decompress,
+    dictionary: &[u8],
+    packed: &[u8],
+) -> Result<(Option<String>, Vec<u8>), String> {
+    split(&inflate(d, dictionary, packed)?)
+}
+
+/// [`unpack_plain`] with a decompressor of its own (the fuzz target `packed_event`).
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn unpack_bytes(
+    dictionary: &[u8],
+    packed: &[u8],
+) -> Result<(Option<String>, Vec<u8>), String> {
+    let mut d = Decompress::new_with_window_bits(false, WINDOW_BITS);
+    unpack_plain(&mut d, dictionary, packed)
+}
+
+/// `subject` and `data` packed with `dictionary` as the writer packs them (the fuzz
+/// target `packed_event`).
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn pack_bytes(dictionary: &[u8], subject: Option<&str>, data: &[u8]) -> Option<Vec<u8>> {
+    let mut c = compressor();
+    deflate(&mut c, dictionary, &plain(subject, data))
+}
+
+/// The writer's compressor.
+fn compressor() -> Compress {
+    Compress::new_with_window_bits(Compression::new(6), false, WINDOW_BITS)
+}
+
 /// Dictionaries by id, loaded from the database on first use (they never change, and an
 /// id is never reused: `AUTOINCREMENT`).
 pub(crate) struct Unpacker {
@@ -246,8 +278,7 @@ impl Unpacker {
     ) -> Result<Unpacked, OutboxError> {
         let d = self.dictionary(conn, id)?;
         let bad = |e: String| OutboxError::Corrupt(format!("packed event {seq}: {e}"));
-        let plain = inflate(&mut self.inflate, &d.bytes, packed).map_err(bad)?;
-        let (subject, data) = split(&plain).map_err(bad)?;
+        let (subject, data) = unpack_plain(&mut self.inflate, &d.bytes, packed).map_err(bad)?;
         Ok(Unpacked {
             kind: d.kind.clone(),
             subject,
@@ -311,7 +342,7 @@ impl Packer {
     pub fn load(conn: &Connection) -> Result<Self, OutboxError> {
         let mut packer = Packer {
             kinds: HashMap::new(),
-            deflate: Compress::new_with_window_bits(Compression::new(6), false, WINDOW_BITS),
+            deflate: compressor(),
             unpacker: Unpacker::default(),
             replaced: false,
             renew_every: RENEW_EVERY,

@@ -13,7 +13,7 @@
 
 mod backoff;
 mod body;
-mod encode;
+pub(crate) mod encode;
 mod files;
 mod limit;
 pub mod tls;

@@ -123,6 +123,15 @@ fn check_upload_id(gateway: &GatewayId, id: &str) -> Result<(), Failure> {
     }
 }
 
+/// The `Upload-Offset` header: decimal digits only (no sign, no spaces), fitting a `u64`.
+pub(crate) fn upload_offset(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(&UPLOAD_OFFSET)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
 /// `POST /v1/uploads`.
 pub async fn create(
     State(st): State<Arc<AppState>>,
@@ -226,12 +235,7 @@ fn admit_patch(
             ),
         ));
     }
-    let offset = headers
-        .get(&UPLOAD_OFFSET)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|v| v.parse::<u64>().ok())
-        .ok_or_else(|| {
+    let offset = upload_offset(headers).ok_or_else(|| {
             Failure::new(
                 StatusCode::BAD_REQUEST,
                 "header Upload-Offset must be the decimal number of bytes the relay holds (from the create's answer)",

@@ -259,7 +259,10 @@ fn clip(s: &str) -> String {
 
 /// The checks of a create that do not need the event: digest, extension, length.
 /// Returns the digest in lowercase hex.
-fn check_request(req: &CreateUpload, max_object_bytes: u64) -> Result<String, UploadError> {
+pub(crate) fn check_request(
+    req: &CreateUpload,
+    max_object_bytes: u64,
+) -> Result<String, UploadError> {
     let digest = wire::parse_sha256_hex(&req.sha256).ok_or_else(|| {
         UploadError::BadRequest(format!(
             "sha256 must be 64 hexadecimal digits (the file's SHA-256), not {:?}",

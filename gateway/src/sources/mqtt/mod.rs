@@ -2,7 +2,7 @@
 //! after its record is committed to the outbox.
 
 mod config;
-mod conn;
+pub(crate) mod conn;
 mod source;
 
 pub use config::{MqttConfig, Subscription};
