@@ -538,33 +538,27 @@ fn issue_24_content_length_with_chunked_encoding_closes_the_connection() {
     assert_eq!(relay.stream_events().len(), 1);
 }
 
-/// Issue 24.4: a request that is not HTTP/1.1 at all is answered by hyper itself (400 or
-/// 431, no body, connection closed) before the relay sees it; the relay counts it and its
+/// Issue 24.4: a request that is not HTTP/1.1 at all is answered by hyper itself (400, no
+/// body, connection closed) before the relay sees it; the relay counts it and its
 /// debug log names the peer and the fault. The other gateways are served as before.
 #[test]
 fn issue_24_requests_that_are_not_http_are_counted_and_logged() {
     let relay = Relay::start();
-    let big = format!(
-        "GET /live HTTP/1.1\r\nX-Big: {}\r\n\r\n",
-        "a".repeat(500_000)
-    );
-    let cases: [(&[u8], u16); 4] = [
+    let cases: [(&[u8], u16); 3] = [
         (b"GET / HTTP/1.1\r\nA header without a colon\r\n\r\n", 400),
         (b"GARBAGE\r\n\r\n", 400),
         (
             b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
             400,
         ),
-        (big.as_bytes(), 431),
     ];
     for (request, status) in cases {
         let mut c = RawConn::connect(relay.port);
-        // The relay may close before all of a large request is written.
-        let _ = c.try_send(request);
+        c.send(request);
         let r = c.response();
         assert_eq!(r.status, status, "{:?}", String::from_utf8_lossy(request));
     }
-    relay.wait_metric("pigeon_relay_malformed_requests_total", |n| n == 4);
+    relay.wait_metric("pigeon_relay_malformed_requests_total", |n| n == 3);
     let log = relay.log();
     assert!(
         log.contains("Refused a request that is not valid HTTP/1.1."),
