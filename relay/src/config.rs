@@ -395,7 +395,7 @@ pub struct Config {
     pub stream: StreamSettings,
     pub objects: ObjectSettings,
     /// `None`: capture is off.
-    pub capture: Option<crate::capture::CaptureSettings>,
+    pub capture: Option<CaptureSettings>,
     pub uploads: UploadSettings,
     /// `None`: plain HTTP.
     pub tls: Option<crate::tls::TlsSettings>,
@@ -453,6 +453,17 @@ pub struct Limits {
     pub header_timeout: std::time::Duration,
     /// Client connections open at once; the next waits in the listen queue.
     pub max_connections: usize,
+}
+
+/// Checked `[capture]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureSettings {
+    /// A roll is written once it has this many bytes of events (uncompressed).
+    pub roll_bytes: u64,
+    /// … or once its first event waited this long.
+    pub roll_age: std::time::Duration,
+    /// With Kafka: the consumer group the relays capture with.
+    pub group: String,
 }
 
 /// Checked `[sink]`.
@@ -864,7 +875,7 @@ pub fn check_tenant(t: &str) -> Result<(), String> {
 }
 
 impl CaptureConfig {
-    fn validate(&self, s3: bool) -> Result<Option<crate::capture::CaptureSettings>, ConfigError> {
+    fn validate(&self, s3: bool) -> Result<Option<CaptureSettings>, ConfigError> {
         if !self.enabled {
             return Ok(None);
         }
@@ -899,7 +910,7 @@ impl CaptureConfig {
         if self.roll_age.get() < std::time::Duration::from_secs(1) {
             return Err(invalid("capture.roll_age", "must be at least 1s"));
         }
-        Ok(Some(crate::capture::CaptureSettings {
+        Ok(Some(CaptureSettings {
             roll_bytes: bytes,
             roll_age: self.roll_age.get(),
             group: g.clone(),
@@ -1215,7 +1226,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             c.capture,
-            Some(crate::capture::CaptureSettings {
+            Some(CaptureSettings {
                 roll_bytes: 1 << 20,
                 roll_age: std::time::Duration::from_secs(30),
                 group: "pigeon-relay-capture".to_owned(),

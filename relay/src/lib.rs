@@ -10,16 +10,25 @@
 //! * [`spec`] — the CloudEvents rules for attributes the SDK does not check;
 //! * [`ingest`] — the CloudEvents HTTP binding (batch, structured, binary; gzip) and
 //!   Pigeon's per-event rules, as pure functions;
-//! * [`serve`] — the connection loop: hyper with a deadline for request headers;
+//! * [`tls`] — HTTPS on the relay's own port, client certificates as identities, the
+//!   certificate reloaded without a restart;
+//! * [`serve`] — the connection loop: hyper with a deadline for request headers and a cap
+//!   on open connections;
 //! * [`server`] — the axum routes: the ingest endpoint, the upload endpoint, `/live`,
 //!   `/ready`, `/metrics`;
+//! * [`request`] — what the handlers share: state, admission, reading and draining
+//!   bodies, the failure answer;
 //! * [`sink`] — the embedded stream sink: the deduplication index, the `.jsonl` stream
 //!   files, the checkpoint that makes the index survive restarts, and the single writer
 //!   thread that does group commits;
-//! * [`upload`] — resumable file uploads: bytes into `objects/`, then the file's event
-//!   (with `dataref`) through the sink;
+//! * [`upload`] — resumable file uploads: bytes into `objects/` (or the bucket), then the
+//!   file's event (with `dataref`) through the sink;
+//! * [`s3`] — the bucket, through aws-sdk-s3: the few calls the relay makes, their errors
+//!   sorted into "try again later" and "gone";
+//! * [`capture`] — every accepted event also into the bucket as gzip'd JSON lines under
+//!   Hive-style keys, from the stream files or from Kafka;
 //! * [`metrics`] — counters and histograms in the Prometheus text format;
-//! * [`service`] — what systemd is told: ready, watchdog pings, status, stopping.
+//! * [`systemd`] — what systemd is told: ready, watchdog pings, status, stopping.
 //!
 //! [`run`] ties them together. The protocol is documented in `docs/protocol.md`, the
 //! files in `docs/data-layout.md`, the configuration in `docs/configuration-relay.md`.
@@ -33,12 +42,13 @@ pub mod config;
 pub mod fuzzing;
 pub mod ingest;
 pub mod metrics;
+pub mod request;
 pub mod s3;
 pub mod serve;
 pub mod server;
-pub mod service;
 pub mod sink;
 pub mod spec;
+pub mod systemd;
 pub mod tls;
 pub mod upload;
 
@@ -190,7 +200,7 @@ pub async fn run(
         tracing::warn!("Unauthenticated ingest is allowed: requests without a token are accepted.");
     }
 
-    let state = Arc::new(server::AppState {
+    let state = Arc::new(request::AppState {
         auth: auth::Authenticator::new(config.gateways.clone(), config.allow_unauthenticated),
         sink: sink.clone(),
         limits: config.limits,
@@ -213,7 +223,7 @@ pub async fn run(
     let stopping = notifier.clone();
     tokio::spawn(async move {
         shutdown.await;
-        service::notify(
+        systemd::notify(
             &stopping,
             &[
                 State::Stopping,
@@ -239,10 +249,10 @@ pub async fn run(
         objects = %config.objects.base_url,
         "The relay is listening."
     );
-    let line = service::status_line(&addr.to_string(), &metrics);
-    service::notify(&notifier, &[State::Ready, State::Status(&line)]);
+    let line = systemd::status_line(&addr.to_string(), &metrics);
+    systemd::notify(&notifier, &[State::Ready, State::Status(&line)]);
     let watchdog = notifier.is_enabled().then(|| {
-        tokio::spawn(service::run(
+        tokio::spawn(systemd::run(
             notifier.clone(),
             pigeon_sdnotify::watchdog_interval(),
             sink.clone(),

@@ -33,8 +33,8 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
-use super::{CaptureSettings, gzip, line_type, object_key};
-use crate::config::KafkaSettings;
+use super::{gzip, line_type, object_key};
+use crate::config::{CaptureSettings, KafkaSettings};
 use crate::metrics::Metrics;
 use crate::s3::Bucket;
 use crate::sink::kafka::binding;

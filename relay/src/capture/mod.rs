@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use pigeon_shared::ce::GatewayId;
 use serde::{Deserialize, Serialize};
 
-use crate::config::DEFAULT_TENANT;
+use crate::config::{CaptureSettings, DEFAULT_TENANT};
 use crate::metrics::Metrics;
 use crate::s3::Bucket;
 use crate::sink::checkpoint::Checkpoint;
@@ -50,17 +50,6 @@ const UNLISTED_FINAL_AFTER: Duration = Duration::from_secs(2 * 3600);
 /// A stream file whose hour ended this long ago is final, and once captured whole moves
 /// below its gateway's `through` mark.
 const FINAL_AFTER_HOURS: i64 = 3;
-
-/// Checked `[capture]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CaptureSettings {
-    /// A roll is written once it has this many bytes of events (uncompressed).
-    pub roll_bytes: u64,
-    /// … or once its first event waited this long.
-    pub roll_age: Duration,
-    /// With Kafka: the consumer group the relays capture with.
-    pub group: String,
-}
 
 /// `state/capture.json`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

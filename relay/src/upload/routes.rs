@@ -22,7 +22,7 @@ use super::service::{Created, PatchRequest, Patched, UploadError, not_found};
 use crate::admission::Ticket;
 use crate::auth::{AuthError, Principal};
 use crate::ingest::media_type;
-use crate::server::{AppState, Failure, admit_client, client_ticket, drain, read_body};
+use crate::request::{AppState, Failure, admit_client, client_ticket, drain, read_body};
 use crate::tls::Peer;
 
 /// Room in a create's body for what surrounds its event.
