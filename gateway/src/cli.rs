@@ -18,12 +18,9 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{Config, DEFAULT_CONFIG};
 use crate::dead_letter_cli::DeadLetterCommand;
+use crate::exit;
 use crate::report::{RunState, StatusReport};
 use crate::stats::{LastErrorLayer, LastErrorSlot};
-
-/// Exit code for a configuration that cannot be used (EX_CONFIG would be 78; 64 is
-/// EX_USAGE, which is what systemd units and scripts here check for).
-pub const EXIT_BAD_CONFIG: u8 = 64;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -64,10 +61,6 @@ enum Command {
     },
 }
 
-/// `status` exit codes, as for LSB init scripts' `status` action.
-const EXIT_NOT_RUNNING: u8 = 3;
-const EXIT_STATE_UNKNOWN: u8 = 4;
-
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -76,7 +69,7 @@ pub fn main() -> ExitCode {
             let _ = e.print();
             // --help and --version are not errors; bad arguments are EX_USAGE like a bad config.
             return if e.use_stderr() {
-                ExitCode::from(EXIT_BAD_CONFIG)
+                ExitCode::from(exit::BAD_CONFIG)
             } else {
                 ExitCode::SUCCESS
             };
@@ -95,7 +88,7 @@ pub fn main() -> ExitCode {
             }
             Err(msg) => {
                 eprintln!("pigeon-gateway: {msg}");
-                ExitCode::from(EXIT_BAD_CONFIG)
+                ExitCode::from(exit::BAD_CONFIG)
             }
         },
         Command::Status { json } => status(&cli.config, json),
@@ -108,7 +101,7 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(msg) => {
                     tracing::error!("{msg}");
-                    return ExitCode::from(EXIT_BAD_CONFIG);
+                    return ExitCode::from(exit::BAD_CONFIG);
                 }
             };
             let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -284,7 +277,7 @@ fn status(path: &std::path::Path, json: bool) -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("pigeon-gateway: {e}");
-            return ExitCode::from(EXIT_BAD_CONFIG);
+            return ExitCode::from(exit::BAD_CONFIG);
         }
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -311,8 +304,8 @@ fn status(path: &std::path::Path, json: bool) -> ExitCode {
     }
     match report.state {
         RunState::Running => ExitCode::SUCCESS,
-        RunState::Stopped => ExitCode::from(EXIT_NOT_RUNNING),
-        RunState::Unknown => ExitCode::from(EXIT_STATE_UNKNOWN),
+        RunState::Stopped => ExitCode::from(exit::NOT_RUNNING),
+        RunState::Unknown => ExitCode::from(exit::STATE_UNKNOWN),
     }
 }
 

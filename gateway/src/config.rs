@@ -11,6 +11,7 @@ use pigeon_shared::ce::GatewayId;
 use pigeon_shared::units::{ByteSize, Duration};
 use serde::Deserialize;
 
+use crate::outbox::db::Synchronous;
 use crate::sources::files::FilesConfig;
 use crate::sources::health::HealthConfig;
 use crate::sources::mqtt::MqttConfig;
@@ -267,14 +268,6 @@ impl Default for OutboxConfig {
 
 fn default_commit_max_records() -> usize {
     4096
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Synchronous {
-    #[default]
-    Full,
-    Normal,
 }
 
 /// Why a configuration cannot be used.

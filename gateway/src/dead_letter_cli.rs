@@ -14,8 +14,8 @@ use pigeon_shared::escape::controls;
 use pigeon_shared::units;
 use serde::Serialize;
 
-use crate::cli::EXIT_BAD_CONFIG;
 use crate::config::Config;
+use crate::exit;
 use crate::outbox::db;
 use crate::outbox::dead_letters::{self, DeadLetter, Selection};
 use crate::report::{count, counted, human_bytes};
@@ -81,7 +81,7 @@ pub fn run(config_path: &Path, command: DeadLetterCommand) -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("pigeon-gateway: {e}");
-            return ExitCode::from(EXIT_BAD_CONFIG);
+            return ExitCode::from(exit::BAD_CONFIG);
         }
     };
     let path = db::path_in(&config.gateway.data_dir);

@@ -9,12 +9,14 @@
 //! What it says about itself: [`stats`] counts (atomics), [`report`] turns the counts,
 //! the outbox depth and the [`host`]'s disk into one snapshot, which [`http`] serves as
 //! `/status` and (via [`metrics`]) `/metrics`, `pigeon-gateway status` prints, and
-//! [`service`] sends to systemd as the status line with the watchdog pings.
-//! [`dead_letter_cli`] is `pigeon-gateway dead-letter list | retry | purge`.
+//! [`systemd`] sends to systemd as the status line with the watchdog pings.
+//! [`dead_letter_cli`] is `pigeon-gateway dead-letter list | retry | purge`; [`exit`] holds
+//! the exit codes the commands share.
 
 pub mod cli;
 pub mod config;
 pub mod dead_letter_cli;
+pub mod exit;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
@@ -23,9 +25,9 @@ pub mod http;
 pub mod metrics;
 pub mod outbox;
 pub mod report;
-pub mod service;
 pub mod sources;
 pub mod stats;
+pub mod systemd;
 pub mod uplink;
 
 use std::future::Future;
@@ -229,10 +231,10 @@ pub async fn run(
             .as_ref()
             .map(|t| ("HTTP endpoint", t.abort_handle())),
     );
-    let ready_line = service::status_line(&live.report().await);
-    service::notify(&notifier, &[State::Ready, State::Status(&ready_line)]);
+    let ready_line = systemd::status_line(&live.report().await);
+    systemd::notify(&notifier, &[State::Ready, State::Status(&ready_line)]);
     let watchdog_task = notifier.is_enabled().then(|| {
-        tokio::spawn(service::run(
+        tokio::spawn(systemd::run(
             notifier.clone(),
             pigeon_sdnotify::watchdog_interval(),
             writer.clone(),
@@ -251,7 +253,7 @@ pub async fn run(
     if let Some(t) = expiry_task {
         t.abort();
     }
-    service::notify(
+    systemd::notify(
         &notifier,
         &[
             State::Stopping,

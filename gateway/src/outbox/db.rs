@@ -5,8 +5,19 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
+use serde::Deserialize;
+
 use super::OutboxError;
-use crate::config::Synchronous;
+
+/// SQLite's `synchronous` for the outbox (`outbox.synchronous`): `full` syncs the WAL at
+/// every commit, `normal` only at checkpoints (a power cut can lose the last commits).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    #[default]
+    Full,
+    Normal,
+}
 
 /// File name of the outbox inside the data directory.
 pub const FILE_NAME: &str = "outbox.db";

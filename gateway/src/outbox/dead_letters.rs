@@ -308,7 +308,7 @@ pub fn purge(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Synchronous;
+    use crate::outbox::db::Synchronous;
     use crate::outbox::{NewRecord, OutboxWriter};
 
     fn record(n: u32, data: &[u8]) -> NewRecord {

@@ -113,8 +113,8 @@ impl Marks {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Synchronous;
     use crate::outbox::db;
+    use crate::outbox::db::Synchronous;
 
     fn mark(session: &str, pkid: u16, dup: bool, digest: u8) -> DeliveryMark {
         DeliveryMark {

@@ -937,7 +937,7 @@ fn dead_letter_packed(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::config::Synchronous;
+    use crate::outbox::db::Synchronous;
     use crate::outbox::{DeliveryMark, OutboxReader};
     use bytes::Bytes;
 

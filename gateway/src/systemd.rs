@@ -155,7 +155,8 @@ mod tests {
     async fn a_live_writer_and_running_tasks_are_healthy_and_a_finished_task_is_not() {
         let dir = tempfile::tempdir().unwrap();
         let path = crate::outbox::db::path_in(dir.path());
-        let mut conn = crate::outbox::db::open(&path, crate::config::Synchronous::Normal).unwrap();
+        let mut conn =
+            crate::outbox::db::open(&path, crate::outbox::db::Synchronous::Normal).unwrap();
         crate::outbox::db::migrate(&mut conn).unwrap();
         let (writer, thread) = OutboxWriter::start(conn, 10).unwrap();
         let running = tokio::spawn(std::future::pending::<()>());
