@@ -11,6 +11,8 @@
 //! * [`dirs`] — the check of a configured data directory both binaries make before starting.
 //! * [`escape`] — control characters escaped, for names from outside in logs and `status`,
 //!   and the log field format both binaries use.
+//! * [`x509`] — a certificate's common name and expiry, for client-certificate identities
+//!   and expiry warnings.
 //!
 //! This crate has no binary-only dependencies (no clap, rusqlite, HTTP stacks or cloud SDKs).
 

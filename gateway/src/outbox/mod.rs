@@ -11,6 +11,8 @@
 //!   (`pigeon-gateway dead-letter …`), safely while the gateway runs.
 //! * [`pack`] stores events compactly: compressed against a dictionary of recent events
 //!   of the same kind, so that a stream of readings does not wear out an SD card.
+//! * [`marks`] remembers the last committed PUBLISH per MQTT session and packet id, to
+//!   recognise a broker's re-delivery after a lost PUBACK.
 //! * [`depth`] caches how much is waiting, for metrics, status and heartbeats.
 //! * [`quota`] keeps the outbox and the spool within their disk budget, dropping the
 //!   oldest data of the lowest priority where its route allows.

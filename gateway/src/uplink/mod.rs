@@ -1,6 +1,8 @@
 //! The uplink: drains the outbox to the relay.
 //!
-//! One batch at a time, in sequence order, over one kept-alive HTTP connection:
+//! One batch at a time (highest priority first, in sequence order within a priority, and
+//! every eighth batch lowest priority first so none starves), over one kept-alive HTTP
+//! connection:
 //! read up to `batch_max_events` records, encode them as a gzip'd CloudEvents batch, POST,
 //! and settle by the relay's per-event results (delete the durable ones, dead-letter the
 //! rejected ones). Nothing leaves the outbox without a result from the relay.

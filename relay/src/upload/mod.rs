@@ -6,6 +6,8 @@
 //! * [`key`] — the upload id and the object key, pure functions;
 //! * [`store`] — the manifests, `.part` files and the commit into `objects/` (blocking I/O);
 //! * [`registry`] — one lease per upload, newest request takes over, and the cached hash;
+//! * [`sha`] — SHA-256 whose state is saved between parts, so a resumed upload is not
+//!   read again;
 //! * [`service`] — create, `PATCH`, `HEAD`, `DELETE`, completion and the abandoned-upload
 //!   sweep, without HTTP;
 //! * [`routes`] — the axum handlers.

@@ -536,9 +536,8 @@ async fn sleep_or_shutdown(shutdown: &mut watch::Receiver<bool>, d: Duration) ->
     }
 }
 
-/// Waits for each message's commit, in the order the messages arrived, and reports it
-/// to the connection loop. Never blocks on the connection.
-/// Waits for each commit in arrival order and reports it to the connection loop. A
+/// Waits for each commit in arrival order and reports it to the connection loop (never
+/// blocking on the connection). A
 /// message a full outbox refused (its route's `when_full = "refuse"`) is offered again
 /// every [`FULL_RETRY`] and not acknowledged meanwhile — so the broker keeps it, and once
 /// `mqtt.max_pending` messages wait, the gateway stops reading — until there is room or
