@@ -353,6 +353,18 @@ impl Bucket {
             .map_err(|e| unavailable("CompleteMultipartUpload", &e))
     }
 
+    /// Deletes the object at `key`; one that is not there is fine (S3 answers the same).
+    pub async fn delete(&self, key: &str) -> Result<(), S3Error> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(self.key(key))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| unavailable("DeleteObject", &e))
+    }
+
     /// Aborts the upload and frees its parts; one that is not there is fine.
     pub async fn abort(&self, key: &str, upload_id: &str) -> Result<(), S3Error> {
         match self

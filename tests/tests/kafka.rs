@@ -255,6 +255,108 @@ async fn post_accepted(relay: &Relay, token: &str, id: &str, source: &str, ty: &
     assert_eq!((code, body["accepted"].as_u64()), (200, Some(1)), "{body}");
 }
 
+/// curl with a bearer token: the status and the body as JSON (`Null` if it is not).
+async fn curl(token: &str, args: &[&str]) -> (u16, serde_json::Value) {
+    let auth = format!("Authorization: Bearer {token}");
+    let mut all = vec!["-sS", "-w", "\n%{http_code}", "-H", auth.as_str()];
+    all.extend_from_slice(args);
+    let out = run_command(Path::new("curl"), &all, secs(60)).await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').expect("status line");
+    (
+        code.trim().parse().expect("status"),
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// Issue 24, found while writing docs/architecture.md: when the stream refused an uploaded
+/// file's event at publish (here a type that cannot be part of the topic's name; the
+/// create's checks do not know the topic), the relay answered the completing PATCH `400`,
+/// which the gateway retries: the whole file was sent again and again. Now the answer is
+/// the upload's `rejected` result, as for a create that breaks a rule, which the gateway
+/// dead-letters; no bytes are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uploaded_files_event_the_stream_refuses_is_a_rejected_result() {
+    let dir = TestDir::new("kafka-upload-refused");
+    let tansu = Tansu::start(&dir).await;
+    let bootstrap = tansu.bootstrap();
+    let relay = Relay::start_with(&dir, &[("pi-1", "tok-1")], |t| {
+        kafka_stream(t, &bootstrap, "pigeon.{tenant}.{type}");
+    })
+    .await;
+    let bytes = "a camera's image, in a few bytes";
+    let digest = {
+        use sha2::Digest as _;
+        let d = sha2::Sha256::digest(bytes.as_bytes());
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let create = serde_json::json!({
+        "event": {
+            "specversion": "1.0", "id": "img-1", "source": "/gateways/pi-1/files/cam",
+            "type": "camera/image", "time": "2026-12-07T10:00:00Z",
+            "producerid": "p-1", "sequence": pigeon_shared::ce::format_sequence(1),
+        },
+        "length": bytes.len(),
+        "sha256": digest,
+        "extension": "jpg",
+    })
+    .to_string();
+    let uploads = format!("{}/v1/uploads", relay.url());
+    let (code, state) = curl(
+        "tok-1",
+        &[
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &create,
+            &uploads,
+        ],
+    )
+    .await;
+    assert_eq!(code, 201, "{state}");
+    let location = format!("{}{}", relay.url(), state["location"].as_str().unwrap());
+    let (code, state) = curl(
+        "tok-1",
+        &[
+            "-X",
+            "PATCH",
+            "-H",
+            "Upload-Offset: 0",
+            "-H",
+            "Content-Type: application/offset+octet-stream",
+            "--data-binary",
+            bytes,
+            &location,
+        ],
+    )
+    .await;
+    assert_eq!(code, 200, "{state}");
+    assert_eq!(state["result"]["status"], "rejected", "{state}");
+    let reason = state["result"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("camera/image") && reason.contains("topic"),
+        "{state}"
+    );
+    assert!(state["dataref"].is_null(), "{state}");
+    // Nothing of it is kept: the upload is gone and no object is left.
+    let (code, _) = curl("tok-1", &["-I", &location]).await;
+    assert_eq!(code, 404);
+    fn files(dir: &Path) -> Vec<std::path::PathBuf> {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .flat_map(|e| match e.file_type() {
+                Ok(t) if t.is_dir() => files(&e.path()),
+                _ => vec![e.path()],
+            })
+            .collect()
+    }
+    let objects = files(&relay.data_dir().join("objects"));
+    assert!(objects.is_empty(), "objects left: {objects:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_get_their_own_topics_and_cannot_write_into_each_other() {
     let dir = TestDir::new("kafka-tenants");

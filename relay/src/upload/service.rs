@@ -1373,12 +1373,27 @@ impl Uploads {
         let status = match outcomes.into_iter().next() {
             Some(Outcome::Duplicate) => EventStatus::Duplicate,
             Some(Outcome::Rejected(reason)) => {
-                // Never storable as it is: the gateway dead-letters it; keep no bytes.
+                // Never storable as it is (a Kafka topic whose max.message.bytes is below
+                // the event, say): answered as a rejected result, as a create's checks
+                // are, so the gateway dead-letters the file instead of sending it again
+                // and again. No bytes are kept.
+                tracing::warn!(gateway = %gateway, upload = %id, reason = %reason, "The stream refused an uploaded file's event; the file is not kept.");
+                self.remove_object(&m.key).await;
                 self.discard(gateway, id).await;
                 lease.held().forget();
-                return Err(UploadError::BadRequest(format!(
-                    "the file arrived, but the stream refused its event: {reason}"
-                )));
+                return Ok(UploadState {
+                    location: None,
+                    offset: m.length,
+                    length: m.length,
+                    result: Some(EventResult {
+                        id: Some(parsed.event.id().to_owned()),
+                        status: EventStatus::Rejected,
+                        reason: Some(format!(
+                            "the file arrived, but the stream refused its event: {reason}"
+                        )),
+                    }),
+                    dataref: None,
+                });
             }
             _ => EventStatus::Accepted,
         };
@@ -1410,6 +1425,31 @@ impl Uploads {
             }),
             dataref: Some(dataref),
         })
+    }
+
+    /// Removes the object of an event the stream refused for good: no event names it (its
+    /// key holds the upload id, so no other upload's event can). Best effort: a failure is
+    /// logged, and leaves an object no event refers to.
+    async fn remove_object(&self, key: &str) {
+        let removed = match &self.objects {
+            Objects::Files => {
+                let path = self.store.object_path(key);
+                blocking("remove the object", move || {
+                    match std::fs::remove_file(&path) {
+                        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                        _ => Ok(()),
+                    }
+                })
+                .await
+            }
+            Objects::S3 { bucket, .. } => bucket
+                .delete(&s3_key(key))
+                .await
+                .map_err(|e| UploadError::Unavailable(e.to_string())),
+        };
+        if let Err(e) = removed {
+            tracing::warn!(key = ?key, error = %e, "Could not remove the object of a refused event; no event refers to it.");
+        }
     }
 
     /// The manifest; an unreadable one is discarded with the upload's bytes (it could
