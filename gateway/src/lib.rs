@@ -3,8 +3,10 @@
 //! Sources ([`sources`]) turn what arrives at the Pi into records; every record is
 //! committed to the SQLite [`outbox`] before it is acknowledged to its producer; the
 //! [`uplink`] drains the outbox to pigeon-relay as CloudEvents batches and deletes a
-//! record only after the relay said it is durable. [`run`] wires them together; the
-//! binary (`main.rs` → [`cli`]) parses arguments, loads the [`config`] and calls it.
+//! record only after the relay said it is durable. Camera files wait in the [`spool`]:
+//! the files source puts them there, the uplink's file lane lets them go. [`run`] wires
+//! them together; the binary (`main.rs` → [`cli`]) parses arguments, loads the
+//! [`config`] and calls it.
 //!
 //! What it says about itself: [`stats`] counts (atomics), [`report`] turns the counts,
 //! the outbox depth and the [`host`]'s disk into one snapshot, which [`http`] serves as
@@ -26,6 +28,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod report;
 pub mod sources;
+pub mod spool;
 pub mod stats;
 pub mod systemd;
 pub mod uplink;
@@ -151,7 +154,7 @@ pub async fn run(
     )?);
     let uplink_task = tokio::spawn(uplink.clone().run(stop_rx.clone()));
     // Files have a lane of their own (also with [files] removed: some may still wait).
-    let spool = Arc::new(sources::files::spool::Spool::at(&config.spool_dir()));
+    let spool = Arc::new(spool::Spool::at(&config.spool_dir()));
     let file_lane_task = tokio::spawn(uplink::run_files(uplink, spool, stop_rx.clone()));
     let files_task = match config.files.clone() {
         Some(f) => {

@@ -64,7 +64,7 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX records_expiry ON records (expires_us) WHERE expires_us IS NOT NULL;
     "#,
     // 3: files. A file record holds a path into the spool, never the bytes; a claim is a
-    // file on its way from a drop directory into the spool (see sources::files::spool).
+    // file on its way from a drop directory into the spool (see crate::spool).
     r#"
     ALTER TABLE records ADD COLUMN file TEXT;          -- name in the spool directory
     ALTER TABLE records ADD COLUMN file_size INTEGER;

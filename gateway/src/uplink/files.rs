@@ -25,7 +25,7 @@ use super::{
     sleep_or_shutdown,
 };
 use crate::outbox::{FileRef, Record};
-use crate::sources::files::spool::{Spool, verify};
+use crate::spool::{Spool, verify};
 
 /// How one attempt at a file ended.
 #[derive(Debug)]

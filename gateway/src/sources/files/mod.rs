@@ -4,14 +4,13 @@
 //! * [`config`] — `[files]` and `[[files.watch]]`;
 //! * [`rules`] — ignore patterns, subject template, content and event types (pure);
 //! * [`tracker`] — when a file counts as finished (pure);
-//! * [`spool`] — taking a finished file into the spool, crash-safely, and what happens
-//!   to it once delivered;
+//! * the spool itself (taking a finished file in crash-safely, letting it go once
+//!   delivered) is [`crate::spool`], which the uplink's file lane uses too;
 //! * [`source`] — the running task: watchers, scans, the tracker and pickups.
 
 mod config;
 pub mod rules;
 mod source;
-pub mod spool;
 pub mod tracker;
 
 pub use config::{AfterUpload, FilesConfig, Finished, RuleConfig, WatchConfig, valid_watch_name};

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use super::config::{RuleConfig, WatchConfig};
+use crate::spool::extension;
 
 /// A file-name pattern with `*` (any run of characters) and `?` (one character).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,18 +139,6 @@ fn lossy_os(s: &std::ffi::OsStr) -> String {
     s.to_string_lossy().into_owned()
 }
 
-/// The file name's extension, lowercased, if it is a plausible one for an object key:
-/// 1 to 16 characters from `a-z 0-9` (so `snap.JPG` → `jpg`, `clip.tar.gz` → `gz`,
-/// `weird.ü` → none).
-pub fn extension(name: &str) -> Option<String> {
-    let (stem, ext) = name.rsplit_once('.')?;
-    if stem.is_empty() {
-        return None;
-    }
-    let ext = ext.to_ascii_lowercase();
-    pigeon_shared::wire::valid_extension(&ext).then_some(ext)
-}
-
 /// Content types by extension, for what cameras and NVRs write.
 const BY_EXTENSION: &[(&str, &str)] = &[
     ("jpg", "image/jpeg"),
@@ -190,9 +179,6 @@ pub fn content_type(name: &str, head: &[u8]) -> &'static str {
     }
     sniff(head).unwrap_or("application/octet-stream")
 }
-
-/// How many first bytes [`sniff`] looks at.
-pub const SNIFF_LEN: usize = 16;
 
 /// The content type the first bytes of a file give away, for the formats cameras write.
 pub fn sniff(head: &[u8]) -> Option<&'static str> {

@@ -27,11 +27,11 @@ use tracing::{debug, error, info, warn};
 
 use super::config::{AfterUpload, FilesConfig, Finished, WatchConfig};
 use super::rules::{Rules, lossy};
-use super::spool::{PickupError, Prepared, Spool, Taken, sync_dirs};
 use super::tracker::{Seen, Stamp, Tracker};
 use crate::outbox::{
     FileClaim, FileRef, KeptFile, NewFile, NewRecord, OutboxError, OutboxReader, OutboxWriter,
 };
+use crate::spool::{PickupError, Prepared, Spool, Taken, sync_dirs};
 use crate::stats::Stats;
 
 /// Most files picked up in one batch (one claim and one commit transaction).
@@ -200,7 +200,7 @@ impl FilesSource {
 
     /// Runs until `shutdown` turns true. A batch being picked up is finished first.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        super::spool::ignore_lease_breaks();
+        crate::spool::ignore_lease_breaks();
         if let Err(e) = self.recover().await {
             error!(error = %e, "Could not finish the pickups the last run left; they are tried again at the next start.");
         }
@@ -435,7 +435,7 @@ impl FilesSource {
     /// now (its writer closed it before anyone was watching: a file in a directory made
     /// a moment ago, or one that arrived while the gateway was stopped); one still open
     /// waits for its close. When the kernel cannot tell (see
-    /// [`is_open_for_writing`](super::spool::is_open_for_writing)), the quiet period
+    /// [`is_open_for_writing`](crate::spool::is_open_for_writing)), the quiet period
     /// decides.
     async fn scan(&mut self, w: usize, dir: &Path, lost_events: bool) -> Vec<Candidate> {
         let recursive = self.watches[w].cfg.recursive;
@@ -487,7 +487,7 @@ impl FilesSource {
         let p = path.to_owned();
         let mark = tokio::task::spawn_blocking(move || {
             let mark = reader.kept(&p).ok().flatten()?;
-            let now = super::spool::FileStat::of(&std::fs::symlink_metadata(&p).ok()?);
+            let now = crate::spool::FileStat::of(&std::fs::symlink_metadata(&p).ok()?);
             Some(
                 mark.dev == now.dev
                     && mark.ino == now.ino
@@ -912,7 +912,7 @@ impl FilesSource {
             let in_spool = self.spool.path(&c.spool).exists();
             let original = std::fs::symlink_metadata(&c.original)
                 .ok()
-                .map(|m| super::spool::FileStat::of(&m));
+                .map(|m| crate::spool::FileStat::of(&m));
             let same_original = original.is_some_and(|s| s.dev == c.dev && s.ino == c.ino);
             if in_spool {
                 finish.push((w, c));
@@ -920,7 +920,7 @@ impl FilesSource {
                 let _ = std::fs::remove_file(self.spool.path(&format!(
                     "{}{}",
                     c.spool,
-                    super::spool::TMP_SUFFIX
+                    crate::spool::TMP_SUFFIX
                 )));
                 if same_original && w != usize::MAX {
                     info!(file = ?c.original, "A file was being picked up when the gateway stopped; picking it up again.");
@@ -939,7 +939,7 @@ impl FilesSource {
         let spool = self.spool.clone();
         let names: Vec<String> = finish.iter().map(|(_, c)| c.spool.clone()).collect();
         let hashed = tokio::task::spawn_blocking(move || {
-            let _ = super::spool::sync_dir(spool.dir());
+            let _ = crate::spool::sync_dir(spool.dir());
             names.iter().map(|n| spool.rehash(n)).collect::<Vec<_>>()
         })
         .await
@@ -967,7 +967,7 @@ impl FilesSource {
         let orphans: Vec<String> = listed
             .into_iter()
             .filter(|n| !known.contains(n))
-            .filter(|n| !n.ends_with(super::spool::TMP_SUFFIX))
+            .filter(|n| !n.ends_with(crate::spool::TMP_SUFFIX))
             .collect();
         for name in &orphans {
             warn!(spool = ?name, "A spooled file is not in the outbox (was the outbox replaced after damage?); sending it as a recovered file.");
@@ -995,8 +995,8 @@ impl FilesSource {
         }
         // Leftover copies in progress without a claim.
         for name in self.spool.list().unwrap_or_default() {
-            if name.ends_with(super::spool::TMP_SUFFIX)
-                && !known.contains(name.trim_end_matches(super::spool::TMP_SUFFIX))
+            if name.ends_with(crate::spool::TMP_SUFFIX)
+                && !known.contains(name.trim_end_matches(crate::spool::TMP_SUFFIX))
             {
                 let _ = std::fs::remove_file(self.spool.path(&name));
             }
@@ -1045,9 +1045,9 @@ fn list_files(dir: &Path, recursive: bool, probe: bool) -> Vec<(PathBuf, Stamp, 
             }
             let Some(s) = stamp_of(&path) else { continue };
             let writing = if probe && ft.is_file() {
-                super::spool::open_for_reading(&path)
+                crate::spool::open_for_reading(&path)
                     .ok()
-                    .and_then(|f| super::spool::is_open_for_writing(&f))
+                    .and_then(|f| crate::spool::is_open_for_writing(&f))
             } else {
                 None
             };

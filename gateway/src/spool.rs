@@ -13,7 +13,7 @@
 //! 3. **commit** — its record (the CloudEvent, with the spool name, size and digest, never
 //!    the bytes) is appended to the outbox, and the claim deleted, in one transaction.
 //!
-//! At start, [`recover`](super::source) finishes or undoes whatever claims are left. The
+//! At start, the files source (`sources::files`) finishes or undoes whatever claims are left. The
 //! functions here block (file I/O): call them on `spawn_blocking`.
 
 use std::fs::{self, File, OpenOptions};
@@ -23,8 +23,23 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::rules::SNIFF_LEN;
 use crate::outbox::{FileClaim, FileRef};
+
+/// The file name's extension, lowercased, if it is a plausible one for an object key:
+/// 1 to 16 characters from `a-z 0-9` (so `snap.JPG` → `jpg`, `clip.tar.gz` → `gz`,
+/// `weird.ü` → none).
+pub fn extension(name: &str) -> Option<String> {
+    let (stem, ext) = name.rsplit_once('.')?;
+    if stem.is_empty() {
+        return None;
+    }
+    let ext = ext.to_ascii_lowercase();
+    pigeon_shared::wire::valid_extension(&ext).then_some(ext)
+}
+
+/// How many first bytes of a file are kept for content sniffing (the drop directories'
+/// `sniff`, which names a file's content type from them).
+pub const SNIFF_LEN: usize = 16;
 
 /// Read and copy buffer size.
 const CHUNK: usize = 256 * 1024;
@@ -238,7 +253,7 @@ impl Spool {
         // A name that is not UTF-8 may still end in ".jpg".
         let ext = path
             .file_name()
-            .and_then(|n| super::rules::extension(&n.to_string_lossy()));
+            .and_then(|n| extension(&n.to_string_lossy()));
         let spool = match ext {
             Some(e) => format!("{}.{e}", uuid::Uuid::now_v7()),
             None => uuid::Uuid::now_v7().to_string(),
