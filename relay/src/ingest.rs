@@ -217,7 +217,7 @@ pub fn parse_events(
     match mode {
         Mode::Batch => {
             let elements = split_batch(body, max_events)?;
-            Ok(elements.into_iter().map(structured_event).collect())
+            Ok(elements.into_iter().map(event_from_text).collect())
         }
         Mode::Structured => {
             let raw: &RawValue = serde_json::from_slice(body).map_err(|e| {
@@ -228,7 +228,7 @@ pub fn parse_events(
                     "a structured-mode body must be a JSON object".to_owned(),
                 ));
             }
-            Ok(vec![structured_event(raw)])
+            Ok(vec![event_from_text(raw)])
         }
         Mode::Binary => Ok(vec![binary_event(headers, body)]),
     }
@@ -363,8 +363,9 @@ impl serde::Serialize for Attributes<'_> {
     }
 }
 
-/// One structured event from its JSON text.
-fn structured_event(raw: &RawValue) -> Result<Parsed, Rejection> {
+/// One structured event from its JSON text: an element of a batch, a structured-mode
+/// body, or the `event` of an upload's `CreateUpload` (and of its manifest).
+pub fn event_from_text(raw: &RawValue) -> Result<Parsed, Rejection> {
     let text = raw.get();
     if !text.starts_with('{') {
         return Err(Rejection::new(None, "an event must be a JSON object"));
@@ -478,12 +479,6 @@ fn check_base64(what: &str, text: &str) -> Result<(), String> {
 pub(crate) fn is_json_media_type(content_type: &str) -> bool {
     let t = media_type(content_type);
     t == "application/json" || t == "text/json" || t.ends_with("+json")
-}
-
-/// One structured event from its JSON text (the `event` of an upload's `CreateUpload`,
-/// or of its manifest), with the same rejections as a structured event of a batch.
-pub fn event_from_text(raw: &RawValue) -> Result<Parsed, Rejection> {
-    structured_event(raw)
 }
 
 /// Attributes that binary mode carries elsewhere than in `ce-` headers.

@@ -80,11 +80,10 @@ where
         };
         let router = router.clone();
         let mut stop = stop_rx.clone();
+        // Moved into the task: the slot and the count are held until the connection ends.
         let open = OpenConnection::new(slot, metrics.clone());
-        let metrics = metrics.clone();
         let header_timeout = limits.header_timeout;
         tokio::spawn(async move {
-            let _open = open;
             let addr = peer.addr;
             let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 req.extensions_mut().insert(ConnectInfo(peer.clone()));
@@ -104,7 +103,7 @@ where
                         // over hyper's 400 KB): hyper answered 400 or 431 with no body
                         // and closed; the log and a counter say what was wrong.
                         Err(e) if e.is_parse() || e.is_parse_too_large() => {
-                            metrics.malformed_requests.fetch_add(1, Relaxed);
+                            open.metrics.malformed_requests.fetch_add(1, Relaxed);
                             tracing::debug!(peer = %addr, error = %e, "Refused a request that is not valid HTTP/1.1.");
                         }
                         Err(e) => tracing::trace!(peer = %addr, error = %e, "A connection ended with an error."),
