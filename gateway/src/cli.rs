@@ -234,16 +234,10 @@ fn report_reachability(config: &Config) {
 /// them is rarely returned; on a 1 GB Pi two arenas are plenty for a handful of threads
 /// and keep the resident size flat.
 fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only adjusts allocator tuning; called before other threads exist.
     // A fixed mmap threshold: buffers of 64 KiB and more (upload batches, read chunks)
     // go straight back to the kernel when freed, instead of glibc raising the threshold
     // after the first one and keeping their pages in the heap for good.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 * 1024);
-    }
+    pigeon_shared::sys::tune_malloc(2, 64 * 1024, 256 * 1024);
 }
 
 fn init_tracing(last_error: Arc<LastErrorSlot>) {

@@ -13,31 +13,11 @@ pub struct DiskSpace {
 
 /// Space on the filesystem holding `path` (`statvfs(3)`), so a bind mount or a separate
 /// partition for the data directory is measured, not the root filesystem.
-#[allow(
-    clippy::useless_conversion,
-    reason = "statvfs fields are u64 here but u32 on armv7"
-)]
 pub fn disk_space(path: &Path) -> std::io::Result<DiskSpace> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
-    // SAFETY: c_path is a valid NUL-terminated string and st points to writable memory of
-    // the right type; statvfs fills it on success.
-    let rc = unsafe { libc::statvfs(c_path.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: statvfs returned 0, so it initialised the struct (and it was zeroed before).
-    let st = unsafe { st.assume_init() };
-    let unit = if st.f_frsize > 0 {
-        u64::from(st.f_frsize)
-    } else {
-        u64::from(st.f_bsize)
-    };
+    let space = pigeon_shared::sys::fs_space(path)?;
     Ok(DiskSpace {
-        total_bytes: u64::from(st.f_blocks).saturating_mul(unit),
-        free_bytes: u64::from(st.f_bavail).saturating_mul(unit),
+        total_bytes: space.total_bytes,
+        free_bytes: space.available_bytes,
     })
 }
 

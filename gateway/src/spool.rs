@@ -21,6 +21,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use pigeon_shared::sys;
 use sha2::{Digest, Sha256};
 
 use crate::outbox::{FileClaim, FileRef};
@@ -176,7 +177,7 @@ impl Spool {
         Ok(Self {
             dir: dir.to_owned(),
             dev,
-            mount: mount_id(dir),
+            mount: sys::mount_id(dir),
         })
     }
 
@@ -186,7 +187,7 @@ impl Spool {
         Self {
             dir: dir.to_owned(),
             dev: fs::metadata(dir).map_or(0, |m| m.dev()),
-            mount: mount_id(dir),
+            mount: sys::mount_id(dir),
         }
     }
 
@@ -201,7 +202,7 @@ impl Spool {
     /// Whether files in `dir` can be renamed into the spool (same filesystem, same
     /// mount), so that they move instead of being copied.
     pub fn same_filesystem(&self, dir: &Path) -> bool {
-        fs::metadata(dir).is_ok_and(|m| m.dev() == self.dev) && self.same_mount(mount_id(dir))
+        fs::metadata(dir).is_ok_and(|m| m.dev() == self.dev) && self.same_mount(sys::mount_id(dir))
     }
 
     fn same_mount(&self, other: Option<u64>) -> bool {
@@ -246,7 +247,7 @@ impl Spool {
         }
         // A file whose end was guessed from a quiet period (found by a scan, in a new
         // directory, after lost events) may still be open: its writer only paused.
-        if is_open_for_writing(&file) == Some(true) {
+        if sys::is_open_for_writing(&file) == Some(true) {
             return Err(PickupError::StillOpen);
         }
         let stat = FileStat::of(&meta);
@@ -258,7 +259,7 @@ impl Spool {
             Some(e) => format!("{}.{e}", uuid::Uuid::now_v7()),
             None => uuid::Uuid::now_v7().to_string(),
         };
-        let copy = copy || stat.dev != self.dev || !self.same_mount(fd_mount_id(&file));
+        let copy = copy || stat.dev != self.dev || !self.same_mount(sys::file_mount_id(&file));
         Ok(Prepared {
             claim: FileClaim {
                 spool,
@@ -440,34 +441,6 @@ impl Spool {
     }
 }
 
-/// The id of the mount `path` is on (`statx` `STATX_MNT_ID`), if the kernel tells.
-fn mount_id(path: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    statx_mount(libc::AT_FDCWD, &c, 0)
-}
-
-/// The id of the mount an open file is on.
-fn fd_mount_id(file: &File) -> Option<u64> {
-    use std::os::fd::AsRawFd;
-    statx_mount(file.as_raw_fd(), c"", libc::AT_EMPTY_PATH)
-}
-
-fn statx_mount(dirfd: libc::c_int, path: &std::ffi::CStr, flags: libc::c_int) -> Option<u64> {
-    // SAFETY: statx fills the zeroed struct it is given; `path` is NUL-terminated.
-    let mut st: libc::statx = unsafe { std::mem::zeroed() };
-    let r = unsafe {
-        libc::statx(
-            dirfd,
-            path.as_ptr(),
-            flags | libc::AT_STATX_SYNC_AS_STAT,
-            libc::STATX_MNT_ID,
-            &mut st,
-        )
-    };
-    (r == 0 && st.stx_mask & libc::STATX_MNT_ID != 0).then_some(st.stx_mnt_id)
-}
-
 /// Opens a file in a drop directory to read it: never following a link out of the
 /// directory, never blocking on a FIFO.
 pub fn open_for_reading(path: &Path) -> io::Result<File> {
@@ -477,71 +450,18 @@ pub fn open_for_reading(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-/// Whether any process has `file` open for writing: `Some(true)` or `Some(false)` when the
-/// kernel can tell, `None` when it cannot (not the file's owner and no `CAP_LEASE`, or a
-/// filesystem without leases, e.g. NFS).
-///
-/// A read lease can only be taken on a file nobody has open for writing (`EAGAIN`
-/// otherwise). It is given back at once; a writer opening the file meanwhile waits those
-/// microseconds for it (and the lease-break signal, SIGIO, is ignored: see
-/// [`ignore_lease_breaks`]).
-pub fn is_open_for_writing(file: &File) -> Option<bool> {
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
-    // SAFETY: fcntl on a descriptor we own; F_SETLEASE takes an int argument.
-    let r = unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) };
-    if r == 0 {
-        // SAFETY: as above; gives the lease back.
-        unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK) };
-        return Some(false);
-    }
-    match io::Error::last_os_error().raw_os_error() {
-        Some(libc::EAGAIN) => Some(true),
-        _ => None,
-    }
-}
-
-/// Makes the lease-break signal harmless: [`is_open_for_writing`] holds a lease for
-/// microseconds, and a writer opening the file right then would otherwise send SIGIO,
-/// whose default is to end the process.
-pub fn ignore_lease_breaks() {
-    // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions; nothing
-    // in the gateway uses SIGIO.
-    unsafe {
-        libc::signal(libc::SIGIO, libc::SIG_IGN);
-    }
-}
-
 /// Renames `from` to `to` unless something is at `to` (`AlreadyExists` then).
 fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in a path"))
-    };
-    let (f, t) = (c(from)?, c(to)?);
-    // SAFETY: both paths are NUL-terminated and outlive the call.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            f.as_ptr(),
-            libc::AT_FDCWD,
-            t.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if r == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EINVAL) {
-        // A filesystem without RENAME_NOREPLACE: look, then rename.
-        if fs::symlink_metadata(to).is_ok() {
-            return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+    match sys::rename_noreplace(from, to) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            // A filesystem without RENAME_NOREPLACE: look, then rename.
+            if fs::symlink_metadata(to).is_ok() {
+                return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+            }
+            fs::rename(from, to)
         }
-        return fs::rename(from, to);
+        r => r,
     }
-    Err(e)
 }
 
 /// `to` with `-<spool stem>` before its extension (`snap.jpg` → `snap-0190c7a4-….jpg`).
@@ -751,9 +671,7 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, PickupError::NotRegular(_)), "{e}");
         let fifo = drop.join("pipe.jpg");
-        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: a valid NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        sys::make_fifo(&fifo, 0o644).unwrap();
         let e = spool
             .prepare("c", &fifo, Path::new("pipe.jpg"), false, 1)
             .unwrap_err();
@@ -767,12 +685,12 @@ mod tests {
     #[test]
     fn a_file_still_open_for_writing_is_refused_until_closed() {
         let (_d, spool, drop) = setup();
-        ignore_lease_breaks();
+        sys::ignore_lease_breaks();
         let f = drop.join("open.jpg");
         let mut w = File::create(&f).unwrap();
         w.write_all(b"half").unwrap();
-        let me_owner = unsafe { libc::geteuid() } == 0
-            || fs::metadata(&f).unwrap().uid() == unsafe { libc::geteuid() };
+        let me = sys::effective_uid();
+        let me_owner = me == 0 || fs::metadata(&f).unwrap().uid() == me;
         if me_owner {
             let e = spool
                 .prepare("c", &f, Path::new("open.jpg"), false, 1)
@@ -783,7 +701,7 @@ mod tests {
         let p = spool
             .prepare("c", &f, Path::new("open.jpg"), false, 1)
             .unwrap();
-        assert_eq!(is_open_for_writing(&p.file), Some(false));
+        assert_eq!(sys::is_open_for_writing(&p.file), Some(false));
     }
 
     #[test]

@@ -134,30 +134,14 @@ const RESERVED_DESCRIPTORS: u64 = 1024;
 /// Raises the soft limit on open files to the hard one (as the systemd unit's
 /// `LimitNOFILE` sets both), and warns when `max_connections` would not fit under it:
 /// accepts would then fail with "too many open files" before the connection cap applies.
-// rlim_t is u32 on 32-bit ARM, u64 elsewhere.
-#[allow(clippy::unnecessary_cast)]
 pub fn raise_descriptor_limit(max_connections: usize) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+    let Some(open_files) = pigeon_shared::sys::raise_open_files_limit() else {
         return;
-    }
-    if limit.rlim_cur < limit.rlim_max {
-        let raised = libc::rlimit {
-            rlim_cur: limit.rlim_max,
-            rlim_max: limit.rlim_max,
-        };
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            limit = raised;
-        }
-    }
+    };
     let needed = (max_connections as u64).saturating_add(RESERVED_DESCRIPTORS);
-    if (limit.rlim_cur as u64) < needed {
+    if open_files < needed {
         tracing::warn!(
-            open_files = limit.rlim_cur as u64,
+            open_files,
             max_connections,
             "The limit on open files is below limits.max_connections plus {RESERVED_DESCRIPTORS}: \
              a flood of connections would make accepts fail before the connection cap applies. \

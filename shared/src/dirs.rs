@@ -96,10 +96,7 @@ fn try_write_in(dir: &Path) -> io::Result<()> {
 }
 
 fn user() -> String {
-    std::env::var("USER").unwrap_or_else(|_| {
-        // SAFETY: geteuid(2) cannot fail and has no preconditions.
-        format!("uid {}", unsafe { libc::geteuid() })
-    })
+    std::env::var("USER").unwrap_or_else(|_| format!("uid {}", crate::sys::effective_uid()))
 }
 
 #[cfg(test)]

@@ -11,10 +11,14 @@
 //! * [`dirs`] — the check of a configured data directory both binaries make before starting.
 //! * [`escape`] — control characters escaped, for names from outside in logs and `status`,
 //!   and the log field format both binaries use.
+//! * [`shutdown`] — the one stop signal a binary's tasks share.
+//! * [`sys`] — every libc call of the workspace behind a safe function (the one module
+//!   allowed `unsafe`).
 //! * [`x509`] — a certificate's common name and expiry, for client-certificate identities
 //!   and expiry warnings.
 //!
-//! This crate has no binary-only dependencies (no clap, rusqlite, HTTP stacks or cloud SDKs).
+//! This crate has no binary-only dependencies (no clap, rusqlite, HTTP stacks or cloud SDKs;
+//! tokio only for its sync primitives and timer).
 
 pub mod ce;
 pub mod dirs;
@@ -23,6 +27,8 @@ pub mod escape;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod json;
+pub mod shutdown;
+pub mod sys;
 pub mod units;
 pub mod wire;
 pub mod x509;

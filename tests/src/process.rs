@@ -191,10 +191,8 @@ impl Proc {
             .pid()
             .unwrap_or_else(|| panic!("{} is not running", self.label));
         self.mark("SIGTERM");
-        // SAFETY: kill(2) has no memory-safety preconditions; pid is our own child, not reaped yet.
-        unsafe {
-            libc::kill(pid as libc::pid_t, libc::SIGTERM);
-        }
+        // Our own child, not reaped yet.
+        let _ = pigeon_shared::sys::send_signal(pid, libc::SIGTERM);
         match self.wait_exit(grace).await {
             Some(status) => status,
             None => {
@@ -298,8 +296,7 @@ pub fn describe(out: &Output) -> String {
 
 /// Whether this process runs as root (mosquitto then needs `user root` to keep its rights).
 pub fn is_root() -> bool {
-    // SAFETY: geteuid(2) cannot fail and has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    pigeon_shared::sys::effective_uid() == 0
 }
 
 /// A port on 127.0.0.1 that was free a moment ago, chosen at random below Linux's

@@ -200,7 +200,7 @@ impl FilesSource {
 
     /// Runs until `shutdown` turns true. A batch being picked up is finished first.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        crate::spool::ignore_lease_breaks();
+        pigeon_shared::sys::ignore_lease_breaks();
         if let Err(e) = self.recover().await {
             error!(error = %e, "Could not finish the pickups the last run left; they are tried again at the next start.");
         }
@@ -435,7 +435,7 @@ impl FilesSource {
     /// now (its writer closed it before anyone was watching: a file in a directory made
     /// a moment ago, or one that arrived while the gateway was stopped); one still open
     /// waits for its close. When the kernel cannot tell (see
-    /// [`is_open_for_writing`](crate::spool::is_open_for_writing)), the quiet period
+    /// [`is_open_for_writing`](pigeon_shared::sys::is_open_for_writing)), the quiet period
     /// decides.
     async fn scan(&mut self, w: usize, dir: &Path, lost_events: bool) -> Vec<Candidate> {
         let recursive = self.watches[w].cfg.recursive;
@@ -1047,7 +1047,7 @@ fn list_files(dir: &Path, recursive: bool, probe: bool) -> Vec<(PathBuf, Stamp, 
             let writing = if probe && ft.is_file() {
                 crate::spool::open_for_reading(&path)
                     .ok()
-                    .and_then(|f| crate::spool::is_open_for_writing(&f))
+                    .and_then(|f| pigeon_shared::sys::is_open_for_writing(&f))
             } else {
                 None
             };
