@@ -17,9 +17,9 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use pigeon_shared::ce::GatewayId;
+use pigeon_shared::shutdown::Shutdown;
 use pigeon_shared::units::Duration;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::host::{self, DiskSpace};
@@ -245,16 +245,12 @@ impl HealthSource {
     }
 
     /// Commits a heartbeat soon after the start and then every interval, until
-    /// `shutdown` turns true.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    /// `shutdown` stops it.
+    pub async fn run(self, mut shutdown: Shutdown) {
         let mut sampler = Some(Sampler::new(self.data_dir.clone()));
         let mut delay = FIRST_AFTER;
         loop {
-            // Ok: shutdown was requested (or its sender is gone) before the delay passed.
-            if tokio::time::timeout(delay, shutdown.wait_for(|&stop| stop))
-                .await
-                .is_ok()
-            {
+            if shutdown.stopped_within(delay).await {
                 break;
             }
             delay = self.config.interval.get();

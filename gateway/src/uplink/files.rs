@@ -13,16 +13,15 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use pigeon_shared::json;
+use pigeon_shared::shutdown::Shutdown;
 use pigeon_shared::wire::{self, CreateUpload, EventStatus, UploadState};
 use reqwest::{StatusCode, header};
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
 use super::body::stream_file;
 use super::{
     Backoff, Failure, IDLE_RECHECK, Uplink, encode, error_chain, error_message, retry_after,
-    sleep_or_shutdown,
 };
 use crate::outbox::{FileRef, Record};
 use crate::spool::{Spool, verify};
@@ -65,19 +64,15 @@ fn relay_failed(reason: String) -> Attempt {
     }
 }
 
-/// Runs the file lane until `shutdown` turns true; files in flight are abandoned where
+/// Runs the file lane until `shutdown` stops it; files in flight are abandoned where
 /// they are (the relay keeps what it got; the next start continues).
-pub async fn run_files(
-    uplink: Arc<Uplink>,
-    spool: Arc<Spool>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn run_files(uplink: Arc<Uplink>, spool: Arc<Spool>, mut shutdown: Shutdown) {
     let slots = uplink.config.max_file_uploads.max(1);
     // The files being sent, by sequence: each worker has its file's record until the
     // relay has it (then the record is gone) or the gateway stops.
     let mut busy: std::collections::HashSet<u64> = std::collections::HashSet::new();
     let mut active: JoinSet<u64> = JoinSet::new();
-    while !*shutdown.borrow() {
+    while !shutdown.is_stopping() {
         if active.len() < slots {
             let reader = uplink.reader.clone();
             let want = slots + busy.len();
@@ -106,7 +101,7 @@ pub async fn run_files(
         }
         let room = active.len() < slots;
         tokio::select! {
-            _ = shutdown.changed() => {}
+            () = shutdown.stopped() => {}
             done = active.join_next(), if !active.is_empty() => {
                 if let Some(Ok(seq)) = done {
                     busy.remove(&seq);
@@ -121,12 +116,7 @@ pub async fn run_files(
 }
 
 /// Sends one file until the relay has it (or refuses it), then lets it go.
-async fn deliver(
-    up: Arc<Uplink>,
-    spool: Arc<Spool>,
-    rec: Record,
-    mut shutdown: watch::Receiver<bool>,
-) {
+async fn deliver(up: Arc<Uplink>, spool: Arc<Spool>, rec: Record, mut shutdown: Shutdown) {
     let Some(file) = rec.file.clone() else {
         return;
     };
@@ -138,7 +128,7 @@ async fn deliver(
     let mut agains = 0;
     let mut answered_failures = 0u32;
     let outcome = loop {
-        if *shutdown.borrow() {
+        if shutdown.is_stopping() {
             return;
         }
         if up.yield_to_events(rec.priority, &mut shutdown).await {
@@ -191,7 +181,7 @@ async fn deliver(
                 } else {
                     debug!(file = %file.spool, reason = %reason, retry_in = ?delay, "File upload attempt failed.");
                 }
-                if sleep_or_shutdown(&mut shutdown, delay).await {
+                if shutdown.stopped_within(delay).await {
                     return;
                 }
             }
@@ -231,7 +221,7 @@ async fn deliver(
                     }
                     Err(_) => {}
                 }
-                if sleep_or_shutdown(&mut shutdown, backoff.next_delay()).await {
+                if shutdown.stopped_within(backoff.next_delay()).await {
                     return;
                 }
             }
@@ -249,7 +239,7 @@ async fn deliver(
                 Backoff::new(up.config.backoff_initial.get(), up.config.backoff_max.get());
             while let Err(e) = up.writer.settle(vec![rec.seq], vec![]).await {
                 error!(error = %e, "Could not remove a delivered file's record from the outbox; retrying.");
-                if sleep_or_shutdown(&mut shutdown, backoff.next_delay()).await {
+                if shutdown.stopped_within(backoff.next_delay()).await {
                     return;
                 }
             }
@@ -282,7 +272,7 @@ impl Uplink {
     /// `priority` (a backlog of alarms goes before video on a slow uplink), for at most
     /// [`YIELD_AT_MOST`] so that files are never held back for ever. True if the gateway
     /// is stopping.
-    async fn yield_to_events(&self, priority: u8, shutdown: &mut watch::Receiver<bool>) -> bool {
+    async fn yield_to_events(&self, priority: u8, shutdown: &mut Shutdown) -> bool {
         let start = Instant::now();
         while start.elapsed() < YIELD_AT_MOST {
             let reader = self.reader.clone();
@@ -295,7 +285,7 @@ impl Uplink {
             if !behind {
                 return false;
             }
-            if sleep_or_shutdown(shutdown, Duration::from_millis(100)).await {
+            if shutdown.stopped_within(Duration::from_millis(100)).await {
                 return true;
             }
         }

@@ -24,9 +24,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use pigeon_shared::shutdown::Shutdown;
 use pigeon_shared::wire::{self, EventStatus, IngestResponse};
 use reqwest::header;
-use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 pub use backoff::Backoff;
@@ -138,10 +138,10 @@ impl Uplink {
         })
     }
 
-    /// Runs the batch lane until `shutdown` turns true. A request already sent is
+    /// Runs the batch lane until `shutdown` stops it. A request already sent is
     /// finished first (the caller bounds that with the shutdown deadline). Files have a
     /// lane of their own ([`run_files`]).
-    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
         // Per priority, the highest sequence sent: higher priorities drain first, each
         // in sequence order.
         let mut cursors: Cursors = [0; PRIORITIES as usize];
@@ -165,14 +165,14 @@ impl Uplink {
         let mut lingering_since: Option<Instant> = None;
         // The previous batch's settle commits while the next batch is on the wire.
         let mut settling: Option<tokio::task::JoinHandle<()>> = None;
-        while !*shutdown.borrow() {
+        while !shutdown.is_stopping() {
             let t_read = Instant::now();
             let lowest_first = batches % STARVATION_GUARD == STARVATION_GUARD - 1;
             let (batch, min_seq) = match self.read(cursors, lowest_first, limit).await {
                 Ok(b) => b,
                 Err(e) => {
                     error!(error = %e, "Cannot read the outbox; retrying.");
-                    if sleep_or_shutdown(&mut shutdown, backoff.next_delay()).await {
+                    if shutdown.stopped_within(backoff.next_delay()).await {
                         break;
                     }
                     continue;
@@ -180,7 +180,7 @@ impl Uplink {
             };
             let Some(first) = batch.first() else {
                 tokio::select! {
-                    _ = shutdown.changed() => {}
+                    () = shutdown.stopped() => {}
                     _ = self.writer.committed() => {}
                     _ = tokio::time::sleep(IDLE_RECHECK) => {}
                 }
@@ -193,7 +193,7 @@ impl Uplink {
                     // An alarm committed meanwhile ends the wait: it goes now, and the
                     // routine events with it.
                     tokio::select! {
-                        _ = shutdown.changed() => {}
+                        () = shutdown.stopped() => {}
                         _ = self.writer.urgent_committed() => {}
                         _ = tokio::time::sleep(wait) => {}
                     }
@@ -321,7 +321,7 @@ impl Uplink {
                     } else {
                         debug!(relay = %self.url, reason = %reason, retry_in = ?delay, "Delivery attempt failed.");
                     }
-                    if sleep_or_shutdown(&mut shutdown, delay).await {
+                    if shutdown.stopped_within(delay).await {
                         break;
                     }
                 }
@@ -619,14 +619,6 @@ fn tls_hint(error: &str) -> Option<&'static str> {
     } else {
         "the gateway does not accept the relay's certificate"
     })
-}
-
-/// Sleeps for `d`; returns true if shutdown was requested meanwhile.
-async fn sleep_or_shutdown(shutdown: &mut watch::Receiver<bool>, d: Duration) -> bool {
-    tokio::select! {
-        _ = shutdown.changed() => true,
-        _ = tokio::time::sleep(d) => *shutdown.borrow(),
-    }
 }
 
 #[cfg(test)]

@@ -21,8 +21,9 @@ use std::time::{Duration, Instant, SystemTime};
 use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
 use notify::{Event, EventKind, RecursiveMode, Watcher};
 use pigeon_shared::ce::GatewayId;
+use pigeon_shared::shutdown::Shutdown;
 use pigeon_shared::wire::sha256_hex;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use super::config::{AfterUpload, FilesConfig, Finished, WatchConfig};
@@ -198,8 +199,8 @@ impl FilesSource {
             .collect()
     }
 
-    /// Runs until `shutdown` turns true. A batch being picked up is finished first.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+    /// Runs until `shutdown` stops it. A batch being picked up is finished first.
+    pub async fn run(mut self, mut shutdown: Shutdown) {
         pigeon_shared::sys::ignore_lease_breaks();
         if let Err(e) = self.recover().await {
             error!(error = %e, "Could not finish the pickups the last run left; they are tried again at the next start.");
@@ -210,7 +211,7 @@ impl FilesSource {
         let mut next_rescan = tokio::time::Instant::now() + self.config.rescan_interval.get();
         let mut next_retry = tokio::time::Instant::now() + RETRY_AFTER;
         loop {
-            while !ready.is_empty() && !*shutdown.borrow() {
+            while !ready.is_empty() && !shutdown.is_stopping() {
                 let batch: Vec<_> = ready.drain(..ready.len().min(BATCH)).collect();
                 self.pickup(batch).await;
             }
@@ -230,7 +231,7 @@ impl FilesSource {
                 .map(|(at, _, _)| tokio::time::Instant::from_std(*at))
                 .fold(due, std::cmp::min);
             tokio::select! {
-                _ = shutdown.changed() => break,
+                () = shutdown.stopped() => break,
                 ev = rx.recv() => {
                     let Some(ev) = ev else { break };
                     ready.extend(self.on_event(ev).await);
@@ -244,7 +245,7 @@ impl FilesSource {
                 }
                 _ = tokio::time::sleep_until(due) => {}
             }
-            if *shutdown.borrow() {
+            if shutdown.is_stopping() {
                 break;
             }
             let now = tokio::time::Instant::now();

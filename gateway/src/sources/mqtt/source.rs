@@ -21,13 +21,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pigeon_shared::ce::GatewayId;
+use pigeon_shared::shutdown::Shutdown;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{
     Connect, Login, Packet, PubAck, PubComp, PubRec, Publish, Subscribe, SubscribeFilter,
     SubscribeReasonCode, Unsubscribe,
 };
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use super::MqttConfig;
@@ -130,9 +131,9 @@ impl MqttSource {
         c
     }
 
-    /// Runs until `shutdown` turns true, then stops reading, acknowledges what was
+    /// Runs until `shutdown` stops it, then stops reading, acknowledges what was
     /// committed, and disconnects.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self, mut shutdown: Shutdown) {
         // Both channels hold at most `max_pending` messages per connection (reading
         // pauses at that many), so they need no bound of their own — and must have none:
         // a full channel here would stop the acknowledgements that empty it.
@@ -152,11 +153,11 @@ impl MqttSource {
         let mut conn_no = 0u64;
         let io_timeout = self.config.keep_alive.get().max(Duration::from_secs(5));
         loop {
-            if *shutdown.borrow() {
+            if shutdown.is_stopping() {
                 break;
             }
             let connected = tokio::select! {
-                _ = shutdown.changed() => break,
+                () = shutdown.stopped() => break,
                 r = Conn::connect(
                     (self.config.host.as_str(), self.config.port),
                     self.connect_packet(),
@@ -202,7 +203,7 @@ impl MqttSource {
                     debug!(broker = %self.session, error = %e, "MQTT reconnect failed.");
                 }
             }
-            if sleep_or_shutdown(&mut shutdown, delay).await {
+            if shutdown.stopped_within(delay).await {
                 break;
             }
             delay = (delay * 2).min(Duration::from_secs(30));
@@ -220,7 +221,7 @@ impl MqttSource {
         session_present: bool,
         ack_tx: &mpsc::UnboundedSender<PendingAck>,
         committed_rx: &mut mpsc::UnboundedReceiver<Committed>,
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &mut Shutdown,
     ) -> Ended {
         let max_pending = self.config.max_pending;
         let mut pending = 0usize;
@@ -240,7 +241,7 @@ impl MqttSource {
             }
             tokio::select! {
                 biased;
-                _ = shutdown.changed() => break,
+                () = shutdown.stopped() => break,
                 Some(first) = committed_rx.recv() => {
                     // Every commit reported so far, acknowledged in one write.
                     let mut next = Some(first);
@@ -526,14 +527,6 @@ fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()>
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)
-}
-
-/// Sleeps for `d`; returns true if shutdown was requested meanwhile.
-async fn sleep_or_shutdown(shutdown: &mut watch::Receiver<bool>, d: Duration) -> bool {
-    tokio::select! {
-        _ = shutdown.changed() => true,
-        _ = tokio::time::sleep(d) => *shutdown.borrow(),
-    }
 }
 
 /// Waits for each commit in arrival order and reports it to the connection loop (never
