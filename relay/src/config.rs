@@ -418,7 +418,7 @@ pub enum StreamSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KafkaSettings {
     pub brokers: String,
-    pub topic: crate::sink::kafka::binding::TopicTemplate,
+    pub topic: crate::sink::stream::kafka::binding::TopicTemplate,
     /// Set on the producer and the read-back consumer: client.id, security, and
     /// `properties`, in that order.
     pub client_properties: Vec<(String, String)>,
@@ -719,7 +719,7 @@ impl RelayConfig {
             None => match &s3 {
                 None => format!(
                     "{}/",
-                    file_url(&data_dir.join(crate::sink::stream::OBJECTS_DIR))
+                    file_url(&data_dir.join(crate::data_dir::OBJECTS_DIR))
                 ),
                 Some(s) => format!("s3://{}/{}{}/", s.bucket, s.prefix, OBJECTS_PREFIX),
             },
@@ -1021,7 +1021,7 @@ impl StreamConfig {
                 "must be set when stream.kind = \"kafka\" (host:port, comma-separated)",
             ));
         }
-        let topic = crate::sink::kafka::binding::TopicTemplate::parse(&k.topic)
+        let topic = crate::sink::stream::kafka::binding::TopicTemplate::parse(&k.topic)
             .map_err(|p| invalid("stream.kafka.topic", p))?;
         if k.delivery_timeout.get() < std::time::Duration::from_secs(1) {
             return Err(invalid(

@@ -18,9 +18,10 @@
 //!   `/ready`, `/metrics`;
 //! * [`request`] — what the handlers share: state, admission, reading and draining
 //!   bodies, the failure answer;
-//! * [`sink`] — the embedded stream sink: the deduplication index, the `.jsonl` stream
-//!   files, the checkpoint that makes the index survive restarts, and the single writer
-//!   thread that does group commits;
+//! * [`data_dir`] — the data dir's layout and its durable file operations;
+//! * [`sink`] — the embedded stream sink: the deduplication index, the stream (`.jsonl`
+//!   files or Kafka, behind one interface), the checkpoint that makes the index survive
+//!   restarts, and the single writer thread that does group commits;
 //! * [`upload`] — resumable file uploads: bytes into `objects/` (or the bucket), then the
 //!   file's event (with `dataref`) through the sink;
 //! * [`s3`] — the bucket, through aws-sdk-s3: the few calls the relay makes, their errors
@@ -37,6 +38,7 @@ pub mod admission;
 pub mod auth;
 pub mod capture;
 pub mod config;
+pub mod data_dir;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;

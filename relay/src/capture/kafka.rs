@@ -37,7 +37,7 @@ use super::{gzip, line_type, object_key};
 use crate::config::{CaptureSettings, KafkaSettings};
 use crate::metrics::Metrics;
 use crate::s3::Bucket;
-use crate::sink::kafka::binding;
+use crate::sink::stream::kafka::binding;
 
 /// Where the roll ranges go, after `objects.s3.prefix`.
 pub const STATE_PREFIX: &str = "capture-state";

@@ -30,10 +30,11 @@ use pigeon_shared::ce::GatewayId;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{CaptureSettings, DEFAULT_TENANT};
+use crate::data_dir::{STATE_DIR, STREAM_DIR, write_atomic};
 use crate::metrics::Metrics;
 use crate::s3::Bucket;
 use crate::sink::checkpoint::Checkpoint;
-use crate::sink::stream::{STATE_DIR, STREAM_DIR, complete_prefix_len, write_atomic};
+use crate::sink::stream::files::complete_prefix_len;
 
 pub mod kafka;
 

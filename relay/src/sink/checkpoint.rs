@@ -22,7 +22,7 @@ use pigeon_shared::ce::{self, GatewayId};
 use serde::{Deserialize, Serialize};
 
 use super::dedup::{DedupIndex, ProducerState};
-use super::stream::{OBJECTS_DIR, STATE_DIR, STREAM_DIR, ensure_dir, sync_dir};
+use crate::data_dir::{OBJECTS_DIR, STATE_DIR, STREAM_DIR, ensure_dir, sync_dir, write_atomic};
 
 /// The checkpoint's file name inside `state/`.
 pub const CHECKPOINT_FILE: &str = "dedup.json";
@@ -45,9 +45,9 @@ pub struct Checkpoint {
     /// Stream file (relative to the data dir) → bytes of complete lines it covers.
     pub files: BTreeMap<String, u64>,
     /// With the Kafka stream: topic → partition → the offset below which every record is
-    /// in the index (see [`super::kafka`]).
+    /// in the index (see [`super::stream::kafka`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub kafka: super::kafka::Frontiers,
+    pub kafka: super::stream::kafka::Frontiers,
 }
 
 /// One (gateway, producer)'s deduplication state.
@@ -63,11 +63,10 @@ pub struct ProducerCheckpoint {
 }
 
 impl Checkpoint {
-    /// Captures the index and file lengths now.
-    pub fn capture<'a>(
-        index: &DedupIndex,
-        files: impl IntoIterator<Item = (&'a str, u64)>,
-    ) -> Self {
+    /// Captures the index now; the stream adds its part ([`Stream::save`]).
+    ///
+    /// [`Stream::save`]: super::stream::Stream::save
+    pub fn capture(index: &DedupIndex) -> Self {
         Self {
             version: CHECKPOINT_VERSION,
             written_at_ms: unix_ms(SystemTime::now()),
@@ -80,7 +79,7 @@ impl Checkpoint {
                     ranges: s.ranges().collect(),
                 })
                 .collect(),
-            files: files.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            files: BTreeMap::new(),
             kafka: BTreeMap::new(),
         }
     }
@@ -88,7 +87,7 @@ impl Checkpoint {
     /// Writes the checkpoint atomically into `state_dir`.
     pub fn store(&self, state_dir: &Path) -> io::Result<()> {
         let json = serde_json::to_vec(self).map_err(io::Error::other)?;
-        super::stream::write_atomic(state_dir, CHECKPOINT_FILE, &json)
+        write_atomic(state_dir, CHECKPOINT_FILE, &json)
     }
 
     /// Reads the checkpoint from `state_dir`; `Ok(None)` if there is none.
@@ -164,8 +163,8 @@ pub struct Recovered {
     pub from_checkpoint: bool,
     /// When the checkpoint used was written.
     pub checkpoint_at: Option<SystemTime>,
-    /// The checkpoint's Kafka frontiers (see [`super::kafka`]).
-    pub kafka: super::kafka::Frontiers,
+    /// The checkpoint's Kafka frontiers (see [`super::stream::kafka`]).
+    pub kafka: super::stream::kafka::Frontiers,
     pub files_scanned: usize,
     pub lines_scanned: u64,
     pub torn_bytes_cut: u64,
@@ -458,7 +457,8 @@ mod tests {
         // Checkpoint at this point, with a settled floor that the file does not show.
         let mut index = rec.index.clone();
         index.settle("pi-1", "old-producer", 500);
-        let cp = Checkpoint::capture(&index, rec.files.iter().map(|(k, v)| (k.as_str(), *v)));
+        let mut cp = Checkpoint::capture(&index);
+        cp.files = rec.files.clone();
         cp.store(&dir.path().join(STATE_DIR)).unwrap();
         assert_eq!(
             Checkpoint::load(&dir.path().join(STATE_DIR)).unwrap(),

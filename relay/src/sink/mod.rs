@@ -2,15 +2,14 @@
 //! under the data dir (the default) or in Kafka.
 //!
 //! * [`dedup`] — the deduplication index (pure logic);
-//! * [`stream`] — the stream files: paths, appends, fsyncs;
-//! * [`kafka`] — the Kafka stream: the CloudEvents binding, the producer, reading the
-//!   topics back into the index;
+//! * [`stream`] — where events are stored, one interface with one module per backend:
+//!   the stream files (paths, appends, fsyncs) and Kafka (the CloudEvents binding, the
+//!   producer, reading the topics back into the index);
 //! * [`checkpoint`] — persisting the index and rebuilding it at startup;
 //! * [`writer`] — the single writer thread that does group commits.
 
 pub mod checkpoint;
 pub mod dedup;
-pub mod kafka;
 pub mod stream;
 pub mod writer;
 

@@ -5,9 +5,9 @@
 //!
 //! 1. applies settled-below promises and checks each event against the index (and so
 //!    against the rest of the group), marking duplicates;
-//! 2. appends the new events' lines, one buffer per stream file, and fsyncs each touched
-//!    file once (in parallel when several) — or, with the Kafka stream, produces them and
-//!    waits for the broker's acknowledgements;
+//! 2. stores the new events in the [stream](super::stream) (the files: one buffer per
+//!    file, each touched file fsynced once; Kafka: produced, the broker's acknowledgements
+//!    awaited);
 //! 3. keeps the index entries of what reached the disk and forgets the rest;
 //! 4. replies to every request of the group.
 //!
@@ -21,25 +21,19 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use pigeon_shared::ce::GatewayId;
 use tokio::sync::{mpsc, oneshot};
 
 use super::Failure;
 use super::checkpoint::{Checkpoint, RecoveryError, recover};
 use super::dedup::DedupIndex;
-use super::kafka::{KafkaStream, Outgoing};
-use super::stream::{STATE_DIR, StreamFiles, relative_path};
-use crate::config::{DEFAULT_TENANT, SinkSettings, StreamSettings};
+use super::stream::{self, Outgoing, Stream};
+use crate::config::{SinkSettings, StreamSettings};
+use crate::data_dir::STATE_DIR;
 use crate::metrics::Metrics;
 
 /// Most requests in one group commit.
 const MAX_GROUP_REQUESTS: usize = 4096;
-/// With no traffic, how often the writer asks Kafka whether it is there (so `/ready`
-/// tells the truth before the next request fails).
-const KAFKA_PROBE_EVERY: Duration = Duration::from_secs(5);
-/// How often the Kafka frontiers are caught up when other writers share the partitions.
-const KAFKA_CATCH_UP_EVERY: Duration = Duration::from_secs(10);
 /// Most bytes of lines in one group commit.
 const MAX_GROUP_BYTES: usize = 64 << 20;
 
@@ -219,41 +213,14 @@ pub fn start(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "Recovered the deduplication index."
     );
-    let kafka = match stream {
-        StreamSettings::Files => None,
-        StreamSettings::Kafka(k) => {
-            let started = Instant::now();
-            let (kafka, report) = KafkaStream::start(
-                k,
-                tenants,
-                DEFAULT_TENANT.to_owned(),
-                std::mem::take(&mut rec.kafka),
-                rec.checkpoint_at,
-                &mut rec.index,
-            )
-            .map_err(RecoveryError::Kafka)?;
-            if let Some(r) = report {
-                tracing::info!(
-                    brokers = kafka.brokers(),
-                    partitions = r.partitions,
-                    records_read = r.records,
-                    identities = r.identities,
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "Read the relay's Kafka topics back into the deduplication index."
-                );
-            }
-            metrics.sink_healthy.store(report.is_some(), Relaxed);
-            Some(kafka)
-        }
-    };
+    let (stream, healthy) =
+        stream::open(data_dir, stream, settings.retry_after, tenants, &mut rec)?;
+    if let Some(healthy) = healthy {
+        metrics.sink_healthy.store(healthy, Relaxed);
+    }
     let mut writer = Writer {
         state_dir: data_dir.join(STATE_DIR),
-        files: StreamFiles::new(data_dir.to_owned(), rec.files),
-        kafka,
-        last_scan_attempt: Instant::now(),
-        last_kafka_contact: Instant::now(),
-        kafka_probe_failed: false,
-        retry_after: settings.retry_after,
+        stream,
         index: rec.index,
         metrics: metrics.clone(),
         dirty: false,
@@ -277,19 +244,10 @@ pub fn start(
 
 struct Writer {
     state_dir: PathBuf,
-    files: StreamFiles,
-    /// The Kafka stream, when configured (then `files` stays unused).
-    kafka: Option<KafkaStream>,
-    /// When an idle writer last tried to read Kafka back after a failure.
-    last_scan_attempt: Instant,
-    /// When Kafka last answered (a group, a read-back or a probe).
-    last_kafka_contact: Instant,
-    /// The last idle probe found Kafka unreachable (logged once, until it answers).
-    kafka_probe_failed: bool,
-    retry_after: Duration,
+    stream: Box<dyn Stream>,
     index: DedupIndex,
     metrics: Arc<Metrics>,
-    /// Whether the index or file table changed since the last checkpoint written.
+    /// Whether the index or the stream's state changed since the last checkpoint written.
     dirty: bool,
     /// When idle files were last forgotten and a due checkpoint written.
     last_housekeeping: Instant,
@@ -338,41 +296,16 @@ impl Writer {
             if !group.is_empty() {
                 self.commit(std::mem::take(&mut group));
             }
-            if group.is_empty()
-                && self.kafka.as_ref().is_some_and(KafkaStream::scan_pending)
-                && self.last_scan_attempt.elapsed() >= self.retry_after
-            {
-                // So /ready turns true when Kafka is back, before traffic arrives.
-                let _ = self.kafka_ready();
+            let upkeep = self.stream.idle(&mut self.index);
+            if upkeep.index_changed {
+                self.dirty = true;
             }
-            if group.is_empty()
-                && self.kafka.as_ref().is_some_and(|k| !k.scan_pending())
-                && self.last_kafka_contact.elapsed() >= KAFKA_PROBE_EVERY
-            {
-                self.probe_kafka();
-            }
-            if let Some(k) = self.kafka.as_mut()
-                && k.lagging()
-                && self.last_scan_attempt.elapsed() >= KAFKA_CATCH_UP_EVERY
-            {
-                self.last_scan_attempt = Instant::now();
-                match k.catch_up(&mut self.index) {
-                    Ok(r) => {
-                        self.dirty = true;
-                        tracing::debug!(
-                            records_read = r.records,
-                            "Caught the Kafka frontiers up with other writers' records."
-                        );
-                    }
-                    Err(e) => tracing::warn!(
-                        error = %e,
-                        "Could not read the Kafka topics to catch up; trying again later."
-                    ),
-                }
+            if let Some(healthy) = upkeep.healthy {
+                self.metrics.sink_healthy.store(healthy, Relaxed);
             }
             if self.last_housekeeping.elapsed() >= self.checkpoint_interval {
                 self.last_housekeeping = Instant::now();
-                if self.files.forget_idle() > 0 {
+                if self.stream.forget_idle() {
                     self.dirty = true;
                 }
                 if self.dirty {
@@ -392,10 +325,8 @@ impl Writer {
     }
 
     fn checkpoint(&mut self) -> std::io::Result<()> {
-        let mut cp = Checkpoint::capture(&self.index, self.files.lengths());
-        if let Some(k) = &self.kafka {
-            cp.kafka = k.frontiers().clone();
-        }
+        let mut cp = Checkpoint::capture(&self.index);
+        self.stream.save(&mut cp);
         cp.store(&self.state_dir)?;
         self.dirty = false;
         self.metrics.checkpoints_written.fetch_add(1, Relaxed);
@@ -416,29 +347,13 @@ impl Writer {
         }
     }
 
-    /// With Kafka: makes sure the index holds everything in the topics (after a failed
-    /// delivery, or at startup with Kafka down) before anything is checked against it.
-    fn kafka_ready(&mut self) -> Result<(), String> {
-        let Some(k) = self.kafka.as_mut() else {
-            return Ok(());
-        };
-        if !k.scan_pending() {
-            return Ok(());
-        }
-        self.last_scan_attempt = Instant::now();
-        let started = Instant::now();
-        match k.retry_scan(&mut self.index) {
-            Ok(report) => {
-                self.dirty = true;
-                self.metrics.sink_healthy.store(true, Relaxed);
-                if let Some(r) = report {
-                    tracing::info!(
-                        partitions = r.partitions,
-                        records_read = r.records,
-                        identities = r.identities,
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        "Kafka can be read again; the deduplication index is whole."
-                    );
+    /// Makes sure the index holds everything the stream has (see [`Stream::ready`]).
+    fn stream_ready(&mut self) -> Result<(), String> {
+        match self.stream.ready(&mut self.index) {
+            Ok(read) => {
+                if read {
+                    self.dirty = true;
+                    self.metrics.sink_healthy.store(true, Relaxed);
                 }
                 Ok(())
             }
@@ -449,43 +364,10 @@ impl Writer {
         }
     }
 
-    /// Asks Kafka for its metadata; unhealthy while it does not answer.
-    fn probe_kafka(&mut self) {
-        let Some(k) = self.kafka.as_ref() else {
-            return;
-        };
-        self.last_kafka_contact = Instant::now();
-        match k.probe() {
-            Ok(()) => {
-                if self.kafka_probe_failed {
-                    tracing::info!(brokers = k.brokers(), "Kafka answers again.");
-                    self.kafka_probe_failed = false;
-                    self.metrics.sink_healthy.store(true, Relaxed);
-                }
-            }
-            Err(e) => {
-                if !self.kafka_probe_failed {
-                    tracing::warn!(
-                        brokers = k.brokers(),
-                        error = %e,
-                        "Kafka does not answer; the relay is not ready until it does (nothing is lost: gateways keep their events)."
-                    );
-                    self.kafka_probe_failed = true;
-                }
-                self.metrics.sink_healthy.store(false, Relaxed);
-            }
-        }
-    }
-
     fn commit(&mut self, group: Vec<WriteRequest>) {
-        self.last_kafka_contact = Instant::now();
         let started = Instant::now();
-        if let Err(e) = self.kafka_ready() {
+        if let Err(e) = self.stream_ready() {
             self.metrics.sink_errors.fetch_add(1, Relaxed);
-            tracing::error!(
-                error = %e,
-                "Cannot read the Kafka topics back; the requests are answered 503 and their gateways keep the events."
-            );
             for req in group {
                 let _ = req.reply.send(Err(SinkError::Unavailable(e.clone())));
             }
@@ -517,22 +399,17 @@ impl Writer {
         }
 
         // 2. Store: append and fsync, or produce and wait for Kafka.
-        let results = match self.kafka.as_mut() {
-            None => append_files(&mut self.files, &group, &inserted),
-            Some(k) => {
-                let events: Vec<Outgoing<'_>> = inserted
-                    .iter()
-                    .map(|&(ri, ei)| {
-                        let ev = &group[ri].events[ei];
-                        Outgoing {
-                            gateway: &ev.gateway,
-                            line: &ev.line,
-                        }
-                    })
-                    .collect();
-                k.produce(&events)
-            }
-        };
+        let events: Vec<Outgoing<'_>> = inserted
+            .iter()
+            .map(|&(ri, ei)| {
+                let ev = &group[ri].events[ei];
+                Outgoing {
+                    gateway: &ev.gateway,
+                    line: &ev.line,
+                }
+            })
+            .collect();
+        let results = self.stream.store(&events);
 
         // 3. Keep what is durable, forget the rest.
         let mut written = 0u64;
@@ -624,46 +501,6 @@ impl Writer {
             let _ = req.reply.send(answer);
         }
     }
-}
-
-/// Appends the inserted events' lines, one buffer per gateway's current stream file, and
-/// fsyncs; one result per inserted event.
-fn append_files(
-    files: &mut StreamFiles,
-    group: &[WriteRequest],
-    inserted: &[(usize, usize)],
-) -> Vec<Result<(), Failure>> {
-    if inserted.is_empty() {
-        return Vec::new();
-    }
-    let hour = files.advance_hour(Utc::now());
-    let mut buffers: Vec<(GatewayId, String, Vec<u8>)> = Vec::new();
-    let mut buffer_of: HashMap<&GatewayId, usize> = HashMap::new();
-    let mut slot = Vec::with_capacity(inserted.len());
-    for &(ri, ei) in inserted {
-        let ev = &group[ri].events[ei];
-        let bi = *buffer_of.entry(&ev.gateway).or_insert_with(|| {
-            buffers.push((
-                ev.gateway.clone(),
-                relative_path(&ev.gateway, hour),
-                Vec::new(),
-            ));
-            buffers.len() - 1
-        });
-        let buf = &mut buffers[bi].2;
-        buf.extend_from_slice(&ev.line);
-        buf.push(b'\n');
-        slot.push(bi);
-    }
-    let results = files.append(&buffers);
-    slot.into_iter()
-        .map(|bi| {
-            results[bi]
-                .as_ref()
-                .map(|_| ())
-                .map_err(|e| Failure::Unavailable(format!("{}: {e}", buffers[bi].1)))
-        })
-        .collect()
 }
 
 #[cfg(test)]

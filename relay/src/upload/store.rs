@@ -28,8 +28,8 @@ use serde::{Deserialize, Serialize};
 
 use super::sha::{Midstate, Sha256};
 
+use crate::data_dir::{OBJECTS_DIR, ensure_dir, sync_dir};
 use crate::sink::RecoveryError;
-use crate::sink::stream::{OBJECTS_DIR, ensure_dir, sync_dir};
 
 /// The directory under the data dir that holds unfinished uploads.
 pub const UPLOADS_DIR: &str = "uploads";

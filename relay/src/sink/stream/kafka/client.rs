@@ -1,21 +1,5 @@
-//! The Kafka stream: accepted events go to Kafka (or anything that speaks its protocol:
-//! Redpanda, MSK, Azure Event Hubs) as records in the CloudEvents binary mode, and the
-//! relay answers "durable" only once the broker acknowledged them (`acks=all`, idempotent
-//! producer).
-//!
-//! Deduplication works as with the files: the stream is the log, the checkpoint holds the
-//! index and, per topic partition, the *frontier* — the offset below which every record
-//! is known to the index. At startup [`KafkaStream::start`] reads each partition of the
-//! relay's topics from its frontier (or, for a partition the checkpoint does not know,
-//! from a time before the checkpoint, or `recovery_window` ago without one) to its end,
-//! adding each record's (gateway, producerid, sequence) to the index.
-//!
-//! A delivery that failed may still have been stored (the broker wrote it, the answer
-//! was lost). The relay answers 503 for it and, before the next write, reads every
-//! partition again from its frontier, so a gateway's re-send of that event is answered
-//! `duplicate` instead of being written twice.
-
-pub mod binding;
+//! The Kafka client side of the stream: the producer, the read-back of the relay's
+//! topics into the index, and the frontiers (see the [module docs](super)).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Condvar, Mutex};
@@ -30,9 +14,11 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::Failure;
-use super::dedup::DedupIndex;
+use super::binding;
 use crate::config::KafkaSettings;
+use crate::sink::Failure;
+use crate::sink::dedup::DedupIndex;
+use crate::sink::stream::Outgoing;
 
 /// Topic → partition → frontier offset, as the checkpoint stores it.
 pub type Frontiers = BTreeMap<String, BTreeMap<i32, i64>>;
@@ -44,12 +30,6 @@ const UNKNOWN_PARTITION_MARGIN: Duration = Duration::from_secs(3600);
 const READ_BACK_QUIET: Duration = Duration::from_millis(500);
 /// How long metadata and offset requests may take.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// One event to produce: its gateway (which names its tenant) and structured JSON.
-pub struct Outgoing<'a> {
-    pub gateway: &'a GatewayId,
-    pub line: &'a [u8],
-}
 
 /// Where a record was stored: topic, partition, offset.
 type Stored = (String, i32, i64);

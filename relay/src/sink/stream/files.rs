@@ -3,24 +3,24 @@
 //!
 //! [`StreamFiles`] owns the open file handles and the committed length of every file it
 //! knows. Files are append-only logs: only the current hour is written, so a finished hour
-//! is never reopened. Nothing here decides what to write; the [writer](super::writer) does.
+//! is never reopened. Nothing here decides what to write; the
+//! [writer](crate::sink::writer) does.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use pigeon_shared::ce::GatewayId;
 
-/// The directory under the data dir that holds the stream.
-pub const STREAM_DIR: &str = "stream";
-/// The directory under the data dir that holds uploaded files (see [`crate::upload`]).
-pub const OBJECTS_DIR: &str = "objects";
-/// The directory under the data dir that holds the deduplication checkpoint.
-pub const STATE_DIR: &str = "state";
+use super::{Outgoing, Stream, Upkeep};
+use crate::data_dir::{STREAM_DIR, ensure_dir, sync_dir};
+use crate::sink::Failure;
+use crate::sink::checkpoint::Checkpoint;
+use crate::sink::dedup::DedupIndex;
 
 /// After this long without a write, a file's entry is dropped from the table (and so from
 /// the checkpoint): every checkpoint since has covered its final length.
@@ -42,38 +42,6 @@ pub fn relative_path(gateway: &GatewayId, hour: HourIndex) -> String {
         start.format("%Y-%m-%d"),
         start.format("%H")
     )
-}
-
-/// Replaces `dir/name` with `bytes` atomically: a temporary file written and fsynced,
-/// renamed over it, the directory fsynced.
-pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    fs::rename(&tmp, dir.join(name))?;
-    sync_dir(dir)
-}
-
-/// Makes `dir` (whose parent exists) if missing; a new directory's entry is made durable
-/// by syncing the parent. Returns whether it was created.
-pub fn ensure_dir(dir: &Path) -> io::Result<bool> {
-    match fs::create_dir(dir) {
-        Ok(()) => {
-            if let Some(parent) = dir.parent() {
-                sync_dir(parent)?;
-            }
-            Ok(true)
-        }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
-/// fsyncs a directory, so entries created or renamed in it survive a power loss.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 /// The offset just after the last newline in the first `len` bytes of `file` (0 if none):
@@ -290,6 +258,63 @@ impl StreamFiles {
     }
 }
 
+impl Stream for StreamFiles {
+    fn ready(&mut self, _index: &mut DedupIndex) -> Result<bool, String> {
+        // Recovery read every file into the index before the writer started.
+        Ok(false)
+    }
+
+    /// Appends the events' lines, one buffer per gateway's current stream file, and
+    /// fsyncs each touched file once.
+    fn store(&mut self, events: &[Outgoing<'_>]) -> Vec<Result<(), Failure>> {
+        if events.is_empty() {
+            return Vec::new();
+        }
+        let hour = self.advance_hour(Utc::now());
+        let mut buffers: Vec<(GatewayId, String, Vec<u8>)> = Vec::new();
+        let mut buffer_of: HashMap<&GatewayId, usize> = HashMap::new();
+        let mut slot = Vec::with_capacity(events.len());
+        for ev in events {
+            let bi = *buffer_of.entry(ev.gateway).or_insert_with(|| {
+                buffers.push((
+                    ev.gateway.clone(),
+                    relative_path(ev.gateway, hour),
+                    Vec::new(),
+                ));
+                buffers.len() - 1
+            });
+            let buf = &mut buffers[bi].2;
+            buf.extend_from_slice(ev.line);
+            buf.push(b'\n');
+            slot.push(bi);
+        }
+        let results = self.append(&buffers);
+        slot.into_iter()
+            .map(|bi| {
+                results[bi]
+                    .as_ref()
+                    .map(|_| ())
+                    .map_err(|e| Failure::Unavailable(format!("{}: {e}", buffers[bi].1)))
+            })
+            .collect()
+    }
+
+    fn idle(&mut self, _index: &mut DedupIndex) -> Upkeep {
+        Upkeep::default()
+    }
+
+    fn forget_idle(&mut self) -> bool {
+        StreamFiles::forget_idle(self) > 0
+    }
+
+    fn save(&self, checkpoint: &mut Checkpoint) {
+        checkpoint.files = self
+            .lengths()
+            .map(|(rel, len)| (rel.to_owned(), len))
+            .collect();
+    }
+}
+
 /// Threads that fsync the files of one group commit at the same time: each fsync waits
 /// on the device, not the CPU, so with several files the waits overlap. Kept running so
 /// a commit does not pay for starting threads.
@@ -385,6 +410,7 @@ impl Drop for SyncPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn gw(s: &str) -> GatewayId {
         GatewayId::new(s).unwrap()
