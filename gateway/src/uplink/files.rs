@@ -19,10 +19,10 @@ use reqwest::{StatusCode, header};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
+use super::answer::{Failure, FailureKind, Reply, error_chain};
 use super::body::stream_file;
-use super::{
-    Backoff, Failure, IDLE_RECHECK, Uplink, encode, error_chain, error_message, retry_after,
-};
+use super::retry::{RetryPolicy, Verdict};
+use super::{Backoff, IDLE_RECHECK, Uplink, encode};
 use crate::outbox::{FileRef, Record};
 use crate::spool::{Spool, verify};
 
@@ -39,29 +39,17 @@ enum Attempt {
     /// Go again at once (the relay said where to continue).
     Again,
     /// Try again later.
-    Retry {
-        after: Option<Duration>,
-        reason: String,
-        kind: Failure,
-    },
+    Retry(Failure),
 }
 
 /// A failure of the connection: tried again without counting.
 fn retry(reason: String) -> Attempt {
-    Attempt::Retry {
-        after: None,
-        reason,
-        kind: Failure::Network,
-    }
+    Attempt::Retry(Failure::network(reason))
 }
 
 /// A failure the relay answered: counted against `relay.max_attempts`.
 fn relay_failed(reason: String) -> Attempt {
-    Attempt::Retry {
-        after: None,
-        reason,
-        kind: Failure::Relay,
-    }
+    Attempt::Retry(Failure::relay(reason))
 }
 
 /// Runs the file lane until `shutdown` stops it; files in flight are abandoned where
@@ -122,71 +110,9 @@ async fn deliver(up: Arc<Uplink>, spool: Arc<Spool>, rec: Record, mut shutdown: 
     };
     up.stats.file_uploads_active.fetch_add(1, Relaxed);
     let _active = Gauge(&up.stats.file_uploads_active);
-    let mut backoff = Backoff::new(up.config.backoff_initial.get(), up.config.backoff_max.get());
-    let mut failures = 0u64;
     let started = Instant::now();
-    let mut agains = 0;
-    let mut answered_failures = 0u32;
-    let outcome = loop {
-        if shutdown.is_stopping() {
-            return;
-        }
-        if up.yield_to_events(rec.priority, &mut shutdown).await {
-            return;
-        }
-        let attempt = up.attempt(&spool, &rec, &file).await;
-        up.stats
-            .relay_last_attempt_unix
-            .store(chrono::Utc::now().timestamp() as u64, Relaxed);
-        let attempt = match attempt {
-            // The relay said where to go on; a relay that says so again and again is
-            // not making progress, though.
-            Attempt::Again if agains < 5 => {
-                agains += 1;
-                continue;
-            }
-            Attempt::Again => retry("the relay keeps asking to start the upload over".into()),
-            other => other,
-        };
-        agains = 0;
-        match attempt {
-            Attempt::Again => continue,
-            Attempt::Retry {
-                after,
-                reason,
-                kind,
-            } => {
-                up.stats.relay_reachable.store(false, Relaxed);
-                up.stats.upload_failures.fetch_add(1, Relaxed);
-                failures += 1;
-                if kind == Failure::Relay {
-                    answered_failures += 1;
-                    if up
-                        .config
-                        .max_attempts
-                        .is_some_and(|max| answered_failures >= max)
-                    {
-                        break Attempt::Refused(format!(
-                            "the relay failed it {answered_failures} times (relay.max_attempts); the last time: {reason}"
-                        ));
-                    }
-                }
-                let operator_must_act = kind == Failure::Operator;
-                let delay =
-                    after.map_or_else(|| backoff.next_delay(), |a| a.min(Duration::from_secs(300)));
-                if operator_must_act && (failures == 1 || failures.is_multiple_of(20)) {
-                    error!(relay = %up.base, file = %file.spool, reason = %reason, "The relay refuses this gateway's file upload; the file stays in the spool until this is fixed.");
-                } else if failures == 1 || failures.is_multiple_of(20) {
-                    warn!(relay = %up.base, file = %file.spool, reason = %reason, retry_in = ?delay, "Cannot upload a file; it stays in the spool and is sent again (from where the relay left off).");
-                } else {
-                    debug!(file = %file.spool, reason = %reason, retry_in = ?delay, "File upload attempt failed.");
-                }
-                if shutdown.stopped_within(delay).await {
-                    return;
-                }
-            }
-            other => break other,
-        }
+    let Some(outcome) = up.upload(&spool, &rec, &file, &mut shutdown).await else {
+        return;
     };
     match outcome {
         Attempt::Done { duplicate, dataref } => {
@@ -200,56 +126,15 @@ async fn deliver(up: Arc<Uplink>, spool: Arc<Spool>, rec: Record, mut shutdown: 
                 took_ms = started.elapsed().as_millis() as u64,
                 "Delivered a file."
             );
-            // The spooled file goes first: a record without its file is recognised as
-            // delivered on the next try (the relay says duplicate), a file without its
-            // record would be sent again as a recovered file.
-            let mut backoff =
-                Backoff::new(up.config.backoff_initial.get(), up.config.backoff_max.get());
-            loop {
-                let s = spool.clone();
-                let f = file.clone();
-                match tokio::task::spawn_blocking(move || s.dispose(&f)).await {
-                    Ok(Ok(moved)) => {
-                        if let Some(to) = moved {
-                            debug!(file = %file.spool, to = ?to, "Moved a delivered file.");
-                        }
-                        break;
-                    }
-                    Ok(Err(e)) => {
-                        let where_to = file.move_to.as_ref().map(|p| p.display().to_string());
-                        error!(file = %file.spool, move_to = where_to.as_deref().unwrap_or(""), error = %e, "Cannot remove or move a delivered file out of the spool; retrying.");
-                    }
-                    Err(_) => {}
-                }
-                if shutdown.stopped_within(backoff.next_delay()).await {
-                    return;
-                }
-            }
-            up.stats.files_delivered.fetch_add(1, Relaxed);
-            up.stats.events_delivered.fetch_add(1, Relaxed);
-            if duplicate {
-                up.stats.events_duplicate.fetch_add(1, Relaxed);
-            }
-            up.stats
-                .last_upload_unix
-                .store(chrono::Utc::now().timestamp() as u64, Relaxed);
-            // Until its record is gone the file would be sent again after a restart (the
-            // relay would say duplicate): keep trying, it is cheap.
-            let mut backoff =
-                Backoff::new(up.config.backoff_initial.get(), up.config.backoff_max.get());
-            while let Err(e) = up.writer.settle(vec![rec.seq], vec![]).await {
-                error!(error = %e, "Could not remove a delivered file's record from the outbox; retrying.");
-                if shutdown.stopped_within(backoff.next_delay()).await {
-                    return;
-                }
-            }
+            up.let_go(&spool, &rec, &file, duplicate, &mut shutdown)
+                .await;
         }
         Attempt::Refused(reason) => {
             up.stats.relay_reachable.store(true, Relaxed);
             up.dead_letter(&rec, reason).await;
             up.abandon_upload(&rec).await;
         }
-        Attempt::Again | Attempt::Retry { .. } => {}
+        Attempt::Again | Attempt::Retry(_) => {}
     }
 }
 
@@ -268,6 +153,141 @@ const YIELD_AT_MOST: Duration = Duration::from_secs(30);
 const BEHIND_AFTER: Duration = Duration::from_secs(2);
 
 impl Uplink {
+    /// Attempts `file` until the relay has it ([`Attempt::Done`]) or refuses it
+    /// ([`Attempt::Refused`]); `None` if the gateway stops first.
+    async fn upload(
+        self: &Arc<Self>,
+        spool: &Spool,
+        rec: &Record,
+        file: &FileRef,
+        shutdown: &mut Shutdown,
+    ) -> Option<Attempt> {
+        let mut retry_policy = RetryPolicy::new(&self.config);
+        let mut agains = 0;
+        loop {
+            if shutdown.is_stopping() || self.yield_to_events(rec.priority, shutdown).await {
+                return None;
+            }
+            let attempt = self.attempt(spool, rec, file).await;
+            self.stats
+                .relay_last_attempt_unix
+                .store(chrono::Utc::now().timestamp() as u64, Relaxed);
+            let failure = match attempt {
+                // The relay said where to go on; a relay that says so again and again is
+                // not making progress, though.
+                Attempt::Again if agains < 5 => {
+                    agains += 1;
+                    continue;
+                }
+                Attempt::Again => {
+                    Failure::network("the relay keeps asking to start the upload over".into())
+                }
+                Attempt::Retry(failure) => failure,
+                done_or_refused => return Some(done_or_refused),
+            };
+            agains = 0;
+            self.stats.relay_reachable.store(false, Relaxed);
+            self.stats.upload_failures.fetch_add(1, Relaxed);
+            if let Verdict::GiveUp { attempts } = retry_policy.failed(rec.seq, failure.kind) {
+                return Some(Attempt::Refused(format!(
+                    "the relay failed it {attempts} times (relay.max_attempts); the last time: {}",
+                    failure.reason
+                )));
+            }
+            let wait = retry_policy.wait(failure.retry_after);
+            let (reason, delay) = (&failure.reason, wait.delay);
+            if failure.kind == FailureKind::Operator && wait.loud {
+                error!(relay = %self.base, file = %file.spool, reason = %reason, "The relay refuses this gateway's file upload; the file stays in the spool until this is fixed.");
+            } else if wait.loud {
+                warn!(relay = %self.base, file = %file.spool, reason = %reason, retry_in = ?delay, "Cannot upload a file; it stays in the spool and is sent again (from where the relay left off).");
+            } else {
+                debug!(file = %file.spool, reason = %reason, retry_in = ?delay, "File upload attempt failed.");
+            }
+            if shutdown.stopped_within(delay).await {
+                return None;
+            }
+        }
+    }
+
+    /// Lets a delivered file go: out of the spool first, then its record. A record
+    /// without its file is recognised as delivered on the next try (the relay says
+    /// duplicate), a file without its record would be sent again as a recovered file.
+    /// Each step is retried until it works or the gateway stops.
+    async fn let_go(
+        &self,
+        spool: &Arc<Spool>,
+        rec: &Record,
+        file: &FileRef,
+        duplicate: bool,
+        shutdown: &mut Shutdown,
+    ) {
+        let disposed = self
+            .keep_trying(shutdown, || {
+                let (s, f) = (spool.clone(), file.clone());
+                async move {
+                    match tokio::task::spawn_blocking(move || s.dispose(&f)).await {
+                        Ok(Ok(moved)) => {
+                            if let Some(to) = moved {
+                                debug!(file = %file.spool, to = ?to, "Moved a delivered file.");
+                            }
+                            true
+                        }
+                        Ok(Err(e)) => {
+                            let where_to = file.move_to.as_ref().map(|p| p.display().to_string());
+                            error!(file = %file.spool, move_to = where_to.as_deref().unwrap_or(""), error = %e, "Cannot remove or move a delivered file out of the spool; retrying.");
+                            false
+                        }
+                        Err(_) => false,
+                    }
+                }
+            })
+            .await;
+        if !disposed {
+            return;
+        }
+        self.stats.files_delivered.fetch_add(1, Relaxed);
+        self.stats.events_delivered.fetch_add(1, Relaxed);
+        if duplicate {
+            self.stats.events_duplicate.fetch_add(1, Relaxed);
+        }
+        self.stats
+            .last_upload_unix
+            .store(chrono::Utc::now().timestamp() as u64, Relaxed);
+        // Until its record is gone the file would be sent again after a restart (the
+        // relay would say duplicate): keep trying, it is cheap.
+        self.keep_trying(shutdown, || async {
+            match self.writer.settle(vec![rec.seq], vec![]).await {
+                Ok(()) => true,
+                Err(e) => {
+                    error!(error = %e, "Could not remove a delivered file's record from the outbox; retrying.");
+                    false
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Runs `step` until it says it is done, with backoff between tries; false if the
+    /// gateway stops first.
+    async fn keep_trying<F: Future<Output = bool>>(
+        &self,
+        shutdown: &mut Shutdown,
+        mut step: impl FnMut() -> F,
+    ) -> bool {
+        let mut backoff = Backoff::new(
+            self.config.backoff_initial.get(),
+            self.config.backoff_max.get(),
+        );
+        loop {
+            if step().await {
+                return true;
+            }
+            if shutdown.stopped_within(backoff.next_delay()).await {
+                return false;
+            }
+        }
+    }
+
     /// Waits while the batch lane is behind with events of a higher priority than
     /// `priority` (a backlog of alarms goes before video on a slow uplink), for at most
     /// [`YIELD_AT_MOST`] so that files are never held back for ever. True if the gateway
@@ -364,34 +384,26 @@ impl Uplink {
             .send()
             .await
             .map_err(|e| retry(error_chain(&e)))?;
-        let status = resp.status();
-        if status.is_success() {
-            self.stats.upload_successes.fetch_add(1, Relaxed);
-        }
-        let after = retry_after(resp.headers());
-        let text = resp.text().await.unwrap_or_default();
-        match status.as_u16() {
-            200 | 201 => serde_json::from_str::<UploadState>(&text).map_err(|e| {
+        let reply = self.read_reply(resp).await;
+        match reply.status.as_u16() {
+            200 | 201 => serde_json::from_str::<UploadState>(&reply.text).map_err(|e| {
                 relay_failed(format!("the relay's answer is not an upload state: {e}"))
             }),
             400 | 413 => Err(Attempt::Refused(format!(
-                "the relay refused the file: HTTP {status}: {}",
-                error_message(&text)
+                "the relay refused the file: HTTP {}: {}",
+                reply.status,
+                reply.message()
             ))),
-            401 | 403 | 415 => Err(Attempt::Retry {
-                after: None,
-                reason: format!(
-                    "HTTP {status}: {} (check relay.token)",
-                    error_message(&text)
-                ),
-                kind: Failure::Operator,
-            }),
-            _ => Err(Attempt::Retry {
-                after,
-                reason: format!("HTTP {status}: {}", error_message(&text)),
-                kind: Failure::Relay,
-            }),
+            _ => Err(Attempt::Retry(reply.failure())),
         }
+    }
+
+    /// Reads an answer of the upload endpoint, counting a success.
+    async fn read_reply(&self, resp: reqwest::Response) -> Reply {
+        if resp.status().is_success() {
+            self.stats.upload_successes.fetch_add(1, Relaxed);
+        }
+        Reply::read(resp).await
     }
 
     /// Streams the file from `offset`, watching that the connection keeps moving.
@@ -456,21 +468,16 @@ impl Uplink {
             Ok(r) => r,
             Err(e) => return retry(error_chain(&e)),
         };
-        let status = resp.status();
-        if status.is_success() {
-            self.stats.upload_successes.fetch_add(1, Relaxed);
-        }
-        let after = retry_after(resp.headers());
-        let text = resp.text().await.unwrap_or_default();
-        match status {
-            StatusCode::OK => match serde_json::from_str::<UploadState>(&text) {
+        let reply = self.read_reply(resp).await;
+        match reply.status {
+            StatusCode::OK => match serde_json::from_str::<UploadState>(&reply.text) {
                 Ok(state) => finished(&state).unwrap_or(Attempt::Again),
                 Err(e) => relay_failed(format!("the relay's answer is not an upload state: {e}")),
             },
             // Partial, moved on, or forgotten: creating again says where to continue.
             StatusCode::NO_CONTENT | StatusCode::CONFLICT | StatusCode::NOT_FOUND => Attempt::Again,
             StatusCode::UNPROCESSABLE_ENTITY => {
-                warn!(file = %file.spool, reason = %error_message(&text), "The relay received bytes that do not match the file's SHA-256; checking the spooled file.");
+                warn!(file = %file.spool, reason = %reply.message(), "The relay received bytes that do not match the file's SHA-256; checking the spooled file.");
                 let s = Spool::at(spool.dir());
                 let f = file.clone();
                 match tokio::task::spawn_blocking(move || verify(&s, &f)).await {
@@ -482,19 +489,7 @@ impl Uplink {
                     Err(_) => retry("checking the spooled file failed".into()),
                 }
             }
-            s if s == StatusCode::UNAUTHORIZED || s == StatusCode::FORBIDDEN => Attempt::Retry {
-                after: None,
-                reason: format!(
-                    "HTTP {status}: {} (check relay.token)",
-                    error_message(&text)
-                ),
-                kind: Failure::Operator,
-            },
-            _ => Attempt::Retry {
-                after,
-                reason: format!("HTTP {status}: {}", error_message(&text)),
-                kind: Failure::Relay,
-            },
+            _ => Attempt::Retry(reply.failure()),
         }
     }
 

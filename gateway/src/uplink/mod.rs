@@ -13,11 +13,13 @@
 //! * 400 for the whole request: re-send the events one at a time, so the one the relay
 //!   cannot read is found and dead-lettered and the others flow on.
 
+mod answer;
 mod backoff;
 mod body;
 pub(crate) mod encode;
 mod files;
 mod limit;
+mod retry;
 pub mod tls;
 
 use std::sync::Arc;
@@ -27,11 +29,15 @@ use std::time::{Duration, Instant};
 use pigeon_shared::shutdown::Shutdown;
 use pigeon_shared::wire::{self, EventStatus, IngestResponse};
 use reqwest::header;
+use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
 pub use backoff::Backoff;
 pub use encode::{encode_batch, to_event};
 pub use files::run_files;
+
+use answer::{Failure, FailureKind, Reply, error_chain};
+use retry::{RetryPolicy, Verdict};
 
 use crate::config::{Compression, RelayConfig};
 use crate::outbox::reader::{Cursors, PRIORITIES};
@@ -46,29 +52,100 @@ pub const IDLE_RECHECK: Duration = Duration::from_secs(5);
 /// One batch in this many is filled lowest priority first (see [`Uplink::run`]).
 pub const STARVATION_GUARD: u64 = 8;
 
-/// How the relay answered one request.
+/// How the relay answered one batch.
 #[derive(Debug)]
 enum Answer {
     Results(Vec<wire::EventResult>),
     TooLarge(String),
     Unreadable(String),
-    Retry {
-        after: Option<Duration>,
-        reason: String,
-        kind: Failure,
-    },
+    Retry(Failure),
 }
 
-/// What kind of failure a retried attempt was.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Failure {
-    /// The relay could not be reached, or the connection broke.
-    Network,
-    /// The relay answered, with an error (5xx, 429) or an answer that makes no sense.
-    /// Counted against `relay.max_attempts`.
-    Relay,
-    /// The relay refuses the gateway (401, 403, 415): a person has to fix the config.
-    Operator,
+/// The batch lane's state between requests.
+struct BatchLane {
+    /// Per priority, the highest sequence sent: higher priorities drain first, each in
+    /// sequence order.
+    cursors: Cursors,
+    /// Batches sent; every STARVATION_GUARD-th is filled lowest priority first, so a
+    /// steady stream of alarms cannot hold routine readings back for ever.
+    batches: u64,
+    /// The most events the next batch may have (less than `batch_max_events` while
+    /// the relay says the requests are too large, or one is being looked for).
+    limit: usize,
+    retry: RetryPolicy,
+    /// Whether the next request re-sends events whose last attempt failed.
+    retrying: bool,
+    /// Since when the lane has held back a small batch of routine events.
+    lingering_since: Option<Instant>,
+    /// The previous batch's settle commits while the next batch is on the wire.
+    settling: Option<JoinHandle<()>>,
+}
+
+/// A batch read from the outbox, about to be sent.
+struct Batch {
+    /// Never empty.
+    records: Vec<Record>,
+    /// Every sequence below this has had its result from the relay.
+    settled_below: u64,
+    /// Where each priority's cursor moves once the batch is done with.
+    sent: Cursors,
+    read_at: Instant,
+}
+
+impl BatchLane {
+    fn new(config: &RelayConfig) -> BatchLane {
+        BatchLane {
+            cursors: [0; PRIORITIES as usize],
+            batches: 0,
+            limit: config.batch_max_events,
+            retry: RetryPolicy::new(config),
+            retrying: false,
+            lingering_since: None,
+            settling: None,
+        }
+    }
+
+    /// Waits for the previous batch's settle commit, if one is still running.
+    async fn settled(&mut self) {
+        if let Some(prev) = self.settling.take() {
+            let _ = prev.await;
+        }
+    }
+}
+
+impl Batch {
+    /// `records` (not empty) read after `cursors`; `min_seq` is the lowest sequence in
+    /// the outbox.
+    fn new(
+        records: Vec<Record>,
+        min_seq: Option<u64>,
+        cursors: Cursors,
+        read_at: Instant,
+    ) -> Batch {
+        // Every sequence below the lowest still in the outbox has had its result from
+        // the relay (a file uploading in the other lane, or a waiting record of a lower
+        // priority, keeps it down).
+        let settled_below = min_seq.unwrap_or(records[0].seq);
+        let mut sent = cursors;
+        for r in &records {
+            let c = &mut sent[r.priority.min(PRIORITIES - 1) as usize];
+            *c = (*c).max(r.seq);
+        }
+        Batch {
+            records,
+            settled_below,
+            sent,
+            read_at,
+        }
+    }
+
+    fn first(&self) -> &Record {
+        &self.records[0]
+    }
+
+    fn len(&self) -> usize {
+        self.records.len()
+    }
 }
 
 pub struct Uplink {
@@ -142,195 +219,174 @@ impl Uplink {
     /// finished first (the caller bounds that with the shutdown deadline). Files have a
     /// lane of their own ([`run_files`]).
     pub async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
-        // Per priority, the highest sequence sent: higher priorities drain first, each
-        // in sequence order.
-        let mut cursors: Cursors = [0; PRIORITIES as usize];
-        // Batches sent; every STARVATION_GUARD-th is filled lowest priority first, so a
-        // steady stream of alarms cannot hold routine readings back for ever.
-        let mut batches = 0u64;
-        let max_events = self.config.batch_max_events;
-        let mut limit = max_events;
-        let mut backoff = Backoff::new(
-            self.config.backoff_initial.get(),
-            self.config.backoff_max.get(),
-        );
-        let mut failing_since: Option<Instant> = None;
-        let mut failures = 0u64;
-        // The batch (by its first sequence) the relay keeps failing, and how often it did.
-        let mut failing_batch: Option<u64> = None;
-        let mut answered_failures = 0u32;
-        // Whether the next request re-sends events whose last attempt failed.
-        let mut retrying = false;
-        // Since when the batch lane has held back a small batch of routine events.
-        let mut lingering_since: Option<Instant> = None;
-        // The previous batch's settle commits while the next batch is on the wire.
-        let mut settling: Option<tokio::task::JoinHandle<()>> = None;
+        let mut lane = BatchLane::new(&self.config);
         while !shutdown.is_stopping() {
-            let t_read = Instant::now();
-            let lowest_first = batches % STARVATION_GUARD == STARVATION_GUARD - 1;
-            let (batch, min_seq) = match self.read(cursors, lowest_first, limit).await {
-                Ok(b) => b,
-                Err(e) => {
-                    error!(error = %e, "Cannot read the outbox; retrying.");
-                    if shutdown.stopped_within(backoff.next_delay()).await {
-                        break;
-                    }
-                    continue;
-                }
-            };
-            let Some(first) = batch.first() else {
-                tokio::select! {
-                    () = shutdown.stopped() => {}
-                    _ = self.writer.committed() => {}
-                    _ = tokio::time::sleep(IDLE_RECHECK) => {}
-                }
+            let Some(batch) = self.next_batch(&mut lane, &mut shutdown).await else {
                 continue;
             };
-            // Routine events wait a moment for company (relay.batch_linger).
-            match self.linger(&batch, limit, retrying, lingering_since) {
-                Some(wait) => {
-                    lingering_since.get_or_insert_with(Instant::now);
-                    // An alarm committed meanwhile ends the wait: it goes now, and the
-                    // routine events with it.
-                    tokio::select! {
-                        () = shutdown.stopped() => {}
-                        _ = self.writer.urgent_committed() => {}
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                    continue;
-                }
-                None => lingering_since = None,
-            }
-            // Every sequence below the lowest still in the outbox has had its result from
-            // the relay (a file uploading in the other lane, or a waiting record of a
-            // lower priority, keeps it down).
-            let settled_below = min_seq.unwrap_or(first.seq);
-            // Where each priority of this batch got to.
-            let mut sent = cursors;
-            for r in &batch {
-                let c = &mut sent[r.priority.min(PRIORITIES - 1) as usize];
-                *c = (*c).max(r.seq);
-            }
-            let t_send = Instant::now();
-            if std::mem::take(&mut retrying) {
-                self.stats.upload_retries.fetch_add(1, Ordering::Relaxed);
-            }
-            let answer = self.send(&batch, settled_below).await;
-            self.stats
-                .relay_last_attempt_unix
-                .store(chrono::Utc::now().timestamp() as u64, Ordering::Relaxed);
-            match answer {
+            let sent_at = Instant::now();
+            match self.send_batch(&mut lane, &batch).await {
                 Answer::Results(results) => {
-                    let t_settle = Instant::now();
-                    self.stats.upload_successes.fetch_add(1, Ordering::Relaxed);
-                    if let Some(since) = failing_since.take() {
-                        info!(after = ?since.elapsed(), failed_attempts = failures, "The relay is reachable again; delivering the backlog.");
-                    }
-                    failures = 0;
-                    answered_failures = 0;
-                    failing_batch = None;
-                    backoff.reset();
-                    self.stats.relay_reachable.store(true, Ordering::Relaxed);
-                    if let Some(prev) = settling.take() {
-                        let _ = prev.await;
-                    }
-                    settling = Some(self.settle(&batch, &results));
-                    debug!(
-                        events = batch.len(),
-                        read_ms = (t_send - t_read).as_secs_f64() * 1e3,
-                        send_ms = (t_settle - t_send).as_secs_f64() * 1e3,
-                        settle_ms = t_settle.elapsed().as_secs_f64() * 1e3,
-                        "Delivered a batch."
-                    );
-                    cursors = sent;
-                    batches += 1;
-                    limit = (limit * 2).min(max_events);
+                    self.delivered(&mut lane, batch, &results, sent_at).await
                 }
-                Answer::TooLarge(msg) if batch.len() == 1 => {
-                    self.dead_letter(
-                        first,
-                        format!("the relay refused the event as too large: {msg}"),
-                    )
-                    .await;
-                    cursors = sent;
-                }
-                Answer::TooLarge(_) => {
-                    limit = (batch.len() / 2).max(1);
-                    debug!(
-                        limit,
-                        "The relay said the request was too large; sending smaller batches."
-                    );
-                }
-                Answer::Unreadable(msg) if batch.len() == 1 => {
-                    self.dead_letter(first, format!("the relay could not read the event: {msg}"))
-                        .await;
-                    cursors = sent;
-                }
-                Answer::Unreadable(msg) => {
-                    warn!(events = batch.len(), reason = %msg, "The relay could not read a batch; re-sending its events one by one to find the bad one.");
-                    limit = 1;
-                }
-                Answer::Retry {
-                    after,
-                    reason,
-                    kind,
-                } => {
-                    self.stats.relay_reachable.store(false, Ordering::Relaxed);
-                    self.stats.upload_failures.fetch_add(1, Ordering::Relaxed);
-                    failures += 1;
-                    retrying = true;
-                    // A relay that answers, but fails the same events again and again:
-                    // with relay.max_attempts, find the event it fails on and set it
-                    // aside instead of retrying for ever.
-                    if kind == Failure::Relay
-                        && let Some(max) = self.config.max_attempts
-                    {
-                        if failing_batch != Some(first.seq) {
-                            failing_batch = Some(first.seq);
-                            answered_failures = 0;
-                        }
-                        answered_failures += 1;
-                        if answered_failures >= max {
-                            answered_failures = 0;
-                            if batch.len() > 1 {
-                                warn!(events = batch.len(), attempts = max, reason = %reason, "The relay failed the same batch too often (relay.max_attempts); sending its events one by one to find the one it fails on.");
-                                limit = 1;
-                            } else {
-                                self.dead_letter(
-                                    first,
-                                    format!("the relay failed it {max} times (relay.max_attempts); the last time: {reason}"),
-                                )
-                                .await;
-                                cursors = sent;
-                                continue;
-                            }
-                        }
-                    }
-                    let operator_must_act = kind == Failure::Operator;
-                    // The relay's Retry-After wins (bounded, in case it is absurd).
-                    let delay = match after {
-                        Some(a) => a.min(Duration::from_secs(300)),
-                        None => backoff.next_delay(),
-                    };
-                    let first_failure = failing_since.is_none();
-                    failing_since.get_or_insert_with(Instant::now);
-                    if operator_must_act && (first_failure || failures.is_multiple_of(20)) {
-                        error!(relay = %self.url, reason = %reason, "The relay refuses this gateway; events stay in the outbox until this is fixed.");
-                    } else if first_failure || failures.is_multiple_of(20) {
-                        warn!(relay = %self.url, reason = %reason, retry_in = ?delay, "Cannot deliver to the relay; events stay in the outbox and will be retried.");
-                    } else {
-                        debug!(relay = %self.url, reason = %reason, retry_in = ?delay, "Delivery attempt failed.");
-                    }
-                    if shutdown.stopped_within(delay).await {
-                        break;
-                    }
+                Answer::TooLarge(msg) => self.too_large(&mut lane, &batch, msg).await,
+                Answer::Unreadable(msg) => self.unreadable(&mut lane, &batch, msg).await,
+                Answer::Retry(failure) => {
+                    self.failed(&mut lane, &batch, failure, &mut shutdown).await;
                 }
             }
         }
-        if let Some(prev) = settling.take() {
-            let _ = prev.await;
-        }
+        lane.settled().await;
         debug!("The uplink stopped.");
+    }
+
+    /// The next batch to send, or `None` after waiting: for the outbox to be readable,
+    /// for events to arrive, or for routine events to gather (`relay.batch_linger`).
+    async fn next_batch(&self, lane: &mut BatchLane, shutdown: &mut Shutdown) -> Option<Batch> {
+        let read_at = Instant::now();
+        let lowest_first = lane.batches % STARVATION_GUARD == STARVATION_GUARD - 1;
+        let (records, min_seq) = match self.read(lane.cursors, lowest_first, lane.limit).await {
+            Ok(b) => b,
+            Err(e) => {
+                error!(error = %e, "Cannot read the outbox; retrying.");
+                shutdown.stopped_within(lane.retry.backoff()).await;
+                return None;
+            }
+        };
+        if records.is_empty() {
+            tokio::select! {
+                () = shutdown.stopped() => {}
+                _ = self.writer.committed() => {}
+                _ = tokio::time::sleep(IDLE_RECHECK) => {}
+            }
+            return None;
+        }
+        // Routine events wait a moment for company (relay.batch_linger).
+        if let Some(wait) = self.linger(&records, lane.limit, lane.retrying, lane.lingering_since) {
+            lane.lingering_since.get_or_insert_with(Instant::now);
+            // An alarm committed meanwhile ends the wait: it goes now, and the routine
+            // events with it.
+            tokio::select! {
+                () = shutdown.stopped() => {}
+                _ = self.writer.urgent_committed() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+            return None;
+        }
+        lane.lingering_since = None;
+        Some(Batch::new(records, min_seq, lane.cursors, read_at))
+    }
+
+    /// Sends `batch` (counting a re-sent one) and notes when the relay was last tried.
+    async fn send_batch(&self, lane: &mut BatchLane, batch: &Batch) -> Answer {
+        if std::mem::take(&mut lane.retrying) {
+            self.stats.upload_retries.fetch_add(1, Ordering::Relaxed);
+        }
+        let answer = self.send(&batch.records, batch.settled_below).await;
+        self.stats
+            .relay_last_attempt_unix
+            .store(chrono::Utc::now().timestamp() as u64, Ordering::Relaxed);
+        answer
+    }
+
+    /// The relay has `batch`'s results: settle them, move on, and grow the batches
+    /// back to `batch_max_events`.
+    async fn delivered(
+        &self,
+        lane: &mut BatchLane,
+        batch: Batch,
+        results: &[wire::EventResult],
+        sent_at: Instant,
+    ) {
+        let settle_at = Instant::now();
+        self.stats.upload_successes.fetch_add(1, Ordering::Relaxed);
+        if let Some(r) = lane.retry.succeeded() {
+            info!(after = ?r.after, failed_attempts = r.failed_attempts, "The relay is reachable again; delivering the backlog.");
+        }
+        self.stats.relay_reachable.store(true, Ordering::Relaxed);
+        lane.settled().await;
+        lane.settling = Some(self.settle(&batch.records, results));
+        debug!(
+            events = batch.len(),
+            read_ms = (sent_at - batch.read_at).as_secs_f64() * 1e3,
+            send_ms = (settle_at - sent_at).as_secs_f64() * 1e3,
+            settle_ms = settle_at.elapsed().as_secs_f64() * 1e3,
+            "Delivered a batch."
+        );
+        lane.cursors = batch.sent;
+        lane.batches += 1;
+        lane.limit = (lane.limit * 2).min(self.config.batch_max_events);
+    }
+
+    /// The relay said the request was too large (413): halve the batches; a single
+    /// event still too large is dead-lettered.
+    async fn too_large(&self, lane: &mut BatchLane, batch: &Batch, msg: String) {
+        if batch.len() == 1 {
+            let reason = format!("the relay refused the event as too large: {msg}");
+            return self.set_aside(lane, batch, reason).await;
+        }
+        lane.limit = (batch.len() / 2).max(1);
+        debug!(
+            limit = lane.limit,
+            "The relay said the request was too large; sending smaller batches."
+        );
+    }
+
+    /// The relay could not read the request (400): send its events one by one; a single
+    /// one it cannot read is dead-lettered.
+    async fn unreadable(&self, lane: &mut BatchLane, batch: &Batch, msg: String) {
+        if batch.len() == 1 {
+            let reason = format!("the relay could not read the event: {msg}");
+            return self.set_aside(lane, batch, reason).await;
+        }
+        warn!(events = batch.len(), reason = %msg, "The relay could not read a batch; re-sending its events one by one to find the bad one.");
+        lane.limit = 1;
+    }
+
+    /// Dead-letters the single event of `batch` and moves past it.
+    async fn set_aside(&self, lane: &mut BatchLane, batch: &Batch, reason: String) {
+        self.dead_letter(batch.first(), reason).await;
+        lane.cursors = batch.sent;
+    }
+
+    /// The attempt failed: keep the batch and wait before trying again. A relay that
+    /// answers, but fails the same events again and again: with relay.max_attempts, find
+    /// the event it fails on and set it aside instead of retrying for ever.
+    async fn failed(
+        &self,
+        lane: &mut BatchLane,
+        batch: &Batch,
+        failure: Failure,
+        shutdown: &mut Shutdown,
+    ) {
+        self.stats.relay_reachable.store(false, Ordering::Relaxed);
+        self.stats.upload_failures.fetch_add(1, Ordering::Relaxed);
+        lane.retrying = true;
+        let Failure {
+            kind,
+            reason,
+            retry_after,
+        } = failure;
+        if let Verdict::GiveUp { attempts } = lane.retry.failed(batch.first().seq, kind) {
+            if batch.len() == 1 {
+                let why = format!(
+                    "the relay failed it {attempts} times (relay.max_attempts); the last time: {reason}"
+                );
+                return self.set_aside(lane, batch, why).await;
+            }
+            warn!(events = batch.len(), attempts, reason = %reason, "The relay failed the same batch too often (relay.max_attempts); sending its events one by one to find the one it fails on.");
+            lane.limit = 1;
+        }
+        let wait = lane.retry.wait(retry_after);
+        let delay = wait.delay;
+        if kind == FailureKind::Operator && wait.loud {
+            error!(relay = %self.url, reason = %reason, "The relay refuses this gateway; events stay in the outbox until this is fixed.");
+        } else if wait.loud {
+            warn!(relay = %self.url, reason = %reason, retry_in = ?delay, "Cannot deliver to the relay; events stay in the outbox and will be retried.");
+        } else {
+            debug!(relay = %self.url, reason = %reason, retry_in = ?delay, "Delivery attempt failed.");
+        }
+        shutdown.stopped_within(delay).await;
     }
 
     /// How much longer to hold `batch` back for more events to share its request with
@@ -427,11 +483,10 @@ impl Uplink {
             if let Some(rec) = batch.iter().find(|r| r.seq == seq) {
                 self.dead_letter(rec, reason).await;
             }
-            return Answer::Retry {
-                after: Some(Duration::ZERO),
-                reason: "a record could not be encoded".into(),
-                kind: Failure::Network,
-            };
+            return Answer::Retry(Failure {
+                retry_after: Some(Duration::ZERO),
+                ..Failure::network("a record could not be encoded".into())
+            });
         }
         let mut req = self
             .client
@@ -458,54 +513,25 @@ impl Uplink {
         self.stats.upload_requests.fetch_add(1, Ordering::Relaxed);
         let resp = match req.body(body).send().await {
             Ok(r) => r,
-            Err(e) => {
-                return Answer::Retry {
-                    after: None,
-                    reason: error_chain(&e),
-                    kind: Failure::Network,
-                };
-            }
+            Err(e) => return Answer::Retry(Failure::network(error_chain(&e))),
         };
         self.stats.bytes_sent.fetch_add(len, Ordering::Relaxed);
-        let status = resp.status();
-        let retry_after = retry_after(resp.headers());
-        let text = resp.text().await.unwrap_or_default();
-        let message = || error_message(&text);
-        match status.as_u16() {
-            200..=299 => match serde_json::from_str::<IngestResponse>(&text) {
+        let reply = Reply::read(resp).await;
+        match reply.status.as_u16() {
+            200..=299 => match serde_json::from_str::<IngestResponse>(&reply.text) {
                 Ok(r) if r.results.len() == batch.len() => Answer::Results(r.results),
-                Ok(r) => Answer::Retry {
-                    after: None,
-                    reason: format!(
-                        "the relay answered {} results for {} events",
-                        r.results.len(),
-                        batch.len()
-                    ),
-                    kind: Failure::Relay,
-                },
-                Err(e) => Answer::Retry {
-                    after: None,
-                    reason: format!("the relay's answer is not an ingest result: {e}"),
-                    kind: Failure::Relay,
-                },
+                Ok(r) => Answer::Retry(Failure::relay(format!(
+                    "the relay answered {} results for {} events",
+                    r.results.len(),
+                    batch.len()
+                ))),
+                Err(e) => Answer::Retry(Failure::relay(format!(
+                    "the relay's answer is not an ingest result: {e}"
+                ))),
             },
-            413 => Answer::TooLarge(message()),
-            400 => Answer::Unreadable(message()),
-            401 | 403 => Answer::Retry {
-                after: None,
-                reason: format!("HTTP {status}: {} (check relay.token)", message()),
-                kind: Failure::Operator,
-            },
-            415 => Answer::Retry {
-                after: None,
-                reason: format!("HTTP {status}: {}", message()),
-                kind: Failure::Operator,
-            },
-            _ => Answer::Retry {
-                after: retry_after,
-                reason: format!("HTTP {status}: {}", message()),
-                kind: Failure::Relay,
-            },
+            413 => Answer::TooLarge(reply.message()),
+            400 => Answer::Unreadable(reply.message()),
+            _ => Answer::Retry(reply.failure()),
         }
     }
 
@@ -515,11 +541,7 @@ impl Uplink {
     /// Not waiting for that commit before the next request is safe: if the gateway dies
     /// before it lands, the records are re-sent after the restart and the relay answers
     /// `duplicate` (they are below the settled-below mark it was given, or in its index).
-    fn settle(
-        &self,
-        batch: &[Record],
-        results: &[wire::EventResult],
-    ) -> tokio::task::JoinHandle<()> {
+    fn settle(&self, batch: &[Record], results: &[wire::EventResult]) -> JoinHandle<()> {
         let mut delivered = Vec::with_capacity(batch.len());
         let mut rejected = Vec::new();
         for (rec, res) in batch.iter().zip(results) {
@@ -566,80 +588,5 @@ impl Uplink {
         if let Err(e) = self.writer.settle(vec![], vec![(rec.seq, reason)]).await {
             error!(error = %e, "Could not move an event to the dead-letter table.");
         }
-    }
-}
-
-/// The relay's `Retry-After` (whole seconds), if it sent one.
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    headers
-        .get(header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs)
-}
-
-/// The sentence of an error answer (`wire::ErrorBody`), or the start of whatever it was.
-fn error_message(text: &str) -> String {
-    serde_json::from_str::<wire::ErrorBody>(text)
-        .map(|b| b.error)
-        .unwrap_or_else(|_| text.chars().take(300).collect())
-}
-
-/// The error and its causes in one line ("error sending request: connection refused").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        let c = cause.to_string();
-        if !s.contains(&c) {
-            s.push_str(": ");
-            s.push_str(&c);
-        }
-        src = cause.source();
-    }
-    if let Some(hint) = tls_hint(&s) {
-        s.push_str(" (");
-        s.push_str(hint);
-        s.push(')');
-    }
-    s
-}
-
-/// What to do about a relay certificate the gateway refused, from rustls's words.
-fn tls_hint(error: &str) -> Option<&'static str> {
-    if !error.contains("invalid peer certificate") {
-        return None;
-    }
-    Some(if error.contains("UnknownIssuer") {
-        "the relay's certificate is not signed by a CA this gateway trusts: set relay.ca_file to the CA that signed it"
-    } else if error.contains("Expired") {
-        "the relay's certificate has expired: its operator must renew it"
-    } else if error.contains("NotValidForName") {
-        "the relay's certificate is not for the host in relay.url"
-    } else {
-        "the gateway does not accept the relay's certificate"
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::tls_hint;
-
-    #[test]
-    fn refused_relay_certificates_say_what_to_do() {
-        let e = |kind: &str| format!("client error (Connect): invalid peer certificate: {kind}");
-        assert!(
-            tls_hint(&e("UnknownIssuer"))
-                .unwrap()
-                .contains("relay.ca_file")
-        );
-        assert!(tls_hint(&e("Expired")).unwrap().contains("renew"));
-        assert!(
-            tls_hint(&e("NotValidForName"))
-                .unwrap()
-                .contains("relay.url")
-        );
-        assert!(tls_hint(&e("BadSignature")).is_some());
-        assert_eq!(tls_hint("connection refused"), None);
     }
 }
