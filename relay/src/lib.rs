@@ -126,49 +126,19 @@ pub async fn run(
             )
         }
     };
-    let capture = match (&config.capture, &objects, &config.stream) {
-        (
-            Some(settings),
-            upload::Objects::S3 { bucket, .. },
-            config::StreamSettings::Kafka(kafka),
-        ) => {
-            let mut tenants: std::collections::HashSet<String> =
-                config.tenants.values().cloned().collect();
-            tenants.insert(config::DEFAULT_TENANT.to_owned());
-            let c = capture::kafka::KafkaCapture::start(
-                kafka.clone(),
-                settings.clone(),
+    let capture = match (&config.capture, &objects) {
+        (Some(settings), upload::Objects::S3 { bucket, .. }) => Some(
+            capture::Capture::start(
+                settings,
+                &config.stream,
                 bucket.clone(),
-                tenants,
+                &config.data_dir,
+                &config.tenants,
                 metrics.clone(),
             )
-            .map_err(RelayError::Internal)?;
-            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let thread = c
-                .spawn(tokio::runtime::Handle::current(), stop.clone())
-                .map_err(|e| {
-                    RelayError::Internal(format!("cannot start the capture thread: {e}"))
-                })?;
-            Some(CaptureTask::Kafka(capture::kafka::CaptureThread::new(
-                stop, thread,
-            )))
-        }
-        (Some(settings), upload::Objects::S3 { bucket, .. }, config::StreamSettings::Files) => {
-            let (data_dir, bucket, settings, tenants, m) = (
-                config.data_dir.clone(),
-                bucket.clone(),
-                settings.clone(),
-                config.tenants.clone(),
-                metrics.clone(),
-            );
-            let c = tokio::task::spawn_blocking(move || {
-                capture::Capture::open(&data_dir, bucket, settings, tenants, m)
-            })
             .await
-            .map_err(|e| RelayError::Internal(format!("startup task failed: {e}")))?
-            .map_err(|e| RelayError::Internal(format!("cannot open the capture state: {e}")))?;
-            Some(CaptureTask::Files(c.spawn()))
-        }
+            .map_err(|e| RelayError::Internal(e.to_string()))?,
+        ),
         _ => None,
     };
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -305,12 +275,10 @@ pub async fn run(
     if let Some(p) = prober {
         p.abort();
     }
-    match capture {
-        Some(CaptureTask::Files(c)) => c.abort(),
-        Some(CaptureTask::Kafka(c)) => tokio::task::spawn_blocking(move || c.stop())
+    if let Some(c) = capture {
+        c.stop()
             .await
-            .map_err(|e| RelayError::Internal(format!("stopping capture failed: {e}")))?,
-        None => {}
+            .map_err(|e| RelayError::Internal(format!("stopping capture failed: {e}")))?;
     }
     sink.shutdown().await;
     ticker.abort();
@@ -320,12 +288,6 @@ pub async fn run(
         .map_err(|_| RelayError::Internal("the sink writer thread panicked".to_owned()))?;
     tracing::info!("The relay stopped.");
     Ok(())
-}
-
-/// The capture that runs: a task over the stream files, or a thread over Kafka.
-enum CaptureTask {
-    Files(tokio::task::JoinHandle<()>),
-    Kafka(capture::kafka::CaptureThread),
 }
 
 /// Without `[tls]` there is nothing to reload: SIGHUP (`systemctl reload`) is logged, not

@@ -33,7 +33,7 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
-use super::{gzip, line_type, object_key};
+use super::keys::{gzip, line_type, object_key};
 use crate::config::{CaptureSettings, KafkaSettings};
 use crate::metrics::Metrics;
 use crate::s3::Bucket;
