@@ -112,26 +112,23 @@ pub async fn run(
     let store = tokio::task::spawn_blocking(move || upload::UploadStore::open(&data_dir))
         .await
         .map_err(|e| RelayError::Internal(format!("startup task failed: {e}")))??;
-    let (objects, prober) = match &config.objects.s3 {
-        None => (upload::Objects::Files, None),
+    let store = Arc::new(store);
+    let (objects, bucket, prober): (Box<dyn upload::ObjectStore>, _, _) = match &config.objects.s3 {
+        None => (Box::new(upload::DirObjects::new(store.clone())), None, None),
         Some(s) => {
             let bucket = Arc::new(s3::Bucket::connect(s).await);
             let prober = s3::spawn_prober(bucket.clone(), metrics.clone());
-            (
-                upload::Objects::S3 {
-                    bucket,
-                    part_size: s.part_size,
-                },
-                Some(prober),
-            )
+            let objects =
+                upload::S3Objects::new(bucket.clone(), s.part_size, store.clone(), metrics.clone());
+            (Box::new(objects), Some(bucket), Some(prober))
         }
     };
-    let capture = match (&config.capture, &objects) {
-        (Some(settings), upload::Objects::S3 { bucket, .. }) => Some(
+    let capture = match (&config.capture, bucket) {
+        (Some(settings), Some(bucket)) => Some(
             capture::Capture::start(
                 settings,
                 &config.stream,
-                bucket.clone(),
+                bucket,
                 &config.data_dir,
                 &config.tenants,
                 metrics.clone(),

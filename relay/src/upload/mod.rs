@@ -5,6 +5,9 @@
 //!
 //! * [`key`] — the upload id and the object key, pure functions;
 //! * [`store`] — the manifests, `.part` files and the commit into `objects/` (blocking I/O);
+//! * [`objects`] — where finished files go, one interface with one module per store:
+//!   the data dir's `objects/` or a bucket;
+//! * [`error`] — how an upload request fails;
 //! * [`registry`] — one lease per upload, newest request takes over, and the cached hash;
 //! * [`sha`] — SHA-256 whose state is saved between parts, so a resumed upload is not
 //!   read again;
@@ -12,12 +15,16 @@
 //!   sweep, without HTTP;
 //! * [`routes`] — the axum handlers.
 
+pub mod error;
 pub mod key;
+pub mod objects;
 pub mod registry;
 pub mod routes;
 pub mod service;
 pub mod sha;
 pub mod store;
 
-pub use service::{Objects, Settings, UploadError, Uploads};
+pub use error::UploadError;
+pub use objects::{DirObjects, ObjectStore, S3Objects};
+pub use service::{Settings, Uploads};
 pub use store::{UPLOADS_DIR, UploadStore};

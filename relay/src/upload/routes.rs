@@ -17,8 +17,9 @@ use pigeon_shared::ce::GatewayId;
 use pigeon_shared::wire::{self, CreateUpload, UploadState};
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::error::UploadError;
 use super::key::is_upload_id;
-use super::service::{Created, PatchRequest, Patched, UploadError, not_found};
+use super::service::{Created, PatchRequest, Patched, not_found};
 use crate::admission::Ticket;
 use crate::auth::{AuthError, Principal};
 use crate::ingest::media_type;

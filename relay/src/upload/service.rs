@@ -25,7 +25,7 @@
 //! Disk I/O runs on the blocking pool; the `PATCH` loop keeps at most [`WRITE_BUFFER`]
 //! bytes in memory, whatever the file's size.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::{self, Write as _};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -38,17 +38,18 @@ use pigeon_shared::ce::{self, GatewayId};
 use pigeon_shared::wire::{self, CreateUpload, EventResult, EventStatus, UploadState};
 use tokio::sync::{OwnedSemaphorePermit, watch};
 
+use super::error::{UploadError, blocking};
 use super::key;
+use super::objects::{ObjectError, ObjectStore};
 use super::registry::{Lease, Registry};
 use super::sha::Sha256;
 use super::store::{
-    Hashed, Manifest, Multipart, ShippedPart, UploadStore, hash_prefix, now_ms, resume_hasher_from,
+    Hashed, Manifest, Multipart, ShippedPart, UploadStore, now_ms, resume_hasher_from,
 };
 use crate::auth::Principal;
-use crate::config::{DEFAULT_TENANT, OBJECTS_PREFIX};
+use crate::config::DEFAULT_TENANT;
 use crate::ingest::{self, Rejection};
 use crate::metrics::{GaugeGuard, Metrics};
-use crate::s3::{Bucket, S3Error};
 use crate::sink::{Outcome, SinkEvent, SinkHandle};
 
 /// Bytes of a `PATCH` body collected before they are written (and hashed) in one go.
@@ -70,87 +71,6 @@ pub struct Settings {
     pub abandon_after: Duration,
     /// Each gateway's tenant (object keys in S3 start with `tenant=<tenant>/`).
     pub tenants: HashMap<GatewayId, String>,
-}
-
-/// Where finished files go.
-#[derive(Clone)]
-pub enum Objects {
-    /// `<data_dir>/objects/<key>`.
-    Files,
-    /// `<prefix>objects/<key>` in a bucket, sent in parts of `part_size` as they arrive.
-    S3 { bucket: Arc<Bucket>, part_size: u64 },
-}
-
-impl std::fmt::Debug for Objects {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Files => f.write_str("Files"),
-            Self::S3 { bucket, part_size } => f
-                .debug_struct("S3")
-                .field("bucket", &bucket.describe)
-                .field("part_size", part_size)
-                .finish(),
-        }
-    }
-}
-
-/// The key of a file in the bucket, relative to `objects.s3.prefix`.
-fn s3_key(key: &str) -> String {
-    format!("{OBJECTS_PREFIX}/{key}")
-}
-
-/// The file's media type as the gateway described it (`data.contenttype`), if it looks
-/// like one; stored as the object's `Content-Type`.
-fn content_type(m: &Manifest) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Event {
-        data: Option<Data>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Data {
-        contenttype: Option<String>,
-    }
-    let event: Event = serde_json::from_str(m.event.get()).ok()?;
-    let ct = event.data?.contenttype?;
-    let ct = ct.as_str();
-    let ok = ct.len() <= 127
-        && ct.contains('/')
-        && ct.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
-    ok.then(|| ct.to_owned())
-}
-
-/// Why an upload request failed; each names what is wrong in one sentence.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum UploadError {
-    /// 400.
-    #[error("{0}")]
-    BadRequest(String),
-    /// 404.
-    #[error("{0}")]
-    NotFound(String),
-    /// 408: the body stopped arriving; `offset` bytes are held.
-    #[error("{message}")]
-    Idle { message: String, offset: u64 },
-    /// 409: the request's offset is not the bytes held (or a newer request took over).
-    #[error("{message}")]
-    Conflict { message: String, offset: u64 },
-    /// 413: the file is over `max_object_bytes`, or the body goes past its length.
-    #[error("{message}")]
-    TooLarge {
-        message: String,
-        offset: Option<u64>,
-    },
-    /// 422: all bytes arrived but their digest is not the announced one.
-    #[error(
-        "the file's SHA-256 is {actual}, not {expected} as announced when the upload was created; its bytes were discarded, so send it again from offset 0"
-    )]
-    DigestMismatch { expected: String, actual: String },
-    /// 503 with `sink.retry_after`: the disk or the stream sink failed, or the relay stops.
-    #[error("{0}")]
-    Unavailable(String),
-    /// 500: a bug or a damaged data dir.
-    #[error("{0}")]
-    Internal(String),
 }
 
 /// The answer to a create.
@@ -334,25 +254,6 @@ pub fn not_found(gateway: &GatewayId, id: &str) -> UploadError {
     ))
 }
 
-/// Runs blocking file work; an I/O error is a 503 (the disk may come back) and logged.
-async fn blocking<T: Send + 'static>(
-    what: &'static str,
-    f: impl FnOnce() -> io::Result<T> + Send + 'static,
-) -> Result<T, UploadError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "The relay could not {what}; the upload is answered 503 and its gateway retries.");
-            Err(UploadError::Unavailable(format!(
-                "the relay cannot {what}: {e}"
-            )))
-        }
-        Err(e) => Err(UploadError::Internal(format!(
-            "the relay failed to {what}: {e}"
-        ))),
-    }
-}
-
 /// Resolves once the relay is shutting down.
 async fn stopping(rx: &mut watch::Receiver<bool>) {
     if rx.wait_for(|&s| s).await.is_err() {
@@ -442,7 +343,7 @@ enum Step {
 /// The upload endpoint's state: the files, who works on which upload, the sink.
 pub struct Uploads {
     store: Arc<UploadStore>,
-    objects: Objects,
+    objects: Box<dyn ObjectStore>,
     registry: Registry,
     sink: SinkHandle,
     metrics: Arc<Metrics>,
@@ -453,15 +354,15 @@ pub struct Uploads {
 impl Uploads {
     /// `shutdown` turning `true` stops the `PATCH`es in progress (their bytes are kept).
     pub fn new(
-        store: UploadStore,
-        objects: Objects,
+        store: Arc<UploadStore>,
+        objects: Box<dyn ObjectStore>,
         sink: SinkHandle,
         metrics: Arc<Metrics>,
         settings: Settings,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
-            store: Arc::new(store),
+            store,
             objects,
             registry: Registry::new(),
             sink,
@@ -477,65 +378,12 @@ impl Uploads {
 
     /// What object keys of `gateway` start with: its tenant in S3, nothing in files.
     fn key_prefix(&self, gateway: &GatewayId) -> String {
-        match self.objects {
-            Objects::Files => String::new(),
-            Objects::S3 { .. } => format!(
-                "tenant={}/",
-                self.settings
-                    .tenants
-                    .get(gateway)
-                    .map_or(DEFAULT_TENANT, String::as_str)
-            ),
-        }
-    }
-
-    /// The part size of new uploads: `None` for files.
-    fn part_size(&self) -> Option<u64> {
-        match self.objects {
-            Objects::Files => None,
-            Objects::S3 { part_size, .. } => Some(part_size),
-        }
-    }
-
-    /// An S3 failure as the answer to the gateway (503), counted and logged.
-    fn s3_failed(&self, e: S3Error) -> UploadError {
-        self.metrics.object_store_errors.fetch_add(1, Relaxed);
-        self.metrics.object_store_healthy.store(false, Relaxed);
-        tracing::warn!(error = %e, "Object storage failed; the upload is answered 503 and its gateway retries.");
-        UploadError::Unavailable(e.to_string())
-    }
-
-    /// Times an S3 call and notes that the bucket answers when it succeeds.
-    async fn timed<T>(&self, call: impl Future<Output = Result<T, S3Error>>) -> Result<T, S3Error> {
-        let started = Instant::now();
-        let r = call.await;
-        self.metrics.object_store_seconds.observe(started.elapsed());
-        if r.is_ok() || matches!(r, Err(S3Error::NoSuchUpload(_))) {
-            self.metrics.object_store_healthy.store(true, Relaxed);
-        }
-        r
-    }
-
-    /// Whether the object at `key` is there (for the `dataref` of a duplicate).
-    async fn object_in_place(&self, key: &str) -> Result<bool, UploadError> {
-        match &self.objects {
-            Objects::Files => {
-                let store = self.store.clone();
-                let key = key.to_owned();
-                Ok(
-                    blocking("look for the object", move || store.object_len(&key))
-                        .await?
-                        .is_some(),
-                )
-            }
-            Objects::S3 { bucket, .. } => match self.timed(bucket.head(&s3_key(key))).await {
-                Ok(found) => Ok(found.is_some()),
-                Err(e) => {
-                    tracing::debug!(error = %e, "Could not look for an object in S3.");
-                    Ok(false)
-                }
-            },
-        }
+        self.objects.key_prefix(
+            self.settings
+                .tenants
+                .get(gateway)
+                .map_or(DEFAULT_TENANT, String::as_str),
+        )
     }
 
     /// The `dataref` of a durable event's object, if it is still there: at its key, or
@@ -543,10 +391,10 @@ impl Uploads {
     /// (issue 24) names — so a gateway sending such a file again after the upgrade still
     /// learns where it is.
     async fn dataref_in_place(&self, p: &Prepared) -> Result<Option<String>, UploadError> {
-        if self.object_in_place(&p.key).await? {
+        if self.objects.exists(&p.key).await? {
             return Ok(Some(p.dataref.clone()));
         }
-        if self.object_in_place(&p.legacy_key).await? {
+        if self.objects.exists(&p.legacy_key).await? {
             return Ok(Some(format!("{}{}", self.settings.base_url, p.legacy_key)));
         }
         Ok(None)
@@ -635,7 +483,7 @@ impl Uploads {
                     key: p.key,
                     created_at_ms: now_ms(),
                     event: req.event,
-                    part_size: self.part_size(),
+                    part_size: self.objects.part_size(),
                     multipart: None,
                 };
                 let store = self.store.clone();
@@ -919,10 +767,7 @@ impl Uploads {
 
     /// Where the part being filled ends: the next part boundary into S3, else nowhere.
     fn part_end(&self, m: &Manifest) -> u64 {
-        match (&self.objects, m.part_size) {
-            (Objects::S3 { .. }, Some(size)) => m.shipped() + size,
-            _ => u64::MAX,
-        }
+        m.part_size.map_or(u64::MAX, |size| m.shipped() + size)
     }
 
     /// Into S3: sends every full part the writer holds that is not the file's last
@@ -934,16 +779,13 @@ impl Uploads {
         m: &mut Manifest,
         w: &mut PartWriter,
     ) -> Result<(), UploadError> {
-        let Objects::S3 { bucket, .. } = &self.objects else {
-            return Ok(());
-        };
         loop {
             let end = self.part_end(m);
             if end >= m.length || w.offset() < end {
                 return Ok(());
             }
             w.flush_to(end, &self.metrics).await?;
-            self.ship(bucket, gateway, id, m, w).await?;
+            self.ship(gateway, id, m, w).await?;
         }
     }
 
@@ -951,7 +793,6 @@ impl Uploads {
     /// need be), records it with the hash state at its end, deletes it and opens the next.
     async fn ship(
         &self,
-        bucket: &Bucket,
         gateway: &GatewayId,
         id: &str,
         m: &mut Manifest,
@@ -965,13 +806,8 @@ impl Uploads {
                 "upload {id}: the hash is not at a part boundary"
             )));
         };
-        let key = s3_key(&m.key);
         if m.multipart.is_none() {
-            let ct = content_type(m);
-            let upload_id = self
-                .timed(bucket.create_multipart(&key, &m.sha256, ct.as_deref()))
-                .await
-                .map_err(|e| self.s3_failed(e))?;
+            let upload_id = self.objects.begin_parts(m).await?;
             m.multipart = Some(Multipart {
                 upload_id,
                 parts: Vec::new(),
@@ -984,20 +820,20 @@ impl Uploads {
         }
         let n = m.next_part();
         let path = self.store.part_path_at(gateway, id, n);
-        let Some(mp) = m.multipart.as_mut() else {
+        let Some(parts_id) = m.multipart.as_ref().map(|mp| mp.upload_id.clone()) else {
             return Err(UploadError::Internal("no multipart upload".into()));
         };
-        let etag = match self
-            .timed(bucket.upload_part(&key, &mp.upload_id, n, &path, size))
-            .await
-        {
+        let etag = match self.objects.send_part(m, &parts_id, n, &path, size).await {
             Ok(etag) => etag,
-            Err(S3Error::NoSuchUpload(e)) => {
+            Err(ObjectError::PartsGone(e)) => {
                 w.hashed = None;
                 w.buf.clear();
                 return Err(self.parts_gone(gateway, id, m, &e).await);
             }
-            Err(e) => return Err(self.s3_failed(e)),
+            Err(ObjectError::Failed(e)) => return Err(e),
+        };
+        let Some(mp) = m.multipart.as_mut() else {
+            return Err(UploadError::Internal("no multipart upload".into()));
         };
         mp.parts.push(ShippedPart { number: n, etag });
         mp.midstate = midstate;
@@ -1063,23 +899,7 @@ impl Uploads {
     /// Aborts the upload's multipart upload in S3, if it has one; a failure is logged
     /// (the orphan sweep, or the bucket's lifecycle rule, gets it later).
     async fn abort_multipart(&self, gateway: &GatewayId, id: &str, m: &Manifest) {
-        let Some(mp) = &m.multipart else { return };
-        let Objects::S3 { bucket, .. } = &self.objects else {
-            tracing::warn!(gateway = %gateway, upload = %id, upload_id = ?mp.upload_id, "An upload into S3 was dropped while objects.kind is not \"s3\"; its parts stay in the bucket until a lifecycle rule removes them.");
-            return;
-        };
-        match self
-            .timed(bucket.abort(&s3_key(&m.key), &mp.upload_id))
-            .await
-        {
-            Ok(()) => {
-                tracing::debug!(gateway = %gateway, upload = %id, "Aborted an upload's S3 multipart upload.");
-            }
-            Err(e) => {
-                self.metrics.object_store_errors.fetch_add(1, Relaxed);
-                tracing::warn!(gateway = %gateway, upload = %id, error = %e, "Could not abort an upload's S3 multipart upload; the orphan sweep tries again later.");
-            }
-        }
+        self.objects.abort(gateway, id, m).await;
     }
 
     /// Looks at an existing upload's bytes: a `.part` longer than the file is discarded;
@@ -1150,32 +970,8 @@ impl Uploads {
         m: &Manifest,
         started: Instant,
     ) -> Result<Option<UploadState>, UploadError> {
-        let actual = match &self.objects {
-            Objects::Files => {
-                let store = self.store.clone();
-                let key = m.key.clone();
-                let len = blocking("look for the object", move || store.object_len(&key)).await?;
-                if len != Some(m.length) {
-                    return Ok(None);
-                }
-                let path = self.store.object_path(&m.key);
-                let length = m.length;
-                let hashed =
-                    blocking("read the object back", move || hash_prefix(&path, length)).await?;
-                hashed.hex()
-            }
-            // Objects are only ever completed after their digest was checked, with the
-            // digest in their metadata.
-            Objects::S3 { bucket, .. } => {
-                match self
-                    .timed(bucket.head(&s3_key(&m.key)))
-                    .await
-                    .map_err(|e| self.s3_failed(e))?
-                {
-                    Some(o) if o.length == m.length => o.sha256.unwrap_or_default(),
-                    _ => return Ok(None),
-                }
-            }
+        let Some(actual) = self.objects.stored_digest(m).await? else {
+            return Ok(None);
         };
         if actual != m.sha256 {
             tracing::warn!(gateway = %gateway, upload = %id, key = ?m.key, expected = %m.sha256, actual = %actual, "Another file is at the upload's object key; the upload goes on and will replace it.");
@@ -1245,13 +1041,12 @@ impl Uploads {
                 actual,
             });
         }
-        let stored = match &self.objects {
-            Objects::Files => {
-                let store = self.store.clone();
-                let (g, i, k) = (gateway.clone(), id.to_owned(), m.key.clone());
-                blocking("store the object", move || store.commit(&g, &i, &k)).await
+        let stored = match self.objects.commit(gateway, id, m).await {
+            Ok(()) => Ok(()),
+            Err(ObjectError::Failed(e)) => Err(e),
+            Err(ObjectError::PartsGone(e)) => {
+                Err(self.parts_gone(gateway, id, &mut m.clone(), &e).await)
             }
-            Objects::S3 { bucket, .. } => self.complete_in_s3(bucket, gateway, id, m).await,
         };
         if let Err(e) = stored {
             if !matches!(e, UploadError::Conflict { offset: 0, .. }) {
@@ -1263,77 +1058,6 @@ impl Uploads {
             .object_bytes_written
             .fetch_add(m.length, Relaxed);
         self.publish(lease, gateway, id, m, started).await
-    }
-
-    /// Makes the object appear in S3: one `PutObject` for a file of one part, else the
-    /// last part sent and the multipart upload completed. A completion whose upload is
-    /// gone is fine if the object is there with the file's digest (completed by an
-    /// earlier attempt whose answer was lost); otherwise the upload starts again at 0.
-    async fn complete_in_s3(
-        &self,
-        bucket: &Bucket,
-        gateway: &GatewayId,
-        id: &str,
-        m: &Manifest,
-    ) -> Result<(), UploadError> {
-        let key = s3_key(&m.key);
-        let n = m.next_part();
-        let path = self.store.part_path_at(gateway, id, n);
-        let rest = m.length - m.shipped();
-        let Some(mp) = &m.multipart else {
-            if m.length == 0 {
-                // There may be no file at all for an empty upload.
-                let store = self.store.clone();
-                let (g, i) = (gateway.clone(), id.to_owned());
-                blocking("create the upload's file", move || {
-                    store.open_part_at(&g, &i, 1).map(drop)
-                })
-                .await?;
-            }
-            let ct = content_type(m);
-            return self
-                .timed(bucket.put_file(&key, &path, m.length, &m.sha256, ct.as_deref()))
-                .await
-                .map_err(|e| self.s3_failed(e));
-        };
-        let mut parts: Vec<(u32, String)> = mp
-            .parts
-            .iter()
-            .map(|p| (p.number, p.etag.clone()))
-            .collect();
-        let mut gone = None;
-        if rest > 0 {
-            match self
-                .timed(bucket.upload_part(&key, &mp.upload_id, n, &path, rest))
-                .await
-            {
-                Ok(etag) => {
-                    self.metrics.object_parts_sent.fetch_add(1, Relaxed);
-                    parts.push((n, etag));
-                }
-                Err(S3Error::NoSuchUpload(e)) => gone = Some(e),
-                Err(e) => return Err(self.s3_failed(e)),
-            }
-        }
-        if gone.is_none() {
-            match self
-                .timed(bucket.complete(&key, &mp.upload_id, &parts))
-                .await
-            {
-                Ok(()) => return Ok(()),
-                Err(S3Error::NoSuchUpload(e)) => gone = Some(e),
-                Err(e) => return Err(self.s3_failed(e)),
-            }
-        }
-        let error = gone.unwrap_or_default();
-        match self.timed(bucket.head(&key)).await {
-            Ok(Some(o)) if o.length == m.length && o.sha256.as_deref() == Some(&m.sha256) => {
-                tracing::info!(gateway = %gateway, upload = %id, key = ?m.key, "An upload's multipart upload was completed before (its answer was lost); the object is in place.");
-                Ok(())
-            }
-            Ok(_) => Err(self.parts_gone(gateway, id, &mut m.clone(), &error).await),
-            Err(e) => Err(self.s3_failed(e)),
-        }
     }
 
     /// The object is in place: write the event with its `dataref` to the stream, then
@@ -1431,22 +1155,7 @@ impl Uploads {
     /// key holds the upload id, so no other upload's event can). Best effort: a failure is
     /// logged, and leaves an object no event refers to.
     async fn remove_object(&self, key: &str) {
-        let removed = match &self.objects {
-            Objects::Files => {
-                let path = self.store.object_path(key);
-                blocking("remove the object", move || {
-                    match std::fs::remove_file(&path) {
-                        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-                        _ => Ok(()),
-                    }
-                })
-                .await
-            }
-            Objects::S3 { bucket, .. } => bucket
-                .delete(&s3_key(key))
-                .await
-                .map_err(|e| UploadError::Unavailable(e.to_string())),
-        };
+        let removed = self.objects.remove(key).await;
         if let Err(e) = removed {
             tracing::warn!(key = ?key, error = %e, "Could not remove the object of a refused event; no event refers to it.");
         }
@@ -1458,7 +1167,7 @@ impl Uploads {
         let store = self.store.clone();
         let (g, i) = (gateway.clone(), id.to_owned());
         match tokio::task::spawn_blocking(move || store.load(&g, &i)).await {
-            Ok(Ok(Some(m))) if m.part_size.is_some() != self.part_size().is_some() => {
+            Ok(Ok(Some(m))) if m.part_size.is_some() != self.objects.part_size().is_some() => {
                 tracing::warn!(gateway = %gateway, upload = %id, "An upload was started with another objects.kind; it was discarded and starts again.");
                 self.abort_multipart(gateway, id, &m).await;
                 self.discard(gateway, id).await;
@@ -1572,62 +1281,12 @@ impl Uploads {
     }
 
     /// Into S3: aborts multipart uploads under `objects/` that no upload here knows and
-    /// that were started more than `uploads.abandon_after` ago — left by a relay that
-    /// crashed between starting one and recording it, or lost its data dir. (Another
-    /// relay's upload that old would have been abandoned by it too.) Returns how many.
+    /// that were started more than `uploads.abandon_after` ago (see
+    /// [`ObjectStore::sweep_orphans`]). Returns how many.
     pub async fn sweep_orphans(&self, now: SystemTime) -> usize {
-        let Objects::S3 { bucket, .. } = &self.objects else {
-            return 0;
-        };
-        let unfinished = match self
-            .timed(bucket.unfinished(&format!("{OBJECTS_PREFIX}/")))
+        self.objects
+            .sweep_orphans(now, self.settings.abandon_after)
             .await
-        {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::warn!(error = %e, "Could not list unfinished S3 uploads; trying again later.");
-                return 0;
-            }
-        };
-        if unfinished.is_empty() {
-            return 0;
-        }
-        let store = self.store.clone();
-        let known = tokio::task::spawn_blocking(move || -> io::Result<HashSet<String>> {
-            let mut ids = HashSet::new();
-            for u in store.scan()? {
-                if let Ok(Some(m)) = store.load(&u.gateway, &u.id) {
-                    ids.extend(m.multipart.map(|mp| mp.upload_id));
-                }
-            }
-            Ok(ids)
-        })
-        .await;
-        let Ok(Ok(known)) = known else {
-            tracing::warn!("Could not read the uploads here; the orphan sweep tries again later.");
-            return 0;
-        };
-        let limit = self.settings.abandon_after;
-        let mut aborted = 0;
-        for u in unfinished {
-            let old = u
-                .initiated
-                .is_some_and(|t| now.duration_since(t).unwrap_or_default() >= limit);
-            if !old || known.contains(&u.upload_id) {
-                continue;
-            }
-            match self.timed(bucket.abort(&u.key, &u.upload_id)).await {
-                Ok(()) => {
-                    aborted += 1;
-                    self.metrics.uploads_abandoned.fetch_add(1, Relaxed);
-                    tracing::info!(key = ?u.key, upload_id = ?u.upload_id, "Aborted an S3 multipart upload no upload here knows, started over uploads.abandon_after ago.");
-                }
-                Err(e) => {
-                    tracing::warn!(key = ?u.key, error = %e, "Could not abort an orphaned S3 multipart upload; trying again later.");
-                }
-            }
-        }
-        aborted
     }
 
     /// Runs [`Uploads::sweep`] at start and then every tenth of `abandon_after` (at most
@@ -1717,11 +1376,11 @@ mod tests {
                 metrics.clone(),
             )
             .unwrap();
-            let store = UploadStore::open(dir.path()).unwrap();
+            let store = Arc::new(UploadStore::open(dir.path()).unwrap());
             let (stop, shutdown) = watch::channel(false);
             let uploads = Arc::new(Uploads::new(
-                store,
-                Objects::Files,
+                store.clone(),
+                Box::new(super::super::objects::DirObjects::new(store)),
                 sink.clone(),
                 metrics,
                 Settings {
