@@ -43,8 +43,67 @@ pub struct Incoming {
     pub files: u64,
 }
 
-/// What was dropped to make room, by event type: (count, bytes, oldest receive time).
-pub type Dropped = Vec<(String, u64, u64, i64)>;
+/// What was dropped to make room, by event type.
+#[derive(Debug, Default)]
+pub struct Drops {
+    types: Vec<TypeDrops>,
+}
+
+/// What was dropped of one event type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TypeDrops {
+    pub event_type: String,
+    pub records: u64,
+    pub bytes: u64,
+    /// The oldest dropped record's receive time (µs since the epoch).
+    pub oldest_us: i64,
+}
+
+impl Drops {
+    /// Adds one dropped record (with its file, if any) of `bytes` received at `time_us`.
+    pub fn count(&mut self, event_type: &str, bytes: u64, time_us: i64) {
+        self.add(TypeDrops {
+            event_type: event_type.to_owned(),
+            records: 1,
+            bytes,
+            oldest_us: time_us,
+        });
+    }
+
+    /// Adds everything in `other`.
+    pub fn merge(&mut self, other: Drops) {
+        for d in other.types {
+            self.add(d);
+        }
+    }
+
+    fn add(&mut self, d: TypeDrops) {
+        match self.types.iter_mut().find(|x| x.event_type == d.event_type) {
+            Some(x) => {
+                x.records += d.records;
+                x.bytes += d.bytes;
+                x.oldest_us = x.oldest_us.min(d.oldest_us);
+            }
+            None => self.types.push(d),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.types.is_empty()
+    }
+
+    /// Records and bytes dropped, of every type.
+    pub fn totals(&self) -> (u64, u64) {
+        self.types
+            .iter()
+            .fold((0, 0), |(n, b), d| (n + d.records, b + d.bytes))
+    }
+
+    /// Empties it, by event type in the order they were first dropped.
+    pub fn drain(&mut self) -> impl Iterator<Item = TypeDrops> + '_ {
+        self.types.drain(..)
+    }
+}
 
 /// The budget and the writer's running count of spool bytes.
 #[derive(Debug)]
@@ -281,14 +340,14 @@ impl Quota {
         tx: &Transaction<'_>,
         priority: u8,
         inc: Incoming,
-        dropped: &mut Dropped,
+        dropped: &mut Drops,
     ) -> rusqlite::Result<bool> {
         if self.shortfall(tx, inc) == 0 {
             return Ok(true);
         }
         tx.execute_batch("SAVEPOINT make_room")?;
         let mut files: Vec<(String, u64)> = Vec::new();
-        let mut these: Dropped = Vec::new();
+        let mut these = Drops::default();
         let mut freeing = 0u64;
         // Lowest priority first, oldest first within one.
         let mut p = 0u8;
@@ -326,14 +385,7 @@ impl Quota {
                     freeing += r.file_size;
                 }
                 let bytes = r.data_len + r.file_size + ROW_OVERHEAD;
-                match these.iter_mut().find(|d| d.0 == r.ty) {
-                    Some(d) => {
-                        d.1 += 1;
-                        d.2 += bytes;
-                        d.3 = d.3.min(r.time_us);
-                    }
-                    None => these.push((r.ty, 1, bytes, r.time_us)),
-                }
+                these.count(&r.ty, bytes, r.time_us);
             }
         };
         if !fits {
@@ -346,16 +398,7 @@ impl Quota {
             let _ = std::fs::remove_file(self.settings.spool_dir.join(name));
             self.add_spool(-(size as i64));
         }
-        for d in these {
-            match dropped.iter_mut().find(|x| x.0 == d.0) {
-                Some(x) => {
-                    x.1 += d.1;
-                    x.2 += d.2;
-                    x.3 = x.3.min(d.3);
-                }
-                None => dropped.push(d),
-            }
-        }
+        dropped.merge(these);
         Ok(true)
     }
 }

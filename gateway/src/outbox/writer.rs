@@ -14,7 +14,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::marks::Marks;
 use super::pack::{Kind, Packer};
-use super::quota::{Dropped, Incoming, Quota, QuotaSettings, ROW_OVERHEAD};
+use super::quota::{Drops, Incoming, Quota, QuotaSettings, ROW_OVERHEAD};
 use super::{FileClaim, NewRecord, OutboxError, WhenFull, db, path_bytes};
 use crate::stats::Stats;
 
@@ -294,36 +294,15 @@ struct WriterState {
 /// [`DROP_LOG_EVERY`], with the counts by event type (the metrics count at once).
 #[derive(Debug, Default)]
 struct DropLog {
-    pending: Dropped,
+    pending: Drops,
     last: Option<std::time::Instant>,
 }
 
 const DROP_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Adds one dropped record (or file) to `dropped`.
-fn count_drop(dropped: &mut Dropped, ty: &str, bytes: u64, time_us: i64) {
-    match dropped.iter_mut().find(|d| d.0 == ty) {
-        Some(d) => {
-            d.1 += 1;
-            d.2 += bytes;
-            d.3 = d.3.min(time_us);
-        }
-        None => dropped.push((ty.to_owned(), 1, bytes, time_us)),
-    }
-}
-
 impl DropLog {
-    fn add(&mut self, dropped: Dropped) {
-        for (ty, n, bytes, oldest) in dropped {
-            match self.pending.iter_mut().find(|d| d.0 == ty) {
-                Some(d) => {
-                    d.1 += n;
-                    d.2 += bytes;
-                    d.3 = d.3.min(oldest);
-                }
-                None => self.pending.push((ty, n, bytes, oldest)),
-            }
-        }
+    fn add(&mut self, dropped: Drops) {
+        self.pending.merge(dropped);
     }
 
     /// Logs what is pending, if it is time (or `force`).
@@ -335,12 +314,12 @@ impl DropLog {
         }
         self.last = Some(std::time::Instant::now());
         let now_us = chrono::Utc::now().timestamp_micros();
-        for (ty, n, bytes, oldest) in self.pending.drain(..) {
+        for d in self.pending.drain() {
             tracing::warn!(
-                r#type = %ty,
-                dropped = n,
-                bytes,
-                oldest_age_s = (now_us - oldest).max(0) / 1_000_000,
+                r#type = %d.event_type,
+                dropped = d.records,
+                bytes = d.bytes,
+                oldest_age_s = (now_us - d.oldest_us).max(0) / 1_000_000,
                 "The outbox is full (outbox.max_bytes, outbox.min_free): dropped the oldest data of the lowest priority to make room (when_full = \"drop_oldest\")."
             );
         }
@@ -428,7 +407,7 @@ impl WriterState {
         let mut appended: Vec<Result<Appended, OutboxError>> = Vec::with_capacity(batch.len());
         let mut expired = Vec::new();
         let mut claimed = Vec::new();
-        let mut dropped: Dropped = Vec::new();
+        let mut dropped = Drops::default();
         let mut spool_delta = 0i64;
         let appends = batch.iter().any(|c| matches!(c, Command::Append(..)));
         let quota = &mut self.quota;
@@ -539,7 +518,7 @@ impl WriterState {
             }
         }
         if result.is_ok() && !dropped.is_empty() {
-            let (n, bytes) = dropped.iter().fold((0, 0), |(n, b), d| (n + d.1, b + d.2));
+            let (n, bytes) = dropped.totals();
             self.stats.outbox_dropped.fetch_add(n, Relaxed);
             self.stats.outbox_dropped_bytes.fetch_add(bytes, Relaxed);
             self.drops.add(dropped);
@@ -656,7 +635,7 @@ fn admit(
     q: &mut Quota,
     tx: &Transaction<'_>,
     batch: &[Command],
-    dropped: &mut Dropped,
+    dropped: &mut Drops,
 ) -> Result<Vec<Verdict>, rusqlite::Error> {
     let mut verdicts = vec![None; batch.len()];
     let appends: Vec<(usize, &NewRecord)> = batch
@@ -695,7 +674,7 @@ fn admit(
         for (i, r) in &group[take..] {
             verdicts[*i] = Some(match r.policy.when_full {
                 WhenFull::DropOldest => {
-                    count_drop(dropped, &r.event_type, record_bytes(r), r.time_us);
+                    dropped.count(&r.event_type, record_bytes(r), r.time_us);
                     Ok(Appended::Dropped)
                 }
                 WhenFull::Refuse => Err(OutboxError::Full),
@@ -714,7 +693,7 @@ fn claims(
     add: &[FileClaim],
     remove: &[String],
     pending: i64,
-    dropped: &mut Dropped,
+    dropped: &mut Drops,
 ) -> Result<(Vec<bool>, i64), rusqlite::Error> {
     let mut taken = Vec::with_capacity(add.len());
     let mut delta = 0i64;
@@ -771,6 +750,17 @@ fn expire(tx: &Transaction<'_>, now_us: i64) -> Result<Vec<(String, u64)>, rusql
     Ok(counts)
 }
 
+/// The columns of a record's row that name it: empty for a packed event (its names are
+/// in its dictionary, its subject in the packed bytes, its id derived).
+#[derive(Default)]
+struct RowNames<'a> {
+    id: &'a [u8],
+    source: &'a str,
+    event_type: &'a str,
+    subject: Option<&'a str>,
+    content_type: Option<&'a str>,
+}
+
 fn append_one(
     tx: &Transaction<'_>,
     rec: &NewRecord,
@@ -800,26 +790,29 @@ fn append_one(
     // Derived, as a packed record's is when it is read: every id sorts by receive time.
     let id = super::pack::derived_id(producer, seq, rec.time_us);
     let insert = &mut tx.prepare_cached(INSERT_RECORD)?;
-    let head = match &packed {
+    let names = match &packed {
         // Its names are in the dictionary, its subject in the packed bytes, its id derived.
-        Some(_) => (&[][..], "", "", None, None),
-        None => (
-            &id.as_bytes()[..],
-            rec.source.as_str(),
-            rec.event_type.as_str(),
-            rec.subject.as_deref(),
-            rec.content_type.as_deref(),
-        ),
+        Some(_) => RowNames::default(),
+        None => RowNames {
+            id: &id.as_bytes()[..],
+            source: rec.source.as_str(),
+            event_type: rec.event_type.as_str(),
+            subject: rec.subject.as_deref(),
+            content_type: rec.content_type.as_deref(),
+        },
     };
-    let data = packed.as_ref().map_or(&rec.data[..], |p| &p.1[..]);
+    let (dictionary, data) = match &packed {
+        Some((dictionary, bytes)) => (Some(*dictionary), &bytes[..]),
+        None => (None, &rec.data[..]),
+    };
     insert.execute(params![
         seq as i64,
-        head.0,
-        head.1,
-        head.2,
-        head.3,
+        names.id,
+        names.source,
+        names.event_type,
+        names.subject,
         rec.time_us,
-        head.4,
+        names.content_type,
         data,
         rec.expires_us,
         file.map(|f| &f.spool),
@@ -828,7 +821,7 @@ fn append_one(
         file.and_then(|f| f.move_to.as_deref()).map(path_bytes),
         rec.policy.priority,
         rec.policy.when_full == WhenFull::DropOldest,
-        packed.as_ref().map(|p| p.0),
+        dictionary,
     ])?;
     if let Some(f) = &rec.file {
         // The file is in the spool and described by this record: its claim is done, or

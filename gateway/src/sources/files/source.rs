@@ -28,7 +28,7 @@ use tracing::{debug, error, info, warn};
 
 use super::config::{AfterUpload, FilesConfig, Finished, WatchConfig};
 use super::rules::{Rules, lossy};
-use super::tracker::{Seen, Stamp, Tracker};
+use super::tracker::{Candidate, Seen, Stamp, Tracker, WatchId};
 use crate::outbox::{
     FileClaim, FileRef, KeptFile, NewFile, NewRecord, OutboxError, OutboxReader, OutboxWriter,
 };
@@ -90,11 +90,11 @@ pub struct FilesSource {
     excluded: Vec<PathBuf>,
     tracker: Tracker,
     /// Files to try again at the given time (a passing failure).
-    deferred: Vec<(Instant, PathBuf, usize)>,
+    deferred: Vec<Scheduled>,
     /// Directories that appeared a moment ago, to scan once more at the given time: a
     /// file written into a new directory before its watch was in place sends no events
     /// (and may still have been open when the directory was first scanned).
-    settling: Vec<(Instant, PathBuf, usize)>,
+    new_dirs: Vec<Scheduled>,
     /// A pickup failed after the file was in the spool: finish its claim soon.
     claims_pending: bool,
     /// Files whose pickup failed, and how many times: counted and logged once each.
@@ -103,10 +103,29 @@ pub struct FilesSource {
 
 /// How long after a new directory appears it is scanned a second time (its watch is in
 /// place by then).
-const SETTLE_RESCAN: Duration = Duration::from_secs(1);
+const NEW_DIR_RESCAN: Duration = Duration::from_secs(1);
 
-/// One pickup candidate: path and watch index.
-type Candidate = (PathBuf, usize);
+/// A path of a watch to look at again at a given time.
+#[derive(Debug)]
+struct Scheduled {
+    at: Instant,
+    path: PathBuf,
+    watch: WatchId,
+}
+
+impl std::ops::Index<WatchId> for Vec<WatchRt> {
+    type Output = WatchRt;
+
+    fn index(&self, w: WatchId) -> &WatchRt {
+        &self[w.0]
+    }
+}
+
+impl std::ops::IndexMut<WatchId> for Vec<WatchRt> {
+    fn index_mut(&mut self, w: WatchId) -> &mut WatchRt {
+        &mut self[w.0]
+    }
+}
 
 impl FilesSource {
     /// Compiles the watches (validated config) and opens the spool.
@@ -177,7 +196,7 @@ impl FilesSource {
             stats,
             excluded,
             deferred: Vec::new(),
-            settling: Vec::new(),
+            new_dirs: Vec::new(),
             claims_pending: false,
             failing: std::collections::HashMap::new(),
         })
@@ -226,9 +245,9 @@ impl FilesSource {
                 .min(next_rescan)
                 .min(next_retry);
             let due = self
-                .settling
+                .new_dirs
                 .iter()
-                .map(|(at, _, _)| tokio::time::Instant::from_std(*at))
+                .map(|s| tokio::time::Instant::from_std(s.at))
                 .fold(due, std::cmp::min);
             tokio::select! {
                 () = shutdown.stopped() => break,
@@ -250,7 +269,7 @@ impl FilesSource {
             }
             let now = tokio::time::Instant::now();
             ready.extend(self.tracker.tick(Instant::now(), stamp_of));
-            ready.extend(self.scan_settled(Instant::now()).await);
+            ready.extend(self.rescan_new_dirs(Instant::now()).await);
             if now >= next_retry {
                 next_retry = now + RETRY_AFTER;
                 ready.extend(self.take_deferred(Instant::now()));
@@ -314,7 +333,7 @@ impl FilesSource {
 
     /// Which watch `path` belongs to, and the path relative to it; `None` for paths of
     /// no watch, in excluded or ignored places.
-    fn locate(&self, path: &Path) -> Option<(usize, PathBuf)> {
+    fn locate(&self, path: &Path) -> Option<(WatchId, PathBuf)> {
         if self.excluded.iter().any(|x| path.starts_with(x)) {
             return None;
         }
@@ -333,7 +352,7 @@ impl FilesSource {
         let ignored = rel
             .components()
             .any(|c| w.rules.ignored(&c.as_os_str().to_string_lossy()));
-        (!ignored).then_some((i, rel))
+        (!ignored).then_some((WatchId(i), rel))
     }
 
     async fn on_event(&mut self, ev: notify::Result<Event>) -> Vec<Candidate> {
@@ -399,23 +418,27 @@ impl FilesSource {
         for dir in scan_dirs {
             if let Some((w, _)) = self.locate(&dir) {
                 ready.extend(self.scan(w, &dir, false).await);
-                if !self.settling.iter().any(|(_, d, _)| *d == dir) {
-                    self.settling.push((now + SETTLE_RESCAN, dir, w));
+                if !self.new_dirs.iter().any(|s| s.path == dir) {
+                    self.new_dirs.push(Scheduled {
+                        at: now + NEW_DIR_RESCAN,
+                        path: dir,
+                        watch: w,
+                    });
                 }
             }
         }
         ready
     }
 
-    /// Scans again the new directories whose [`SETTLE_RESCAN`] is over.
-    async fn scan_settled(&mut self, now: Instant) -> Vec<Candidate> {
-        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.settling)
+    /// Scans again the new directories whose [`NEW_DIR_RESCAN`] is over.
+    async fn rescan_new_dirs(&mut self, now: Instant) -> Vec<Candidate> {
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.new_dirs)
             .into_iter()
-            .partition(|(at, _, _)| *at <= now);
-        self.settling = later;
+            .partition(|s| s.at <= now);
+        self.new_dirs = later;
         let mut ready = Vec::new();
-        for (_, dir, w) in due {
-            ready.extend(self.scan(w, &dir, false).await);
+        for s in due {
+            ready.extend(self.scan(s.watch, &s.path, false).await);
         }
         ready
     }
@@ -423,7 +446,7 @@ impl FilesSource {
     /// Scans every watch (at start, periodically, and after lost events).
     async fn scan_all(&mut self, lost_events: bool) -> Vec<Candidate> {
         let mut ready = Vec::new();
-        for w in 0..self.watches.len() {
+        for w in (0..self.watches.len()).map(WatchId) {
             let root = self.watches[w].cfg.path.clone();
             ready.extend(self.scan(w, &root, lost_events).await);
         }
@@ -438,7 +461,7 @@ impl FilesSource {
     /// waits for its close. When the kernel cannot tell (see
     /// [`is_open_for_writing`](pigeon_shared::sys::is_open_for_writing)), the quiet period
     /// decides.
-    async fn scan(&mut self, w: usize, dir: &Path, lost_events: bool) -> Vec<Candidate> {
+    async fn scan(&mut self, w: WatchId, dir: &Path, lost_events: bool) -> Vec<Candidate> {
         let recursive = self.watches[w].cfg.recursive;
         let mode = self.watches[w].mode;
         let probe = mode == Finished::Close;
@@ -461,7 +484,7 @@ impl FilesSource {
             match writing {
                 Some(false) => {
                     self.tracker.event(&path, w, mode, Seen::Removed, now);
-                    ready.push((path, w));
+                    ready.push(Candidate { path, watch: w });
                 }
                 Some(true) => {
                     self.tracker.event(&path, w, mode, Seen::Written, now);
@@ -503,7 +526,7 @@ impl FilesSource {
     }
 
     /// Forgets the kept marks of watch `w`'s files that a full scan did not find.
-    async fn forget_kept_gone(&self, w: usize, present: &[PathBuf]) {
+    async fn forget_kept_gone(&self, w: WatchId, present: &[PathBuf]) {
         let reader = self.reader.clone();
         let root = self.watches[w].cfg.path.clone();
         let present: HashSet<PathBuf> = present.iter().cloned().collect();
@@ -526,14 +549,23 @@ impl FilesSource {
     fn take_deferred(&mut self, now: Instant) -> Vec<Candidate> {
         let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deferred)
             .into_iter()
-            .partition(|(at, _, _)| *at <= now);
+            .partition(|d| d.at <= now);
         self.deferred = later;
-        due.into_iter().map(|(_, p, w)| (p, w)).collect()
+        due.into_iter()
+            .map(|d| Candidate {
+                path: d.path,
+                watch: d.watch,
+            })
+            .collect()
     }
 
-    fn defer(&mut self, path: PathBuf, w: usize, after: Duration) {
-        if !self.deferred.iter().any(|(_, p, _)| *p == path) {
-            self.deferred.push((Instant::now() + after, path, w));
+    fn defer(&mut self, path: PathBuf, w: WatchId, after: Duration) {
+        if !self.deferred.iter().any(|d| d.path == path) {
+            self.deferred.push(Scheduled {
+                at: Instant::now() + after,
+                path,
+                watch: w,
+            });
         }
     }
 
@@ -541,21 +573,23 @@ impl FilesSource {
     async fn pickup(&mut self, mut batch: Vec<Candidate>) {
         let now_us = chrono::Utc::now().timestamp_micros();
         let mut unique = HashSet::new();
-        batch.retain(|(p, _)| unique.insert(p.clone()));
+        batch.retain(|c| unique.insert(c.path.clone()));
         // Kept files (after_upload = "keep") that were sent and have not changed since.
         let mut fresh = Vec::with_capacity(batch.len());
-        for (path, w) in batch {
-            if self.watches[w].cfg.after_upload == AfterUpload::Keep && self.is_kept(&path).await {
+        for c in batch {
+            if self.watches[c.watch].cfg.after_upload == AfterUpload::Keep
+                && self.is_kept(&c.path).await
+            {
                 continue;
             }
-            fresh.push((path, w));
+            fresh.push(c);
         }
         let batch = fresh;
         // 1. Open and check each, and give it its spool name.
         let spool = self.spool.clone();
         let jobs: Vec<_> = batch
             .into_iter()
-            .filter_map(|(path, w)| {
+            .filter_map(|Candidate { path, watch: w }| {
                 let rel = path
                     .strip_prefix(&self.watches[w].cfg.path)
                     .ok()?
@@ -575,7 +609,7 @@ impl FilesSource {
         })
         .await
         .unwrap_or_default();
-        let mut ok: Vec<(usize, Prepared)> = Vec::new();
+        let mut ok: Vec<(WatchId, Prepared)> = Vec::new();
         for (path, w, r) in prepared {
             match r {
                 Ok(mut p) => {
@@ -593,7 +627,11 @@ impl FilesSource {
         let taken = match self.writer.claims(claims, Vec::new()).await {
             Ok(t) => t,
             Err(e) => {
-                self.outbox_failed(&e, ok.into_iter().map(|(w, p)| (p.claim.original, w)));
+                let files = ok.into_iter().map(|(w, p)| Candidate {
+                    path: p.claim.original,
+                    watch: w,
+                });
+                self.outbox_failed(&e, files);
                 return;
             }
         };
@@ -602,7 +640,7 @@ impl FilesSource {
         for ((w, p), _) in refused {
             self.failed(w, &p.claim.original, PickupError::OutboxFull);
         }
-        let ok: Vec<(usize, Prepared)> = ok.into_iter().map(|(x, _)| x).collect();
+        let ok: Vec<(WatchId, Prepared)> = ok.into_iter().map(|(x, _)| x).collect();
         if ok.is_empty() {
             return;
         }
@@ -646,7 +684,7 @@ impl FilesSource {
         for (w, claim, r) in taken {
             match r {
                 Ok(t) => {
-                    let rec = self.record(w, &claim, &t);
+                    let rec = self.record(Some(w), &claim, &t);
                     match self.writer.append(rec).await {
                         Ok(rx) => waits.push((w, claim, t, rx)),
                         Err(e) => {
@@ -739,7 +777,7 @@ impl FilesSource {
     }
 
     /// Logs a file that was not taken, counts it, and defers it if that may help.
-    fn failed(&mut self, w: usize, path: &Path, e: PickupError) {
+    fn failed(&mut self, w: WatchId, path: &Path, e: PickupError) {
         if let PickupError::StillOpen = e {
             // Its end was guessed from a pause; now its close decides.
             debug!(watch = %self.watches[w].cfg.name, file = ?path, "A file is still open for writing; waiting for its writer to close it.");
@@ -801,16 +839,18 @@ impl FilesSource {
         }
     }
 
-    fn outbox_failed(&mut self, e: &OutboxError, files: impl Iterator<Item = (PathBuf, usize)>) {
+    fn outbox_failed(&mut self, e: &OutboxError, files: impl Iterator<Item = Candidate>) {
         error!(error = %e, "Cannot record files in the outbox (is the disk full?); they stay in the drop directory and are tried again shortly.");
-        for (path, w) in files {
-            self.defer(path, w, RETRY_AFTER);
+        for c in files {
+            self.defer(c.path, c.watch, RETRY_AFTER);
         }
     }
 
-    /// The outbox record of a file taken into the spool.
-    fn record(&self, w: usize, claim: &FileClaim, t: &Taken) -> NewRecord {
-        let (rules, source, watch_name, after, move_to, policy) = match self.watches.get(w) {
+    /// The outbox record of a file taken into the spool; `w` is `None` for a file of no
+    /// watch (recovered from the spool).
+    fn record(&self, w: Option<WatchId>, claim: &FileClaim, t: &Taken) -> NewRecord {
+        let watch = w.and_then(|w| self.watches.get(w.0));
+        let (rules, source, watch_name, after, move_to, policy) = match watch {
             Some(wr) => (
                 &wr.rules,
                 wr.source.as_str(),
@@ -895,7 +935,7 @@ impl FilesSource {
         })
         .await
         .map_err(|_| OutboxError::Closed)??;
-        let mut finish: Vec<(usize, FileClaim)> = Vec::new();
+        let mut finish: Vec<(Option<WatchId>, FileClaim)> = Vec::new();
         let mut redo: Vec<Candidate> = Vec::new();
         let mut drop = Vec::new();
         let mut release = Vec::new();
@@ -909,7 +949,7 @@ impl FilesSource {
                 .watches
                 .iter()
                 .position(|w| w.cfg.name == c.watch)
-                .unwrap_or(usize::MAX);
+                .map(WatchId);
             let in_spool = self.spool.path(&c.spool).exists();
             let original = std::fs::symlink_metadata(&c.original)
                 .ok()
@@ -923,9 +963,12 @@ impl FilesSource {
                     c.spool,
                     crate::spool::TMP_SUFFIX
                 )));
-                if same_original && w != usize::MAX {
+                if same_original && let Some(w) = w {
                     info!(file = ?c.original, "A file was being picked up when the gateway stopped; picking it up again.");
-                    redo.push((c.original.clone(), w));
+                    redo.push(Candidate {
+                        path: c.original.clone(),
+                        watch: w,
+                    });
                 } else if !same_original {
                     warn!(file = ?c.original, "A file was being picked up when the gateway stopped and is gone since; nothing to send.");
                 }
@@ -991,7 +1034,7 @@ impl FilesSource {
                 claimed_us: 0,
                 policy: crate::outbox::Policy::default(),
             };
-            let rec = self.record(usize::MAX, &claim, &t);
+            let rec = self.record(None, &claim, &t);
             self.writer.append_and_wait(rec).await?;
         }
         // Leftover copies in progress without a claim.

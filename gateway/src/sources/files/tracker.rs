@@ -46,12 +46,12 @@ enum State {
     /// A writer was seen; finished when it closes.
     Writing,
     /// Finished once the quiet period passes without change.
-    Settling,
+    Quiet,
 }
 
 #[derive(Debug)]
 struct Entry {
-    watch: usize,
+    watch: WatchId,
     mode: Finished,
     state: State,
     changed_at: Instant,
@@ -65,8 +65,25 @@ pub struct Tracker {
     entries: HashMap<PathBuf, Entry>,
 }
 
-/// A finished file: its path and the index of its watch.
-pub type Ready = (PathBuf, usize);
+/// A watch of `files.watch`, by its place in the list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WatchId(pub usize);
+
+/// A finished file, to pick up: its path and its watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub path: PathBuf,
+    pub watch: WatchId,
+}
+
+impl Candidate {
+    fn new(path: &Path, watch: WatchId) -> Candidate {
+        Candidate {
+            path: path.to_owned(),
+            watch,
+        }
+    }
+}
 
 impl Tracker {
     pub fn new(quiet: Duration) -> Self {
@@ -90,33 +107,33 @@ impl Tracker {
     pub fn event(
         &mut self,
         path: &Path,
-        watch: usize,
+        watch: WatchId,
         mode: Finished,
         seen: Seen,
         now: Instant,
-    ) -> Option<Ready> {
+    ) -> Option<Candidate> {
         if seen == Seen::Removed {
             self.entries.remove(path);
             return None;
         }
-        let settling = |stamp| Entry {
+        let quiet = |stamp| Entry {
             watch,
             mode,
-            state: State::Settling,
+            state: State::Quiet,
             changed_at: now,
             stamp,
         };
         match (mode, seen) {
             (Finished::Close, Seen::Closed | Seen::MovedIn) => {
                 self.entries.remove(path);
-                Some((path.to_owned(), watch))
+                Some(Candidate::new(path, watch))
             }
             (Finished::Close, Seen::Written) => {
                 self.entries.insert(
                     path.to_owned(),
                     Entry {
                         state: State::Writing,
-                        ..settling(None)
+                        ..quiet(None)
                     },
                 );
                 None
@@ -126,7 +143,7 @@ impl Tracker {
                     Some(e) if e.state == State::Writing => {}
                     Some(e) => e.changed_at = now,
                     None if seen == Seen::Created => {
-                        self.entries.insert(path.to_owned(), settling(None));
+                        self.entries.insert(path.to_owned(), quiet(None));
                     }
                     // A chmod or touch of a file nobody is writing is not an upload.
                     None => {}
@@ -134,7 +151,7 @@ impl Tracker {
                 None
             }
             (Finished::Quiet, _) => {
-                self.entries.insert(path.to_owned(), settling(None));
+                self.entries.insert(path.to_owned(), quiet(None));
                 None
             }
             (_, Seen::Removed) => None,
@@ -150,16 +167,16 @@ impl Tracker {
     pub fn found(
         &mut self,
         path: &Path,
-        watch: usize,
+        watch: WatchId,
         mode: Finished,
         stamp: Stamp,
         now: Instant,
         now_wall: SystemTime,
         lost_events: bool,
-    ) -> Option<Ready> {
+    ) -> Option<Candidate> {
         if let Some(e) = self.entries.get_mut(path) {
             if lost_events && e.state == State::Writing {
-                e.state = State::Settling;
+                e.state = State::Quiet;
                 e.stamp = Some(stamp);
                 e.changed_at = now;
             }
@@ -169,14 +186,14 @@ impl Tracker {
             .duration_since(stamp.mtime)
             .is_ok_and(|age| age >= self.quiet);
         if idle {
-            return Some((path.to_owned(), watch));
+            return Some(Candidate::new(path, watch));
         }
         self.entries.insert(
             path.to_owned(),
             Entry {
                 watch,
                 mode,
-                state: State::Settling,
+                state: State::Quiet,
                 changed_at: now,
                 stamp: Some(stamp),
             },
@@ -190,12 +207,12 @@ impl Tracker {
         &mut self,
         now: Instant,
         mut stat: impl FnMut(&Path) -> Option<Stamp>,
-    ) -> Vec<Ready> {
+    ) -> Vec<Candidate> {
         let quiet = self.quiet;
         let due: Vec<PathBuf> = self
             .entries
             .iter()
-            .filter(|(_, e)| e.state == State::Settling && now >= e.changed_at + quiet)
+            .filter(|(_, e)| e.state == State::Quiet && now >= e.changed_at + quiet)
             .map(|(p, _)| p.clone())
             .collect();
         let mut ready = Vec::new();
@@ -215,7 +232,7 @@ impl Tracker {
                 Some(_) => {
                     let watch = e.watch;
                     self.entries.remove(&path);
-                    ready.push((path, watch));
+                    ready.push(Candidate { path, watch });
                 }
             }
         }
@@ -226,13 +243,13 @@ impl Tracker {
     pub fn next_due(&self) -> Option<Instant> {
         self.entries
             .values()
-            .filter(|e| e.state == State::Settling)
+            .filter(|e| e.state == State::Quiet)
             .map(|e| e.changed_at + self.quiet)
             .min()
     }
 
     /// Forgets every file of watch `watch` (its directory went away).
-    pub fn forget_watch(&mut self, watch: usize) {
+    pub fn forget_watch(&mut self, watch: WatchId) {
         self.entries.retain(|_, e| e.watch != watch);
     }
 
@@ -245,6 +262,13 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ready(path: PathBuf, watch: usize) -> Candidate {
+        Candidate {
+            path,
+            watch: WatchId(watch),
+        }
+    }
 
     const QUIET: Duration = Duration::from_secs(30);
 
@@ -264,15 +288,21 @@ mod tests {
         let mut t = Tracker::new(QUIET);
         let t0 = Instant::now();
         let f = p("/drop/cam1/clip.mp4");
-        assert_eq!(t.event(&f, 0, Finished::Close, Seen::Created, t0), None);
-        assert_eq!(t.event(&f, 0, Finished::Close, Seen::Written, t0), None);
+        assert_eq!(
+            t.event(&f, WatchId(0), Finished::Close, Seen::Created, t0),
+            None
+        );
+        assert_eq!(
+            t.event(&f, WatchId(0), Finished::Close, Seen::Written, t0),
+            None
+        );
         // A stalled upload: ten quiet periods without a byte.
         let later = t0 + QUIET * 10;
         assert!(t.tick(later, |_| Some(stamp(10, 1))).is_empty());
         assert_eq!(t.next_due(), None);
         assert_eq!(
-            t.event(&f, 0, Finished::Close, Seen::Closed, later),
-            Some((f.clone(), 0))
+            t.event(&f, WatchId(0), Finished::Close, Seen::Closed, later),
+            Some(ready(f.clone(), 0))
         );
         assert!(t.is_empty());
     }
@@ -282,8 +312,14 @@ mod tests {
         let mut t = Tracker::new(QUIET);
         let f = p("/drop/snap.jpg");
         assert_eq!(
-            t.event(&f, 2, Finished::Close, Seen::MovedIn, Instant::now()),
-            Some((f, 2))
+            t.event(
+                &f,
+                WatchId(2),
+                Finished::Close,
+                Seen::MovedIn,
+                Instant::now()
+            ),
+            Some(ready(f, 2))
         );
     }
 
@@ -293,16 +329,16 @@ mod tests {
         let mut t = Tracker::new(QUIET);
         let t0 = Instant::now();
         let f = p("/drop/linked.jpg");
-        t.event(&f, 0, Finished::Close, Seen::Created, t0);
+        t.event(&f, WatchId(0), Finished::Close, Seen::Created, t0);
         assert!(t.tick(t0 + QUIET / 2, |_| Some(stamp(5, 1))).is_empty());
         assert_eq!(t.next_due(), Some(t0 + QUIET));
         assert_eq!(
             t.tick(t0 + QUIET, |_| Some(stamp(5, 1))),
-            vec![(f.clone(), 0)]
+            vec![ready(f.clone(), 0)]
         );
         assert!(t.is_empty());
         // A chmod of a file nobody writes is not an upload.
-        t.event(&f, 0, Finished::Close, Seen::Touched, t0);
+        t.event(&f, WatchId(0), Finished::Close, Seen::Touched, t0);
         assert!(t.is_empty());
     }
 
@@ -311,16 +347,22 @@ mod tests {
         let mut t = Tracker::new(QUIET);
         let t0 = Instant::now();
         let f = p("/nfs/cam/clip.avi");
-        t.event(&f, 1, Finished::Quiet, Seen::Written, t0);
+        t.event(&f, WatchId(1), Finished::Quiet, Seen::Written, t0);
         // Closed and reopened: a close is not the end in this mode.
         assert_eq!(
-            t.event(&f, 1, Finished::Quiet, Seen::Closed, t0 + QUIET / 2),
+            t.event(
+                &f,
+                WatchId(1),
+                Finished::Quiet,
+                Seen::Closed,
+                t0 + QUIET / 2
+            ),
             None
         );
         assert!(t.tick(t0 + QUIET, |_| Some(stamp(1, 1))).is_empty());
         assert_eq!(
             t.tick(t0 + QUIET / 2 + QUIET, |_| Some(stamp(1, 1))),
-            vec![(f, 1)]
+            vec![ready(f, 1)]
         );
     }
 
@@ -332,11 +374,27 @@ mod tests {
         let old = p("/drop/old.jpg");
         let fresh = p("/drop/fresh.jpg");
         assert_eq!(
-            t.found(&old, 0, Finished::Close, stamp(9, 900), t0, wall, false),
-            Some((old, 0))
+            t.found(
+                &old,
+                WatchId(0),
+                Finished::Close,
+                stamp(9, 900),
+                t0,
+                wall,
+                false
+            ),
+            Some(ready(old, 0))
         );
         assert_eq!(
-            t.found(&fresh, 0, Finished::Close, stamp(9, 995), t0, wall, false),
+            t.found(
+                &fresh,
+                WatchId(0),
+                Finished::Close,
+                stamp(9, 995),
+                t0,
+                wall,
+                false
+            ),
             None
         );
         // It grew meanwhile (a writer the gateway started too late to see open it).
@@ -344,7 +402,7 @@ mod tests {
         assert_eq!(t.next_due(), Some(t0 + QUIET * 2));
         assert_eq!(
             t.tick(t0 + QUIET * 2, |_| Some(stamp(20, 1_010))),
-            vec![(fresh, 0)]
+            vec![ready(fresh, 0)]
         );
     }
 
@@ -354,13 +412,21 @@ mod tests {
         let t0 = Instant::now();
         let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
         let f = p("/drop/clip.mp4");
-        t.event(&f, 0, Finished::Close, Seen::Written, t0);
-        t.found(&f, 0, Finished::Close, stamp(1, 999), t0, wall, false);
+        t.event(&f, WatchId(0), Finished::Close, Seen::Written, t0);
+        t.found(
+            &f,
+            WatchId(0),
+            Finished::Close,
+            stamp(1, 999),
+            t0,
+            wall,
+            false,
+        );
         assert!(t.tick(t0 + QUIET * 3, |_| Some(stamp(1, 999))).is_empty());
         // The queue overflowed: its close may have been among the lost events.
         t.found(
             &f,
-            0,
+            WatchId(0),
             Finished::Close,
             stamp(1, 999),
             t0 + QUIET * 3,
@@ -369,7 +435,7 @@ mod tests {
         );
         assert_eq!(
             t.tick(t0 + QUIET * 4, |_| Some(stamp(1, 999))),
-            vec![(f, 0)]
+            vec![ready(f, 0)]
         );
     }
 
@@ -379,14 +445,14 @@ mod tests {
         let t0 = Instant::now();
         let a = p("/drop/a.jpg");
         let b = p("/drop/b.jpg");
-        t.event(&a, 0, Finished::Close, Seen::Written, t0);
-        t.event(&a, 0, Finished::Close, Seen::Removed, t0);
-        t.event(&b, 0, Finished::Quiet, Seen::Written, t0);
+        t.event(&a, WatchId(0), Finished::Close, Seen::Written, t0);
+        t.event(&a, WatchId(0), Finished::Close, Seen::Removed, t0);
+        t.event(&b, WatchId(0), Finished::Quiet, Seen::Written, t0);
         // Gone by the time the quiet period ended.
         assert!(t.tick(t0 + QUIET, |_| None).is_empty());
         assert!(t.is_empty());
-        t.event(&a, 3, Finished::Quiet, Seen::Written, t0);
-        t.forget_watch(3);
+        t.event(&a, WatchId(3), Finished::Quiet, Seen::Written, t0);
+        t.forget_watch(WatchId(3));
         assert!(t.is_empty());
     }
 }
