@@ -19,31 +19,31 @@ use crate::sources::mqtt::MqttConfig;
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
-    pub gateway: GatewaySection,
-    pub relay: RelayConfig,
+pub(crate) struct Config {
+    pub(crate) gateway: GatewaySection,
+    pub(crate) relay: RelayConfig,
     #[serde(default)]
-    pub outbox: OutboxConfig,
+    pub(crate) outbox: OutboxConfig,
     /// Absent: no MQTT source.
-    pub mqtt: Option<MqttConfig>,
+    pub(crate) mqtt: Option<MqttConfig>,
     /// Absent: no drop directories are watched.
-    pub files: Option<FilesConfig>,
+    pub(crate) files: Option<FilesConfig>,
     #[serde(default)]
-    pub health: HealthConfig,
+    pub(crate) health: HealthConfig,
     #[serde(default)]
-    pub http: HttpConfig,
+    pub(crate) http: HttpConfig,
 }
 
 /// The local HTTP endpoint: `/live`, `/ready`, `/metrics`, `/status`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HttpConfig {
+pub(crate) struct HttpConfig {
     #[serde(default = "default_true")]
-    pub enabled: bool,
+    pub(crate) enabled: bool,
     /// `host:port`; loopback by default, since `/status` tells anyone who can reach it
     /// what the gateway is doing.
     #[serde(default = "default_http_listen")]
-    pub listen: String,
+    pub(crate) listen: String,
 }
 
 impl Default for HttpConfig {
@@ -57,7 +57,7 @@ impl Default for HttpConfig {
 
 impl HttpConfig {
     /// The address to listen on; `validate` made sure it parses.
-    pub fn listen_addr(&self) -> Result<std::net::SocketAddr, String> {
+    pub(crate) fn listen_addr(&self) -> Result<std::net::SocketAddr, String> {
         self.listen.parse().map_err(|e| {
             format!(
                 "{:?} is not an address like \"127.0.0.1:9464\": {e}",
@@ -76,16 +76,16 @@ fn default_http_listen() -> String {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct GatewaySection {
+pub(crate) struct GatewaySection {
     /// Names this gateway in event sources and at the relay.
-    pub id: GatewayId,
+    pub(crate) id: GatewayId,
     /// Where the outbox database (and later the file spool) lives.
     #[serde(default = "default_data_dir")]
-    pub data_dir: PathBuf,
+    pub(crate) data_dir: PathBuf,
     /// How long a graceful stop may take before in-flight work is abandoned (it stays in
     /// the outbox and is sent after the next start).
     #[serde(default = "default_shutdown_timeout")]
-    pub shutdown_timeout: Duration,
+    pub(crate) shutdown_timeout: Duration,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -99,10 +99,10 @@ fn default_shutdown_timeout() -> Duration {
 /// (crossing midnight is fine), `max_upload_rate = "1MiB"` or left out for no limit.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct UploadWindow {
-    pub from: String,
-    pub to: String,
-    pub max_upload_rate: Option<ByteSize>,
+pub(crate) struct UploadWindow {
+    pub(crate) from: String,
+    pub(crate) to: String,
+    pub(crate) max_upload_rate: Option<ByteSize>,
 }
 
 /// `"HH:MM"` → minutes after midnight.
@@ -115,7 +115,7 @@ fn minutes_of_day(s: &str) -> Option<u32> {
 impl RelayConfig {
     /// The upload limit in bytes per second at `minute` (after local midnight): the first
     /// schedule window containing it, else `max_upload_rate`. `None`: no limit.
-    pub fn upload_rate_at(&self, minute: u32) -> Option<u64> {
+    pub(crate) fn upload_rate_at(&self, minute: u32) -> Option<u64> {
         for w in &self.upload_schedule {
             let (Some(from), Some(to)) = (minutes_of_day(&w.from), minutes_of_day(&w.to)) else {
                 continue;
@@ -136,63 +136,63 @@ impl RelayConfig {
 /// How to reach the relay and how to batch uploads.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RelayConfig {
+pub(crate) struct RelayConfig {
     /// Base URL of the relay, e.g. `https://relay.example.com`; events go to `<url>/v1/events`.
-    pub url: String,
+    pub(crate) url: String,
     /// The bearer token the relay knows this gateway by.
-    pub token: Option<String>,
+    pub(crate) token: Option<String>,
     /// A file holding the token (first line; surrounding white space ignored).
-    pub token_file: Option<PathBuf>,
+    pub(crate) token_file: Option<PathBuf>,
     /// PEM CA certificate(s) to trust for an https relay instead of the system's.
     #[serde(default)]
-    pub ca_file: Option<PathBuf>,
+    pub(crate) ca_file: Option<PathBuf>,
     /// PEM client certificate (and chain) presented to the relay: the gateway's identity
     /// when the relay asks for one (its subject CN is the gateway id there).
     #[serde(default)]
-    pub client_cert: Option<PathBuf>,
+    pub(crate) client_cert: Option<PathBuf>,
     /// PEM private key of `client_cert`.
     #[serde(default)]
-    pub client_key: Option<PathBuf>,
+    pub(crate) client_key: Option<PathBuf>,
     #[serde(default = "default_batch_max_events")]
-    pub batch_max_events: usize,
+    pub(crate) batch_max_events: usize,
     #[serde(default = "default_batch_max_bytes")]
-    pub batch_max_bytes: ByteSize,
+    pub(crate) batch_max_bytes: ByteSize,
     /// How long events of the default priority or lower may wait for others to share a
     /// request with, when fewer than a full batch are waiting. Each request ends in a
     /// commit on the SD card: at a few readings a second, sending each on its own writes
     /// several times more. Events above the default priority never wait. `0s`: none.
     #[serde(default = "default_batch_linger")]
-    pub batch_linger: Duration,
+    pub(crate) batch_linger: Duration,
     #[serde(default = "default_request_timeout")]
-    pub request_timeout: Duration,
+    pub(crate) request_timeout: Duration,
     #[serde(default = "default_backoff_initial")]
-    pub backoff_initial: Duration,
+    pub(crate) backoff_initial: Duration,
     #[serde(default = "default_backoff_max")]
-    pub backoff_max: Duration,
+    pub(crate) backoff_max: Duration,
     #[serde(default)]
-    pub compression: Compression,
+    pub(crate) compression: Compression,
     /// Upload bandwidth limit, bytes per second of request bodies as sent (compressed);
     /// none by default.
     #[serde(default)]
-    pub max_upload_rate: Option<ByteSize>,
+    pub(crate) max_upload_rate: Option<ByteSize>,
     /// Times of day (the Pi's local time) with another limit, e.g. full speed at night.
     #[serde(default)]
-    pub upload_schedule: Vec<UploadWindow>,
+    pub(crate) upload_schedule: Vec<UploadWindow>,
     /// Files uploaded at the same time (each over its own connection, beside the event
     /// batches), so that snapshots do not wait behind a long video.
     #[serde(default = "default_max_file_uploads")]
-    pub max_file_uploads: usize,
+    pub(crate) max_file_uploads: usize,
     /// Give up on an event (or file) after the relay answered this many attempts with an
     /// error (5xx, 429): it goes to the dead-letter table with the last reason. Attempts
     /// that did not reach the relay do not count. None: retry for ever.
     #[serde(default)]
-    pub max_attempts: Option<u32>,
+    pub(crate) max_attempts: Option<u32>,
     /// The relay's `limits.max_event_bytes`: the longest event, as structured JSON, the
     /// relay takes. An MQTT message whose event would be longer is refused at ingest
     /// instead of being acknowledged and then dead-lettered, and `mqtt.max_packet_size`
     /// must not let through binary messages that long. Change it with the relay's.
     #[serde(default = "default_max_event_bytes")]
-    pub max_event_bytes: ByteSize,
+    pub(crate) max_event_bytes: ByteSize,
 }
 
 /// pigeon-relay's default `limits.max_event_bytes`: room for the largest event of a
@@ -227,7 +227,7 @@ fn default_backoff_max() -> Duration {
 /// Content-Encoding of upload bodies.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Compression {
+pub(crate) enum Compression {
     #[default]
     Gzip,
     None,
@@ -236,23 +236,23 @@ pub enum Compression {
 /// Outbox durability and batching.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct OutboxConfig {
+pub(crate) struct OutboxConfig {
     /// `full`: every commit survives a power cut (fsync of the WAL per transaction).
     /// `normal`: survives a crash of the process but the last transactions may be lost
     /// on power loss. Producers are acknowledged after the commit either way.
     #[serde(default)]
-    pub synchronous: Synchronous,
+    pub(crate) synchronous: Synchronous,
     /// The most records one transaction commits (group commit).
     #[serde(default = "default_commit_max_records")]
-    pub commit_max_records: usize,
+    pub(crate) commit_max_records: usize,
     /// The most disk the outbox and the spool may use together. None: no cap (only
     /// `min_free`).
     #[serde(default)]
-    pub max_bytes: Option<ByteSize>,
+    pub(crate) max_bytes: Option<ByteSize>,
     /// Space to leave free on the filesystems of the data dir and the spool, for the
     /// rest of the Pi. None: 100 MiB, or 5% of a filesystem smaller than 2 GiB.
     #[serde(default)]
-    pub min_free: Option<ByteSize>,
+    pub(crate) min_free: Option<ByteSize>,
 }
 
 impl Default for OutboxConfig {
@@ -272,7 +272,7 @@ fn default_commit_max_records() -> usize {
 
 /// Why a configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
+pub(crate) enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
     Read {
         path: PathBuf,
@@ -290,7 +290,7 @@ pub enum ConfigError {
 
 impl Config {
     /// Reads, parses and validates the file at `path`.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+    pub(crate) fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -299,7 +299,7 @@ impl Config {
     }
 
     /// Parses and validates TOML text; `path` is only used in error messages.
-    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+    pub(crate) fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string().trim_end().to_owned(),
@@ -482,7 +482,7 @@ impl Config {
 
     /// Where picked-up files wait for upload (also when `[files]` was removed since: dead
     /// letters may still refer to files there).
-    pub fn spool_dir(&self) -> PathBuf {
+    pub(crate) fn spool_dir(&self) -> PathBuf {
         match &self.files {
             Some(f) => f.spool_dir(&self.gateway.data_dir),
             None => self.gateway.data_dir.join("spool"),
@@ -490,7 +490,7 @@ impl Config {
     }
 
     /// The relay token, read from `token` or `token_file`. `None` when neither is set.
-    pub fn relay_token(&self) -> Result<Option<String>, String> {
+    pub(crate) fn relay_token(&self) -> Result<Option<String>, String> {
         match (&self.relay.token, &self.relay.token_file) {
             (Some(t), _) => Ok(Some(t.trim().to_owned())),
             (None, Some(path)) => {
@@ -514,10 +514,10 @@ impl Config {
 /// The token the default configuration ships with; refused, so that a gateway installed
 /// and started without editing its config stops with a clear message instead of being
 /// refused by the relay forever.
-pub const PLACEHOLDER_TOKEN: &str = "change-me";
+pub(crate) const PLACEHOLDER_TOKEN: &str = "change-me";
 
 /// The commented default configuration, as printed by `print-default-config`.
-pub const DEFAULT_CONFIG: &str = include_str!("default-config.toml");
+pub(crate) const DEFAULT_CONFIG: &str = include_str!("default-config.toml");
 
 #[cfg(test)]
 mod tests {

@@ -21,7 +21,7 @@ use crate::outbox::dead_letters::{self, DeadLetter, Selection};
 use crate::report::{count, counted, human_bytes};
 
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
-pub enum DeadLetterCommand {
+pub(crate) enum DeadLetterCommand {
     /// List the dead letters, oldest sequence first: sequence, CloudEvent id, type,
     /// subject, when received, when rejected, the relay's reason, size and (for text) the
     /// start of the data.
@@ -75,7 +75,7 @@ impl DeadLetterCommand {
 }
 
 /// Runs a `dead-letter` command with the config at `config_path`.
-pub fn run(config_path: &Path, command: DeadLetterCommand) -> ExitCode {
+pub(crate) fn run(config_path: &Path, command: DeadLetterCommand) -> ExitCode {
     // Only the configuration: the token file may be unreadable to whoever asks.
     let config = match Config::load(config_path) {
         Ok(c) => c,

@@ -3,10 +3,10 @@
 
 /// A configuration that cannot be used (EX_CONFIG would be 78; 64 is EX_USAGE, which is
 /// what systemd units and scripts here check for).
-pub const BAD_CONFIG: u8 = 64;
+pub(crate) const BAD_CONFIG: u8 = 64;
 
 /// `status`: the gateway is not running, as for LSB init scripts' `status` action.
-pub const NOT_RUNNING: u8 = 3;
+pub(crate) const NOT_RUNNING: u8 = 3;
 
 /// `status`: the gateway's state cannot be told (LSB's "unknown").
-pub const STATE_UNKNOWN: u8 = 4;
+pub(crate) const STATE_UNKNOWN: u8 = 4;

@@ -5,15 +5,15 @@ use std::path::Path;
 
 /// Space on the filesystem that holds a path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DiskSpace {
-    pub total_bytes: u64,
+pub(crate) struct DiskSpace {
+    pub(crate) total_bytes: u64,
     /// Available to the gateway (an unprivileged user): what `df` shows as "Avail".
-    pub free_bytes: u64,
+    pub(crate) free_bytes: u64,
 }
 
 /// Space on the filesystem holding `path` (`statvfs(3)`), so a bind mount or a separate
 /// partition for the data directory is measured, not the root filesystem.
-pub fn disk_space(path: &Path) -> std::io::Result<DiskSpace> {
+pub(crate) fn disk_space(path: &Path) -> std::io::Result<DiskSpace> {
     let space = pigeon_shared::sys::fs_space(path)?;
     Ok(DiskSpace {
         total_bytes: space.total_bytes,
@@ -24,7 +24,7 @@ pub fn disk_space(path: &Path) -> std::io::Result<DiskSpace> {
 /// The SoC (CPU) temperature in °C, if the board reports one: the thermal zone named
 /// like the CPU (`cpu-thermal` on a Raspberry Pi, `x86_pkg_temp`, `soc_thermal`, …), or
 /// else the first zone that reads, under `/sys/class/thermal`.
-pub fn soc_temperature() -> Option<f64> {
+pub(crate) fn soc_temperature() -> Option<f64> {
     soc_temperature_in(Path::new("/sys/class/thermal"))
 }
 

@@ -20,7 +20,7 @@ use axum::routing::get;
 use crate::report::Live;
 
 /// The routes.
-pub fn router(live: Arc<Live>) -> Router {
+pub(crate) fn router(live: Arc<Live>) -> Router {
     Router::new()
         .route("/live", get(|| async { "live\n" }))
         .route("/ready", get(ready))
@@ -30,7 +30,10 @@ pub fn router(live: Arc<Live>) -> Router {
 }
 
 /// Serves on `listener` until the task is dropped or aborted.
-pub async fn serve(listener: tokio::net::TcpListener, live: Arc<Live>) -> std::io::Result<()> {
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    live: Arc<Live>,
+) -> std::io::Result<()> {
     axum::serve(listener, router(live)).await
 }
 

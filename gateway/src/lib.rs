@@ -16,23 +16,23 @@
 //! the exit codes the commands share.
 
 pub mod cli;
-pub mod config;
-pub mod dead_letter_cli;
-pub mod exit;
+pub(crate) mod config;
+pub(crate) mod dead_letter_cli;
+pub(crate) mod exit;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod host;
-pub mod http;
-pub mod metrics;
-pub mod outbox;
-pub mod report;
+pub(crate) mod host;
+pub(crate) mod http;
+pub(crate) mod metrics;
+pub(crate) mod outbox;
+pub(crate) mod report;
 mod running;
-pub mod sources;
-pub mod spool;
-pub mod stats;
-pub mod systemd;
-pub mod uplink;
+pub(crate) mod sources;
+pub(crate) mod spool;
+pub(crate) mod stats;
+pub(crate) mod systemd;
+pub(crate) mod uplink;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -49,7 +49,7 @@ use crate::stats::LastErrorSlot;
 /// Under systemd (`NOTIFY_SOCKET`) it reports `READY=1` once everything is started,
 /// pings the watchdog while healthy, and says `STOPPING=1` when `shutdown` resolves.
 /// However stuck a part is, it returns within `shutdown_timeout` plus a few seconds.
-pub async fn run(
+pub(crate) async fn run(
     config: Config,
     token: Option<String>,
     last_error: Arc<LastErrorSlot>,

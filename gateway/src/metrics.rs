@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use crate::report::StatusReport;
 
 /// Content-Type of [`render`]'s output.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Writes metric families into a string.
 struct Exposition {
@@ -41,7 +41,7 @@ impl Exposition {
 }
 
 /// A label value with `\`, `"` and line feeds escaped.
-pub fn escape_label(v: &str) -> String {
+pub(crate) fn escape_label(v: &str) -> String {
     let mut s = String::with_capacity(v.len());
     for c in v.chars() {
         match c {
@@ -56,7 +56,7 @@ pub fn escape_label(v: &str) -> String {
 
 /// The exposition of a running gateway's report (a report without `live` yields only
 /// the outbox and disk gauges).
-pub fn render(r: &StatusReport) -> String {
+pub(crate) fn render(r: &StatusReport) -> String {
     let mut e = Exposition {
         out: String::with_capacity(4096),
     };

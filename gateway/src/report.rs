@@ -23,7 +23,7 @@ use crate::stats::Stats;
 /// Whether the gateway runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum RunState {
+pub(crate) enum RunState {
     Running,
     Stopped,
     /// Its HTTP endpoint is disabled, or did not answer in time.
@@ -32,174 +32,174 @@ pub enum RunState {
 
 /// One snapshot of the gateway, running or not.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StatusReport {
-    pub gateway: String,
-    pub state: RunState,
+pub(crate) struct StatusReport {
+    pub(crate) gateway: String,
+    pub(crate) state: RunState,
     /// Why the state is `unknown` (or how `stopped` was decided).
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub state_detail: Option<String>,
+    pub(crate) state_detail: Option<String>,
     /// When the snapshot was taken (Unix seconds); ages are relative to it.
-    pub at_unix: i64,
-    pub relay_url: String,
+    pub(crate) at_unix: i64,
+    pub(crate) relay_url: String,
     /// `host:port` of the MQTT broker, when an MQTT source is configured.
-    pub mqtt_broker: Option<String>,
+    pub(crate) mqtt_broker: Option<String>,
     /// What waits in the outbox; `None` when it could not be read (`outbox_error`).
-    pub outbox: Option<OutboxStatus>,
+    pub(crate) outbox: Option<OutboxStatus>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub outbox_error: Option<String>,
+    pub(crate) outbox_error: Option<String>,
     /// The filesystem holding the data directory.
-    pub disk: Option<DiskStatus>,
+    pub(crate) disk: Option<DiskStatus>,
     /// What only a running gateway knows (counters since its start).
-    pub live: Option<LiveStatus>,
+    pub(crate) live: Option<LiveStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OutboxStatus {
-    pub path: String,
+pub(crate) struct OutboxStatus {
+    pub(crate) path: String,
     /// Events waiting to be uploaded.
-    pub waiting: u64,
-    pub waiting_bytes: u64,
+    pub(crate) waiting: u64,
+    pub(crate) waiting_bytes: u64,
     /// Receive time of the oldest waiting event (µs since the epoch).
-    pub oldest_time_us: Option<i64>,
-    pub oldest_age_seconds: Option<f64>,
+    pub(crate) oldest_time_us: Option<i64>,
+    pub(crate) oldest_age_seconds: Option<f64>,
     /// Events the relay rejected, kept in the dead-letter table.
-    pub dead_letters: u64,
+    pub(crate) dead_letters: u64,
     /// Of `waiting`, files (their bytes wait in the spool; included in `waiting_bytes`).
     #[serde(default)]
-    pub waiting_files: u64,
+    pub(crate) waiting_files: u64,
     #[serde(default)]
-    pub waiting_file_bytes: u64,
+    pub(crate) waiting_file_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DiskStatus {
-    pub free_bytes: u64,
-    pub total_bytes: u64,
+pub(crate) struct DiskStatus {
+    pub(crate) free_bytes: u64,
+    pub(crate) total_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LiveStatus {
-    pub pid: u32,
-    pub version: String,
-    pub started_unix: i64,
-    pub uptime_seconds: u64,
+pub(crate) struct LiveStatus {
+    pub(crate) pid: u32,
+    pub(crate) version: String,
+    pub(crate) started_unix: i64,
+    pub(crate) uptime_seconds: u64,
     /// Taking data: the outbox commits and every configured source is connected.
-    pub ready: bool,
-    pub not_ready_reason: Option<String>,
+    pub(crate) ready: bool,
+    pub(crate) not_ready_reason: Option<String>,
     /// `None` when no MQTT source is configured.
-    pub mqtt_connected: Option<bool>,
-    pub mqtt_received: u64,
+    pub(crate) mqtt_connected: Option<bool>,
+    pub(crate) mqtt_received: u64,
     /// MQTT messages dropped for being larger than `mqtt.max_packet_size`, or with an
     /// event larger than `relay.max_event_bytes`.
     #[serde(default)]
-    pub mqtt_oversized: u64,
+    pub(crate) mqtt_oversized: u64,
     /// Whether the last upload attempt reached the relay; `None` before the first.
-    pub relay_reachable: Option<bool>,
-    pub last_upload_unix: Option<i64>,
-    pub upload_requests: u64,
-    pub upload_successes: u64,
-    pub upload_failures: u64,
-    pub upload_retries: u64,
-    pub upload_bytes: u64,
-    pub events_delivered: u64,
-    pub events_duplicate: u64,
-    pub events_dead_lettered: u64,
-    pub outbox_commits: u64,
-    pub outbox_commit_failures: u64,
+    pub(crate) relay_reachable: Option<bool>,
+    pub(crate) last_upload_unix: Option<i64>,
+    pub(crate) upload_requests: u64,
+    pub(crate) upload_successes: u64,
+    pub(crate) upload_failures: u64,
+    pub(crate) upload_retries: u64,
+    pub(crate) upload_bytes: u64,
+    pub(crate) events_delivered: u64,
+    pub(crate) events_duplicate: u64,
+    pub(crate) events_dead_lettered: u64,
+    pub(crate) outbox_commits: u64,
+    pub(crate) outbox_commit_failures: u64,
     /// Records dropped unsent because their route's TTL ran out.
     #[serde(default)]
-    pub outbox_expired: u64,
+    pub(crate) outbox_expired: u64,
     /// Records and files a full outbox dropped to make room (`when_full =
     /// "drop_oldest"`), and their bytes; new ones it refused (`when_full = "refuse"`).
     #[serde(default)]
-    pub outbox_dropped: u64,
+    pub(crate) outbox_dropped: u64,
     #[serde(default)]
-    pub outbox_dropped_bytes: u64,
+    pub(crate) outbox_dropped_bytes: u64,
     #[serde(default)]
-    pub outbox_refused: u64,
+    pub(crate) outbox_refused: u64,
     /// What the outbox and the spool use, as the budget counts it, and the budget
     /// (`outbox.max_bytes`; `None`: only `outbox.min_free`).
     #[serde(default)]
-    pub outbox_used_bytes: u64,
+    pub(crate) outbox_used_bytes: u64,
     #[serde(default)]
-    pub outbox_max_bytes: Option<u64>,
-    pub heartbeats: u64,
+    pub(crate) outbox_max_bytes: Option<u64>,
+    pub(crate) heartbeats: u64,
     /// Records committed per source since the start.
-    pub sources: Vec<SourceCount>,
+    pub(crate) sources: Vec<SourceCount>,
     /// Records committed per MQTT subscription since the start.
-    pub subscriptions: Vec<SubscriptionCount>,
+    pub(crate) subscriptions: Vec<SubscriptionCount>,
     /// MQTT records on topics no configured filter matches.
-    pub mqtt_unmatched: u64,
+    pub(crate) mqtt_unmatched: u64,
     /// `None` when no drop directories are watched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub files: Option<FilesStatus>,
-    pub last_error: Option<ErrorStatus>,
+    pub(crate) files: Option<FilesStatus>,
+    pub(crate) last_error: Option<ErrorStatus>,
 }
 
 /// Camera files since the start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FilesStatus {
+pub(crate) struct FilesStatus {
     /// Files taken into the spool, and their bytes.
-    pub picked_up: u64,
-    pub picked_up_bytes: u64,
+    pub(crate) picked_up: u64,
+    pub(crate) picked_up_bytes: u64,
     /// Finished files whose pickup failed (each counted once, logged with the reason).
-    pub pickup_errors: u64,
+    pub(crate) pickup_errors: u64,
     /// Of those, the files still failing (retried).
     #[serde(default)]
-    pub failing: u64,
+    pub(crate) failing: u64,
     /// Files being written in the drop directories now (or settling).
-    pub being_written: u64,
+    pub(crate) being_written: u64,
     /// Files the relay stored.
-    pub delivered: u64,
+    pub(crate) delivered: u64,
     /// File bytes sent (resumed uploads count only what was sent again).
-    pub bytes_sent: u64,
+    pub(crate) bytes_sent: u64,
     /// Uploads continued from what the relay already had.
-    pub resumed: u64,
+    pub(crate) resumed: u64,
     /// Uploads in progress now.
-    pub uploading: u64,
+    pub(crate) uploading: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SourceCount {
-    pub name: String,
-    pub records: u64,
+pub(crate) struct SourceCount {
+    pub(crate) name: String,
+    pub(crate) records: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SubscriptionCount {
-    pub filter: String,
+pub(crate) struct SubscriptionCount {
+    pub(crate) filter: String,
     #[serde(rename = "type")]
-    pub event_type: String,
-    pub records: u64,
+    pub(crate) event_type: String,
+    pub(crate) records: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorStatus {
-    pub unix: i64,
-    pub level: String,
-    pub message: String,
+pub(crate) struct ErrorStatus {
+    pub(crate) unix: i64,
+    pub(crate) level: String,
+    pub(crate) message: String,
 }
 
 /// The parts of a running gateway a report is built from.
-pub struct Live {
-    pub gateway: String,
-    pub relay_url: String,
-    pub mqtt_broker: Option<String>,
-    pub data_dir: PathBuf,
-    pub stats: Arc<Stats>,
-    pub depth: Arc<DepthCache>,
-    pub started: Instant,
-    pub started_unix: i64,
+pub(crate) struct Live {
+    pub(crate) gateway: String,
+    pub(crate) relay_url: String,
+    pub(crate) mqtt_broker: Option<String>,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) depth: Arc<DepthCache>,
+    pub(crate) started: Instant,
+    pub(crate) started_unix: i64,
     /// Set when the gateway begins to stop.
-    pub stopping: AtomicBool,
+    pub(crate) stopping: AtomicBool,
     /// Whether drop directories are watched.
-    pub files: bool,
+    pub(crate) files: bool,
     /// `outbox.max_bytes`.
-    pub outbox_max_bytes: Option<u64>,
+    pub(crate) outbox_max_bytes: Option<u64>,
 }
 
 impl Live {
-    pub fn new(config: &Config, stats: Arc<Stats>, depth: Arc<DepthCache>) -> Self {
+    pub(crate) fn new(config: &Config, stats: Arc<Stats>, depth: Arc<DepthCache>) -> Self {
         Self {
             gateway: config.gateway.id.to_string(),
             relay_url: config.relay.url.clone(),
@@ -221,7 +221,7 @@ impl Live {
     /// `Ok` while the gateway takes data: not stopping, the last outbox commit succeeded,
     /// and the MQTT source (if any) is connected. The relay being unreachable does not
     /// count: buffering in the outbox is the gateway doing its job.
-    pub fn readiness(&self) -> Result<(), String> {
+    pub(crate) fn readiness(&self) -> Result<(), String> {
         if self.stopping.load(Relaxed) {
             return Err("the gateway is stopping".into());
         }
@@ -235,7 +235,7 @@ impl Live {
     }
 
     /// A snapshot now. Reads the outbox (cached, off the reactor) and the disk.
-    pub async fn report(&self) -> StatusReport {
+    pub(crate) async fn report(&self) -> StatusReport {
         let s = &self.stats;
         let now_us = chrono::Utc::now().timestamp_micros();
         let (outbox, outbox_error) = match self.depth.get().await {
@@ -351,7 +351,7 @@ impl Live {
 impl StatusReport {
     /// A report for a gateway that is not running (or cannot be asked), from its outbox
     /// database opened read-only, and the disk. Blocking.
-    pub fn from_outbox(config: &Config, state: RunState, detail: String) -> StatusReport {
+    pub(crate) fn from_outbox(config: &Config, state: RunState, detail: String) -> StatusReport {
         let data_dir = &config.gateway.data_dir;
         let path = db::path_in(data_dir);
         let now_us = chrono::Utc::now().timestamp_micros();
@@ -415,7 +415,7 @@ fn read_outbox(path: &Path) -> Result<(crate::outbox::Pending, u64), String> {
 }
 
 /// The summary for a person at a terminal.
-pub fn render_text(r: &StatusReport) -> String {
+pub(crate) fn render_text(r: &StatusReport) -> String {
     let mut out = String::new();
     let now = r.at_unix;
     let ago = |unix: i64| {
@@ -691,12 +691,12 @@ pub fn render_text(r: &StatusReport) -> String {
 }
 
 /// `n` with its noun: "1 message", "2,000 messages".
-pub fn counted(n: u64, one: &str, many: &str) -> String {
+pub(crate) fn counted(n: u64, one: &str, many: &str) -> String {
     format!("{} {}", count(n), if n == 1 { one } else { many })
 }
 
 /// `1234567` → `"1,234,567"`.
-pub fn count(n: u64) -> String {
+pub(crate) fn count(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
@@ -709,7 +709,7 @@ pub fn count(n: u64) -> String {
 }
 
 /// `1536` → `"1.5 KiB"`.
-pub fn human_bytes(n: u64) -> String {
+pub(crate) fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
     if n < 1024 {
         return format!("{n} bytes");
@@ -724,7 +724,7 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 /// `3725` → `"1 h 2 min"`; two units at most.
-pub fn human_duration(secs: u64) -> String {
+pub(crate) fn human_duration(secs: u64) -> String {
     let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
     match (d, h, m) {
         (0, 0, 0) => format!("{s} s"),

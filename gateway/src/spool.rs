@@ -29,7 +29,7 @@ use crate::outbox::{FileClaim, FileRef};
 /// The file name's extension, lowercased, if it is a plausible one for an object key:
 /// 1 to 16 characters from `a-z 0-9` (so `snap.JPG` → `jpg`, `clip.tar.gz` → `gz`,
 /// `weird.ü` → none).
-pub fn extension(name: &str) -> Option<String> {
+pub(crate) fn extension(name: &str) -> Option<String> {
     let (stem, ext) = name.rsplit_once('.')?;
     if stem.is_empty() {
         return None;
@@ -40,17 +40,17 @@ pub fn extension(name: &str) -> Option<String> {
 
 /// How many first bytes of a file are kept for content sniffing (the drop directories'
 /// `sniff`, which names a file's content type from them).
-pub const SNIFF_LEN: usize = 16;
+pub(crate) const SNIFF_LEN: usize = 16;
 
 /// Read and copy buffer size.
 const CHUNK: usize = 256 * 1024;
 
 /// Suffix of a copy in progress.
-pub const TMP_SUFFIX: &str = ".tmp";
+pub(crate) const TMP_SUFFIX: &str = ".tmp";
 
 /// The spool directory.
 #[derive(Debug)]
-pub struct Spool {
+pub(crate) struct Spool {
     dir: PathBuf,
     dev: u64,
     /// The mount it is on, when the kernel tells (`statx`, Linux 5.8+): a rename cannot
@@ -60,7 +60,7 @@ pub struct Spool {
 
 /// Why a file was not taken.
 #[derive(Debug, thiserror::Error)]
-pub enum PickupError {
+pub(crate) enum PickupError {
     #[error("it is gone (deleted or renamed before it could be picked up)")]
     Vanished,
     #[error("it is not a regular file ({0})")]
@@ -93,7 +93,7 @@ pub enum PickupError {
 
 impl PickupError {
     /// A short label for metrics and logs.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             PickupError::Vanished => "vanished",
             PickupError::NotRegular(_) => "not_regular",
@@ -109,7 +109,7 @@ impl PickupError {
     }
 
     /// Whether trying again later may succeed (without the file changing).
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         matches!(
             self,
             PickupError::SpoolFull(_)
@@ -127,15 +127,15 @@ fn is_full(e: &io::Error) -> bool {
 
 /// Identity and state of a file as stat shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FileStat {
-    pub dev: u64,
-    pub ino: u64,
-    pub size: u64,
-    pub mtime_ns: i64,
+pub(crate) struct FileStat {
+    pub(crate) dev: u64,
+    pub(crate) ino: u64,
+    pub(crate) size: u64,
+    pub(crate) mtime_ns: i64,
 }
 
 impl FileStat {
-    pub fn of(m: &fs::Metadata) -> Self {
+    pub(crate) fn of(m: &fs::Metadata) -> Self {
         Self {
             dev: m.dev(),
             ino: m.ino(),
@@ -147,9 +147,9 @@ impl FileStat {
 
 /// A finished file, opened and checked, about to be claimed.
 #[derive(Debug)]
-pub struct Prepared {
-    pub claim: FileClaim,
-    pub stat: FileStat,
+pub(crate) struct Prepared {
+    pub(crate) claim: FileClaim,
+    pub(crate) stat: FileStat,
     /// The original, open: a copy reads from it, so a rename-over by the camera cannot
     /// swap the bytes under the copy.
     file: File,
@@ -157,21 +157,21 @@ pub struct Prepared {
 
 /// A file in the spool, hashed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Taken {
-    pub spool: String,
-    pub size: u64,
-    pub sha256: [u8; 32],
+pub(crate) struct Taken {
+    pub(crate) spool: String,
+    pub(crate) size: u64,
+    pub(crate) sha256: [u8; 32],
     /// The first bytes, for content sniffing.
-    pub head: Vec<u8>,
+    pub(crate) head: Vec<u8>,
     /// The modification time the camera left (ns since the epoch).
-    pub mtime_ns: i64,
+    pub(crate) mtime_ns: i64,
     /// Copied (the original is still in the drop directory), not moved.
-    pub copied: bool,
+    pub(crate) copied: bool,
 }
 
 impl Spool {
     /// Creates the spool directory if needed.
-    pub fn open(dir: &Path) -> io::Result<Self> {
+    pub(crate) fn open(dir: &Path) -> io::Result<Self> {
         fs::create_dir_all(dir)?;
         let dev = fs::metadata(dir)?.dev();
         Ok(Self {
@@ -183,7 +183,7 @@ impl Spool {
 
     /// The spool at `dir` as it is, without creating it (for the uplink, which only
     /// reads and removes files).
-    pub fn at(dir: &Path) -> Self {
+    pub(crate) fn at(dir: &Path) -> Self {
         Self {
             dir: dir.to_owned(),
             dev: fs::metadata(dir).map_or(0, |m| m.dev()),
@@ -191,17 +191,17 @@ impl Spool {
         }
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
-    pub fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 
     /// Whether files in `dir` can be renamed into the spool (same filesystem, same
     /// mount), so that they move instead of being copied.
-    pub fn same_filesystem(&self, dir: &Path) -> bool {
+    pub(crate) fn same_filesystem(&self, dir: &Path) -> bool {
         fs::metadata(dir).is_ok_and(|m| m.dev() == self.dev) && self.same_mount(sys::mount_id(dir))
     }
 
@@ -216,7 +216,7 @@ impl Spool {
     /// link, pipe or device) that the gateway can read. `copy`: it is copied into the
     /// spool even if it could be moved (`after_upload = "keep"`: it stays in place; or
     /// a rename across mounts failed before).
-    pub fn prepare(
+    pub(crate) fn prepare(
         &self,
         watch: &str,
         path: &Path,
@@ -284,7 +284,7 @@ impl Spool {
     /// directories it left and entered are not synced here: see [`sync_dirs`], once per
     /// batch. On an error the file is where it was, unless the error says otherwise
     /// ([`PickupError::Io`] after the move: the claim finishes it at the next start).
-    pub fn take(&self, p: Prepared) -> Result<Taken, PickupError> {
+    pub(crate) fn take(&self, p: Prepared) -> Result<Taken, PickupError> {
         let target = self.path(&p.claim.spool);
         if p.claim.copy {
             return self.copy_in(p, &target);
@@ -354,12 +354,12 @@ impl Spool {
 
     /// A spooled file from an earlier run (a claim whose move happened, or a file the
     /// outbox lost track of): fsynced and hashed again.
-    pub fn rehash(&self, name: &str) -> Result<Taken, PickupError> {
+    pub(crate) fn rehash(&self, name: &str) -> Result<Taken, PickupError> {
         hash_and_sync(&self.path(name), name)
     }
 
     /// The files in the spool (copies in progress excluded).
-    pub fn list(&self) -> io::Result<Vec<String>> {
+    pub(crate) fn list(&self) -> io::Result<Vec<String>> {
         let mut out = Vec::new();
         for e in fs::read_dir(&self.dir)? {
             let e = e?;
@@ -378,7 +378,7 @@ impl Spool {
     /// if it is still the file that was copied: same inode, size and modification time.
     /// A camera that wrote the name again meanwhile keeps its new file. Returns whether
     /// it was deleted.
-    pub fn release_original(&self, claim: &FileClaim) -> io::Result<bool> {
+    pub(crate) fn release_original(&self, claim: &FileClaim) -> io::Result<bool> {
         let now = match fs::symlink_metadata(&claim.original) {
             Ok(m) => FileStat::of(&m),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
@@ -405,7 +405,7 @@ impl Spool {
     /// Lets a delivered file go: deleted, or moved to its `move_to` place (created as
     /// needed; a name already taken there gets the spool name's stem added). A file
     /// that is already gone counts as done: this may run twice after a crash.
-    pub fn dispose(&self, file: &FileRef) -> io::Result<Option<PathBuf>> {
+    pub(crate) fn dispose(&self, file: &FileRef) -> io::Result<Option<PathBuf>> {
         let from = self.path(&file.spool);
         let Some(to) = &file.move_to else {
             return match fs::remove_file(&from) {
@@ -443,7 +443,7 @@ impl Spool {
 
 /// Opens a file in a drop directory to read it: never following a link out of the
 /// directory, never blocking on a FIFO.
-pub fn open_for_reading(path: &Path) -> io::Result<File> {
+pub(crate) fn open_for_reading(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
@@ -547,12 +547,12 @@ fn read_hashed(
 
 /// fsyncs a directory, so that entries created, renamed or removed in it survive a
 /// power cut.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
 /// fsyncs each directory once.
-pub fn sync_dirs<'a>(dirs: impl IntoIterator<Item = &'a Path>) -> io::Result<()> {
+pub(crate) fn sync_dirs<'a>(dirs: impl IntoIterator<Item = &'a Path>) -> io::Result<()> {
     let mut seen = std::collections::HashSet::new();
     for d in dirs {
         if seen.insert(d) {
@@ -564,7 +564,7 @@ pub fn sync_dirs<'a>(dirs: impl IntoIterator<Item = &'a Path>) -> io::Result<()>
 
 /// Re-reads a spooled file and compares it with the digest taken at pickup (the relay
 /// said the bytes it got do not match: was it the network, or the SD card?).
-pub fn verify(spool: &Spool, file: &FileRef) -> Result<bool, PickupError> {
+pub(crate) fn verify(spool: &Spool, file: &FileRef) -> Result<bool, PickupError> {
     let t = spool.rehash(&file.spool)?;
     Ok(t.sha256 == file.sha256 && t.size == file.size)
 }

@@ -9,111 +9,111 @@ use crate::outbox::NewRecord;
 use crate::sources::mqtt::MqttConfig;
 
 #[derive(Debug, Default)]
-pub struct Stats {
-    pub mqtt_connected: AtomicBool,
+pub(crate) struct Stats {
+    pub(crate) mqtt_connected: AtomicBool,
     /// MQTT PUBLISH packets received (including a broker's re-deliveries).
-    pub mqtt_received: AtomicU64,
+    pub(crate) mqtt_received: AtomicU64,
     /// MQTT messages dropped because they were larger than `mqtt.max_packet_size`, or
     /// their events would have been larger than `relay.max_event_bytes`.
-    pub mqtt_oversized: AtomicU64,
+    pub(crate) mqtt_oversized: AtomicU64,
     /// Whether the last upload attempt reached the relay (see `relay_last_attempt_unix`).
-    pub relay_reachable: AtomicBool,
+    pub(crate) relay_reachable: AtomicBool,
     /// Unix seconds of the last upload attempt, answered or not; 0 before the first.
-    pub relay_last_attempt_unix: AtomicU64,
+    pub(crate) relay_last_attempt_unix: AtomicU64,
     /// Upload requests sent (first tries and retries).
-    pub upload_requests: AtomicU64,
+    pub(crate) upload_requests: AtomicU64,
     /// Requests the relay answered with per-event results.
-    pub upload_successes: AtomicU64,
+    pub(crate) upload_successes: AtomicU64,
     /// Requests that failed as a whole (network error, 401/403, 429, 5xx, …) and are retried.
-    pub upload_failures: AtomicU64,
+    pub(crate) upload_failures: AtomicU64,
     /// Requests that re-sent events after a failed attempt.
-    pub upload_retries: AtomicU64,
+    pub(crate) upload_retries: AtomicU64,
     /// Events the relay said are durable (accepted or recognised as duplicates).
-    pub events_delivered: AtomicU64,
+    pub(crate) events_delivered: AtomicU64,
     /// Of `events_delivered`, those the relay already had.
-    pub events_duplicate: AtomicU64,
-    pub events_dead_lettered: AtomicU64,
+    pub(crate) events_duplicate: AtomicU64,
+    pub(crate) events_dead_lettered: AtomicU64,
     /// Request body bytes sent to the relay (compressed, as on the wire).
-    pub bytes_sent: AtomicU64,
+    pub(crate) bytes_sent: AtomicU64,
     /// Unix seconds of the last request the relay answered with results.
-    pub last_upload_unix: AtomicU64,
+    pub(crate) last_upload_unix: AtomicU64,
     /// Heartbeat events committed to the outbox.
-    pub heartbeats: AtomicU64,
+    pub(crate) heartbeats: AtomicU64,
     /// Outbox transactions committed / failed (and rolled back).
-    pub outbox_commits: AtomicU64,
-    pub outbox_commit_failures: AtomicU64,
+    pub(crate) outbox_commits: AtomicU64,
+    pub(crate) outbox_commit_failures: AtomicU64,
     /// Records dropped unsent because their route's TTL ran out.
-    pub outbox_expired: AtomicU64,
+    pub(crate) outbox_expired: AtomicU64,
     /// Records (and files) a full outbox dropped to make room, and their bytes.
-    pub outbox_dropped: AtomicU64,
-    pub outbox_dropped_bytes: AtomicU64,
+    pub(crate) outbox_dropped: AtomicU64,
+    pub(crate) outbox_dropped_bytes: AtomicU64,
     /// New records and files a full outbox refused (their routes do not allow drops).
-    pub outbox_refused: AtomicU64,
+    pub(crate) outbox_refused: AtomicU64,
     /// Bytes the outbox and the spool use on disk, as the budget counts them (0 without
     /// a budget).
-    pub outbox_used_bytes: AtomicU64,
+    pub(crate) outbox_used_bytes: AtomicU64,
     /// Whether the last outbox transaction failed.
-    pub outbox_failing: AtomicBool,
+    pub(crate) outbox_failing: AtomicBool,
     /// Files taken into the spool and committed, and their bytes.
-    pub files_picked_up: AtomicU64,
-    pub file_bytes_picked_up: AtomicU64,
+    pub(crate) files_picked_up: AtomicU64,
+    pub(crate) file_bytes_picked_up: AtomicU64,
     /// Finished files that could not be picked up (each counted once, at its first
     /// failure, and logged with its reason).
-    pub file_pickup_errors: AtomicU64,
+    pub(crate) file_pickup_errors: AtomicU64,
     /// Files whose pickup fails now (retried).
-    pub file_pickups_failing: AtomicU64,
+    pub(crate) file_pickups_failing: AtomicU64,
     /// Files in the drop directories being written, or waiting for their quiet period.
-    pub files_being_written: AtomicU64,
+    pub(crate) files_being_written: AtomicU64,
     /// Files the relay stored (objects and events durable), and the bytes sent for
     /// files (upload bodies, so resumed uploads count only what was sent).
-    pub files_delivered: AtomicU64,
-    pub file_bytes_sent: AtomicU64,
+    pub(crate) files_delivered: AtomicU64,
+    pub(crate) file_bytes_sent: AtomicU64,
     /// File uploads that continued from bytes the relay already had.
-    pub file_upload_resumes: AtomicU64,
+    pub(crate) file_upload_resumes: AtomicU64,
     /// File uploads in progress now.
-    pub file_uploads_active: AtomicU64,
+    pub(crate) file_uploads_active: AtomicU64,
     /// Records committed, per source (registered with [`Stats::new`]).
-    pub sources: Vec<SourceCounter>,
+    pub(crate) sources: Vec<SourceCounter>,
     /// Committed MQTT records per subscription, in configuration order.
-    pub subscriptions: Vec<SubscriptionCounter>,
+    pub(crate) subscriptions: Vec<SubscriptionCounter>,
     /// Committed MQTT records on topics no configured filter matches.
-    pub mqtt_unmatched: AtomicU64,
+    pub(crate) mqtt_unmatched: AtomicU64,
     /// Shared with the [`LastErrorLayer`] set up before the configuration was read.
-    pub last_error: Arc<LastErrorSlot>,
+    pub(crate) last_error: Arc<LastErrorSlot>,
 }
 
 /// Committed records of one source.
 #[derive(Debug)]
-pub struct SourceCounter {
+pub(crate) struct SourceCounter {
     /// Short name, e.g. `mqtt`.
-    pub name: String,
+    pub(crate) name: String,
     /// The CloudEvent `source` its records carry, e.g. `/gateways/pi-1/mqtt`.
-    pub source: String,
-    pub records: AtomicU64,
+    pub(crate) source: String,
+    pub(crate) records: AtomicU64,
 }
 
 /// Committed records of one `[[mqtt.subscriptions]]` block.
 #[derive(Debug)]
-pub struct SubscriptionCounter {
-    pub filter: String,
-    pub event_type: String,
-    pub records: AtomicU64,
+pub(crate) struct SubscriptionCounter {
+    pub(crate) filter: String,
+    pub(crate) event_type: String,
+    pub(crate) records: AtomicU64,
 }
 
 /// The last warning or error the gateway logged.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LastError {
-    pub unix: i64,
-    pub level: &'static str,
-    pub message: String,
+pub(crate) struct LastError {
+    pub(crate) unix: i64,
+    pub(crate) level: &'static str,
+    pub(crate) message: String,
 }
 
 /// Where the [`LastErrorLayer`] keeps the [`LastError`].
 #[derive(Debug, Default)]
-pub struct LastErrorSlot(Mutex<Option<LastError>>);
+pub(crate) struct LastErrorSlot(Mutex<Option<LastError>>);
 
 impl LastErrorSlot {
-    pub fn set(&self, level: &'static str, message: String) {
+    pub(crate) fn set(&self, level: &'static str, message: String) {
         let e = LastError {
             unix: chrono::Utc::now().timestamp(),
             level,
@@ -122,7 +122,7 @@ impl LastErrorSlot {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
     }
 
-    pub fn get(&self) -> Option<LastError> {
+    pub(crate) fn get(&self) -> Option<LastError> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
@@ -130,7 +130,7 @@ impl LastErrorSlot {
 impl Stats {
     /// Stats that count records per source (`(name, CloudEvent source)` pairs) and, when
     /// `mqtt` is given, per subscription.
-    pub fn new(sources: &[(&str, String)], mqtt: Option<&MqttConfig>) -> Self {
+    pub(crate) fn new(sources: &[(&str, String)], mqtt: Option<&MqttConfig>) -> Self {
         Stats {
             sources: sources
                 .iter()
@@ -159,7 +159,7 @@ impl Stats {
     /// Counts a record the outbox committed: by source, and for MQTT records (those with a
     /// topic as subject, from the `mqtt` source) by the first subscription whose filter
     /// matches, the same rule that chose its event type.
-    pub fn count_stored(&self, rec: &NewRecord) {
+    pub(crate) fn count_stored(&self, rec: &NewRecord) {
         let Some(src) = self.sources.iter().find(|s| s.source == rec.source) else {
             return;
         };
@@ -181,14 +181,15 @@ impl Stats {
     }
 
     /// Committed records of the source named `name` (0 if there is none).
-    pub fn source_records(&self, name: &str) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn source_records(&self, name: &str) -> u64 {
         self.sources
             .iter()
             .find(|s| s.name == name)
             .map_or(0, |s| s.records.load(Relaxed))
     }
 
-    pub fn last_error(&self) -> Option<LastError> {
+    pub(crate) fn last_error(&self) -> Option<LastError> {
         self.last_error.get()
     }
 }
@@ -196,12 +197,12 @@ impl Stats {
 /// A tracing layer that keeps the last WARN or ERROR event of the gateway's own code in
 /// a [`LastErrorSlot`] (the one [`Stats`] shows), for `status` and `/status` ("last error"). Events below the log filter
 /// never reach it.
-pub struct LastErrorLayer {
+pub(crate) struct LastErrorLayer {
     slot: Arc<LastErrorSlot>,
 }
 
 impl LastErrorLayer {
-    pub fn new(slot: Arc<LastErrorSlot>) -> Self {
+    pub(crate) fn new(slot: Arc<LastErrorSlot>) -> Self {
         Self { slot }
     }
 }

@@ -25,7 +25,7 @@ use crate::report::{Live, StatusReport, human_duration};
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 
 /// Sends `states`, logging (not failing) if the service manager cannot be told.
-pub fn notify(notifier: &Notifier, states: &[State<'_>]) {
+pub(crate) fn notify(notifier: &Notifier, states: &[State<'_>]) {
     if let Err(e) = notifier.notify(states) {
         debug!(error = %e, "Could not notify the service manager.");
     }
@@ -33,7 +33,7 @@ pub fn notify(notifier: &Notifier, states: &[State<'_>]) {
 
 /// The one-line summary `systemctl status` shows, e.g.
 /// `12 waiting (oldest 5 s), relay reachable, last upload 3 s ago, MQTT connected`.
-pub fn status_line(r: &StatusReport) -> String {
+pub(crate) fn status_line(r: &StatusReport) -> String {
     let mut parts = Vec::new();
     match &r.outbox {
         Some(o) if o.waiting == 0 => parts.push("nothing waiting".to_owned()),
@@ -76,7 +76,7 @@ pub fn status_line(r: &StatusReport) -> String {
 
 /// Whether the gateway's machinery works: the named tasks still run and the outbox
 /// writer answers a ping within `within`.
-pub async fn check(
+pub(crate) async fn check(
     writer: &OutboxWriter,
     tasks: &[(&'static str, AbortHandle)],
     within: Duration,
@@ -95,7 +95,7 @@ pub async fn check(
 
 /// Pings the watchdog (when `watchdog` is set) and refreshes the status line, until
 /// aborted. Only spawned when there is a service manager to tell.
-pub async fn run(
+pub(crate) async fn run(
     notifier: Arc<Notifier>,
     watchdog: Option<Duration>,
     writer: OutboxWriter,

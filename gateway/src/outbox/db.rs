@@ -13,14 +13,14 @@ use super::OutboxError;
 /// every commit, `normal` only at checkpoints (a power cut can lose the last commits).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Synchronous {
+pub(crate) enum Synchronous {
     #[default]
     Full,
     Normal,
 }
 
 /// File name of the outbox inside the data directory.
-pub const FILE_NAME: &str = "outbox.db";
+pub(crate) const FILE_NAME: &str = "outbox.db";
 
 /// Numbered migrations; migration `i` brings `user_version` from `i` to `i + 1`.
 /// Never edit one that has shipped: append a new one.
@@ -153,13 +153,13 @@ pub(crate) const META_PRODUCER_ID: &str = "producer_id";
 pub(crate) const META_NEXT_SEQ: &str = "next_seq";
 
 /// The path of the outbox database under `data_dir`.
-pub fn path_in(data_dir: &Path) -> PathBuf {
+pub(crate) fn path_in(data_dir: &Path) -> PathBuf {
     data_dir.join(FILE_NAME)
 }
 
 /// Opens (creating if needed) the outbox at `path` with the settings every connection
 /// needs. Run [`migrate`] once on the writer's connection before anything else.
-pub fn open(path: &Path, synchronous: Synchronous) -> Result<Connection, OutboxError> {
+pub(crate) fn open(path: &Path, synchronous: Synchronous) -> Result<Connection, OutboxError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| OutboxError::DataDir {
             path: dir.display().to_string(),
@@ -200,7 +200,7 @@ pub fn open(path: &Path, synchronous: Synchronous) -> Result<Connection, OutboxE
 
 /// Brings the schema up to date, each migration in its own transaction, and makes sure
 /// the producer id exists. Refuses a database from a newer version.
-pub fn migrate(conn: &mut Connection) -> Result<(), OutboxError> {
+pub(crate) fn migrate(conn: &mut Connection) -> Result<(), OutboxError> {
     let known = MIGRATIONS.len() as i64;
     let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if found > known {
@@ -223,7 +223,7 @@ pub fn migrate(conn: &mut Connection) -> Result<(), OutboxError> {
 
 /// Refuses a database whose schema this version does not know, or that was never migrated
 /// (for connections other than the writer's, which must not migrate).
-pub fn check_schema(conn: &Connection) -> Result<(), OutboxError> {
+pub(crate) fn check_schema(conn: &Connection) -> Result<(), OutboxError> {
     let known = MIGRATIONS.len() as i64;
     let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     match found {
@@ -238,7 +238,7 @@ pub fn check_schema(conn: &Connection) -> Result<(), OutboxError> {
 /// `outbox.db.corrupt-<unix time>` (kept for a person to look at) and a fresh one is
 /// created; the second value says where it went. A fresh outbox has a new producer id,
 /// so its sequences cannot be mistaken at the relay for the old one's.
-pub fn open_or_recover(
+pub(crate) fn open_or_recover(
     path: &Path,
     synchronous: Synchronous,
 ) -> Result<(Connection, Option<(PathBuf, OutboxError)>), OutboxError> {
@@ -283,7 +283,7 @@ fn open_checked(path: &Path, synchronous: Synchronous) -> Result<Connection, Out
 }
 
 /// The producer id this outbox assigns sequences under.
-pub fn producer_id(conn: &Connection) -> Result<String, OutboxError> {
+pub(crate) fn producer_id(conn: &Connection) -> Result<String, OutboxError> {
     Ok(conn.query_row(
         "SELECT value FROM meta WHERE key = ?1",
         [META_PRODUCER_ID],
@@ -292,7 +292,7 @@ pub fn producer_id(conn: &Connection) -> Result<String, OutboxError> {
 }
 
 /// The next sequence to assign: one past the highest ever assigned.
-pub fn next_seq(conn: &Connection) -> Result<u64, OutboxError> {
+pub(crate) fn next_seq(conn: &Connection) -> Result<u64, OutboxError> {
     let stored: Option<i64> = conn
         .query_row(
             "SELECT value FROM meta WHERE key = ?1",

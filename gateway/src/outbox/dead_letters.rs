@@ -23,31 +23,31 @@ use super::{OutboxError, db};
 
 /// One dead letter, as `dead-letter list` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct DeadLetter {
+pub(crate) struct DeadLetter {
     /// The sequence it had when the relay rejected it (its key in the table).
-    pub seq: u64,
+    pub(crate) seq: u64,
     /// The CloudEvent `id`.
     #[serde(serialize_with = "as_string")]
-    pub id: uuid::Uuid,
-    pub source: String,
+    pub(crate) id: uuid::Uuid,
+    pub(crate) source: String,
     #[serde(rename = "type")]
-    pub event_type: String,
-    pub subject: Option<String>,
+    pub(crate) event_type: String,
+    pub(crate) subject: Option<String>,
     /// Receive time, µs since the epoch.
-    pub time_us: i64,
+    pub(crate) time_us: i64,
     /// When the relay rejected it, µs since the epoch.
-    pub failed_at_us: i64,
+    pub(crate) failed_at_us: i64,
     /// The relay's reason.
-    pub reason: String,
-    pub content_type: Option<String>,
+    pub(crate) reason: String,
+    pub(crate) content_type: Option<String>,
     /// The data's size; for a file, the file's.
-    pub size_bytes: u64,
+    pub(crate) size_bytes: u64,
     /// The start of the data when it is UTF-8 text (control characters escaped); for a
     /// file, its description.
-    pub preview: Option<String>,
+    pub(crate) preview: Option<String>,
     /// For a file: its name in the spool directory, where it waits.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub file: Option<String>,
+    pub(crate) file: Option<String>,
 }
 
 fn as_string<S: serde::Serializer>(id: &uuid::Uuid, s: S) -> Result<S::Ok, S::Error> {
@@ -56,22 +56,22 @@ fn as_string<S: serde::Serializer>(id: &uuid::Uuid, s: S) -> Result<S::Ok, S::Er
 
 /// Which dead letters a command is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Selection {
+pub(crate) enum Selection {
     All,
     Seqs(Vec<u64>),
 }
 
 /// A dead letter moved back into the outbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Retried {
-    pub old_seq: u64,
-    pub new_seq: u64,
-    pub id: uuid::Uuid,
+pub(crate) struct Retried {
+    pub(crate) old_seq: u64,
+    pub(crate) new_seq: u64,
+    pub(crate) id: uuid::Uuid,
 }
 
 /// What a command asked for that is not there.
 #[derive(Debug, thiserror::Error)]
-pub enum DeadLetterError {
+pub(crate) enum DeadLetterError {
     #[error("{0}")]
     Outbox(#[from] OutboxError),
     #[error("no dead letter with sequence {}; nothing was changed", list(.0))]
@@ -107,7 +107,7 @@ const SET_NEXT_SEQ: &str = "INSERT OR REPLACE INTO meta (key, value) VALUES (?1,
 
 /// Opens an outbox that must already exist and be migrated by this version; never creates
 /// one (a wrong `data_dir` must not leave an empty database behind).
-pub fn open_existing(path: &Path, writable: bool) -> Result<Connection, OutboxError> {
+pub(crate) fn open_existing(path: &Path, writable: bool) -> Result<Connection, OutboxError> {
     if !path.exists() {
         return Err(OutboxError::Missing {
             path: path.display().to_string(),
@@ -131,7 +131,10 @@ pub fn open_existing(path: &Path, writable: bool) -> Result<Connection, OutboxEr
 }
 
 /// How many dead letters there are, and the first `limit` of them by sequence.
-pub fn list_first(conn: &Connection, limit: u64) -> Result<(u64, Vec<DeadLetter>), OutboxError> {
+pub(crate) fn list_first(
+    conn: &Connection,
+    limit: u64,
+) -> Result<(u64, Vec<DeadLetter>), OutboxError> {
     let total: i64 = conn.query_row(COUNT, [], |r| r.get(0))?;
     let mut stmt = conn.prepare(LIST)?;
     let rows = stmt.query_map([limit.min(i64::MAX as u64) as i64], |r| {
@@ -158,7 +161,7 @@ pub fn list_first(conn: &Connection, limit: u64) -> Result<(u64, Vec<DeadLetter>
 
 /// The first [`PREVIEW_CHARS`] characters of `head` if it is text; `None` for binary data.
 /// A multi-byte character cut at the end of `head` does not make it binary.
-pub fn preview(head: &[u8]) -> Option<String> {
+pub(crate) fn preview(head: &[u8]) -> Option<String> {
     let text = match std::str::from_utf8(head) {
         Ok(t) => t,
         Err(e) if e.error_len().is_none() => std::str::from_utf8(&head[..e.valid_up_to()]).ok()?,
@@ -213,7 +216,7 @@ fn resolve(tx: &Connection, selection: &Selection) -> Result<Vec<u64>, DeadLette
 /// Moves the selected dead letters back into `records` under new sequences (in their old
 /// order), in one transaction. A running gateway's uplink finds them within its idle
 /// re-check (`uplink::IDLE_RECHECK`).
-pub fn retry(
+pub(crate) fn retry(
     conn: &mut Connection,
     selection: &Selection,
 ) -> Result<Vec<Retried>, DeadLetterError> {
@@ -258,7 +261,7 @@ pub fn retry(
 /// that are files (from `spool_dir`, before the rows go: a row without its file is
 /// harmless, a file without its row would be kept forever). Returns the sequences
 /// deleted.
-pub fn purge(
+pub(crate) fn purge(
     conn: &mut Connection,
     selection: &Selection,
     failed_before_us: Option<i64>,

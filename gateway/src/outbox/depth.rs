@@ -15,21 +15,21 @@ const MAX_AGE: Duration = Duration::from_secs(1);
 
 /// The outbox's backlog at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Depth {
-    pub pending: Pending,
+pub(crate) struct Depth {
+    pub(crate) pending: Pending,
     /// Records in the dead-letter table.
-    pub dead_letters: u64,
+    pub(crate) dead_letters: u64,
 }
 
 /// A cached [`Depth`], refreshed on demand.
-pub struct DepthCache {
+pub(crate) struct DepthCache {
     reader: Arc<OutboxReader>,
     /// Held across a refresh, so concurrent askers share one query.
     cached: Mutex<Option<(Instant, Depth)>>,
 }
 
 impl DepthCache {
-    pub fn new(reader: Arc<OutboxReader>) -> Self {
+    pub(crate) fn new(reader: Arc<OutboxReader>) -> Self {
         Self {
             reader,
             cached: Mutex::new(None),
@@ -37,7 +37,7 @@ impl DepthCache {
     }
 
     /// The depth, from a query at most [`MAX_AGE`] old.
-    pub async fn get(&self) -> Result<Depth, OutboxError> {
+    pub(crate) async fn get(&self) -> Result<Depth, OutboxError> {
         let mut cached = self.cached.lock().await;
         if let Some((at, depth)) = *cached
             && at.elapsed() < MAX_AGE

@@ -24,22 +24,22 @@ macro_rules! record_type {
     };
 }
 
-pub mod db;
-pub mod dead_letters;
-pub mod depth;
+pub(crate) mod db;
+pub(crate) mod dead_letters;
+pub(crate) mod depth;
 pub(crate) mod marks;
 pub(crate) mod pack;
-pub mod quota;
-pub mod reader;
-pub mod writer;
+pub(crate) mod quota;
+pub(crate) mod reader;
+pub(crate) mod writer;
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 
-pub use depth::{Depth, DepthCache};
-pub use reader::{OutboxReader, Pending};
-pub use writer::{Appended, OutboxWriter};
+pub(crate) use depth::{Depth, DepthCache};
+pub(crate) use reader::{OutboxReader, Pending};
+pub(crate) use writer::{Appended, OutboxWriter};
 
 /// A path as the bytes SQLite keeps it as (file names need not be UTF-8).
 pub(crate) fn path_bytes(p: &std::path::Path) -> &[u8] {
@@ -55,36 +55,36 @@ pub(crate) fn path_from_bytes(b: Vec<u8>) -> std::path::PathBuf {
 
 /// A record a source wants committed.
 #[derive(Debug, Clone)]
-pub struct NewRecord {
+pub(crate) struct NewRecord {
     /// CloudEvent `source`, e.g. `/gateways/pi-1/mqtt`.
-    pub source: String,
-    pub event_type: String,
-    pub subject: Option<String>,
+    pub(crate) source: String,
+    pub(crate) event_type: String,
+    pub(crate) subject: Option<String>,
     /// Receive time, microseconds since the Unix epoch.
-    pub time_us: i64,
+    pub(crate) time_us: i64,
     /// `application/json` when `data` is a JSON document; otherwise binary data.
-    pub content_type: Option<String>,
-    pub data: Bytes,
+    pub(crate) content_type: Option<String>,
+    pub(crate) data: Bytes,
     /// When the record stops being worth sending (µs since the epoch): the route's TTL
     /// after receipt. Expired records are dropped before upload, and counted.
-    pub expires_us: Option<i64>,
+    pub(crate) expires_us: Option<i64>,
     /// Set for MQTT messages, to recognise a broker's re-delivery of a message that was
     /// committed but whose acknowledgement was lost (a crash between commit and PUBACK).
-    pub delivery: Option<DeliveryMark>,
+    pub(crate) delivery: Option<DeliveryMark>,
     /// Set for files: the record's `data` describes the file, which waits in the spool.
-    pub file: Option<Box<NewFile>>,
+    pub(crate) file: Option<Box<NewFile>>,
     /// Its route's priority and what a full outbox does with it.
-    pub policy: Policy,
+    pub(crate) policy: Policy,
 }
 
 /// How a route's records are treated when there is more to send than time or room:
 /// `priority` orders the upload (higher first) and the drops (lower first);
 /// `when_full` says whether a full outbox may drop them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Policy {
+pub(crate) struct Policy {
     /// 0 (least) to 9 (most important).
-    pub priority: u8,
-    pub when_full: WhenFull,
+    pub(crate) priority: u8,
+    pub(crate) when_full: WhenFull,
 }
 
 impl Default for Policy {
@@ -97,12 +97,12 @@ impl Default for Policy {
 }
 
 /// The priority of routes that do not say.
-pub const DEFAULT_PRIORITY: u8 = 5;
+pub(crate) const DEFAULT_PRIORITY: u8 = 5;
 
 /// What a full outbox (`outbox.max_bytes`, `outbox.min_free`) does with a route's records.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum WhenFull {
+pub(crate) enum WhenFull {
     /// Make room by dropping the oldest records of the lowest priority (this route's
     /// own included; never a higher priority's); a new record that still does not fit is
     /// dropped itself. Every drop is logged and counted.
@@ -116,96 +116,96 @@ pub enum WhenFull {
 
 /// A file in the spool that a record describes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileRef {
+pub(crate) struct FileRef {
     /// Its name in the spool directory.
-    pub spool: String,
-    pub size: u64,
-    pub sha256: [u8; 32],
+    pub(crate) spool: String,
+    pub(crate) size: u64,
+    pub(crate) sha256: [u8; 32],
     /// Where it goes once the relay has it; `None`: it is deleted.
-    pub move_to: Option<std::path::PathBuf>,
+    pub(crate) move_to: Option<std::path::PathBuf>,
 }
 
 /// A file record about to be committed.
 #[derive(Debug, Clone)]
-pub struct NewFile {
-    pub file: FileRef,
+pub(crate) struct NewFile {
+    pub(crate) file: FileRef,
     /// For files left in place (`after_upload = "keep"`): remember them as sent.
-    pub kept: Option<KeptFile>,
+    pub(crate) kept: Option<KeptFile>,
     /// The file was copied into the spool and its original is to be deleted from the
     /// drop directory once this record is committed: its claim stays (marked committed)
     /// until that is done, so that a crash in between neither loses nor resends it.
-    pub release_original: bool,
+    pub(crate) release_original: bool,
 }
 
 /// A file left in its drop directory that was sent: a scan that finds it unchanged
 /// (same inode, size and modification time) does not send it again.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeptFile {
-    pub path: std::path::PathBuf,
-    pub dev: u64,
-    pub ino: u64,
-    pub size: u64,
-    pub mtime_ns: i64,
+pub(crate) struct KeptFile {
+    pub(crate) path: std::path::PathBuf,
+    pub(crate) dev: u64,
+    pub(crate) ino: u64,
+    pub(crate) size: u64,
+    pub(crate) mtime_ns: i64,
 }
 
 /// A file on its way from a drop directory into the spool, recorded before it moves so
 /// that a crash in between is finished (or undone) at the next start.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileClaim {
+pub(crate) struct FileClaim {
     /// The name it gets in the spool directory.
-    pub spool: String,
-    pub watch: String,
+    pub(crate) spool: String,
+    pub(crate) watch: String,
     /// Absolute path in the drop directory.
-    pub original: std::path::PathBuf,
+    pub(crate) original: std::path::PathBuf,
     /// `original` relative to the watched directory.
-    pub rel: std::path::PathBuf,
-    pub dev: u64,
-    pub ino: u64,
+    pub(crate) rel: std::path::PathBuf,
+    pub(crate) dev: u64,
+    pub(crate) ino: u64,
     /// Copied (the original stays) rather than moved.
-    pub copy: bool,
+    pub(crate) copy: bool,
     /// The original's size and modification time when it was claimed.
-    pub size: u64,
-    pub mtime_ns: i64,
+    pub(crate) size: u64,
+    pub(crate) mtime_ns: i64,
     /// Its record is committed; only the original is left to delete.
-    pub committed: bool,
-    pub claimed_us: i64,
+    pub(crate) committed: bool,
+    pub(crate) claimed_us: i64,
     /// The watch's policy (its priority decides what a full outbox may drop for it).
-    pub policy: Policy,
+    pub(crate) policy: Policy,
 }
 
 /// What identifies one MQTT delivery: the broker re-sends an unacknowledged message with
 /// the same packet id and the DUP flag set.
 #[derive(Debug, Clone)]
-pub struct DeliveryMark {
+pub(crate) struct DeliveryMark {
     /// The MQTT session (client id) the packet id belongs to.
-    pub session: Arc<str>,
-    pub pkid: u16,
-    pub dup: bool,
+    pub(crate) session: Arc<str>,
+    pub(crate) pkid: u16,
+    pub(crate) dup: bool,
     /// SHA-256 of topic and payload, its first 8 bytes: a message is taken for a
     /// re-delivery only with the DUP flag, the same packet id and the same 8 bytes.
-    pub digest: [u8; 8],
+    pub(crate) digest: [u8; 8],
 }
 
 /// A committed record, as the uplink reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    pub seq: u64,
-    pub id: uuid::Uuid,
-    pub source: String,
-    pub event_type: String,
-    pub subject: Option<String>,
-    pub time_us: i64,
-    pub content_type: Option<String>,
-    pub data: Vec<u8>,
+pub(crate) struct Record {
+    pub(crate) seq: u64,
+    pub(crate) id: uuid::Uuid,
+    pub(crate) source: String,
+    pub(crate) event_type: String,
+    pub(crate) subject: Option<String>,
+    pub(crate) time_us: i64,
+    pub(crate) content_type: Option<String>,
+    pub(crate) data: Vec<u8>,
     /// For a file record: the spooled file.
-    pub file: Option<FileRef>,
+    pub(crate) file: Option<FileRef>,
     /// Its route's priority (0–9).
-    pub priority: u8,
+    pub(crate) priority: u8,
 }
 
 /// An outbox operation that failed. Cloned to every waiter of a failed group commit.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum OutboxError {
+pub(crate) enum OutboxError {
     #[error("outbox database error: {0}")]
     Db(#[from] Arc<rusqlite::Error>),
     #[error("cannot create the data directory {path}: {message}")]
@@ -232,7 +232,7 @@ pub enum OutboxError {
 
 impl OutboxError {
     /// Whether the database file itself is damaged (as opposed to locked, full, missing).
-    pub fn is_corruption(&self) -> bool {
+    pub(crate) fn is_corruption(&self) -> bool {
         match self {
             OutboxError::Corrupt(_) => true,
             OutboxError::Db(e) => matches!(
@@ -252,7 +252,7 @@ impl From<rusqlite::Error> for OutboxError {
 
 /// Every `every`, drops the records whose TTL ran out (unsent), logging what and how
 /// many. Runs until aborted.
-pub async fn expire_loop(writer: OutboxWriter, every: std::time::Duration) {
+pub(crate) async fn expire_loop(writer: OutboxWriter, every: std::time::Duration) {
     loop {
         tokio::time::sleep(every).await;
         match writer.expire(chrono::Utc::now().timestamp_micros()).await {

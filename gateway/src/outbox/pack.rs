@@ -47,16 +47,16 @@ pub(crate) const PACK_MAX: usize = 16 * 1024;
 /// What an event is of: its dictionary is shared by these.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct Kind {
-    pub source: String,
-    pub event_type: String,
-    pub content_type: Option<String>,
+    pub(crate) source: String,
+    pub(crate) event_type: String,
+    pub(crate) content_type: Option<String>,
 }
 
 /// A stored dictionary: the kind it packs and its bytes.
 #[derive(Debug)]
 pub(crate) struct Dictionary {
-    pub kind: Kind,
-    pub bytes: Vec<u8>,
+    pub(crate) kind: Kind,
+    pub(crate) bytes: Vec<u8>,
 }
 
 const INSERT_DICTIONARY: &str =
@@ -208,9 +208,9 @@ pub(crate) struct Unpacker {
 
 /// An unpacked event: its kind, subject and data.
 pub(crate) struct Unpacked {
-    pub kind: Kind,
-    pub subject: Option<String>,
-    pub data: Vec<u8>,
+    pub(crate) kind: Kind,
+    pub(crate) subject: Option<String>,
+    pub(crate) data: Vec<u8>,
 }
 
 impl Default for Unpacker {
@@ -224,7 +224,7 @@ impl Default for Unpacker {
 
 impl Unpacker {
     /// The dictionary `id`, from the cache or from `conn`.
-    pub fn dictionary(
+    pub(crate) fn dictionary(
         &mut self,
         conn: &Connection,
         id: i64,
@@ -269,7 +269,7 @@ impl Unpacker {
     }
 
     /// Unpacks the event of sequence `seq` packed with dictionary `id`.
-    pub fn unpack(
+    pub(crate) fn unpack(
         &mut self,
         conn: &Connection,
         seq: u64,
@@ -330,7 +330,7 @@ pub(crate) struct Packer {
     kinds: HashMap<Kind, KindState>,
     deflate: Compress,
     /// Also the writer's cache for unpacking (dead letters, drops by type).
-    pub unpacker: Unpacker,
+    pub(crate) unpacker: Unpacker,
     /// Whether dictionaries were replaced since unused ones were last deleted.
     replaced: bool,
     /// [`RENEW_EVERY`] (smaller in tests).
@@ -339,7 +339,7 @@ pub(crate) struct Packer {
 
 impl Packer {
     /// Loads the dictionaries in use: each kind's newest.
-    pub fn load(conn: &Connection) -> Result<Self, OutboxError> {
+    pub(crate) fn load(conn: &Connection) -> Result<Self, OutboxError> {
         let mut packer = Packer {
             kinds: HashMap::new(),
             deflate: compressor(),
@@ -375,7 +375,7 @@ impl Packer {
     /// Packs an event (not a file): `Some((dictionary id, packed bytes))`, or `None` to
     /// store it as it is (its kind has no dictionary yet, it is large, or packing would
     /// not make it smaller). May store a new dictionary in `tx`.
-    pub fn pack(
+    pub(crate) fn pack(
         &mut self,
         tx: &Connection,
         kind: Kind,
@@ -429,7 +429,7 @@ impl Packer {
     }
 
     /// The open transaction committed: its new dictionaries are in use.
-    pub fn committed(&mut self) {
+    pub(crate) fn committed(&mut self) {
         for state in self.kinds.values_mut() {
             if let Some((id, d)) = state.staged.take() {
                 self.unpacker.learn(id, d.clone());
@@ -440,7 +440,7 @@ impl Packer {
     }
 
     /// The open transaction rolled back: its new dictionaries never were.
-    pub fn rolled_back(&mut self) {
+    pub(crate) fn rolled_back(&mut self) {
         for state in self.kinds.values_mut() {
             if state.staged.take().is_some() {
                 // Still due: the next event tries again.
@@ -451,7 +451,7 @@ impl Packer {
 
     /// Deletes replaced dictionaries that no record refers to any more. Each is a scan
     /// of the records, so the writer calls this when there are few.
-    pub fn delete_unused(&mut self, tx: &Connection) -> Result<usize, OutboxError> {
+    pub(crate) fn delete_unused(&mut self, tx: &Connection) -> Result<usize, OutboxError> {
         if !self.replaced {
             return Ok(0);
         }

@@ -20,14 +20,14 @@ const EVICT_CHUNK: i64 = 256;
 
 /// The configured budget.
 #[derive(Debug, Clone)]
-pub struct QuotaSettings {
+pub(crate) struct QuotaSettings {
     /// Most bytes the outbox and the spool may use; `None`: no cap.
-    pub max_bytes: Option<u64>,
+    pub(crate) max_bytes: Option<u64>,
     /// Bytes to keep free on the filesystems of the data dir and the spool; `None`: 100
     /// MiB, or 5% of a smaller filesystem.
-    pub min_free: Option<u64>,
-    pub data_dir: PathBuf,
-    pub spool_dir: PathBuf,
+    pub(crate) min_free: Option<u64>,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) spool_dir: PathBuf,
 }
 
 /// The `min_free` of a filesystem of `total` bytes when none is configured.
@@ -38,30 +38,30 @@ fn default_min_free(total: u64) -> u64 {
 /// What is about to come: rows into the database (their data and [`ROW_OVERHEAD`]) and
 /// file bytes into the spool.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Incoming {
-    pub rows: u64,
-    pub files: u64,
+pub(crate) struct Incoming {
+    pub(crate) rows: u64,
+    pub(crate) files: u64,
 }
 
 /// What was dropped to make room, by event type.
 #[derive(Debug, Default)]
-pub struct Drops {
+pub(crate) struct Drops {
     types: Vec<TypeDrops>,
 }
 
 /// What was dropped of one event type.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TypeDrops {
-    pub event_type: String,
-    pub records: u64,
-    pub bytes: u64,
+pub(crate) struct TypeDrops {
+    pub(crate) event_type: String,
+    pub(crate) records: u64,
+    pub(crate) bytes: u64,
     /// The oldest dropped record's receive time (µs since the epoch).
-    pub oldest_us: i64,
+    pub(crate) oldest_us: i64,
 }
 
 impl Drops {
     /// Adds one dropped record (with its file, if any) of `bytes` received at `time_us`.
-    pub fn count(&mut self, event_type: &str, bytes: u64, time_us: i64) {
+    pub(crate) fn count(&mut self, event_type: &str, bytes: u64, time_us: i64) {
         self.add(TypeDrops {
             event_type: event_type.to_owned(),
             records: 1,
@@ -71,7 +71,7 @@ impl Drops {
     }
 
     /// Adds everything in `other`.
-    pub fn merge(&mut self, other: Drops) {
+    pub(crate) fn merge(&mut self, other: Drops) {
         for d in other.types {
             self.add(d);
         }
@@ -88,26 +88,26 @@ impl Drops {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.types.is_empty()
     }
 
     /// Records and bytes dropped, of every type.
-    pub fn totals(&self) -> (u64, u64) {
+    pub(crate) fn totals(&self) -> (u64, u64) {
         self.types
             .iter()
             .fold((0, 0), |(n, b), d| (n + d.records, b + d.bytes))
     }
 
     /// Empties it, by event type in the order they were first dropped.
-    pub fn drain(&mut self) -> impl Iterator<Item = TypeDrops> + '_ {
+    pub(crate) fn drain(&mut self) -> impl Iterator<Item = TypeDrops> + '_ {
         self.types.drain(..)
     }
 }
 
 /// The budget and the writer's running count of spool bytes.
 #[derive(Debug)]
-pub struct Quota {
+pub(crate) struct Quota {
     settings: QuotaSettings,
     /// Whether the spool is on the data dir's filesystem.
     same_fs: bool,
@@ -160,7 +160,7 @@ const MAX_SEQ: &str = "SELECT coalesce(max(seq), 0) FROM records";
 const DELETE: &str = "DELETE FROM records WHERE seq = ?1";
 
 impl Quota {
-    pub fn new(settings: QuotaSettings, conn: &Connection) -> rusqlite::Result<Self> {
+    pub(crate) fn new(settings: QuotaSettings, conn: &Connection) -> rusqlite::Result<Self> {
         use std::os::unix::fs::MetadataExt;
         let dev = |p: &PathBuf| std::fs::metadata(p).map(|m| m.dev()).ok();
         let same_fs = match (dev(&settings.data_dir), dev(&settings.spool_dir)) {
@@ -178,12 +178,12 @@ impl Quota {
     }
 
     /// Counts `n` more (positive) or fewer bytes in the spool.
-    pub fn add_spool(&mut self, n: i64) {
+    pub(crate) fn add_spool(&mut self, n: i64) {
         self.spool_bytes = self.spool_bytes.saturating_add_signed(n);
     }
 
     /// Sets the spool count from the tables if it has not been for a while.
-    pub fn maybe_resync(&mut self, conn: &Connection) {
+    pub(crate) fn maybe_resync(&mut self, conn: &Connection) {
         if self.synced_at.elapsed() >= RESYNC_EVERY
             && let Ok(n) = spool_bytes(conn)
         {
@@ -211,7 +211,7 @@ impl Quota {
 
     /// The outbox's and the spool's bytes now (inside `tx`, so rows deleted in it count
     /// as gone).
-    pub fn used(&self, tx: &Connection) -> u64 {
+    pub(crate) fn used(&self, tx: &Connection) -> u64 {
         Self::pages(tx).used + self.spool_bytes
     }
 
@@ -246,14 +246,14 @@ impl Quota {
     }
 
     /// Bytes that must be freed before `inc` fits (0: it fits).
-    pub fn shortfall(&self, tx: &Connection, inc: Incoming) -> u64 {
+    pub(crate) fn shortfall(&self, tx: &Connection, inc: Incoming) -> u64 {
         self.shortfall_with(tx, inc, 0)
     }
 
     /// Whether `rows` bytes of new rows fit, cheaply: from the headroom measured less
     /// than [`HEADROOM_FOR`] ago when there is plenty, else by measuring (and keeping the
     /// headroom found for the next rounds).
-    pub fn rows_fit(&mut self, tx: &Connection, rows: u64) -> bool {
+    pub(crate) fn rows_fit(&mut self, tx: &Connection, rows: u64) -> bool {
         if let Some((room, at)) = self.headroom
             && at.elapsed() < HEADROOM_FOR
             && room >= rows + HEADROOM_MIN
@@ -274,12 +274,12 @@ impl Quota {
     }
 
     /// Forgets the measured headroom (after something took room other than rows).
-    pub fn forget_headroom(&mut self) {
+    pub(crate) fn forget_headroom(&mut self) {
         self.headroom = None;
     }
 
     /// Forgets what was learnt during a transaction that did not commit.
-    pub fn round_failed(&mut self) {
+    pub(crate) fn round_failed(&mut self) {
         self.headroom = None;
         self.default_floor = 0;
     }
@@ -335,7 +335,7 @@ impl Quota {
     /// transaction commits (a record without its file is recognised at upload; a file
     /// without its record would be sent again as a recovered file). Adds what it dropped
     /// to `dropped`; returns whether `inc` fits now.
-    pub fn make_room(
+    pub(crate) fn make_room(
         &mut self,
         tx: &Transaction<'_>,
         priority: u8,
@@ -414,7 +414,7 @@ struct Evictable {
 }
 
 /// What a row takes beside its data, as counted for a record about to be written.
-pub const ROW_OVERHEAD: u64 = 160;
+pub(crate) const ROW_OVERHEAD: u64 = 160;
 
 fn spool_bytes(conn: &Connection) -> rusqlite::Result<u64> {
     conn.query_row(SPOOL_BYTES, [], |r| r.get::<_, i64>(0))

@@ -12,7 +12,7 @@ use super::{
 };
 
 /// The uplink's read connection. Calls block: run them on `spawn_blocking`.
-pub struct OutboxReader {
+pub(crate) struct OutboxReader {
     conn: Mutex<Connection>,
     learnt: Mutex<Learnt>,
     /// Dictionaries of packed events (taken while `conn` is held).
@@ -37,30 +37,31 @@ struct Learnt {
 }
 
 /// Priorities, 0 to 9.
-pub const PRIORITIES: u8 = 10;
+pub(crate) const PRIORITIES: u8 = 10;
 
 /// Per priority, the highest sequence of that priority the batch lane has sent.
-pub type Cursors = [u64; PRIORITIES as usize];
+pub(crate) type Cursors = [u64; PRIORITIES as usize];
 
 /// How much is waiting in the outbox.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Pending {
+pub(crate) struct Pending {
     /// Records, files included.
-    pub count: u64,
+    pub(crate) count: u64,
     /// Bytes to upload: record data, and for files the file's size.
-    pub bytes: u64,
+    pub(crate) bytes: u64,
     /// Of `count`, files (their bytes wait in the spool).
-    pub files: u64,
+    pub(crate) files: u64,
     /// Of `bytes`, those of files.
-    pub file_bytes: u64,
+    pub(crate) file_bytes: u64,
     /// The lowest sequence still waiting, if any.
-    pub min_seq: Option<u64>,
+    pub(crate) min_seq: Option<u64>,
     /// Receive time of the oldest waiting record (µs since the epoch).
-    pub oldest_time_us: Option<i64>,
+    pub(crate) oldest_time_us: Option<i64>,
 }
 
 /// Events for the batch lane — everything but files, which have a lane of their own — in
-/// sequence order, whatever their priority.
+/// sequence order, whatever their priority (tests read the outbox with it).
+#[cfg(test)]
 const READ_AFTER: &str = "SELECT seq, id, source, type, subject, time_us, content_type, data,
     file, file_size, file_sha256, file_move_to, priority, packed
     FROM records WHERE seq > ?1 AND file IS NULL ORDER BY seq LIMIT ?2";
@@ -104,7 +105,7 @@ const SPOOL_NAMES: &str = "SELECT file FROM records WHERE file IS NOT NULL
 
 impl OutboxReader {
     /// Opens a read connection to a database the writer has already migrated.
-    pub fn open(path: &Path) -> Result<Self, OutboxError> {
+    pub(crate) fn open(path: &Path) -> Result<Self, OutboxError> {
         let conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -170,15 +171,11 @@ impl OutboxReader {
         Ok(rows)
     }
 
-    /// The producer id sequences are assigned under.
-    pub fn producer_id(&self) -> Result<String, OutboxError> {
-        db::producer_id(&self.conn())
-    }
-
     /// Up to `max_events` records (not files) with a sequence above `after`, in sequence
     /// order whatever their priority, stopping before `max_bytes` of data is exceeded (but
     /// always at least one record).
-    pub fn read_after(
+    #[cfg(test)]
+    pub(crate) fn read_after(
         &self,
         after: u64,
         max_events: usize,
@@ -191,7 +188,7 @@ impl OutboxReader {
     /// `max_bytes` of data (always at least one record), taken priority by priority —
     /// highest first, or lowest first when `lowest_first` — each in sequence order after
     /// its cursor (the highest sequence of that priority sent so far).
-    pub fn read_batch(
+    pub(crate) fn read_batch(
         &self,
         cursors: &Cursors,
         lowest_first: bool,
@@ -231,7 +228,11 @@ impl OutboxReader {
 
     /// File records, most important first and oldest first within a priority, from the
     /// `skip`-th on: up to `max_files`.
-    pub fn read_files(&self, skip: usize, max_files: usize) -> Result<Vec<Record>, OutboxError> {
+    pub(crate) fn read_files(
+        &self,
+        skip: usize,
+        max_files: usize,
+    ) -> Result<Vec<Record>, OutboxError> {
         Ok(self
             .read(READ_FILES, skip as u64, max_files, u64::MAX, None)?
             .0)
@@ -239,7 +240,7 @@ impl OutboxReader {
 
     /// Whether events (not files) of a priority above `priority` have waited since before
     /// `before_us` (receive time, µs): the batch lane is behind with more important data.
-    pub fn behind_above(&self, priority: u8, before_us: i64) -> Result<bool, OutboxError> {
+    pub(crate) fn behind_above(&self, priority: u8, before_us: i64) -> Result<bool, OutboxError> {
         use rusqlite::OptionalExtension;
         let conn = self.conn();
         for p in (priority.saturating_add(1)..PRIORITIES).rev() {
@@ -268,7 +269,7 @@ impl OutboxReader {
 
     /// The lowest sequence still in the outbox (of any lane): every sequence below it has
     /// had its answer from the relay, or expired.
-    pub fn min_seq(&self) -> Result<Option<u64>, OutboxError> {
+    pub(crate) fn min_seq(&self) -> Result<Option<u64>, OutboxError> {
         let conn = self.conn();
         Ok(conn
             .query_row(MIN_SEQ, [], |r| r.get::<_, Option<i64>>(0))?
@@ -330,7 +331,7 @@ impl OutboxReader {
     }
 
     /// Files that were on their way into the spool when the gateway last stopped.
-    pub fn claims(&self) -> Result<Vec<FileClaim>, OutboxError> {
+    pub(crate) fn claims(&self) -> Result<Vec<FileClaim>, OutboxError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(CLAIMS)?;
         let rows = stmt.query_map([], |r| {
@@ -356,7 +357,7 @@ impl OutboxReader {
     }
 
     /// The mark of a kept file at `path`, if it was sent.
-    pub fn kept(&self, path: &Path) -> Result<Option<KeptFile>, OutboxError> {
+    pub(crate) fn kept(&self, path: &Path) -> Result<Option<KeptFile>, OutboxError> {
         use rusqlite::OptionalExtension;
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(KEPT)?;
@@ -374,7 +375,7 @@ impl OutboxReader {
     }
 
     /// Every path with a kept-file mark.
-    pub fn kept_paths(&self) -> Result<Vec<std::path::PathBuf>, OutboxError> {
+    pub(crate) fn kept_paths(&self) -> Result<Vec<std::path::PathBuf>, OutboxError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(ALL_KEPT)?;
         let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0).map(path_from_bytes))?;
@@ -382,7 +383,7 @@ impl OutboxReader {
     }
 
     /// Every spool file name the outbox refers to: records, dead letters and claims.
-    pub fn spool_names(&self) -> Result<std::collections::HashSet<String>, OutboxError> {
+    pub(crate) fn spool_names(&self) -> Result<std::collections::HashSet<String>, OutboxError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(SPOOL_NAMES)?;
         let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
@@ -390,13 +391,13 @@ impl OutboxReader {
     }
 
     /// How many records the relay rejected (kept in the dead-letter table).
-    pub fn dead_letters(&self) -> Result<u64, OutboxError> {
+    pub(crate) fn dead_letters(&self) -> Result<u64, OutboxError> {
         let conn = self.conn();
         Ok(conn.query_row(DEAD_LETTERS, [], |r| r.get::<_, i64>(0))? as u64)
     }
 
     /// What is waiting to be uploaded.
-    pub fn pending(&self) -> Result<Pending, OutboxError> {
+    pub(crate) fn pending(&self) -> Result<Pending, OutboxError> {
         let conn = self.conn();
         Ok(conn.query_row(PENDING, [], |r| {
             Ok(Pending {
@@ -411,7 +412,7 @@ impl OutboxReader {
     }
 }
 
-/// A record from a row of [`READ_AFTER`]'s columns (its `data` left empty: the caller
+/// A record from a row of [`READ_LANE`]'s columns (its `data` left empty: the caller
 /// takes it).
 fn record_from_row(row: &rusqlite::Row<'_>) -> Result<Record, rusqlite::Error> {
     let id: Vec<u8> = row.get(1)?;

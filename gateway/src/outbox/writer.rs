@@ -23,7 +23,7 @@ const CHANNEL_CAPACITY: usize = 1024;
 
 /// What became of an appended record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Appended {
+pub(crate) enum Appended {
     /// Committed with this sequence.
     Stored { seq: u64 },
     /// A broker's re-delivery of a record committed earlier; nothing new was stored.
@@ -86,7 +86,7 @@ impl Command {
 
 /// A cheap, cloneable handle to the writer thread.
 #[derive(Clone)]
-pub struct OutboxWriter {
+pub(crate) struct OutboxWriter {
     tx: mpsc::Sender<Command>,
     /// Signalled after every commit that stored new records that are not files.
     committed: Arc<Notify>,
@@ -98,8 +98,9 @@ pub struct OutboxWriter {
 
 impl OutboxWriter {
     /// Starts the writer thread on an opened and migrated connection, without a disk
-    /// budget.
-    pub fn start(
+    /// budget (tests).
+    #[cfg(test)]
+    pub(crate) fn start(
         conn: Connection,
         commit_max_records: usize,
     ) -> Result<(Self, std::thread::JoinHandle<()>), OutboxError> {
@@ -108,7 +109,7 @@ impl OutboxWriter {
 
     /// [`OutboxWriter::start`], counting commits and committed records in `stats`, and
     /// keeping the outbox and the spool within `quota` when given.
-    pub fn start_with(
+    pub(crate) fn start_with(
         conn: Connection,
         commit_max_records: usize,
         stats: Arc<Stats>,
@@ -163,7 +164,7 @@ impl OutboxWriter {
 
     /// Queues a record for commit. Waits while the writer is saturated. The returned
     /// receiver resolves once the record's transaction committed (or failed).
-    pub async fn append(
+    pub(crate) async fn append(
         &self,
         record: NewRecord,
     ) -> Result<oneshot::Receiver<Result<Appended, OutboxError>>, OutboxError> {
@@ -176,7 +177,7 @@ impl OutboxWriter {
     }
 
     /// Appends and waits for the commit.
-    pub async fn append_and_wait(&self, record: NewRecord) -> Result<Appended, OutboxError> {
+    pub(crate) async fn append_and_wait(&self, record: NewRecord) -> Result<Appended, OutboxError> {
         self.append(record)
             .await?
             .await
@@ -184,7 +185,7 @@ impl OutboxWriter {
     }
 
     /// Deletes delivered records and dead-letters rejected ones, in one transaction.
-    pub async fn settle(
+    pub(crate) async fn settle(
         &self,
         delivered: Vec<u64>,
         rejected: Vec<(u64, String)>,
@@ -202,7 +203,7 @@ impl OutboxWriter {
     }
 
     /// Drops the records whose TTL ran out before `now_us`; returns how many, by type.
-    pub async fn expire(&self, now_us: i64) -> Result<Vec<(String, u64)>, OutboxError> {
+    pub(crate) async fn expire(&self, now_us: i64) -> Result<Vec<(String, u64)>, OutboxError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Expire { now_us, reply })
@@ -214,7 +215,7 @@ impl OutboxWriter {
     /// Records `add` (files about to move into the spool) and forgets the claims named in
     /// `remove`, in one transaction. Says, per claim added, whether it was taken (a full
     /// outbox refuses a file it cannot make room for).
-    pub async fn claims(
+    pub(crate) async fn claims(
         &self,
         add: Vec<FileClaim>,
         remove: Vec<String>,
@@ -228,7 +229,10 @@ impl OutboxWriter {
     }
 
     /// Forgets the kept-file marks of `paths`.
-    pub async fn forget_kept(&self, paths: Vec<std::path::PathBuf>) -> Result<(), OutboxError> {
+    pub(crate) async fn forget_kept(
+        &self,
+        paths: Vec<std::path::PathBuf>,
+    ) -> Result<(), OutboxError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::ForgetKept { paths, reply })
@@ -239,7 +243,7 @@ impl OutboxWriter {
 
     /// Resolves once the writer thread took a ping from its queue: it is alive and got
     /// through what was queued before. An error if it has stopped.
-    pub async fn ping(&self) -> Result<(), OutboxError> {
+    pub(crate) async fn ping(&self) -> Result<(), OutboxError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Ping(reply))
@@ -250,19 +254,19 @@ impl OutboxWriter {
 
     /// Resolves after the next commit that stored records other than files (or at once
     /// if one happened since the last call).
-    pub async fn committed(&self) {
+    pub(crate) async fn committed(&self) {
         self.committed.notified().await
     }
 
     /// Resolves after the next commit that stored file records (or at once if one
     /// happened since the last call).
-    pub async fn files_committed(&self) {
+    pub(crate) async fn files_committed(&self) {
         self.files_committed.notified().await
     }
 
     /// Resolves after the next commit that stored events (not files) of a priority above
     /// the default (or at once if one happened since the last call).
-    pub async fn urgent_committed(&self) {
+    pub(crate) async fn urgent_committed(&self) {
         self.urgent.notified().await
     }
 }

@@ -28,7 +28,7 @@ const SEQUENCE_LEN: u64 = 20;
 
 /// A producer id as the outbox creates it (a hyphenated UUID), for checks made before
 /// the outbox is open.
-pub const PRODUCER_ID_LEN: u64 = 36;
+pub(crate) const PRODUCER_ID_LEN: u64 = 36;
 
 /// How much longer than it came the encoder could write a JSON document. It sends the
 /// sender's text without white space, never longer; 8 also covers an encoder that parses
@@ -132,7 +132,7 @@ fn envelope<'a>(
 /// The length in bytes of `record`'s CloudEvent as structured JSON — what the uplink
 /// sends under `producer_id`, whatever id and sequence the outbox gives it, and what the
 /// relay compares with its `limits.max_event_bytes`.
-pub fn event_json_len(record: &NewRecord, producer_id: &str) -> u64 {
+pub(crate) fn event_json_len(record: &NewRecord, producer_id: &str) -> u64 {
     match record.content_type.as_deref().unwrap_or(OCTET_STREAM) {
         JSON => encoded_len(record, producer_id),
         // Anything else travels as bytes.
@@ -170,7 +170,7 @@ fn encoded_len(record: &NewRecord, producer_id: &str) -> u64 {
 ///
 /// Cheap for the usual small reading: a JSON document is encoded only when eight times
 /// its length (the most the encoder can make of it) might not fit.
-pub fn over_limit(record: &NewRecord, producer_id: &str, limit: u64) -> Option<u64> {
+pub(crate) fn over_limit(record: &NewRecord, producer_id: &str, limit: u64) -> Option<u64> {
     if record.content_type.as_deref() == Some(JSON) {
         let len = record.data.len() as u64;
         let as_json = envelope(record, JSON, "data", producer_id).len() + JSON_GROWTH * len;
@@ -188,7 +188,7 @@ pub fn over_limit(record: &NewRecord, producer_id: &str, limit: u64) -> Option<u
 /// packet were payload, with an empty subject — a topic takes one byte in the event for
 /// each of its bytes taken from the payload, which would have taken 4/3. For any time
 /// with a four-digit year, and a producer id as the outbox creates it.
-pub fn largest_binary_event(source: &str, event_type: &str, packet_bytes: u64) -> u64 {
+pub(crate) fn largest_binary_event(source: &str, event_type: &str, packet_bytes: u64) -> u64 {
     let envelope = Envelope {
         source,
         event_type,
@@ -204,7 +204,7 @@ pub fn largest_binary_event(source: &str, event_type: &str, packet_bytes: u64) -
 
 /// The largest `packet_bytes` whose [`largest_binary_event`] is at most `limit`; `None`
 /// if not even an empty message's is.
-pub fn largest_packet_within(source: &str, event_type: &str, limit: u64) -> Option<u64> {
+pub(crate) fn largest_packet_within(source: &str, event_type: &str, limit: u64) -> Option<u64> {
     let empty = largest_binary_event(source, event_type, 0);
     // Each 3 bytes of payload take 4 characters.
     limit.checked_sub(empty).map(|room| room / 4 * 3)

@@ -27,7 +27,7 @@ use crate::outbox::{Depth, DepthCache, NewRecord, OutboxWriter};
 use crate::stats::Stats;
 
 /// The CloudEvent `type` of heartbeats.
-pub const HEARTBEAT_TYPE: &str = "io.pigeon.gateway.heartbeat";
+pub(crate) const HEARTBEAT_TYPE: &str = "io.pigeon.gateway.heartbeat";
 
 /// How long after the start the first heartbeat is taken (CPU use needs two samples).
 const FIRST_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
@@ -35,11 +35,11 @@ const FIRST_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 /// `[health]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HealthConfig {
+pub(crate) struct HealthConfig {
     #[serde(default = "crate::config::default_true")]
-    pub enabled: bool,
+    pub(crate) enabled: bool,
     #[serde(default = "default_interval")]
-    pub interval: Duration,
+    pub(crate) interval: Duration,
 }
 
 fn default_interval() -> Duration {
@@ -67,48 +67,48 @@ impl HealthConfig {
 
 /// A heartbeat's `data`. Field names carry their units; absent readings are `null`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Heartbeat {
+pub(crate) struct Heartbeat {
     /// pigeon-gateway's version.
-    pub version: String,
+    pub(crate) version: String,
     /// All CPUs, averaged since the previous heartbeat (0–100).
-    pub cpu_percent: f64,
-    pub cpu_count: usize,
-    pub memory_total_bytes: u64,
-    pub memory_used_bytes: u64,
-    pub memory_available_bytes: u64,
-    pub swap_total_bytes: u64,
-    pub swap_used_bytes: u64,
-    pub load_1m: Option<f64>,
-    pub load_5m: Option<f64>,
-    pub load_15m: Option<f64>,
+    pub(crate) cpu_percent: f64,
+    pub(crate) cpu_count: usize,
+    pub(crate) memory_total_bytes: u64,
+    pub(crate) memory_used_bytes: u64,
+    pub(crate) memory_available_bytes: u64,
+    pub(crate) swap_total_bytes: u64,
+    pub(crate) swap_used_bytes: u64,
+    pub(crate) load_1m: Option<f64>,
+    pub(crate) load_5m: Option<f64>,
+    pub(crate) load_15m: Option<f64>,
     /// Since the machine booted.
-    pub uptime_seconds: Option<u64>,
+    pub(crate) uptime_seconds: Option<u64>,
     /// Since this gateway process started.
-    pub process_uptime_seconds: u64,
+    pub(crate) process_uptime_seconds: u64,
     /// The filesystem holding `data_dir`.
-    pub disk_path: String,
-    pub disk_total_bytes: Option<u64>,
-    pub disk_free_bytes: Option<u64>,
+    pub(crate) disk_path: String,
+    pub(crate) disk_total_bytes: Option<u64>,
+    pub(crate) disk_free_bytes: Option<u64>,
     /// The SoC (CPU) temperature, where the board reports one.
-    pub temperature_c: Option<f64>,
+    pub(crate) temperature_c: Option<f64>,
     /// Records waiting in the outbox (this heartbeat not included).
-    pub outbox_depth: Option<u64>,
-    pub outbox_bytes: Option<u64>,
+    pub(crate) outbox_depth: Option<u64>,
+    pub(crate) outbox_bytes: Option<u64>,
     /// Age of the oldest waiting record; `null` when nothing waits.
-    pub outbox_oldest_age_seconds: Option<f64>,
-    pub outbox_dead_letters: Option<u64>,
-    pub mqtt_connected: bool,
-    pub relay_reachable: bool,
+    pub(crate) outbox_oldest_age_seconds: Option<f64>,
+    pub(crate) outbox_dead_letters: Option<u64>,
+    pub(crate) mqtt_connected: bool,
+    pub(crate) relay_reachable: bool,
 }
 
 /// Samples the machine; holds sysinfo's state between samples (for CPU use).
-pub struct Sampler {
+pub(crate) struct Sampler {
     system: Option<sysinfo::System>,
     data_dir: PathBuf,
 }
 
 impl Sampler {
-    pub fn new(data_dir: PathBuf) -> Self {
+    pub(crate) fn new(data_dir: PathBuf) -> Self {
         let system = match sysinfo::System::new() {
             Ok(mut s) => {
                 s.refresh_cpu_usage();
@@ -123,7 +123,12 @@ impl Sampler {
     }
 
     /// A heartbeat (blocking: reads /proc and /sys; run it off the reactor).
-    pub fn sample(&mut self, started: Instant, depth: Option<Depth>, stats: &Stats) -> Heartbeat {
+    pub(crate) fn sample(
+        &mut self,
+        started: Instant,
+        depth: Option<Depth>,
+        stats: &Stats,
+    ) -> Heartbeat {
         let mut hb = Heartbeat {
             version: env!("CARGO_PKG_VERSION").into(),
             cpu_percent: 0.0,
@@ -183,7 +188,7 @@ fn now_us() -> i64 {
 }
 
 /// Seconds since the oldest waiting record was received, if any waits.
-pub fn oldest_age_seconds(depth: &Depth, now_us: i64) -> Option<f64> {
+pub(crate) fn oldest_age_seconds(depth: &Depth, now_us: i64) -> Option<f64> {
     depth
         .pending
         .oldest_time_us
@@ -191,7 +196,7 @@ pub fn oldest_age_seconds(depth: &Depth, now_us: i64) -> Option<f64> {
 }
 
 /// The outbox record for one heartbeat.
-pub fn heartbeat_record(source: &str, hb: &Heartbeat, time_us: i64) -> NewRecord {
+pub(crate) fn heartbeat_record(source: &str, hb: &Heartbeat, time_us: i64) -> NewRecord {
     NewRecord {
         expires_us: None,
         source: source.to_owned(),
@@ -208,7 +213,7 @@ pub fn heartbeat_record(source: &str, hb: &Heartbeat, time_us: i64) -> NewRecord
 }
 
 /// The running health source.
-pub struct HealthSource {
+pub(crate) struct HealthSource {
     config: HealthConfig,
     source: String,
     data_dir: PathBuf,
@@ -219,7 +224,7 @@ pub struct HealthSource {
 }
 
 impl HealthSource {
-    pub fn new(
+    pub(crate) fn new(
         config: HealthConfig,
         gateway: &GatewayId,
         data_dir: PathBuf,
@@ -239,14 +244,9 @@ impl HealthSource {
         }
     }
 
-    /// The CloudEvent `source` of heartbeats.
-    pub fn source(&self) -> &str {
-        &self.source
-    }
-
     /// Commits a heartbeat soon after the start and then every interval, until
     /// `shutdown` stops it.
-    pub async fn run(self, mut shutdown: Shutdown) {
+    pub(crate) async fn run(self, mut shutdown: Shutdown) {
         let mut sampler = Some(Sampler::new(self.data_dir.clone()));
         let mut delay = FIRST_AFTER;
         loop {

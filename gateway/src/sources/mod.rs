@@ -9,6 +9,6 @@
 //! refuse what the relay never takes before acknowledging it.
 
 pub(crate) mod event_size;
-pub mod files;
-pub mod health;
-pub mod mqtt;
+pub(crate) mod files;
+pub(crate) mod health;
+pub(crate) mod mqtt;

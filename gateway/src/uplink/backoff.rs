@@ -5,7 +5,7 @@ use std::time::Duration;
 /// Delays that double from `initial` up to `max`, each drawn uniformly from the upper
 /// half of the current step so many gateways coming back at once spread out.
 #[derive(Debug)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     initial: Duration,
     max: Duration,
     step: Duration,
@@ -13,7 +13,7 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    pub fn new(initial: Duration, max: Duration) -> Self {
+    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
         let seed = u64::from_le_bytes(
             uuid::Uuid::new_v4().as_bytes()[..8]
                 .try_into()
@@ -22,7 +22,7 @@ impl Backoff {
         Self::with_seed(initial, max, seed)
     }
 
-    pub fn with_seed(initial: Duration, max: Duration, seed: u64) -> Self {
+    pub(crate) fn with_seed(initial: Duration, max: Duration, seed: u64) -> Self {
         Self {
             initial,
             max: max.max(initial),
@@ -31,11 +31,11 @@ impl Backoff {
         }
     }
 
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.step = self.initial;
     }
 
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let step = self.step;
         self.step = (self.step * 2).min(self.max);
         let half = step / 2;

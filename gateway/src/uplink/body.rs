@@ -14,12 +14,12 @@ use http_body::{Frame, SizeHint};
 use tokio::sync::mpsc;
 
 /// Bytes read at a time.
-pub const CHUNK: usize = 256 * 1024;
+pub(crate) const CHUNK: usize = 256 * 1024;
 /// Chunks read ahead of the network.
 const QUEUED: usize = 2;
 
 /// The body half: what the HTTP client polls.
-pub struct FileBody {
+pub(crate) struct FileBody {
     rx: mpsc::Receiver<std::io::Result<Bytes>>,
     remaining: u64,
 }
@@ -57,7 +57,7 @@ impl http_body::Body for FileBody {
 /// has taken, which is also how a stalled connection is noticed. A file that is
 /// shorter than promised ends the body with an error (the request fails; nothing
 /// short is ever sent as complete).
-pub fn stream_file<P, F>(
+pub(crate) fn stream_file<P, F>(
     path: PathBuf,
     offset: u64,
     len: u64,

@@ -14,7 +14,7 @@ use crate::outbox::Record;
 /// `application/json` data travels as JSON (`data`); anything else as bytes
 /// (`data_base64`). A record marked JSON whose bytes do not parse (it cannot happen for
 /// records this gateway wrote, but the database is on an SD card) is sent as bytes.
-pub fn to_event(rec: &Record, producer_id: &str) -> Result<cloudevents::Event, String> {
+pub(crate) fn to_event(rec: &Record, producer_id: &str) -> Result<cloudevents::Event, String> {
     let b = envelope(rec, producer_id)?;
     let ct = rec
         .content_type
@@ -54,7 +54,7 @@ fn envelope(rec: &Record, producer_id: &str) -> Result<EventBuilderV10, String> 
 /// [`pigeon_shared::json`]), never parsed into a tree and written again, so numbers that
 /// do not fit an `f64` and duplicate keys reach the relay unchanged. A record marked JSON
 /// whose bytes are not JSON (the database is on an SD card) is sent as bytes.
-pub fn event_json(rec: &Record, producer_id: &str) -> Result<Vec<u8>, String> {
+pub(crate) fn event_json(rec: &Record, producer_id: &str) -> Result<Vec<u8>, String> {
     let json_text = (rec.content_type.as_deref() == Some("application/json"))
         .then(|| std::str::from_utf8(&rec.data).ok())
         .flatten()
@@ -74,7 +74,7 @@ pub fn event_json(rec: &Record, producer_id: &str) -> Result<Vec<u8>, String> {
 
 /// Encodes `batch` as a CloudEvents batch (a JSON array), compressed as configured.
 /// If a record cannot be encoded, returns its sequence and the reason instead.
-pub fn encode_batch(
+pub(crate) fn encode_batch(
     batch: &[Record],
     producer_id: &str,
     compression: Compression,

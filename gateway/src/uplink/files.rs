@@ -54,7 +54,7 @@ fn relay_failed(reason: String) -> Attempt {
 
 /// Runs the file lane until `shutdown` stops it; files in flight are abandoned where
 /// they are (the relay keeps what it got; the next start continues).
-pub async fn run_files(uplink: Arc<Uplink>, spool: Arc<Spool>, mut shutdown: Shutdown) {
+pub(crate) async fn run_files(uplink: Arc<Uplink>, spool: Arc<Spool>, mut shutdown: Shutdown) {
     let slots = uplink.config.max_file_uploads.max(1);
     // The files being sent, by sequence: each worker has its file's record until the
     // relay has it (then the record is gone) or the gateway stops.

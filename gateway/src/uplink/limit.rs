@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 #[derive(Debug)]
-pub struct RateLimit {
+pub(crate) struct RateLimit {
     /// Bytes per second.
     rate: f64,
     /// The most that can be saved up while idle: one second's worth.
@@ -19,7 +19,7 @@ pub struct RateLimit {
 }
 
 impl RateLimit {
-    pub fn new(bytes_per_second: u64, now: Instant) -> Self {
+    pub(crate) fn new(bytes_per_second: u64, now: Instant) -> Self {
         let rate = bytes_per_second.max(1) as f64;
         Self {
             rate,
@@ -30,12 +30,12 @@ impl RateLimit {
     }
 
     /// The limit, bytes per second.
-    pub fn rate(&self) -> u64 {
+    pub(crate) fn rate(&self) -> u64 {
         self.rate as u64
     }
 
     /// Books `bytes` to be sent, and says how long to wait first.
-    pub fn reserve(&mut self, bytes: u64, now: Instant) -> Duration {
+    pub(crate) fn reserve(&mut self, bytes: u64, now: Instant) -> Duration {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity);
         self.last = now;

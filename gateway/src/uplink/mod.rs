@@ -20,7 +20,7 @@ pub(crate) mod encode;
 mod files;
 mod limit;
 mod retry;
-pub mod tls;
+pub(crate) mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -32,9 +32,9 @@ use reqwest::header;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
-pub use backoff::Backoff;
-pub use encode::{encode_batch, to_event};
-pub use files::run_files;
+pub(crate) use backoff::Backoff;
+pub(crate) use encode::encode_batch;
+pub(crate) use files::run_files;
 
 use answer::{Failure, FailureKind, Reply, error_chain};
 use retry::{RetryPolicy, Verdict};
@@ -47,10 +47,10 @@ use crate::stats::Stats;
 /// How often an idle uplink looks at the outbox again although the writer said nothing:
 /// records written by another process (`pigeon-gateway dead-letter retry`) do not wake
 /// it, so they are sent within this long.
-pub const IDLE_RECHECK: Duration = Duration::from_secs(5);
+pub(crate) const IDLE_RECHECK: Duration = Duration::from_secs(5);
 
 /// One batch in this many is filled lowest priority first (see [`Uplink::run`]).
-pub const STARVATION_GUARD: u64 = 8;
+pub(crate) const STARVATION_GUARD: u64 = 8;
 
 /// How the relay answered one batch.
 #[derive(Debug)]
@@ -148,7 +148,7 @@ impl Batch {
     }
 }
 
-pub struct Uplink {
+pub(crate) struct Uplink {
     config: RelayConfig,
     /// The relay's base URL.
     base: reqwest::Url,
@@ -166,7 +166,7 @@ pub struct Uplink {
 }
 
 impl Uplink {
-    pub fn new(
+    pub(crate) fn new(
         config: RelayConfig,
         token: Option<String>,
         reader: Arc<OutboxReader>,
@@ -218,7 +218,7 @@ impl Uplink {
     /// Runs the batch lane until `shutdown` stops it. A request already sent is
     /// finished first (the caller bounds that with the shutdown deadline). Files have a
     /// lane of their own ([`run_files`]).
-    pub async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
+    pub(crate) async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
         let mut lane = BatchLane::new(&self.config);
         while !shutdown.is_stopping() {
             let Some(batch) = self.next_batch(&mut lane, &mut shutdown).await else {

@@ -18,7 +18,7 @@ const EXPIRY_WARNING_DAYS: i64 = 14;
 
 /// The rustls configuration for the relay connection, or `None` for reqwest's default.
 /// An error names the key and file at fault.
-pub fn client_config(r: &RelayConfig) -> Result<Option<ClientConfig>, String> {
+pub(crate) fn client_config(r: &RelayConfig) -> Result<Option<ClientConfig>, String> {
     if r.ca_file.is_none() && r.client_cert.is_none() {
         return Ok(None);
     }

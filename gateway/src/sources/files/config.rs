@@ -11,86 +11,86 @@ use crate::outbox::{Policy, WhenFull};
 /// The `[files]` section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FilesConfig {
+pub(crate) struct FilesConfig {
     /// Where picked-up files wait for their upload. Default: `<gateway.data_dir>/spool`.
     /// On the same filesystem as the drop directories a file is moved (renamed), not
     /// copied, which costs no writes on the SD card.
-    pub spool_dir: Option<PathBuf>,
+    pub(crate) spool_dir: Option<PathBuf>,
     /// How long a file must stay unchanged (size and modification time) to count as
     /// finished when no close-after-write tells: files found at start, `finished =
     /// "quiet"` watches, polled watches.
     #[serde(default = "default_quiet_period")]
-    pub quiet_period: Duration,
+    pub(crate) quiet_period: Duration,
     /// File names never picked up: temporary upload names. `*` and `?` wildcards,
     /// matched against the file name only.
     #[serde(default = "default_ignore")]
-    pub ignore: Vec<String>,
+    pub(crate) ignore: Vec<String>,
     /// Every watch is scanned again this often, in case the kernel's event queue
     /// overflowed or a directory appeared while nobody looked.
     #[serde(default = "default_rescan_interval")]
-    pub rescan_interval: Duration,
+    pub(crate) rescan_interval: Duration,
     #[serde(default)]
-    pub watch: Vec<WatchConfig>,
+    pub(crate) watch: Vec<WatchConfig>,
 }
 
 /// One `[[files.watch]]` block: a drop directory and how its files become events.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct WatchConfig {
+pub(crate) struct WatchConfig {
     /// Names the watch in the event source (`/gateways/<id>/files/<name>`), in metrics
     /// and logs: 1 to 64 characters from `A-Z a-z 0-9 . _ -`.
-    pub name: String,
-    pub path: PathBuf,
+    pub(crate) name: String,
+    pub(crate) path: PathBuf,
     /// Also watch every directory below `path` (a folder per camera, per day…).
     #[serde(default = "crate::config::default_true")]
-    pub recursive: bool,
+    pub(crate) recursive: bool,
     #[serde(default)]
-    pub finished: Finished,
+    pub(crate) finished: Finished,
     /// Poll the directory instead of using inotify: for network filesystems (NFS, SMB),
     /// where the kernel does not see other machines' writes. Implies the quiet period.
     #[serde(default)]
-    pub poll: bool,
+    pub(crate) poll: bool,
     #[serde(default = "default_poll_interval")]
-    pub poll_interval: Duration,
+    pub(crate) poll_interval: Duration,
     /// The event `subject`: `{top}` (the first directory below `path`, usually the
     /// camera, or the watch name for files directly in `path`), `{dir}`, `{path}`,
     /// `{name}`, `{watch}`, and any literal text.
     #[serde(default = "default_subject")]
-    pub subject: String,
+    pub(crate) subject: String,
     /// The event `type` when no rule matches.
     #[serde(rename = "type", default = "default_type")]
-    pub event_type: String,
+    pub(crate) event_type: String,
     /// What happens to a file once the relay has it.
     #[serde(default)]
-    pub after_upload: AfterUpload,
+    pub(crate) after_upload: AfterUpload,
     /// Where `after_upload = "move"` puts delivered files (keeping their path below
     /// `path`).
-    pub move_to: Option<PathBuf>,
+    pub(crate) move_to: Option<PathBuf>,
     /// More names to ignore in this watch, besides `files.ignore`.
     #[serde(default)]
-    pub ignore: Vec<String>,
+    pub(crate) ignore: Vec<String>,
     /// 0 (least) to 9 (most important): higher uploads first and is dropped last. Camera
     /// files default to 2, below readings (5).
     #[serde(default = "default_priority")]
-    pub priority: u8,
+    pub(crate) priority: u8,
     /// What a full outbox does: `"drop_oldest"` (drop the oldest files and records of
     /// this priority or lower to make room) or `"refuse"` (files stay in the drop
     /// directory until there is room). Either way a file is never dropped before it
     /// reached the spool.
     #[serde(default)]
-    pub when_full: WhenFull,
+    pub(crate) when_full: WhenFull,
     /// Rules that pick the event type (and content type) of a file, first match wins.
     /// After them, the default rules apply ([`default_rules`]: images are
     /// `io.pigeon.camera.image`, videos `io.pigeon.camera.video`); a rule for
     /// `content_types = ["*/*"]` turns those off.
     #[serde(default)]
-    pub rules: Vec<RuleConfig>,
+    pub(crate) rules: Vec<RuleConfig>,
 }
 
 /// When a file counts as finished.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Finished {
+pub(crate) enum Finished {
     /// When its writer closes it after writing (inotify close-write), or when it is
     /// renamed into its final name; the quiet period for files no writer was seen on.
     #[default]
@@ -103,7 +103,7 @@ pub enum Finished {
 /// What happens to a file in the drop directory once the relay has stored it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum AfterUpload {
+pub(crate) enum AfterUpload {
     /// Deleted (it was moved into the spool at pickup, so the drop directory is free at
     /// once).
     #[default]
@@ -118,19 +118,19 @@ pub enum AfterUpload {
 /// A `[[files.watch.rules]]` entry.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RuleConfig {
+pub(crate) struct RuleConfig {
     /// File name extensions this rule applies to, without the dot, any case.
     #[serde(default)]
-    pub extensions: Vec<String>,
+    pub(crate) extensions: Vec<String>,
     /// Content types this rule applies to, e.g. `"image/*"` or `"video/mp4"` (the
     /// content type from the extension, or from the first bytes when the extension
     /// does not tell).
     #[serde(default)]
-    pub content_types: Vec<String>,
+    pub(crate) content_types: Vec<String>,
     #[serde(rename = "type")]
-    pub event_type: String,
+    pub(crate) event_type: String,
     /// Overrides the content type the file is described with.
-    pub content_type: Option<String>,
+    pub(crate) content_type: Option<String>,
 }
 
 fn default_priority() -> u8 {
@@ -153,7 +153,7 @@ fn default_type() -> String {
 }
 /// Temporary names of the usual FTP servers and clients: pure-ftpd's
 /// `.pureftpd-upload.*` (and every hidden file), `*.part`, `*.tmp`, …
-pub fn default_ignore() -> Vec<String> {
+pub(crate) fn default_ignore() -> Vec<String> {
     [
         ".*",
         "*.part",
@@ -167,7 +167,7 @@ pub fn default_ignore() -> Vec<String> {
     .to_vec()
 }
 /// The rules every watch ends with: images and videos by content type.
-pub fn default_rules() -> Vec<RuleConfig> {
+pub(crate) fn default_rules() -> Vec<RuleConfig> {
     let rule = |family: &str, ty: &str| RuleConfig {
         extensions: Vec::new(),
         content_types: vec![format!("{family}/*")],
@@ -184,7 +184,7 @@ pub fn default_rules() -> Vec<RuleConfig> {
 type Invalid = (&'static str, String);
 
 /// Watch names are used in event sources, object keys and metric labels.
-pub fn valid_watch_name(s: &str) -> bool {
+pub(crate) fn valid_watch_name(s: &str) -> bool {
     (1..=64).contains(&s.len())
         && !s.starts_with('.')
         && s.bytes()
@@ -239,7 +239,7 @@ impl FilesConfig {
     }
 
     /// The spool directory for a gateway whose data lives in `data_dir`.
-    pub fn spool_dir(&self, data_dir: &Path) -> PathBuf {
+    pub(crate) fn spool_dir(&self, data_dir: &Path) -> PathBuf {
         self.spool_dir
             .clone()
             .unwrap_or_else(|| data_dir.join("spool"))
@@ -248,7 +248,7 @@ impl FilesConfig {
 
 impl WatchConfig {
     /// How its files are treated under pressure.
-    pub fn policy(&self) -> Policy {
+    pub(crate) fn policy(&self) -> Policy {
         Policy {
             priority: self.priority,
             when_full: self.when_full,

@@ -9,9 +9,9 @@
 //! * [`source`] — the running task: watchers, scans, the tracker and pickups.
 
 mod config;
-pub mod rules;
+pub(crate) mod rules;
 mod source;
-pub mod tracker;
+pub(crate) mod tracker;
 
-pub use config::{AfterUpload, FilesConfig, Finished, RuleConfig, WatchConfig, valid_watch_name};
-pub use source::FilesSource;
+pub(crate) use config::FilesConfig;
+pub(crate) use source::FilesSource;

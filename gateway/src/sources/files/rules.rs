@@ -8,10 +8,10 @@ use crate::spool::extension;
 
 /// A file-name pattern with `*` (any run of characters) and `?` (one character).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Glob(Vec<char>);
+pub(crate) struct Glob(Vec<char>);
 
 impl Glob {
-    pub fn new(pattern: &str) -> Result<Self, String> {
+    pub(crate) fn new(pattern: &str) -> Result<Self, String> {
         if pattern.is_empty() {
             return Err("an empty pattern matches nothing; remove it".into());
         }
@@ -23,7 +23,7 @@ impl Glob {
         Ok(Self(pattern.chars().collect()))
     }
 
-    pub fn matches(&self, name: &str) -> bool {
+    pub(crate) fn matches(&self, name: &str) -> bool {
         let name: Vec<char> = name.chars().collect();
         // Iterative wildcard matching with one backtracking point for the last `*`.
         let (p, n) = (&self.0, &name);
@@ -61,10 +61,10 @@ enum Part {
 
 /// A parsed `subject` setting, e.g. `"{top}"` or `"site-4/{top}/{name}"`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SubjectTemplate(Vec<Part>);
+pub(crate) struct SubjectTemplate(Vec<Part>);
 
 impl SubjectTemplate {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub(crate) fn parse(s: &str) -> Result<Self, String> {
         let mut parts = Vec::new();
         let mut rest = s;
         while let Some(open) = rest.find('{') {
@@ -99,7 +99,7 @@ impl SubjectTemplate {
     }
 
     /// The subject of the file at `rel` (relative to the watch's directory).
-    pub fn render(&self, watch: &str, rel: &Path) -> String {
+    pub(crate) fn render(&self, watch: &str, rel: &Path) -> String {
         let path = lossy(rel);
         let name = rel.file_name().map(lossy_os).unwrap_or_default();
         let dir = rel
@@ -131,7 +131,7 @@ impl SubjectTemplate {
 }
 
 /// A path as text; bytes that are not UTF-8 become U+FFFD.
-pub fn lossy(p: &Path) -> String {
+pub(crate) fn lossy(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
@@ -171,7 +171,7 @@ const BY_EXTENSION: &[(&str, &str)] = &[
 
 /// The content type of a file named `name` whose first bytes are `head`: by extension
 /// when it is a known one, else by magic bytes, else `application/octet-stream`.
-pub fn content_type(name: &str, head: &[u8]) -> &'static str {
+pub(crate) fn content_type(name: &str, head: &[u8]) -> &'static str {
     if let Some(ext) = extension(name)
         && let Some((_, ct)) = BY_EXTENSION.iter().find(|(e, _)| *e == ext)
     {
@@ -181,7 +181,7 @@ pub fn content_type(name: &str, head: &[u8]) -> &'static str {
 }
 
 /// The content type the first bytes of a file give away, for the formats cameras write.
-pub fn sniff(head: &[u8]) -> Option<&'static str> {
+pub(crate) fn sniff(head: &[u8]) -> Option<&'static str> {
     let at = |i: usize, m: &[u8]| head.get(i..i + m.len()) == Some(m);
     if at(0, &[0xFF, 0xD8, 0xFF]) {
         Some("image/jpeg")
@@ -213,7 +213,7 @@ pub fn sniff(head: &[u8]) -> Option<&'static str> {
 
 /// A watch's decisions, compiled from its configuration and the global ignore list.
 #[derive(Debug, Clone)]
-pub struct Rules {
+pub(crate) struct Rules {
     ignore: Vec<Glob>,
     subject: SubjectTemplate,
     rules: Vec<RuleConfig>,
@@ -222,16 +222,16 @@ pub struct Rules {
 
 /// What the rules say about one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Described {
-    pub event_type: String,
-    pub content_type: String,
-    pub subject: String,
+pub(crate) struct Described {
+    pub(crate) event_type: String,
+    pub(crate) content_type: String,
+    pub(crate) subject: String,
 }
 
 impl Rules {
     /// Compiles a validated watch; `global_ignore` is `files.ignore`. The watch's rules
     /// come first, then the [default rules](super::config::default_rules).
-    pub fn new(watch: &WatchConfig, global_ignore: &[String]) -> Result<Self, String> {
+    pub(crate) fn new(watch: &WatchConfig, global_ignore: &[String]) -> Result<Self, String> {
         let ignore = global_ignore
             .iter()
             .chain(&watch.ignore)
@@ -248,12 +248,12 @@ impl Rules {
     }
 
     /// Whether a file named `name` is a temporary or otherwise ignored one.
-    pub fn ignored(&self, name: &str) -> bool {
+    pub(crate) fn ignored(&self, name: &str) -> bool {
         self.ignore.iter().any(|g| g.matches(name))
     }
 
     /// Type, content type and subject of the file at `rel` with first bytes `head`.
-    pub fn describe(&self, watch: &str, rel: &Path, head: &[u8]) -> Described {
+    pub(crate) fn describe(&self, watch: &str, rel: &Path, head: &[u8]) -> Described {
         let name = rel.file_name().map(lossy_os).unwrap_or_default();
         let guessed = content_type(&name, head);
         let ext = extension(&name);

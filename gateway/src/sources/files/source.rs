@@ -50,7 +50,7 @@ const RETRY_DENIED_AFTER: Duration = Duration::from_secs(60);
 const REMIND_EVERY: u32 = 60;
 /// The watch name of spool files the outbox did not know (after a damaged outbox was
 /// replaced): they are sent under `/gateways/<id>/files/recovered`.
-pub const RECOVERED_WATCH: &str = "recovered";
+pub(crate) const RECOVERED_WATCH: &str = "recovered";
 
 /// A watch, compiled.
 struct WatchRt {
@@ -76,7 +76,7 @@ impl WatchRt {
     }
 }
 
-pub struct FilesSource {
+pub(crate) struct FilesSource {
     config: FilesConfig,
     watches: Vec<WatchRt>,
     /// Rules for spool files the outbox did not know.
@@ -129,7 +129,7 @@ impl std::ops::IndexMut<WatchId> for Vec<WatchRt> {
 
 impl FilesSource {
     /// Compiles the watches (validated config) and opens the spool.
-    pub fn new(
+    pub(crate) fn new(
         config: FilesConfig,
         gateway: &GatewayId,
         data_dir: &Path,
@@ -203,7 +203,7 @@ impl FilesSource {
     }
 
     /// The CloudEvent sources of the watches' files, `(name, source)`, for the stats.
-    pub fn sources(config: &FilesConfig, gateway: &GatewayId) -> Vec<(String, String)> {
+    pub(crate) fn sources(config: &FilesConfig, gateway: &GatewayId) -> Vec<(String, String)> {
         config
             .watch
             .iter()
@@ -219,7 +219,7 @@ impl FilesSource {
     }
 
     /// Runs until `shutdown` stops it. A batch being picked up is finished first.
-    pub async fn run(mut self, mut shutdown: Shutdown) {
+    pub(crate) async fn run(mut self, mut shutdown: Shutdown) {
         pigeon_shared::sys::ignore_lease_breaks();
         if let Err(e) = self.recover().await {
             error!(error = %e, "Could not finish the pickups the last run left; they are tried again at the next start.");
@@ -490,10 +490,7 @@ impl FilesSource {
                     self.tracker.event(&path, w, mode, Seen::Written, now);
                 }
                 None => {
-                    if let Some(r) =
-                        self.tracker
-                            .found(&path, w, mode, stamp, now, wall, lost_events)
-                    {
+                    if let Some(r) = self.tracker.found(&path, w, stamp, now, wall, lost_events) {
                         ready.push(r);
                     }
                 }

@@ -19,7 +19,7 @@ use super::config::Finished;
 
 /// What a watcher saw happen to a path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Seen {
+pub(crate) enum Seen {
     /// Data was written.
     Written,
     /// A writer closed it after writing.
@@ -36,9 +36,9 @@ pub enum Seen {
 
 /// Size and modification time: what "unchanged" compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stamp {
-    pub size: u64,
-    pub mtime: SystemTime,
+pub(crate) struct Stamp {
+    pub(crate) size: u64,
+    pub(crate) mtime: SystemTime,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +52,6 @@ enum State {
 #[derive(Debug)]
 struct Entry {
     watch: WatchId,
-    mode: Finished,
     state: State,
     changed_at: Instant,
     stamp: Option<Stamp>,
@@ -60,20 +59,20 @@ struct Entry {
 
 /// The files not finished yet, by path.
 #[derive(Debug)]
-pub struct Tracker {
+pub(crate) struct Tracker {
     quiet: Duration,
     entries: HashMap<PathBuf, Entry>,
 }
 
 /// A watch of `files.watch`, by its place in the list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct WatchId(pub usize);
+pub(crate) struct WatchId(pub usize);
 
 /// A finished file, to pick up: its path and its watch.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Candidate {
-    pub path: PathBuf,
-    pub watch: WatchId,
+pub(crate) struct Candidate {
+    pub(crate) path: PathBuf,
+    pub(crate) watch: WatchId,
 }
 
 impl Candidate {
@@ -86,7 +85,7 @@ impl Candidate {
 }
 
 impl Tracker {
-    pub fn new(quiet: Duration) -> Self {
+    pub(crate) fn new(quiet: Duration) -> Self {
         Self {
             quiet,
             entries: HashMap::new(),
@@ -94,17 +93,18 @@ impl Tracker {
     }
 
     /// Files being watched for their end.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
     /// A watcher's event for `path` (of watch `watch`); returns the file if this event
     /// finished it.
-    pub fn event(
+    pub(crate) fn event(
         &mut self,
         path: &Path,
         watch: WatchId,
@@ -118,7 +118,6 @@ impl Tracker {
         }
         let quiet = |stamp| Entry {
             watch,
-            mode,
             state: State::Quiet,
             changed_at: now,
             stamp,
@@ -163,12 +162,10 @@ impl Tracker {
     /// be reported and the quiet period decides). A new one is finished at once if it
     /// has not been modified for the quiet period (`now_wall` is the wall clock), else
     /// after the quiet period without change.
-    #[allow(clippy::too_many_arguments)]
-    pub fn found(
+    pub(crate) fn found(
         &mut self,
         path: &Path,
         watch: WatchId,
-        mode: Finished,
         stamp: Stamp,
         now: Instant,
         now_wall: SystemTime,
@@ -192,7 +189,6 @@ impl Tracker {
             path.to_owned(),
             Entry {
                 watch,
-                mode,
                 state: State::Quiet,
                 changed_at: now,
                 stamp: Some(stamp),
@@ -203,7 +199,7 @@ impl Tracker {
 
     /// The files whose quiet period is over and that `stat` shows unchanged. `stat`
     /// answers `None` for a file that is gone (it is forgotten).
-    pub fn tick(
+    pub(crate) fn tick(
         &mut self,
         now: Instant,
         mut stat: impl FnMut(&Path) -> Option<Stamp>,
@@ -240,22 +236,12 @@ impl Tracker {
     }
 
     /// When the next quiet period ends, if any file is waiting for one.
-    pub fn next_due(&self) -> Option<Instant> {
+    pub(crate) fn next_due(&self) -> Option<Instant> {
         self.entries
             .values()
             .filter(|e| e.state == State::Quiet)
             .map(|e| e.changed_at + self.quiet)
             .min()
-    }
-
-    /// Forgets every file of watch `watch` (its directory went away).
-    pub fn forget_watch(&mut self, watch: WatchId) {
-        self.entries.retain(|_, e| e.watch != watch);
-    }
-
-    /// Whether `path` is being watched for its end, and in which mode.
-    pub fn mode_of(&self, path: &Path) -> Option<Finished> {
-        self.entries.get(path).map(|e| e.mode)
     }
 }
 
@@ -374,27 +360,11 @@ mod tests {
         let old = p("/drop/old.jpg");
         let fresh = p("/drop/fresh.jpg");
         assert_eq!(
-            t.found(
-                &old,
-                WatchId(0),
-                Finished::Close,
-                stamp(9, 900),
-                t0,
-                wall,
-                false
-            ),
+            t.found(&old, WatchId(0), stamp(9, 900), t0, wall, false),
             Some(ready(old, 0))
         );
         assert_eq!(
-            t.found(
-                &fresh,
-                WatchId(0),
-                Finished::Close,
-                stamp(9, 995),
-                t0,
-                wall,
-                false
-            ),
+            t.found(&fresh, WatchId(0), stamp(9, 995), t0, wall, false),
             None
         );
         // It grew meanwhile (a writer the gateway started too late to see open it).
@@ -413,26 +383,10 @@ mod tests {
         let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
         let f = p("/drop/clip.mp4");
         t.event(&f, WatchId(0), Finished::Close, Seen::Written, t0);
-        t.found(
-            &f,
-            WatchId(0),
-            Finished::Close,
-            stamp(1, 999),
-            t0,
-            wall,
-            false,
-        );
+        t.found(&f, WatchId(0), stamp(1, 999), t0, wall, false);
         assert!(t.tick(t0 + QUIET * 3, |_| Some(stamp(1, 999))).is_empty());
         // The queue overflowed: its close may have been among the lost events.
-        t.found(
-            &f,
-            WatchId(0),
-            Finished::Close,
-            stamp(1, 999),
-            t0 + QUIET * 3,
-            wall,
-            true,
-        );
+        t.found(&f, WatchId(0), stamp(1, 999), t0 + QUIET * 3, wall, true);
         assert_eq!(
             t.tick(t0 + QUIET * 4, |_| Some(stamp(1, 999))),
             vec![ready(f, 0)]
@@ -450,9 +404,6 @@ mod tests {
         t.event(&b, WatchId(0), Finished::Quiet, Seen::Written, t0);
         // Gone by the time the quiet period ended.
         assert!(t.tick(t0 + QUIET, |_| None).is_empty());
-        assert!(t.is_empty());
-        t.event(&a, WatchId(3), Finished::Quiet, Seen::Written, t0);
-        t.forget_watch(WatchId(3));
         assert!(t.is_empty());
     }
 }

@@ -9,56 +9,56 @@ use crate::sources::event_size::{largest_binary_event, largest_packet_within};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct MqttConfig {
+pub(crate) struct MqttConfig {
     #[serde(default = "default_host")]
-    pub host: String,
+    pub(crate) host: String,
     #[serde(default = "default_port")]
-    pub port: u16,
+    pub(crate) port: u16,
     /// Fixed client id of the persistent session; default `pigeon-<gateway id>`.
-    pub client_id: Option<String>,
-    pub username: Option<String>,
-    pub password: Option<String>,
+    pub(crate) client_id: Option<String>,
+    pub(crate) username: Option<String>,
+    pub(crate) password: Option<String>,
     #[serde(default = "default_keep_alive")]
-    pub keep_alive: Duration,
+    pub(crate) keep_alive: Duration,
     /// Largest PUBLISH accepted from the broker (its remaining length: topic, packet id
     /// and payload). Its events must fit `relay.max_event_bytes`.
     #[serde(default = "default_max_packet_size")]
-    pub max_packet_size: ByteSize,
+    pub(crate) max_packet_size: ByteSize,
     /// Messages received but not yet committed (and so not yet acknowledged). When full,
     /// the gateway stops reading from the broker, which holds the rest.
     #[serde(default = "default_max_pending")]
-    pub max_pending: usize,
+    pub(crate) max_pending: usize,
     /// Delay before reconnecting after the broker went away (doubles up to 30 s).
     #[serde(default = "default_reconnect_delay")]
-    pub reconnect_delay: Duration,
-    pub subscriptions: Vec<Subscription>,
+    pub(crate) reconnect_delay: Duration,
+    pub(crate) subscriptions: Vec<Subscription>,
 }
 
 /// One topic filter and how its messages become events.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Subscription {
-    pub filter: String,
+pub(crate) struct Subscription {
+    pub(crate) filter: String,
     #[serde(default = "default_qos")]
-    pub qos: u8,
+    pub(crate) qos: u8,
     /// The CloudEvent `type` of messages matching this filter.
     #[serde(rename = "type")]
-    pub event_type: String,
+    pub(crate) event_type: String,
     /// Time to live: a message still in the outbox this long after it arrived is dropped
     /// unsent (and counted) — for readings that are worthless when late. None: kept until
     /// delivered.
-    pub ttl: Option<Duration>,
+    pub(crate) ttl: Option<Duration>,
     /// 0 (least) to 9 (most important): higher drains first and is dropped last.
     #[serde(default = "default_priority")]
-    pub priority: u8,
+    pub(crate) priority: u8,
     /// What a full outbox does with these messages.
     #[serde(default)]
-    pub when_full: WhenFull,
+    pub(crate) when_full: WhenFull,
 }
 
 impl Subscription {
     /// How its messages are treated under pressure.
-    pub fn policy(&self) -> Policy {
+    pub(crate) fn policy(&self) -> Policy {
         Policy {
             priority: self.priority,
             when_full: self.when_full,
@@ -221,7 +221,7 @@ impl MqttConfig {
     }
 
     /// The subscription whose filter matches `topic` first, in configuration order.
-    pub fn subscription_for(&self, topic: &str) -> Option<&Subscription> {
+    pub(crate) fn subscription_for(&self, topic: &str) -> Option<&Subscription> {
         self.subscriptions
             .iter()
             .find(|s| rumqttc::matches(topic, &s.filter))

@@ -21,7 +21,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 const READ_CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
-pub enum ConnError {
+pub(crate) enum ConnError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("the broker closed the connection")]
@@ -42,7 +42,7 @@ impl From<mqttbytes::Error> for ConnError {
 
 /// What the broker sent.
 #[derive(Debug)]
-pub enum Incoming {
+pub(crate) enum Incoming {
     Packet(Packet),
     /// A PUBLISH larger than the configured limit. Its bytes were skipped; it still has
     /// to be acknowledged, or the broker re-sends it forever and nothing behind it moves.
@@ -76,14 +76,14 @@ fn fixed_header(buf: &[u8]) -> Result<Option<(u8, usize, usize)>, ConnError> {
 /// Splits MQTT packets out of a byte stream, skipping over PUBLISHes above `max_publish`
 /// without buffering them.
 #[derive(Debug)]
-pub struct Decoder {
+pub(crate) struct Decoder {
     max_publish: usize,
     /// Bytes of an oversized PUBLISH still to be thrown away.
     skip: usize,
 }
 
 impl Decoder {
-    pub fn new(max_publish: usize) -> Self {
+    pub(crate) fn new(max_publish: usize) -> Self {
         Self {
             max_publish,
             skip: 0,
@@ -91,7 +91,7 @@ impl Decoder {
     }
 
     /// The next complete packet in `buf`, consuming its bytes; `None` if more are needed.
-    pub fn next(&mut self, buf: &mut BytesMut) -> Result<Option<Incoming>, ConnError> {
+    pub(crate) fn next(&mut self, buf: &mut BytesMut) -> Result<Option<Incoming>, ConnError> {
         if self.skip > 0 {
             let n = self.skip.min(buf.len());
             buf.advance(n);
@@ -157,7 +157,7 @@ impl Decoder {
     }
 }
 
-pub struct Conn {
+pub(crate) struct Conn {
     rd: OwnedReadHalf,
     wr: OwnedWriteHalf,
     rbuf: BytesMut,
@@ -169,7 +169,7 @@ pub struct Conn {
 impl Conn {
     /// Connects, sends CONNECT and waits for the CONNACK. Returns the connection and
     /// whether the broker still had our session.
-    pub async fn connect(
+    pub(crate) async fn connect(
         addr: (&str, u16),
         connect: mqttbytes::v4::Connect,
         max_publish: usize,
@@ -212,13 +212,13 @@ impl Conn {
     }
 
     /// Queues a packet; [`Conn::flush`] writes it.
-    pub fn send(&mut self, packet: Packet) -> Result<(), ConnError> {
+    pub(crate) fn send(&mut self, packet: Packet) -> Result<(), ConnError> {
         packet.write(&mut self.wbuf, usize::MAX)?;
         Ok(())
     }
 
     /// Writes everything queued.
-    pub async fn flush(&mut self) -> Result<(), ConnError> {
+    pub(crate) async fn flush(&mut self) -> Result<(), ConnError> {
         if self.wbuf.is_empty() {
             return Ok(());
         }
@@ -231,7 +231,7 @@ impl Conn {
 
     /// Reads more bytes from the broker. Cancel safe: nothing is lost if the future is
     /// dropped before it completes.
-    pub async fn fill(&mut self) -> Result<(), ConnError> {
+    pub(crate) async fn fill(&mut self) -> Result<(), ConnError> {
         self.rbuf.reserve(READ_CHUNK);
         match self.rd.read_buf(&mut self.rbuf).await? {
             0 => Err(ConnError::Closed),
@@ -240,12 +240,12 @@ impl Conn {
     }
 
     /// The next packet already read, if a whole one is buffered.
-    pub fn next_incoming(&mut self) -> Result<Option<Incoming>, ConnError> {
+    pub(crate) fn next_incoming(&mut self) -> Result<Option<Incoming>, ConnError> {
         self.decoder.next(&mut self.rbuf)
     }
 
     /// Sends DISCONNECT and closes the connection.
-    pub async fn disconnect(mut self) {
+    pub(crate) async fn disconnect(mut self) {
         if self.send(Packet::Disconnect).is_ok() && self.flush().await.is_ok() {
             let _ = self.wr.shutdown().await;
         }

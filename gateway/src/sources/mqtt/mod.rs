@@ -5,5 +5,7 @@ mod config;
 pub(crate) mod conn;
 mod source;
 
-pub use config::{MqttConfig, Subscription};
-pub use source::{MqttSource, record_from_publish};
+pub(crate) use config::MqttConfig;
+pub(crate) use source::MqttSource;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use source::record_from_publish;

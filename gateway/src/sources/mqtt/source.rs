@@ -39,7 +39,7 @@ use crate::stats::Stats;
 
 /// Event type for messages on topics no configured filter matches (the broker may still
 /// deliver them for a subscription the persistent session kept).
-pub const UNMATCHED_TYPE: &str = "io.pigeon.mqtt.message";
+pub(crate) const UNMATCHED_TYPE: &str = "io.pigeon.mqtt.message";
 
 /// How long a stopping source waits for the commits of messages already handed over.
 const STOP_FLUSH: Duration = Duration::from_secs(3);
@@ -75,7 +75,7 @@ enum Ended {
     Lost(String),
 }
 
-pub struct MqttSource {
+pub(crate) struct MqttSource {
     config: MqttConfig,
     client_id: String,
     source: String,
@@ -91,7 +91,7 @@ pub struct MqttSource {
 
 impl MqttSource {
     /// `max_event_bytes` is `relay.max_event_bytes`; `producer_id` the outbox's.
-    pub fn new(
+    pub(crate) fn new(
         config: MqttConfig,
         gateway: &GatewayId,
         writer: OutboxWriter,
@@ -133,7 +133,7 @@ impl MqttSource {
 
     /// Runs until `shutdown` stops it, then stops reading, acknowledges what was
     /// committed, and disconnects.
-    pub async fn run(self, mut shutdown: Shutdown) {
+    pub(crate) async fn run(self, mut shutdown: Shutdown) {
         // Both channels hold at most `max_pending` messages per connection (reading
         // pauses at that many), so they need no bound of their own — and must have none:
         // a full channel here would stop the acknowledgements that empty it.
@@ -587,7 +587,7 @@ async fn acker(
 /// JSON payloads are stored as JSON (`application/json`) and travel as the event's
 /// `data`; anything else (including text that is not JSON and non-UTF-8 bytes) is
 /// binary data and travels base64-encoded in `data_base64`, byte for byte.
-pub fn record_from_publish(
+pub(crate) fn record_from_publish(
     p: &Publish,
     event_type: &str,
     source: &str,
