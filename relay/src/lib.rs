@@ -31,8 +31,10 @@
 //! * [`metrics`] — counters and histograms in the Prometheus text format;
 //! * [`systemd`] — what systemd is told: ready, watchdog pings, status, stopping.
 //!
-//! [`run`] ties them together. The protocol is documented in `docs/protocol.md`, the
-//! files in `docs/data-layout.md`, the configuration in `docs/configuration-relay.md`.
+//! [`Running`] ties them together: [`Running::start`] wires and serves, the trigger is
+//! pulled, [`Running::wait`] shuts down within a deadline; [`run`] does the three. The
+//! protocol is documented in `docs/protocol.md`, the files in `docs/data-layout.md`, the
+//! configuration in `docs/configuration-relay.md`.
 
 pub mod admission;
 pub mod auth;
@@ -45,6 +47,7 @@ pub mod fuzzing;
 pub mod ingest;
 pub mod metrics;
 pub mod request;
+mod running;
 pub mod s3;
 pub mod serve;
 pub mod server;
@@ -55,13 +58,11 @@ pub mod tls;
 pub mod upload;
 
 use std::future::Future;
-use std::sync::Arc;
 
-use pigeon_sdnotify::{Notifier, State};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
 
 pub use config::{Config, ConfigError, RelayConfig};
+pub use running::Running;
 
 /// Why the relay could not start or keep serving.
 #[derive(Debug, thiserror::Error)]
@@ -89,214 +90,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RelayError> {
-    let notifier = Arc::new(Notifier::from_env());
-    let metrics = Arc::new(metrics::Metrics::new());
-    serve::raise_descriptor_limit(config.limits.max_connections);
-    // First: a certificate problem is the operator's to fix, before anything is opened.
-    let tls = match &config.tls {
-        Some(settings) => Some(tls::Tls::open(settings.clone(), metrics.clone())?),
-        None => None,
-    };
-    let data_dir = config.data_dir.clone();
-    let sink_settings = config.sink;
-    let sink_metrics = metrics.clone();
-    let stream = config.stream.clone();
-    let tenants = config.tenants.clone();
-    let (sink, writer_thread) = tokio::task::spawn_blocking(move || {
-        sink::start(&data_dir, sink_settings, stream, tenants, sink_metrics)
-    })
-    .await
-    .map_err(|e| RelayError::Internal(format!("startup task failed: {e}")))??;
-    let ticker = sink.spawn_ticker(config.sink.checkpoint_interval);
-    let data_dir = config.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || upload::UploadStore::open(&data_dir))
-        .await
-        .map_err(|e| RelayError::Internal(format!("startup task failed: {e}")))??;
-    let store = Arc::new(store);
-    let (objects, bucket, prober): (Box<dyn upload::ObjectStore>, _, _) = match &config.objects.s3 {
-        None => (Box::new(upload::DirObjects::new(store.clone())), None, None),
-        Some(s) => {
-            let bucket = Arc::new(s3::Bucket::connect(s).await);
-            let prober = s3::spawn_prober(bucket.clone(), metrics.clone());
-            let objects =
-                upload::S3Objects::new(bucket.clone(), s.part_size, store.clone(), metrics.clone());
-            (Box::new(objects), Some(bucket), Some(prober))
-        }
-    };
-    let capture = match (&config.capture, bucket) {
-        (Some(settings), Some(bucket)) => Some(
-            capture::Capture::start(
-                settings,
-                &config.stream,
-                bucket,
-                &config.data_dir,
-                &config.tenants,
-                metrics.clone(),
-            )
-            .await
-            .map_err(|e| RelayError::Internal(e.to_string()))?,
-        ),
-        _ => None,
-    };
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let uploads = Arc::new(upload::Uploads::new(
-        store,
-        objects,
-        sink.clone(),
-        metrics.clone(),
-        upload::Settings {
-            base_url: config.objects.base_url.clone(),
-            max_object_bytes: config.limits.max_object_bytes,
-            max_event_bytes: config.limits.max_event_bytes,
-            abandon_after: config.uploads.abandon_after,
-            tenants: config.tenants.clone(),
-        },
-        stop_rx.clone(),
-    ));
-    let sweeper = uploads.spawn_sweeper();
-
-    if config.gateways.is_empty() {
-        if config.allow_unauthenticated {
-            tracing::warn!(
-                "No gateways are configured and unauthenticated ingest is allowed: anyone who can reach the relay can send events."
-            );
-        } else {
-            tracing::warn!(
-                "No gateways are configured, so every ingest request will be refused with 401; add [[gateways]] to the config."
-            );
-        }
-    } else if config.allow_unauthenticated {
-        tracing::warn!("Unauthenticated ingest is allowed: requests without a token are accepted.");
-    }
-
-    let state = Arc::new(request::AppState {
-        auth: auth::Authenticator::new(config.gateways.clone(), config.allow_unauthenticated),
-        sink: sink.clone(),
-        limits: config.limits,
-        retry_after: config.sink.retry_after,
-        metrics: metrics.clone(),
-        permits: Arc::new(Semaphore::new(config.limits.max_concurrent_requests)),
-        admission: Arc::new(admission::Admission::new(
-            admission::Shares {
-                requests_per_client: config.limits.max_requests_per_gateway,
-                bytes_per_client: config.limits.max_buffered_bytes_per_gateway,
-                bytes_total: config.limits.max_buffered_bytes,
-            },
-            metrics.clone(),
-        )),
-        uploads,
-        upload_permits: Arc::new(Semaphore::new(config.limits.max_concurrent_uploads)),
-    });
-    let app = server::router(state);
-
-    let stopping = notifier.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        systemd::notify(
-            &stopping,
-            &[
-                State::Stopping,
-                State::Status("Stopping: finishing the requests in flight."),
-            ],
-        );
-        let _ = stop_tx.send(true);
-    });
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        // An error means the sender is gone, which only happens after it sent.
-        let _ = rx.wait_for(|&s| s).await;
-    };
-
-    let addr = listener.local_addr().map_err(RelayError::Serve)?;
-    let reloader = match &tls {
-        Some(t) => t.clone().spawn_reloader(),
-        None => tokio::spawn(ignore_sighup()),
-    };
-    tracing::info!(
-        %addr,
-        https = tls.is_some(),
-        data_dir = %config.data_dir.display(),
-        objects = %config.objects.base_url,
-        "The relay is listening."
-    );
-    let line = systemd::status_line(&addr.to_string(), &metrics);
-    systemd::notify(&notifier, &[State::Ready, State::Status(&line)]);
-    let watchdog = notifier.is_enabled().then(|| {
-        tokio::spawn(systemd::run(
-            notifier.clone(),
-            pigeon_sdnotify::watchdog_interval(),
-            sink.clone(),
-            metrics.clone(),
-            addr.to_string(),
-        ))
-    });
-
-    let serve_stop = stop_rx.clone();
-    let serve_metrics = metrics.clone();
-    let serve = async move {
-        let limits = serve::ConnectionLimits {
-            header_timeout: config.limits.header_timeout,
-            max_connections: config.limits.max_connections,
-        };
-        let stop = stopped(serve_stop);
-        match tls {
-            Some(t) => {
-                let listener = tls::TlsListener::new(listener, t)?;
-                serve::serve(listener, app, limits, serve_metrics, stop).await
-            }
-            None => {
-                let listener = tls::PlainListener(listener);
-                serve::serve(listener, app, limits, serve_metrics, stop).await
-            }
-        }
-    };
-    let deadline = async {
-        stopped(stop_rx).await;
-        tracing::info!(
-            timeout_secs = config.shutdown_timeout.as_secs_f64(),
-            "Shutting down: no new connections; waiting for in-flight requests."
-        );
-        tokio::time::sleep(config.shutdown_timeout).await;
-    };
-    tokio::select! {
-        r = serve => r.map_err(RelayError::Serve)?,
-        () = deadline => tracing::warn!(
-            "In-flight requests did not finish within the shutdown timeout; stopping anyway."
-        ),
-    }
-
-    if let Some(w) = watchdog {
-        w.abort();
-    }
-    sweeper.abort();
-    reloader.abort();
-    if let Some(p) = prober {
-        p.abort();
-    }
-    if let Some(c) = capture {
-        c.stop()
-            .await
-            .map_err(|e| RelayError::Internal(format!("stopping capture failed: {e}")))?;
-    }
-    sink.shutdown().await;
-    ticker.abort();
-    tokio::task::spawn_blocking(move || writer_thread.join())
-        .await
-        .map_err(|e| RelayError::Internal(format!("joining the sink writer failed: {e}")))?
-        .map_err(|_| RelayError::Internal("the sink writer thread panicked".to_owned()))?;
-    tracing::info!("The relay stopped.");
-    Ok(())
-}
-
-/// Without `[tls]` there is nothing to reload: SIGHUP (`systemctl reload`) is logged, not
-/// the default action, which would end the process.
-async fn ignore_sighup() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        return;
-    };
-    while hup.recv().await.is_some() {
-        tracing::info!(
-            "SIGHUP: nothing to reload (no [tls]); other settings take effect at a restart."
-        );
-    }
+    let relay = Running::start(config, listener).await?;
+    relay.stop_on(shutdown);
+    relay.wait().await
 }

@@ -29,7 +29,8 @@ use axum::serve::Listener;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::sync::{Semaphore, watch};
+use pigeon_shared::shutdown::Trigger;
+use tokio::sync::Semaphore;
 use tower_service::Service as _;
 
 use crate::metrics::Metrics;
@@ -56,7 +57,7 @@ pub async fn serve<L>(
 where
     L: Listener<Addr = Peer>,
 {
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (stop_connections, connections_stop) = Trigger::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut shutdown = pin!(shutdown);
     loop {
@@ -79,7 +80,7 @@ where
             () = &mut shutdown => break,
         };
         let router = router.clone();
-        let mut stop = stop_rx.clone();
+        let mut stop = connections_stop.clone();
         // Moved into the task: the slot and the count are held until the connection ends.
         let open = OpenConnection::new(slot, metrics.clone());
         let header_timeout = limits.header_timeout;
@@ -111,19 +112,20 @@ where
                     }
                     false
                 }
-                r = stop.wait_for(|stopping| *stopping) => r.is_ok(),
+                () = stop.stopped() => true,
             };
             if stopping {
                 conn.as_mut().graceful_shutdown();
                 let _ = conn.await;
             }
-            // Dropping `stop` tells the loop below this connection is done.
+            // Dropping `open` gives the slot back: the wait below counts them.
         });
     }
     drop(listener);
-    drop(stop_rx);
-    let _ = stop_tx.send(true);
-    stop_tx.closed().await;
+    stop_connections.stop();
+    // Every connection holds a slot until it ends: with all of them back, all are done.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let _ = slots.acquire_many(all).await;
     Ok(())
 }
 

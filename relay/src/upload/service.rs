@@ -35,8 +35,9 @@ use axum::body::BodyDataStream;
 use cloudevents::AttributesReader;
 use futures_util::StreamExt;
 use pigeon_shared::ce::{self, GatewayId};
+use pigeon_shared::shutdown::Shutdown;
 use pigeon_shared::wire::{self, CreateUpload, EventResult, EventStatus, UploadState};
-use tokio::sync::{OwnedSemaphorePermit, watch};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::error::{UploadError, blocking};
 use super::key;
@@ -254,14 +255,6 @@ pub fn not_found(gateway: &GatewayId, id: &str) -> UploadError {
     ))
 }
 
-/// Resolves once the relay is shutting down.
-async fn stopping(rx: &mut watch::Receiver<bool>) {
-    if rx.wait_for(|&s| s).await.is_err() {
-        // No sender any more: nobody can ask to stop.
-        std::future::pending::<()>().await;
-    }
-}
-
 /// The `.part` being appended to, with the hash of everything written and the bytes
 /// not written yet.
 struct PartWriter {
@@ -348,18 +341,18 @@ pub struct Uploads {
     sink: SinkHandle,
     metrics: Arc<Metrics>,
     settings: Settings,
-    shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 }
 
 impl Uploads {
-    /// `shutdown` turning `true` stops the `PATCH`es in progress (their bytes are kept).
+    /// A stop of `shutdown` stops the `PATCH`es in progress (their bytes are kept).
     pub fn new(
         store: Arc<UploadStore>,
         objects: Box<dyn ObjectStore>,
         sink: SinkHandle,
         metrics: Arc<Metrics>,
         settings: Settings,
-        shutdown: watch::Receiver<bool>,
+        shutdown: Shutdown,
     ) -> Self {
         Self {
             store,
@@ -734,7 +727,7 @@ impl Uploads {
             let next = tokio::select! {
                 biased;
                 () = lease.superseded_wait() => break Received::Superseded,
-                () = stopping(&mut shutdown) => break Received::ShuttingDown,
+                () = shutdown.stopped() => break Received::ShuttingDown,
                 next = tokio::time::timeout(BODY_IDLE_TIMEOUT, body.next()) => next,
             };
             let chunk = match next {
@@ -1320,6 +1313,7 @@ mod tests {
     use crate::config::SinkSettings;
     use axum::body::Body;
     use pigeon_shared::json::Text;
+    use pigeon_shared::shutdown::Trigger;
     use serde_json::json;
     use sha2::Digest as _;
     use tokio::sync::Semaphore;
@@ -1357,7 +1351,7 @@ mod tests {
         uploads: Arc<Uploads>,
         sink: SinkHandle,
         writer: Option<std::thread::JoinHandle<()>>,
-        _stop: watch::Sender<bool>,
+        _stop: Trigger,
     }
 
     impl Fixture {
@@ -1377,7 +1371,7 @@ mod tests {
             )
             .unwrap();
             let store = Arc::new(UploadStore::open(dir.path()).unwrap());
-            let (stop, shutdown) = watch::channel(false);
+            let (stop, shutdown) = Trigger::new();
             let uploads = Arc::new(Uploads::new(
                 store.clone(),
                 Box::new(super::super::objects::DirObjects::new(store)),
