@@ -1,0 +1,17 @@
+//! The gateway's edge rules (issue 18) as pure logic, one module per building block:
+//!
+//! * [`condition`] — `when = "abs(avg - 21.0) > 2"`: conditions on numbers;
+//! * [`window`] — tumbling, hopping and sliding windows aligned to the clock, and the
+//!   accumulator of a window's figures (avg, min, max, sum, count, first, last, stddev);
+//! * [`threshold`] — alarms with hysteresis and a minimum duration or count;
+//! * [`exception`] — report by exception (deadband, maximum interval).
+//!
+//! Nothing here reads a clock, a file or a socket: every time is passed in (milliseconds
+//! since the epoch), every state is a plain value the caller keeps. That is what lets
+//! the gateway commit a rule's state in the same transaction as the readings that
+//! changed it, so a restart resumes exactly where the last commit left off.
+
+pub mod condition;
+pub mod exception;
+pub mod threshold;
+pub mod window;
