@@ -334,7 +334,13 @@ fn stats_for(config: &Config, last_error: Arc<LastErrorSlot>) -> Arc<Stats> {
         .iter()
         .map(|(n, s)| (n.as_str(), s.clone()))
         .collect();
-    let mut stats = Stats::new(&sources, config.mqtt.as_ref());
+    let subscriptions: Vec<(&str, &str)> = config
+        .mqtt
+        .iter()
+        .flat_map(|m| &m.subscriptions)
+        .map(|s| (s.filter.as_str(), s.event_type.as_str()))
+        .collect();
+    let mut stats = Stats::new(&sources, &subscriptions);
     stats.last_error = last_error;
     Arc::new(stats)
 }

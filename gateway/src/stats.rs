@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use crate::outbox::NewRecord;
-use crate::sources::mqtt::MqttConfig;
 
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
@@ -128,9 +127,10 @@ impl LastErrorSlot {
 }
 
 impl Stats {
-    /// Stats that count records per source (`(name, CloudEvent source)` pairs) and, when
-    /// `mqtt` is given, per subscription.
-    pub(crate) fn new(sources: &[(&str, String)], mqtt: Option<&MqttConfig>) -> Self {
+    /// Stats that count records per source (`(name, CloudEvent source)` pairs) and per
+    /// MQTT subscription (`(filter, event type)` of each `[[mqtt.subscriptions]]`, in
+    /// order).
+    pub(crate) fn new(sources: &[(&str, String)], subscriptions: &[(&str, &str)]) -> Self {
         Stats {
             sources: sources
                 .iter()
@@ -140,18 +140,14 @@ impl Stats {
                     records: AtomicU64::new(0),
                 })
                 .collect(),
-            subscriptions: mqtt
-                .map(|m| {
-                    m.subscriptions
-                        .iter()
-                        .map(|s| SubscriptionCounter {
-                            filter: s.filter.clone(),
-                            event_type: s.event_type.clone(),
-                            records: AtomicU64::new(0),
-                        })
-                        .collect()
+            subscriptions: subscriptions
+                .iter()
+                .map(|(filter, event_type)| SubscriptionCounter {
+                    filter: (*filter).to_owned(),
+                    event_type: (*event_type).to_owned(),
+                    records: AtomicU64::new(0),
                 })
-                .unwrap_or_default(),
+                .collect(),
             ..Stats::default()
         }
     }
@@ -293,23 +289,12 @@ mod tests {
 
     #[test]
     fn records_are_counted_by_source_and_first_matching_subscription() {
-        let mqtt: MqttConfig = toml::from_str(
-            r#"
-            [[subscriptions]]
-            filter = "org/+/alarms/#"
-            type = "alarm"
-            [[subscriptions]]
-            filter = "org/#"
-            type = "reading"
-            "#,
-        )
-        .unwrap();
         let stats = Stats::new(
             &[
                 ("mqtt", "/gateways/g/mqtt".into()),
                 ("health", "/gateways/g/health".into()),
             ],
-            Some(&mqtt),
+            &[("org/+/alarms/#", "alarm"), ("org/#", "reading")],
         );
         stats.count_stored(&record("/gateways/g/mqtt", Some("org/a/alarms/smoke")));
         stats.count_stored(&record("/gateways/g/mqtt", Some("org/a/room/1")));

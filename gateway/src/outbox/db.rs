@@ -315,41 +315,6 @@ pub(crate) fn next_seq(conn: &Connection) -> Result<u64, OutboxError> {
 mod tests {
     use super::*;
 
-    /// The batch lane's and a full outbox's queries of a non-default priority use the
-    /// priority index; those of the default priority (left out of it) walk sequences.
-    #[test]
-    fn priority_queries_use_the_index_and_the_default_priority_walks_sequences() {
-        let mut conn = Connection::open_in_memory().unwrap();
-        migrate(&mut conn).unwrap();
-        let plan = |sql: &str| -> String {
-            let mut st = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-            let n = st.parameter_count();
-            let args: Vec<i64> = vec![1; n];
-            st.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
-                .unwrap()
-                .map(Result::unwrap)
-                .collect::<Vec<_>>()
-                .join("; ")
-        };
-        for sql in [
-            crate::outbox::reader::READ_LANE,
-            crate::outbox::reader::OLDEST_OF,
-            crate::outbox::quota::EVICTABLE,
-        ] {
-            let p = plan(sql);
-            assert!(p.contains("USING INDEX records_priority"), "{p}: {sql}");
-            assert!(!p.contains("TEMP B-TREE"), "{p}: {sql}");
-        }
-        for sql in [
-            crate::outbox::reader::READ_LANE_DEFAULT,
-            crate::outbox::reader::OLDEST_DEFAULT,
-            crate::outbox::quota::EVICTABLE_DEFAULT,
-        ] {
-            let p = plan(sql);
-            assert!(p.contains("USING INTEGER PRIMARY KEY"), "{p}: {sql}");
-        }
-    }
-
     #[test]
     fn migrates_once_and_keeps_the_producer_id() {
         let dir = tempfile::tempdir().unwrap();

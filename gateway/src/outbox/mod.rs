@@ -270,3 +270,39 @@ pub(crate) async fn expire_loop(writer: OutboxWriter, every: std::time::Duration
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The batch lane's and a full outbox's queries of a non-default priority use the
+    /// priority index; those of the default priority (left out of it) walk sequences.
+    #[test]
+    fn priority_queries_use_the_index_and_the_default_priority_walks_sequences() {
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        db::migrate(&mut conn).unwrap();
+        let plan = |sql: &str| -> String {
+            let mut st = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let n = st.parameter_count();
+            let args: Vec<i64> = vec![1; n];
+            st.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        for sql in [reader::READ_LANE, reader::OLDEST_OF, quota::EVICTABLE] {
+            let p = plan(sql);
+            assert!(p.contains("USING INDEX records_priority"), "{p}: {sql}");
+            assert!(!p.contains("TEMP B-TREE"), "{p}: {sql}");
+        }
+        for sql in [
+            reader::READ_LANE_DEFAULT,
+            reader::OLDEST_DEFAULT,
+            quota::EVICTABLE_DEFAULT,
+        ] {
+            let p = plan(sql);
+            assert!(p.contains("USING INTEGER PRIMARY KEY"), "{p}: {sql}");
+        }
+    }
+}

@@ -479,8 +479,22 @@ impl Packer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Bytes that do not compress (the packer leaves them as they are), so that `len`
+    /// is what a record costs.
+    pub(crate) fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
 
     fn db() -> Connection {
         let mut conn = Connection::open_in_memory().unwrap();
@@ -630,7 +644,7 @@ mod tests {
         let conn = db();
         let mut packer = Packer::load(&conn).unwrap();
         for n in 0..600u64 {
-            let data = crate::outbox::writer::tests::noise(n, 300);
+            let data = noise(n, 300);
             assert!(
                 packer
                     .pack(&conn, kind("noise"), None, &data)

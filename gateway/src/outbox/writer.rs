@@ -932,7 +932,7 @@ fn dead_letter_packed(
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use crate::outbox::db::Synchronous;
     use crate::outbox::{DeliveryMark, OutboxReader};
@@ -1001,24 +1001,13 @@ pub(crate) mod tests {
         (w, h, OutboxReader::open(&path).unwrap(), stats)
     }
 
-    /// Bytes that do not compress (events are packed: see outbox::pack), so that `len`
-    /// is what a record costs.
-    pub(crate) fn noise(seed: u64, len: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
-
     fn routed(n: u32, ty: &str, priority: u8, when_full: WhenFull, len: usize) -> NewRecord {
         NewRecord {
             event_type: ty.into(),
-            data: Bytes::from(noise(u64::from(n) << 8 | u64::from(priority), len)),
+            data: Bytes::from(crate::outbox::pack::tests::noise(
+                u64::from(n) << 8 | u64::from(priority),
+                len,
+            )),
             policy: crate::outbox::Policy {
                 priority,
                 when_full,

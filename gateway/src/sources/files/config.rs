@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use pigeon_shared::units::Duration;
 use serde::Deserialize;
 
-use super::rules::{Glob, SubjectTemplate};
+use super::patterns::{Glob, SubjectTemplate};
 use crate::outbox::{Policy, WhenFull};
 
 /// The `[files]` section.
@@ -32,6 +32,10 @@ pub(crate) struct FilesConfig {
     #[serde(default)]
     pub(crate) watch: Vec<WatchConfig>,
 }
+
+/// The watch name of spool files the outbox did not know (after a damaged outbox was
+/// replaced): they are sent under `/gateways/<id>/files/recovered`.
+pub(crate) const RECOVERED_WATCH: &str = "recovered";
 
 /// One `[[files.watch]]` block: a drop directory and how its files become events.
 #[derive(Debug, Clone, Deserialize)]
@@ -265,7 +269,7 @@ impl WatchConfig {
                 ),
             ));
         }
-        if self.name == super::source::RECOVERED_WATCH {
+        if self.name == RECOVERED_WATCH {
             return Err((
                 "files.watch.name",
                 format!(

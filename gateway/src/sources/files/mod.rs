@@ -1,6 +1,8 @@
 //! Camera drop directories: every finished upload becomes a file in the spool and a
 //! record in the outbox, then an object and an event at the relay.
 //!
+//! * [`patterns`] — file-name patterns and subject templates (pure), which [`config`]
+//!   checks and [`rules`] applies;
 //! * [`config`] — `[files]` and `[[files.watch]]`;
 //! * [`rules`] — ignore patterns, subject template, content and event types (pure);
 //! * [`tracker`] — when a file counts as finished (pure);
@@ -9,6 +11,7 @@
 //! * [`source`] — the running task: watchers, scans, the tracker and pickups.
 
 mod config;
+mod patterns;
 pub(crate) mod rules;
 mod source;
 pub(crate) mod tracker;

@@ -26,8 +26,9 @@ use pigeon_shared::wire::sha256_hex;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-use super::config::{AfterUpload, FilesConfig, Finished, WatchConfig};
-use super::rules::{Rules, lossy};
+use super::config::{AfterUpload, FilesConfig, Finished, RECOVERED_WATCH, WatchConfig};
+use super::patterns::lossy;
+use super::rules::Rules;
 use super::tracker::{Candidate, Seen, Stamp, Tracker, WatchId};
 use crate::outbox::{
     FileClaim, FileRef, KeptFile, NewFile, NewRecord, OutboxError, OutboxReader, OutboxWriter,
@@ -48,9 +49,6 @@ const RETRY_DENIED_AFTER: Duration = Duration::from_secs(60);
 /// A file that keeps failing is logged again every this many attempts (about hourly
 /// for one retried every minute).
 const REMIND_EVERY: u32 = 60;
-/// The watch name of spool files the outbox did not know (after a damaged outbox was
-/// replaced): they are sent under `/gateways/<id>/files/recovered`.
-pub(crate) const RECOVERED_WATCH: &str = "recovered";
 
 /// A watch, compiled.
 struct WatchRt {
