@@ -4,7 +4,10 @@
 //! * [`window`] — tumbling, hopping and sliding windows aligned to the clock, and the
 //!   accumulator of a window's figures (avg, min, max, sum, count, first, last, stddev);
 //! * [`threshold`] — alarms with hysteresis and a minimum duration or count;
-//! * [`exception`] — report by exception (deadband, maximum interval).
+//! * [`exception`] — report by exception (deadband, maximum interval);
+//! * [`config`] — `[[rules]]` as written, checked into [`config::Rule`]s;
+//! * [`engine`] — every reading through every rule, windows closed and silent groups
+//!   found by [`engine::Engine::tick`], the derived events and the changed states.
 //!
 //! Nothing here reads a clock, a file or a socket: every time is passed in (milliseconds
 //! since the epoch), every state is a plain value the caller keeps. That is what lets
@@ -12,6 +15,8 @@
 //! changed it, so a restart resumes exactly where the last commit left off.
 
 pub mod condition;
+pub mod config;
+pub mod engine;
 pub mod exception;
 pub mod threshold;
 pub mod window;

@@ -27,7 +27,7 @@ pub struct Threshold {
 }
 
 /// One group's alarm state: what it is, and the run of readings towards the other state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct AlarmState {
     pub active: bool,
     /// The first reading's time and the number of readings of the current run.

@@ -58,8 +58,9 @@ impl Windowing {
 }
 
 /// What a window has seen of its values: enough for avg, min, max, sum, count, first,
-/// last and stddev, in constant space, and mergeable in time order.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// last and stddev, in constant space. Only finite numbers go in, so it serializes to
+/// JSON as it is (no NaN or infinity in a saved state).
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Accumulator {
     pub count: u64,
     pub sum: f64,
@@ -74,21 +75,6 @@ pub struct Accumulator {
     m2: f64,
 }
 
-impl Default for Accumulator {
-    fn default() -> Self {
-        Accumulator {
-            count: 0,
-            sum: 0.0,
-            min: f64::INFINITY,
-            max: f64::NEG_INFINITY,
-            first: (i64::MAX, f64::NAN),
-            last: (i64::MIN, f64::NAN),
-            mean: 0.0,
-            m2: 0.0,
-        }
-    }
-}
-
 /// The names of an accumulator's figures, in the order of [`Accumulator::figures`]:
 /// what a window rule's condition can use.
 pub const FIGURES: [&str; 8] = [
@@ -96,7 +82,14 @@ pub const FIGURES: [&str; 8] = [
 ];
 
 impl Accumulator {
+    /// Adds a finite value `v` at time `t` (a non-finite one is ignored).
     pub fn add(&mut self, t: i64, v: f64) {
+        if !v.is_finite() {
+            return;
+        }
+        if self.count == 0 {
+            (self.min, self.max, self.first, self.last) = (v, v, (t, v), (t, v));
+        }
         self.count += 1;
         self.sum += v;
         self.min = self.min.min(v);
@@ -112,32 +105,22 @@ impl Accumulator {
         self.m2 += delta * (v - self.mean);
     }
 
-    pub fn avg(&self) -> f64 {
-        if self.count == 0 { f64::NAN } else { self.mean }
-    }
-
-    /// The population standard deviation (0 for one value, NaN for none).
-    pub fn stddev(&self) -> f64 {
-        if self.count == 0 {
-            f64::NAN
-        } else {
-            (self.m2 / self.count as f64).sqrt()
-        }
-    }
-
-    /// The figures named in [`FIGURES`], in that order (NaN where empty).
+    /// The figures named in [`FIGURES`], in that order; NaN for all but sum and count
+    /// when the window is empty. The standard deviation is the population's.
     pub fn figures(&self) -> [f64; 8] {
-        let empty = self.count == 0;
-        let or_nan = |x: f64| if empty { f64::NAN } else { x };
+        if self.count == 0 {
+            let nan = f64::NAN;
+            return [nan, nan, nan, 0.0, 0.0, nan, nan, nan];
+        }
         [
-            self.avg(),
-            or_nan(self.min),
-            or_nan(self.max),
+            self.mean,
+            self.min,
+            self.max,
             self.sum,
             self.count as f64,
             self.first.1,
             self.last.1,
-            self.stddev(),
+            (self.m2 / self.count as f64).sqrt(),
         ]
     }
 }
