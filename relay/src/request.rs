@@ -15,9 +15,9 @@ use futures_util::StreamExt;
 use pigeon_shared::wire::ErrorBody;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::admission::config::Limits;
 use crate::admission::{Admission, Client, Refused, Ticket};
 use crate::auth::{AuthError, Authenticator, Principal};
-use crate::config::Limits;
 use crate::ingest::RequestError;
 use crate::metrics::Metrics;
 use crate::sink::SinkHandle;

@@ -18,7 +18,7 @@ use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_smithy_http_client::tls;
 
-use crate::config::S3Settings;
+use crate::upload::objects::config::S3Settings;
 
 /// The user metadata key (`x-amz-meta-sha256`) that holds an object's SHA-256, set
 /// when it is created; the relay trusts it when it finds the object after a crash.

@@ -26,8 +26,8 @@ use pigeon_shared::wire::{self, EventResult, EventStatus, IngestResponse};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::admission::Ticket;
+use crate::admission::config::Limits;
 use crate::auth::Principal;
-use crate::config::Limits;
 use crate::ingest::{self, CheckedEvent, Rejection, RequestError};
 use crate::metrics::GaugeGuard;
 use crate::request::{AppState, Failure, admit_client, drain, drain_cap, read_body};

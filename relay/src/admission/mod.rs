@@ -25,6 +25,8 @@ use pigeon_shared::ce::GatewayId;
 
 use crate::metrics::Metrics;
 
+pub mod config;
+
 /// Who a share belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Client {

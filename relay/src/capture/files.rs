@@ -21,8 +21,9 @@ use std::time::{Duration, Instant};
 use pigeon_shared::ce::GatewayId;
 use serde::{Deserialize, Serialize};
 
+use super::config::CaptureSettings;
 use super::keys::{StreamFileRef, roll_objects};
-use crate::config::{CaptureSettings, DEFAULT_TENANT};
+use crate::config::DEFAULT_TENANT;
 use crate::data_dir::{STATE_DIR, STREAM_DIR, write_atomic};
 use crate::metrics::Metrics;
 use crate::s3::Bucket;

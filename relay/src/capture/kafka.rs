@@ -33,11 +33,12 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
+use super::config::CaptureSettings;
 use super::keys::{gzip, line_type, object_key};
-use crate::config::{CaptureSettings, KafkaSettings};
 use crate::metrics::Metrics;
 use crate::s3::Bucket;
 use crate::sink::stream::kafka::binding;
+use crate::sink::stream::kafka::config::KafkaSettings;
 
 /// Where the roll ranges go, after `objects.s3.prefix`.
 pub const STATE_PREFIX: &str = "capture-state";

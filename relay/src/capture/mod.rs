@@ -16,6 +16,7 @@
 //!   thread);
 //! * [`keys`] — the object keys and deterministic gzip both share.
 
+pub mod config;
 pub mod files;
 pub mod kafka;
 pub mod keys;
@@ -27,9 +28,12 @@ use std::sync::atomic::AtomicBool;
 
 use pigeon_shared::ce::GatewayId;
 
-use crate::config::{CaptureSettings, DEFAULT_TENANT, StreamSettings};
+use config::CaptureSettings;
+
+use crate::config::DEFAULT_TENANT;
 use crate::metrics::Metrics;
 use crate::s3::Bucket;
+use crate::sink::stream::config::StreamSettings;
 
 /// Why capture could not start.
 #[derive(Debug, thiserror::Error)]

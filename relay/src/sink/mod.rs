@@ -9,6 +9,7 @@
 //! * [`writer`] — the single writer thread that does group commits.
 
 pub mod checkpoint;
+pub mod config;
 pub mod dedup;
 pub mod stream;
 pub mod writer;

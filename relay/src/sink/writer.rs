@@ -26,9 +26,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::Failure;
 use super::checkpoint::{Checkpoint, RecoveryError, recover};
+use super::config::SinkSettings;
 use super::dedup::DedupIndex;
+use super::stream::config::StreamSettings;
 use super::stream::{self, Outgoing, Stream};
-use crate::config::{SinkSettings, StreamSettings};
 use crate::data_dir::STATE_DIR;
 use crate::metrics::Metrics;
 

@@ -36,6 +36,8 @@ use tokio_rustls::server::TlsStream;
 
 use crate::metrics::Metrics;
 
+pub mod config;
+
 /// Handshakes in progress at once; more connections wait in the kernel's backlog.
 const MAX_HANDSHAKES: usize = 256;
 

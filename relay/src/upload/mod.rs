@@ -15,6 +15,7 @@
 //!   sweep, without HTTP;
 //! * [`routes`] — the axum handlers.
 
+pub mod config;
 pub mod error;
 pub mod key;
 pub mod objects;
@@ -28,3 +29,6 @@ pub use error::UploadError;
 pub use objects::{DirObjects, ObjectStore, S3Objects};
 pub use service::{Settings, Uploads};
 pub use store::{UPLOADS_DIR, UploadStore};
+
+/// Room in a create's body for what surrounds its event.
+pub const CREATE_OVERHEAD: u64 = 64 * 1024;

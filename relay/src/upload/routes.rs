@@ -17,6 +17,7 @@ use pigeon_shared::ce::GatewayId;
 use pigeon_shared::wire::{self, CreateUpload, UploadState};
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::CREATE_OVERHEAD;
 use super::error::UploadError;
 use super::key::is_upload_id;
 use super::service::{Created, PatchRequest, Patched, not_found};
@@ -26,8 +27,6 @@ use crate::ingest::media_type;
 use crate::request::{AppState, Failure, admit_client, client_ticket, drain, read_body};
 use crate::tls::Peer;
 
-/// Room in a create's body for what surrounds its event.
-pub const CREATE_OVERHEAD: u64 = 64 * 1024;
 /// How much of a refused `PATCH`'s body is read away before the answer, so a client
 /// still sending reads it instead of a connection reset. A longer body may see the
 /// reset; its gateway creates the upload again and learns the offset.

@@ -1310,7 +1310,7 @@ impl Uploads {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::SinkSettings;
+    use crate::sink::config::SinkSettings;
     use axum::body::Body;
     use pigeon_shared::json::Text;
     use pigeon_shared::shutdown::Trigger;
@@ -1365,7 +1365,7 @@ mod tests {
                     queue_depth: 16,
                     retry_after: Duration::from_secs(1),
                 },
-                crate::config::StreamSettings::Files,
+                crate::sink::stream::config::StreamSettings::Files,
                 Default::default(),
                 metrics.clone(),
             )

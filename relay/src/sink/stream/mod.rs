@@ -7,6 +7,7 @@
 //! every stream; it only calls [`Stream`]. A new stream is a new module here, one arm in
 //! [`open`], and a variant of [`StreamSettings`].
 
+pub mod config;
 pub mod files;
 pub mod kafka;
 
@@ -18,7 +19,8 @@ use pigeon_shared::ce::GatewayId;
 use super::Failure;
 use super::checkpoint::{Checkpoint, Recovered, RecoveryError};
 use super::dedup::DedupIndex;
-use crate::config::{DEFAULT_TENANT, StreamSettings};
+use crate::config::DEFAULT_TENANT;
+use config::StreamSettings;
 
 /// One event to store: its gateway (which names its file, or its tenant's topic) and its
 /// structured JSON, without a newline.

@@ -9,6 +9,7 @@
 //! A new store is a new module here implementing [`ObjectStore`], and the config variant
 //! that picks it (`lib.rs` builds the store from the checked settings).
 
+pub mod config;
 pub mod dir;
 pub mod s3;
 

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant, SystemTime};
 use futures_util::future::BoxFuture;
 use pigeon_shared::ce::GatewayId;
 
+use super::config::OBJECTS_PREFIX;
 use super::{ObjectError, ObjectStore};
-use crate::config::OBJECTS_PREFIX;
 use crate::metrics::Metrics;
 use crate::s3::{Bucket, S3Error};
 use crate::upload::error::{UploadError, blocking};

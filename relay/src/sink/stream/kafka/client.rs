@@ -15,7 +15,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::binding;
-use crate::config::KafkaSettings;
+use super::config::KafkaSettings;
 use crate::sink::Failure;
 use crate::sink::dedup::DedupIndex;
 use crate::sink::stream::Outgoing;

@@ -17,6 +17,7 @@
 
 pub mod binding;
 mod client;
+pub mod config;
 mod stream;
 
 pub use client::{Frontiers, KafkaStream, ScanReport};

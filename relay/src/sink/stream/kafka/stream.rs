@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use pigeon_shared::ce::GatewayId;
 
 use super::client::KafkaStream;
-use crate::config::KafkaSettings;
+use super::config::KafkaSettings;
 use crate::sink::Failure;
 use crate::sink::checkpoint::{Checkpoint, Recovered};
 use crate::sink::dedup::DedupIndex;
