@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use crate::report::StatusReport;
+use crate::report::{DiskStatus, FilesStatus, LiveStatus, OutboxStatus, StatusReport};
 
 /// Content-Type of [`render`]'s output.
 pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -60,307 +60,343 @@ pub(crate) fn render(r: &StatusReport) -> String {
     let mut e = Exposition {
         out: String::with_capacity(4096),
     };
-    const C: &str = "counter";
-    const G: &str = "gauge";
     if let Some(l) = &r.live {
-        e.family(
-            "pigeon_gateway_info",
-            G,
-            "Always 1; the labels name the gateway and its version.",
-        );
-        e.sample(
-            "pigeon_gateway_info",
-            &[("gateway", &r.gateway), ("version", &l.version)],
-            1,
-        );
-        e.one(
-            "pigeon_gateway_start_time_seconds",
-            G,
-            "When the process started (Unix time).",
-            l.started_unix,
-        );
-        e.one(
-            "pigeon_gateway_ready",
-            G,
-            "1 while the gateway takes data (outbox commits, sources connected).",
-            u8::from(l.ready),
-        );
-        let name = "pigeon_gateway_source_records_total";
-        e.family(name, C, "Records committed to the outbox, by source.");
-        for s in &l.sources {
-            e.sample(name, &[("source", &s.name)], s.records);
-        }
+        process(&mut e, &r.gateway, l);
         if let Some(connected) = l.mqtt_connected {
-            e.one(
-                "pigeon_gateway_mqtt_connected",
-                G,
-                "1 while connected to the MQTT broker.",
-                u8::from(connected),
-            );
-            e.one(
-                "pigeon_gateway_mqtt_messages_received_total",
-                C,
-                "MQTT messages received, including the broker's re-deliveries.",
-                l.mqtt_received,
-            );
-            e.one(
-                "pigeon_gateway_mqtt_oversized_total",
-                C,
-                "MQTT messages dropped (and acknowledged) for being larger than mqtt.max_packet_size, or with an event larger than relay.max_event_bytes.",
-                l.mqtt_oversized,
-            );
-            let name = "pigeon_gateway_mqtt_subscription_records_total";
-            e.family(
-                name,
-                C,
-                "MQTT records committed, by the subscription whose filter matched first.",
-            );
-            for s in &l.subscriptions {
-                e.sample(
-                    name,
-                    &[("filter", &s.filter), ("type", &s.event_type)],
-                    s.records,
-                );
-            }
-            e.one(
-                "pigeon_gateway_mqtt_unmatched_records_total",
-                C,
-                "MQTT records committed whose topic no configured filter matches.",
-                l.mqtt_unmatched,
-            );
+            mqtt(&mut e, l, connected);
         }
-        e.one(
-            "pigeon_gateway_outbox_commits_total",
-            C,
-            "Outbox transactions committed.",
-            l.outbox_commits,
-        );
-        e.one(
-            "pigeon_gateway_outbox_commit_failures_total",
-            C,
-            "Outbox transactions that failed and rolled back (nothing in them was acknowledged).",
-            l.outbox_commit_failures,
-        );
-        e.one(
-            "pigeon_gateway_outbox_expired_total",
-            C,
-            "Events dropped unsent because they waited longer than their TTL (mqtt.subscriptions.ttl).",
-            l.outbox_expired,
-        );
-        e.one(
-            "pigeon_gateway_outbox_dropped_total",
-            C,
-            "Events and files a full outbox dropped to make room (when_full = \"drop_oldest\"); each drop is logged with its type.",
-            l.outbox_dropped,
-        );
-        e.one(
-            "pigeon_gateway_outbox_dropped_bytes_total",
-            C,
-            "Bytes of what a full outbox dropped.",
-            l.outbox_dropped_bytes,
-        );
-        e.one(
-            "pigeon_gateway_outbox_refused_total",
-            C,
-            "New events and files a full outbox refused (when_full = \"refuse\": not acknowledged to the broker, or left in the drop directory) — counted per attempt.",
-            l.outbox_refused,
-        );
-        e.one(
-            "pigeon_gateway_outbox_used_bytes",
-            G,
-            "What the outbox database's pages in use and the spool's files take, as outbox.max_bytes counts it.",
-            l.outbox_used_bytes,
-        );
-        if let Some(max) = l.outbox_max_bytes {
-            e.one(
-                "pigeon_gateway_outbox_max_bytes",
-                G,
-                "outbox.max_bytes: the most the outbox and the spool may use.",
-                max,
-            );
-        }
-        e.one(
-            "pigeon_gateway_upload_requests_total",
-            C,
-            "Upload requests sent to the relay, retries included.",
-            l.upload_requests,
-        );
-        e.one(
-            "pigeon_gateway_upload_successes_total",
-            C,
-            "Upload requests the relay answered with per-event results.",
-            l.upload_successes,
-        );
-        e.one(
-            "pigeon_gateway_upload_failures_total",
-            C,
-            "Upload requests that failed as a whole (network, 401/403, 429, 5xx) and are retried.",
-            l.upload_failures,
-        );
-        e.one(
-            "pigeon_gateway_upload_retries_total",
-            C,
-            "Upload requests that re-sent events after a failed attempt.",
-            l.upload_retries,
-        );
-        e.one(
-            "pigeon_gateway_upload_bytes_total",
-            C,
-            "Request body bytes sent to the relay, as on the wire (compressed).",
-            l.upload_bytes,
-        );
-        e.one(
-            "pigeon_gateway_events_delivered_total",
-            C,
-            "Events the relay confirmed durable (duplicates included).",
-            l.events_delivered,
-        );
-        e.one(
-            "pigeon_gateway_events_duplicate_total",
-            C,
-            "Of the delivered events, those the relay already had.",
-            l.events_duplicate,
-        );
-        e.one(
-            "pigeon_gateway_events_dead_lettered_total",
-            C,
-            "Events the relay rejected, moved to the dead-letter table.",
-            l.events_dead_lettered,
-        );
-        if let Some(reachable) = l.relay_reachable {
-            e.one(
-                "pigeon_gateway_relay_reachable",
-                G,
-                "1 if the last upload attempt reached the relay (absent before the first).",
-                u8::from(reachable),
-            );
-        }
-        e.one(
-            "pigeon_gateway_last_upload_timestamp_seconds",
-            G,
-            "When the relay last answered an upload with results (Unix time; 0: not since the start).",
-            l.last_upload_unix.unwrap_or(0),
-        );
-        e.one(
-            "pigeon_gateway_heartbeats_total",
-            C,
-            "Heartbeat events committed to the outbox.",
-            l.heartbeats,
-        );
+        outbox_counts(&mut e, l);
+        uploads(&mut e, l);
         if let Some(f) = &l.files {
-            for (name, kind, help, v) in [
-                (
-                    "pigeon_gateway_files_picked_up_total",
-                    C,
-                    "Files taken from the drop directories into the spool and committed.",
-                    f.picked_up,
-                ),
-                (
-                    "pigeon_gateway_file_bytes_picked_up_total",
-                    C,
-                    "Bytes of the files picked up.",
-                    f.picked_up_bytes,
-                ),
-                (
-                    "pigeon_gateway_file_pickup_errors_total",
-                    C,
-                    "Finished files whose pickup failed, each counted once (logged with the reason).",
-                    f.pickup_errors,
-                ),
-                (
-                    "pigeon_gateway_file_pickups_failing",
-                    G,
-                    "Files whose pickup fails now and is retried.",
-                    f.failing,
-                ),
-                (
-                    "pigeon_gateway_files_being_written",
-                    G,
-                    "Files in the drop directories being written now, or waiting for their quiet period.",
-                    f.being_written,
-                ),
-                (
-                    "pigeon_gateway_files_delivered_total",
-                    C,
-                    "Files the relay stored (object and event durable).",
-                    f.delivered,
-                ),
-                (
-                    "pigeon_gateway_file_bytes_sent_total",
-                    C,
-                    "File bytes sent to the relay (a resumed upload counts only what was sent again).",
-                    f.bytes_sent,
-                ),
-                (
-                    "pigeon_gateway_file_upload_resumes_total",
-                    C,
-                    "File uploads that continued from what the relay already had.",
-                    f.resumed,
-                ),
-                (
-                    "pigeon_gateway_file_uploads_active",
-                    G,
-                    "File uploads in progress.",
-                    f.uploading,
-                ),
-            ] {
-                e.one(name, kind, help, v);
-            }
+            files(&mut e, f);
         }
     }
     if let Some(o) = &r.outbox {
-        e.one(
-            "pigeon_gateway_outbox_records",
-            G,
-            "Events waiting in the outbox to be uploaded.",
-            o.waiting,
-        );
-        e.one(
-            "pigeon_gateway_outbox_bytes",
-            G,
-            "Bytes waiting to be uploaded: event data, and the size of waiting files.",
-            o.waiting_bytes,
-        );
-        e.one(
-            "pigeon_gateway_outbox_oldest_age_seconds",
-            G,
-            "Age of the oldest waiting event (0 when none waits).",
-            o.oldest_age_seconds.unwrap_or(0.0),
-        );
-        e.one(
-            "pigeon_gateway_outbox_dead_letters",
-            G,
-            "Events in the dead-letter table.",
-            o.dead_letters,
-        );
-        e.one(
-            "pigeon_gateway_outbox_files",
-            G,
-            "Of the waiting events, files (their bytes wait in the spool).",
-            o.waiting_files,
-        );
-        e.one(
-            "pigeon_gateway_outbox_file_bytes",
-            G,
-            "Bytes of the waiting files.",
-            o.waiting_file_bytes,
-        );
+        outbox_depth(&mut e, o);
     }
     if let Some(d) = &r.disk {
-        e.one(
-            "pigeon_gateway_disk_free_bytes",
-            G,
-            "Space available on the filesystem holding the data directory.",
-            d.free_bytes,
-        );
-        e.one(
-            "pigeon_gateway_disk_total_bytes",
-            G,
-            "Size of the filesystem holding the data directory.",
-            d.total_bytes,
-        );
+        disk(&mut e, d);
     }
     e.out
+}
+
+const C: &str = "counter";
+const G: &str = "gauge";
+
+/// The process: who it is, since when, whether ready, records by source.
+fn process(e: &mut Exposition, gateway: &str, l: &LiveStatus) {
+    e.family(
+        "pigeon_gateway_info",
+        G,
+        "Always 1; the labels name the gateway and its version.",
+    );
+    e.sample(
+        "pigeon_gateway_info",
+        &[("gateway", gateway), ("version", &l.version)],
+        1,
+    );
+    e.one(
+        "pigeon_gateway_start_time_seconds",
+        G,
+        "When the process started (Unix time).",
+        l.started_unix,
+    );
+    e.one(
+        "pigeon_gateway_ready",
+        G,
+        "1 while the gateway takes data (outbox commits, sources connected).",
+        u8::from(l.ready),
+    );
+    let name = "pigeon_gateway_source_records_total";
+    e.family(name, C, "Records committed to the outbox, by source.");
+    for s in &l.sources {
+        e.sample(name, &[("source", &s.name)], s.records);
+    }
+}
+
+/// The MQTT source (only when it is configured).
+fn mqtt(e: &mut Exposition, l: &LiveStatus, connected: bool) {
+    e.one(
+        "pigeon_gateway_mqtt_connected",
+        G,
+        "1 while connected to the MQTT broker.",
+        u8::from(connected),
+    );
+    e.one(
+        "pigeon_gateway_mqtt_messages_received_total",
+        C,
+        "MQTT messages received, including the broker's re-deliveries.",
+        l.mqtt_received,
+    );
+    e.one(
+        "pigeon_gateway_mqtt_oversized_total",
+        C,
+        "MQTT messages dropped (and acknowledged) for being larger than mqtt.max_packet_size, or with an event larger than relay.max_event_bytes.",
+        l.mqtt_oversized,
+    );
+    let name = "pigeon_gateway_mqtt_subscription_records_total";
+    e.family(
+        name,
+        C,
+        "MQTT records committed, by the subscription whose filter matched first.",
+    );
+    for s in &l.subscriptions {
+        e.sample(
+            name,
+            &[("filter", &s.filter), ("type", &s.event_type)],
+            s.records,
+        );
+    }
+    e.one(
+        "pigeon_gateway_mqtt_unmatched_records_total",
+        C,
+        "MQTT records committed whose topic no configured filter matches.",
+        l.mqtt_unmatched,
+    );
+}
+
+/// What the outbox committed, expired, dropped and refused, and its size.
+fn outbox_counts(e: &mut Exposition, l: &LiveStatus) {
+    e.one(
+        "pigeon_gateway_outbox_commits_total",
+        C,
+        "Outbox transactions committed.",
+        l.outbox_commits,
+    );
+    e.one(
+        "pigeon_gateway_outbox_commit_failures_total",
+        C,
+        "Outbox transactions that failed and rolled back (nothing in them was acknowledged).",
+        l.outbox_commit_failures,
+    );
+    e.one(
+        "pigeon_gateway_outbox_expired_total",
+        C,
+        "Events dropped unsent because they waited longer than their TTL (mqtt.subscriptions.ttl).",
+        l.outbox_expired,
+    );
+    e.one(
+        "pigeon_gateway_outbox_dropped_total",
+        C,
+        "Events and files a full outbox dropped to make room (when_full = \"drop_oldest\"); each drop is logged with its type.",
+        l.outbox_dropped,
+    );
+    e.one(
+        "pigeon_gateway_outbox_dropped_bytes_total",
+        C,
+        "Bytes of what a full outbox dropped.",
+        l.outbox_dropped_bytes,
+    );
+    e.one(
+        "pigeon_gateway_outbox_refused_total",
+        C,
+        "New events and files a full outbox refused (when_full = \"refuse\": not acknowledged to the broker, or left in the drop directory) — counted per attempt.",
+        l.outbox_refused,
+    );
+    e.one(
+        "pigeon_gateway_outbox_used_bytes",
+        G,
+        "What the outbox database's pages in use and the spool's files take, as outbox.max_bytes counts it.",
+        l.outbox_used_bytes,
+    );
+    if let Some(max) = l.outbox_max_bytes {
+        e.one(
+            "pigeon_gateway_outbox_max_bytes",
+            G,
+            "outbox.max_bytes: the most the outbox and the spool may use.",
+            max,
+        );
+    }
+}
+
+/// The uplink: requests, bytes, what the relay answered; then the heartbeats.
+fn uploads(e: &mut Exposition, l: &LiveStatus) {
+    e.one(
+        "pigeon_gateway_upload_requests_total",
+        C,
+        "Upload requests sent to the relay, retries included.",
+        l.upload_requests,
+    );
+    e.one(
+        "pigeon_gateway_upload_successes_total",
+        C,
+        "Upload requests the relay answered with per-event results.",
+        l.upload_successes,
+    );
+    e.one(
+        "pigeon_gateway_upload_failures_total",
+        C,
+        "Upload requests that failed as a whole (network, 401/403, 429, 5xx) and are retried.",
+        l.upload_failures,
+    );
+    e.one(
+        "pigeon_gateway_upload_retries_total",
+        C,
+        "Upload requests that re-sent events after a failed attempt.",
+        l.upload_retries,
+    );
+    e.one(
+        "pigeon_gateway_upload_bytes_total",
+        C,
+        "Request body bytes sent to the relay, as on the wire (compressed).",
+        l.upload_bytes,
+    );
+    e.one(
+        "pigeon_gateway_events_delivered_total",
+        C,
+        "Events the relay confirmed durable (duplicates included).",
+        l.events_delivered,
+    );
+    e.one(
+        "pigeon_gateway_events_duplicate_total",
+        C,
+        "Of the delivered events, those the relay already had.",
+        l.events_duplicate,
+    );
+    e.one(
+        "pigeon_gateway_events_dead_lettered_total",
+        C,
+        "Events the relay rejected, moved to the dead-letter table.",
+        l.events_dead_lettered,
+    );
+    if let Some(reachable) = l.relay_reachable {
+        e.one(
+            "pigeon_gateway_relay_reachable",
+            G,
+            "1 if the last upload attempt reached the relay (absent before the first).",
+            u8::from(reachable),
+        );
+    }
+    e.one(
+        "pigeon_gateway_last_upload_timestamp_seconds",
+        G,
+        "When the relay last answered an upload with results (Unix time; 0: not since the start).",
+        l.last_upload_unix.unwrap_or(0),
+    );
+    e.one(
+        "pigeon_gateway_heartbeats_total",
+        C,
+        "Heartbeat events committed to the outbox.",
+        l.heartbeats,
+    );
+}
+
+/// The files source and the file lane (only when `[files]` is configured).
+fn files(e: &mut Exposition, f: &FilesStatus) {
+    for (name, kind, help, v) in [
+        (
+            "pigeon_gateway_files_picked_up_total",
+            C,
+            "Files taken from the drop directories into the spool and committed.",
+            f.picked_up,
+        ),
+        (
+            "pigeon_gateway_file_bytes_picked_up_total",
+            C,
+            "Bytes of the files picked up.",
+            f.picked_up_bytes,
+        ),
+        (
+            "pigeon_gateway_file_pickup_errors_total",
+            C,
+            "Finished files whose pickup failed, each counted once (logged with the reason).",
+            f.pickup_errors,
+        ),
+        (
+            "pigeon_gateway_file_pickups_failing",
+            G,
+            "Files whose pickup fails now and is retried.",
+            f.failing,
+        ),
+        (
+            "pigeon_gateway_files_being_written",
+            G,
+            "Files in the drop directories being written now, or waiting for their quiet period.",
+            f.being_written,
+        ),
+        (
+            "pigeon_gateway_files_delivered_total",
+            C,
+            "Files the relay stored (object and event durable).",
+            f.delivered,
+        ),
+        (
+            "pigeon_gateway_file_bytes_sent_total",
+            C,
+            "File bytes sent to the relay (a resumed upload counts only what was sent again).",
+            f.bytes_sent,
+        ),
+        (
+            "pigeon_gateway_file_upload_resumes_total",
+            C,
+            "File uploads that continued from what the relay already had.",
+            f.resumed,
+        ),
+        (
+            "pigeon_gateway_file_uploads_active",
+            G,
+            "File uploads in progress.",
+            f.uploading,
+        ),
+    ] {
+        e.one(name, kind, help, v);
+    }
+}
+
+/// What waits in the outbox (also without a running gateway).
+fn outbox_depth(e: &mut Exposition, o: &OutboxStatus) {
+    e.one(
+        "pigeon_gateway_outbox_records",
+        G,
+        "Events waiting in the outbox to be uploaded.",
+        o.waiting,
+    );
+    e.one(
+        "pigeon_gateway_outbox_bytes",
+        G,
+        "Bytes waiting to be uploaded: event data, and the size of waiting files.",
+        o.waiting_bytes,
+    );
+    e.one(
+        "pigeon_gateway_outbox_oldest_age_seconds",
+        G,
+        "Age of the oldest waiting event (0 when none waits).",
+        o.oldest_age_seconds.unwrap_or(0.0),
+    );
+    e.one(
+        "pigeon_gateway_outbox_dead_letters",
+        G,
+        "Events in the dead-letter table.",
+        o.dead_letters,
+    );
+    e.one(
+        "pigeon_gateway_outbox_files",
+        G,
+        "Of the waiting events, files (their bytes wait in the spool).",
+        o.waiting_files,
+    );
+    e.one(
+        "pigeon_gateway_outbox_file_bytes",
+        G,
+        "Bytes of the waiting files.",
+        o.waiting_file_bytes,
+    );
+}
+
+/// The data directory's filesystem.
+fn disk(e: &mut Exposition, d: &DiskStatus) {
+    e.one(
+        "pigeon_gateway_disk_free_bytes",
+        G,
+        "Space available on the filesystem holding the data directory.",
+        d.free_bytes,
+    );
+    e.one(
+        "pigeon_gateway_disk_total_bytes",
+        G,
+        "Size of the filesystem holding the data directory.",
+        d.total_bytes,
+    );
 }
 
 #[cfg(test)]

@@ -416,58 +416,103 @@ fn read_outbox(path: &Path) -> Result<(crate::outbox::Pending, u64), String> {
 
 /// The summary for a person at a terminal.
 pub(crate) fn render_text(r: &StatusReport) -> String {
-    let mut out = String::new();
-    let now = r.at_unix;
-    let ago = |unix: i64| {
+    let mut t = Text {
+        out: String::new(),
+        now: r.at_unix,
+    };
+    t.headline(r);
+    t.connections(r);
+    t.waiting(r);
+    if let Some(l) = &r.live {
+        t.traffic(l);
+    }
+    if let Some(o) = &r.outbox {
+        t.dead_letters(o);
+    }
+    if let Some(d) = &r.disk {
+        t.disk(r, d);
+    }
+    if let Some(l) = &r.live {
+        t.last_error_and_heartbeats(l);
+        t.subscriptions(l);
+    }
+    if r.state == RunState::Stopped {
+        t.out.push_str(
+            "\nThe numbers above are read from the outbox. To see why the gateway stopped:\n  journalctl -u pigeon-gateway -n 50\n",
+        );
+    }
+    t.out
+}
+
+/// [`render_text`]'s output as it grows, and the report's time.
+struct Text {
+    out: String,
+    now: i64,
+}
+
+impl Text {
+    fn row(&mut self, label: &str, text: String) {
+        let _ = writeln!(self.out, "  {label:<14} {text}");
+    }
+
+    /// "3 min ago" for a Unix time.
+    fn ago(&self, unix: i64) -> String {
         format!(
             "{} ago",
-            human_duration(now.saturating_sub(unix).max(0) as u64)
+            human_duration(self.now.saturating_sub(unix).max(0) as u64)
         )
-    };
-    let row = |out: &mut String, label: &str, text: String| {
-        let _ = writeln!(out, "  {label:<14} {text}");
-    };
-
-    // The headline.
-    let _ = write!(out, "pigeon-gateway {}: ", r.gateway);
-    match (&r.state, &r.live) {
-        (RunState::Running, Some(l)) => {
-            let taking = match &l.not_ready_reason {
-                None => "running and taking data".to_owned(),
-                Some(why) => format!("running, but NOT taking data: {why}"),
-            };
-            let _ = writeln!(
-                out,
-                "{taking}\n  (pid {}, version {}, up {})",
-                l.pid,
-                l.version,
-                human_duration(l.uptime_seconds)
-            );
-        }
-        (RunState::Running, None) => {
-            let _ = writeln!(out, "running");
-        }
-        (RunState::Stopped, _) => {
-            let _ = writeln!(out, "NOT RUNNING");
-        }
-        (RunState::Unknown, _) => {
-            let _ = writeln!(out, "state unknown");
-        }
     }
-    if let Some(d) = &r.state_detail {
-        let _ = writeln!(out, "  ({d})");
-    }
-    out.push('\n');
 
-    if let Some(l) = &r.live {
+    /// Which gateway, and whether it runs and takes data.
+    fn headline(&mut self, r: &StatusReport) {
+        let out = &mut self.out;
+        let _ = write!(out, "pigeon-gateway {}: ", r.gateway);
+        match (&r.state, &r.live) {
+            (RunState::Running, Some(l)) => {
+                let taking = match &l.not_ready_reason {
+                    None => "running and taking data".to_owned(),
+                    Some(why) => format!("running, but NOT taking data: {why}"),
+                };
+                let _ = writeln!(
+                    out,
+                    "{taking}\n  (pid {}, version {}, up {})",
+                    l.pid,
+                    l.version,
+                    human_duration(l.uptime_seconds)
+                );
+            }
+            (RunState::Running, None) => {
+                let _ = writeln!(out, "running");
+            }
+            (RunState::Stopped, _) => {
+                let _ = writeln!(out, "NOT RUNNING");
+            }
+            (RunState::Unknown, _) => {
+                let _ = writeln!(out, "state unknown");
+            }
+        }
+        if let Some(d) = &r.state_detail {
+            let _ = writeln!(out, "  ({d})");
+        }
+        out.push('\n');
+    }
+
+    /// The MQTT broker and the relay: whether connected (when running), else where.
+    fn connections(&mut self, r: &StatusReport) {
+        let Some(l) = &r.live else {
+            self.row("Relay", r.relay_url.clone());
+            if let Some(broker) = &r.mqtt_broker {
+                self.row("MQTT broker", broker.clone());
+            }
+            return;
+        };
         if let Some(broker) = &r.mqtt_broker {
             let state = if l.mqtt_connected == Some(true) {
                 "connected to"
             } else {
                 "NOT connected to"
             };
-            row(
-                &mut out,
+            self.row(
                 "MQTT broker",
                 format!(
                     "{state} {broker}; {} received since the start{}",
@@ -484,7 +529,7 @@ pub(crate) fn render_text(r: &StatusReport) -> String {
             );
         }
         let last = match l.last_upload_unix {
-            Some(t) => format!("last upload {}", ago(t)),
+            Some(t) => format!("last upload {}", self.ago(t)),
             None => "no upload since the start".to_owned(),
         };
         let relay = match l.relay_reachable {
@@ -495,46 +540,50 @@ pub(crate) fn render_text(r: &StatusReport) -> String {
             ),
             None => format!("{} (not contacted yet: nothing to send)", r.relay_url),
         };
-        row(&mut out, "Relay", relay);
-    } else {
-        row(&mut out, "Relay", r.relay_url.clone());
-        if let Some(broker) = &r.mqtt_broker {
-            row(&mut out, "MQTT broker", broker.clone());
+        self.row("Relay", relay);
+    }
+
+    /// What waits in the outbox, and since when.
+    fn waiting(&mut self, r: &StatusReport) {
+        match (&r.outbox, &r.outbox_error) {
+            (Some(o), _) => {
+                let waiting = if o.waiting == 0 {
+                    "nothing: everything has been delivered".to_owned()
+                } else {
+                    let since = o
+                        .oldest_time_us
+                        .map(|t| {
+                            format!(
+                                ", the oldest received {}",
+                                self.ago(t.div_euclid(1_000_000))
+                            )
+                        })
+                        .unwrap_or_default();
+                    let files = if o.waiting_files > 0 {
+                        format!(
+                            ", of them {} ({})",
+                            counted(o.waiting_files, "file", "files"),
+                            human_bytes(o.waiting_file_bytes)
+                        )
+                    } else {
+                        String::new()
+                    };
+                    format!(
+                        "{} ({}){files}{since}",
+                        counted(o.waiting, "event", "events"),
+                        human_bytes(o.waiting_bytes)
+                    )
+                };
+                self.row("Waiting", waiting);
+            }
+            (None, Some(e)) => self.row("Waiting", format!("unknown: {e}")),
+            (None, None) => {}
         }
     }
 
-    match (&r.outbox, &r.outbox_error) {
-        (Some(o), _) => {
-            let waiting = if o.waiting == 0 {
-                "nothing: everything has been delivered".to_owned()
-            } else {
-                let since = o
-                    .oldest_time_us
-                    .map(|t| format!(", the oldest received {}", ago(t.div_euclid(1_000_000))))
-                    .unwrap_or_default();
-                let files = if o.waiting_files > 0 {
-                    format!(
-                        ", of them {} ({})",
-                        counted(o.waiting_files, "file", "files"),
-                        human_bytes(o.waiting_file_bytes)
-                    )
-                } else {
-                    String::new()
-                };
-                format!(
-                    "{} ({}){files}{since}",
-                    counted(o.waiting, "event", "events"),
-                    human_bytes(o.waiting_bytes)
-                )
-            };
-            row(&mut out, "Waiting", waiting);
-        }
-        (None, Some(e)) => row(&mut out, "Waiting", format!("unknown: {e}")),
-        (None, None) => {}
-    }
-    if let Some(l) = &r.live {
-        row(
-            &mut out,
+    /// What went to the relay since the start, the outbox budget and the files.
+    fn traffic(&mut self, l: &LiveStatus) {
+        self.row(
             "Delivered",
             format!(
                 "{} since the start ({} already at the relay), {} sent",
@@ -543,8 +592,7 @@ pub(crate) fn render_text(r: &StatusReport) -> String {
                 human_bytes(l.upload_bytes)
             ),
         );
-        row(
-            &mut out,
+        self.row(
             "Uploads",
             format!(
                 "{}, {} answered, {} failed, {}",
@@ -555,62 +603,14 @@ pub(crate) fn render_text(r: &StatusReport) -> String {
             ),
         );
         if l.outbox_dropped > 0 || l.outbox_refused > 0 || l.outbox_max_bytes.is_some() {
-            let mut text = match l.outbox_max_bytes {
-                Some(max) => format!(
-                    "{} used of {} (outbox.max_bytes)",
-                    human_bytes(l.outbox_used_bytes),
-                    human_bytes(max)
-                ),
-                None => format!("{} used", human_bytes(l.outbox_used_bytes)),
-            };
-            if l.outbox_dropped > 0 {
-                text.push_str(&format!(
-                    "; FULL: {} ({}) dropped to make room",
-                    counted(l.outbox_dropped, "event", "events"),
-                    human_bytes(l.outbox_dropped_bytes)
-                ));
-            }
-            if l.outbox_refused > 0 {
-                text.push_str(&format!(
-                    "; {} refused (when_full = \"refuse\")",
-                    count(l.outbox_refused)
-                ));
-            }
-            row(&mut out, "Outbox budget", text);
+            self.row("Outbox budget", outbox_budget(l));
         }
         if let Some(f) = &l.files {
-            let mut text = format!(
-                "{} picked up ({}), {} delivered ({} sent)",
-                counted(f.picked_up, "file", "files"),
-                human_bytes(f.picked_up_bytes),
-                count(f.delivered),
-                human_bytes(f.bytes_sent)
-            );
-            if f.uploading > 0 {
-                text.push_str(&format!(", {} uploading now", count(f.uploading)));
-            }
-            if f.being_written > 0 {
-                text.push_str(&format!(
-                    ", {} being written by cameras",
-                    count(f.being_written)
-                ));
-            }
-            if f.resumed > 0 {
-                text.push_str(&format!(
-                    ", {} resumed",
-                    counted(f.resumed, "upload", "uploads")
-                ));
-            }
-            if f.failing > 0 {
-                text.push_str(&format!(
-                    "; {} cannot be picked up (see the log)",
-                    counted(f.failing, "file", "files")
-                ));
-            }
-            row(&mut out, "Files", text);
+            self.row("Files", files_line(f));
         }
     }
-    if let Some(o) = &r.outbox {
+
+    fn dead_letters(&mut self, o: &OutboxStatus) {
         let text = if o.dead_letters == 0 {
             "none".to_owned()
         } else {
@@ -619,9 +619,11 @@ pub(crate) fn render_text(r: &StatusReport) -> String {
                 counted(o.dead_letters, "event", "events")
             )
         };
-        row(&mut out, "Dead letters", text);
+        self.row("Dead letters", text);
     }
-    if let Some(d) = &r.disk {
+
+    /// Free space on the data directory's filesystem.
+    fn disk(&mut self, r: &StatusReport, d: &DiskStatus) {
         let pct = if d.total_bytes > 0 {
             d.free_bytes as f64 * 100.0 / d.total_bytes as f64
         } else {
@@ -632,8 +634,7 @@ pub(crate) fn render_text(r: &StatusReport) -> String {
             .as_ref()
             .and_then(|o| Path::new(&o.path).parent().map(|p| p.display().to_string()))
             .unwrap_or_default();
-        row(
-            &mut out,
+        self.row(
             "Disk",
             format!(
                 "{} free of {} ({pct:.0}%) on the filesystem of {dir}",
@@ -642,52 +643,111 @@ pub(crate) fn render_text(r: &StatusReport) -> String {
             ),
         );
     }
-    if let Some(l) = &r.live {
+
+    fn last_error_and_heartbeats(&mut self, l: &LiveStatus) {
         let text = match &l.last_error {
             None => "none since the start".to_owned(),
-            Some(e) => format!("{} ({}): {}", ago(e.unix), e.level, e.message),
+            Some(e) => format!("{} ({}): {}", self.ago(e.unix), e.level, e.message),
         };
-        row(&mut out, "Last error", text);
-        row(
-            &mut out,
+        self.row("Last error", text);
+        self.row(
             "Heartbeats",
             format!("{} sent since the start", count(l.heartbeats)),
         );
-        if !l.subscriptions.is_empty() {
-            out.push_str("\nPer MQTT subscription (events stored since the start):\n");
-            let width = l
-                .subscriptions
-                .iter()
-                .map(|s| s.filter.len())
-                .max()
-                .unwrap_or(0)
-                .max("(no filter)".len());
-            let counts: Vec<String> = l.subscriptions.iter().map(|s| count(s.records)).collect();
-            let cw = counts
-                .iter()
-                .map(String::len)
-                .chain([count(l.mqtt_unmatched).len()])
-                .max()
-                .unwrap_or(1);
-            for (s, c) in l.subscriptions.iter().zip(&counts) {
-                let _ = writeln!(out, "  {:<width$}  {c:>cw$}  {}", s.filter, s.event_type);
-            }
-            if l.mqtt_unmatched > 0 {
-                let _ = writeln!(
-                    out,
-                    "  {:<width$}  {:>cw$}  (topics no filter matches)",
-                    "(no filter)",
-                    count(l.mqtt_unmatched)
-                );
-            }
+    }
+
+    /// A table of the events stored per MQTT subscription, in columns.
+    fn subscriptions(&mut self, l: &LiveStatus) {
+        if l.subscriptions.is_empty() {
+            return;
+        }
+        let out = &mut self.out;
+        out.push_str("\nPer MQTT subscription (events stored since the start):\n");
+        let width = l
+            .subscriptions
+            .iter()
+            .map(|s| s.filter.len())
+            .max()
+            .unwrap_or(0)
+            .max("(no filter)".len());
+        let counts: Vec<String> = l.subscriptions.iter().map(|s| count(s.records)).collect();
+        let cw = counts
+            .iter()
+            .map(String::len)
+            .chain([count(l.mqtt_unmatched).len()])
+            .max()
+            .unwrap_or(1);
+        for (s, c) in l.subscriptions.iter().zip(&counts) {
+            let _ = writeln!(out, "  {:<width$}  {c:>cw$}  {}", s.filter, s.event_type);
+        }
+        if l.mqtt_unmatched > 0 {
+            let _ = writeln!(
+                out,
+                "  {:<width$}  {:>cw$}  (topics no filter matches)",
+                "(no filter)",
+                count(l.mqtt_unmatched)
+            );
         }
     }
-    if r.state == RunState::Stopped {
-        out.push_str(
-            "\nThe numbers above are read from the outbox. To see why the gateway stopped:\n  journalctl -u pigeon-gateway -n 50\n",
-        );
+}
+
+/// The outbox's use of its budget, and what a full outbox dropped or refused.
+fn outbox_budget(l: &LiveStatus) -> String {
+    let mut text = match l.outbox_max_bytes {
+        Some(max) => format!(
+            "{} used of {} (outbox.max_bytes)",
+            human_bytes(l.outbox_used_bytes),
+            human_bytes(max)
+        ),
+        None => format!("{} used", human_bytes(l.outbox_used_bytes)),
+    };
+    if l.outbox_dropped > 0 {
+        text.push_str(&format!(
+            "; FULL: {} ({}) dropped to make room",
+            counted(l.outbox_dropped, "event", "events"),
+            human_bytes(l.outbox_dropped_bytes)
+        ));
     }
-    out
+    if l.outbox_refused > 0 {
+        text.push_str(&format!(
+            "; {} refused (when_full = \"refuse\")",
+            count(l.outbox_refused)
+        ));
+    }
+    text
+}
+
+/// Files picked up and delivered, and what is happening to files now.
+fn files_line(f: &FilesStatus) -> String {
+    let mut text = format!(
+        "{} picked up ({}), {} delivered ({} sent)",
+        counted(f.picked_up, "file", "files"),
+        human_bytes(f.picked_up_bytes),
+        count(f.delivered),
+        human_bytes(f.bytes_sent)
+    );
+    if f.uploading > 0 {
+        text.push_str(&format!(", {} uploading now", count(f.uploading)));
+    }
+    if f.being_written > 0 {
+        text.push_str(&format!(
+            ", {} being written by cameras",
+            count(f.being_written)
+        ));
+    }
+    if f.resumed > 0 {
+        text.push_str(&format!(
+            ", {} resumed",
+            counted(f.resumed, "upload", "uploads")
+        ));
+    }
+    if f.failing > 0 {
+        text.push_str(&format!(
+            "; {} cannot be picked up (see the log)",
+            counted(f.failing, "file", "files")
+        ));
+    }
+    text
 }
 
 /// `n` with its noun: "1 message", "2,000 messages".
