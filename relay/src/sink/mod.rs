@@ -19,7 +19,7 @@ pub use writer::{Outcome, Settle, SinkError, SinkEvent, SinkHandle, start};
 
 /// Why the sink did not store one event.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Failure {
+pub enum NotStored {
     /// The event can never be stored as it is (a type that makes no topic name, too
     /// large for the broker): the gateway should not send it again.
     Rejected(String),

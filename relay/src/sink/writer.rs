@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use pigeon_shared::ce::GatewayId;
 use tokio::sync::{mpsc, oneshot};
 
-use super::Failure;
+use super::NotStored;
 use super::checkpoint::{Checkpoint, RecoveryError, recover};
 use super::config::SinkSettings;
 use super::dedup::DedupIndex;
@@ -63,7 +63,7 @@ pub enum Outcome {
     Accepted,
     /// Written durably before; not written again.
     Duplicate,
-    /// The stream cannot take this event, ever (see [`Failure::Rejected`]).
+    /// The stream cannot take this event, ever (see [`NotStored::Rejected`]).
     Rejected(String),
 }
 
@@ -374,8 +374,25 @@ impl Writer {
             }
             return;
         }
-
         // 1. Dedup against the index (which includes this group's earlier events).
+        let (inserted, mut outcomes) = self.check(&group);
+        // 2. Store: append and fsync, or produce and wait for Kafka.
+        let results = self.store(&group, &inserted);
+        // 3. Keep what is durable, forget the rest.
+        let stored = self.keep_durable(&group, &inserted, &results, &mut outcomes);
+        self.compact(&group);
+        if !inserted.is_empty() {
+            self.dirty = true;
+        }
+        self.account(&stored, started);
+        // 4. Reply.
+        reply(group, outcomes, &stored.failed);
+    }
+
+    /// Applies each request's settled-below promise and checks every event against the
+    /// index, inserting the new ones. Returns where the new events are (request, event)
+    /// and one outcome per event: accepted if new, else duplicate.
+    fn check(&mut self, group: &[WriteRequest]) -> (Vec<(usize, usize)>, Vec<Vec<Outcome>>) {
         let mut inserted: Vec<(usize, usize)> = Vec::new();
         let mut outcomes: Vec<Vec<Outcome>> = Vec::with_capacity(group.len());
         for (ri, req) in group.iter().enumerate() {
@@ -398,8 +415,15 @@ impl Writer {
             }
             outcomes.push(out);
         }
+        (inserted, outcomes)
+    }
 
-        // 2. Store: append and fsync, or produce and wait for Kafka.
+    /// Stores the inserted events in the stream; one result per inserted event.
+    fn store(
+        &mut self,
+        group: &[WriteRequest],
+        inserted: &[(usize, usize)],
+    ) -> Vec<Result<(), NotStored>> {
         let events: Vec<Outgoing<'_>> = inserted
             .iter()
             .map(|&(ri, ei)| {
@@ -410,34 +434,38 @@ impl Writer {
                 }
             })
             .collect();
-        let results = self.stream.store(&events);
+        self.stream.store(&events)
+    }
 
-        // 3. Keep what is durable, forget the rest.
-        let mut written = 0u64;
-        let mut failed: HashMap<&GatewayId, &str> = HashMap::new();
-        let mut failures = 0usize;
-        let mut stored = 0usize;
+    /// Takes the events the stream did not store out of the index, and turns the
+    /// outcomes of those it refused for good into rejections.
+    fn keep_durable(
+        &mut self,
+        group: &[WriteRequest],
+        inserted: &[(usize, usize)],
+        results: &[Result<(), NotStored>],
+        outcomes: &mut [Vec<Outcome>],
+    ) -> Stored {
+        let mut stored = Stored::default();
         let mut rejected: HashMap<(&GatewayId, &str, u64), &String> = HashMap::new();
-        for (&(ri, ei), r) in inserted.iter().zip(&results) {
+        for (&(ri, ei), r) in inserted.iter().zip(results) {
             let ev = &group[ri].events[ei];
-            match r {
-                Ok(()) => {
-                    written += ev.line.len() as u64 + 1;
-                    stored += 1;
+            let Err(f) = r else {
+                stored.written += ev.line.len() as u64 + 1;
+                stored.events += 1;
+                continue;
+            };
+            self.index
+                .remove(ev.gateway.as_str(), &ev.producer, ev.sequence);
+            match f {
+                NotStored::Rejected(reason) => {
+                    outcomes[ri][ei] = Outcome::Rejected(reason.clone());
+                    rejected.insert((&ev.gateway, ev.producer.as_str(), ev.sequence), reason);
                 }
-                Err(f) => {
-                    self.index
-                        .remove(ev.gateway.as_str(), &ev.producer, ev.sequence);
-                    match f {
-                        Failure::Rejected(reason) => {
-                            outcomes[ri][ei] = Outcome::Rejected(reason.clone());
-                            rejected
-                                .insert((&ev.gateway, ev.producer.as_str(), ev.sequence), reason);
-                        }
-                        Failure::Unavailable(msg) => {
-                            failures += 1;
-                            failed.entry(&ev.gateway).or_insert(msg.as_str());
-                        }
+                NotStored::Unavailable(msg) => {
+                    stored.failures += 1;
+                    if !stored.failed.contains_key(&ev.gateway) {
+                        stored.failed.insert(ev.gateway.clone(), msg.clone());
                     }
                 }
             }
@@ -456,51 +484,72 @@ impl Writer {
                 }
             }
         }
+        stored
+    }
+
+    /// Folds in-order sequences of every producer in the group into its floor.
+    fn compact(&mut self, group: &[WriteRequest]) {
         let mut compacted: HashSet<(&GatewayId, &str)> = HashSet::new();
-        for req in &group {
+        for req in group {
             for ev in &req.events {
                 if compacted.insert((&ev.gateway, &ev.producer)) {
                     self.index.compact(ev.gateway.as_str(), &ev.producer);
                 }
             }
         }
-        if !inserted.is_empty() {
-            self.dirty = true;
-        }
+    }
+
+    /// Counts the commit and says whether the stream is healthy.
+    fn account(&self, stored: &Stored, started: Instant) {
         let m = &self.metrics;
-        m.stream_bytes_written.fetch_add(written, Relaxed);
+        m.stream_bytes_written.fetch_add(stored.written, Relaxed);
         m.sink_commits.fetch_add(1, Relaxed);
         m.sink_commit_seconds.observe(started.elapsed());
-        if failed.is_empty() {
-            if stored > 0 {
+        if stored.failed.is_empty() {
+            if stored.events > 0 {
                 m.sink_healthy.store(true, Relaxed);
             }
-        } else {
-            m.sink_errors.fetch_add(failures as u64, Relaxed);
-            m.sink_healthy.store(false, Relaxed);
-            let first = failed.values().next().copied().unwrap_or_default();
-            tracing::error!(
-                failed_events = failures,
-                gateways = failed.len(),
-                first_error = %first,
-                "Could not write to the stream; the affected requests are answered 503 and their gateways keep the events."
-            );
+            return;
         }
+        m.sink_errors.fetch_add(stored.failures as u64, Relaxed);
+        m.sink_healthy.store(false, Relaxed);
+        let first = stored.failed.values().next().map_or("", String::as_str);
+        tracing::error!(
+            failed_events = stored.failures,
+            gateways = stored.failed.len(),
+            first_error = %first,
+            "Could not write to the stream; the affected requests are answered 503 and their gateways keep the events."
+        );
+    }
+}
 
-        // 4. Reply. A request fails if any of its events, accepted or duplicate, is of a
-        // gateway whose write failed: a duplicate may be of an event written earlier in
-        // this same group, which is durable only if that write was.
-        let failed: HashMap<GatewayId, String> = failed
-            .into_iter()
-            .map(|(g, m)| (g.clone(), m.to_owned()))
-            .collect();
-        for (req, out) in group.into_iter().zip(outcomes) {
-            let answer = match req.events.iter().find_map(|ev| failed.get(&ev.gateway)) {
-                None => Ok(out),
-                Some(e) => Err(SinkError::Unavailable(e.clone())),
-            };
-            let _ = req.reply.send(answer);
-        }
+/// What storing a group's new events came to.
+#[derive(Default)]
+struct Stored {
+    /// Bytes of the lines stored, newlines included.
+    written: u64,
+    /// Events stored.
+    events: usize,
+    /// Events the stream could not take now.
+    failures: usize,
+    /// Each gateway with such an event, and the first error.
+    failed: HashMap<GatewayId, String>,
+}
+
+/// Answers every request of the group. A request fails if any of its events, accepted or
+/// duplicate, is of a gateway whose write failed: a duplicate may be of an event written
+/// earlier in this same group, which is durable only if that write was.
+fn reply(
+    group: Vec<WriteRequest>,
+    outcomes: Vec<Vec<Outcome>>,
+    failed: &HashMap<GatewayId, String>,
+) {
+    for (req, out) in group.into_iter().zip(outcomes) {
+        let answer = match req.events.iter().find_map(|ev| failed.get(&ev.gateway)) {
+            None => Ok(out),
+            Some(e) => Err(SinkError::Unavailable(e.clone())),
+        };
+        let _ = req.reply.send(answer);
     }
 }
 

@@ -18,7 +18,7 @@ use pigeon_shared::ce::GatewayId;
 
 use super::{Outgoing, Stream, Upkeep};
 use crate::data_dir::{STREAM_DIR, ensure_dir, sync_dir};
-use crate::sink::Failure;
+use crate::sink::NotStored;
 use crate::sink::checkpoint::Checkpoint;
 use crate::sink::dedup::DedupIndex;
 
@@ -266,7 +266,7 @@ impl Stream for StreamFiles {
 
     /// Appends the events' lines, one buffer per gateway's current stream file, and
     /// fsyncs each touched file once.
-    fn store(&mut self, events: &[Outgoing<'_>]) -> Vec<Result<(), Failure>> {
+    fn store(&mut self, events: &[Outgoing<'_>]) -> Vec<Result<(), NotStored>> {
         if events.is_empty() {
             return Vec::new();
         }
@@ -294,7 +294,7 @@ impl Stream for StreamFiles {
                 results[bi]
                     .as_ref()
                     .map(|_| ())
-                    .map_err(|e| Failure::Unavailable(format!("{}: {e}", buffers[bi].1)))
+                    .map_err(|e| NotStored::Unavailable(format!("{}: {e}", buffers[bi].1)))
             })
             .collect()
     }

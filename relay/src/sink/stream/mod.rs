@@ -16,7 +16,7 @@ use std::path::Path;
 
 use pigeon_shared::ce::GatewayId;
 
-use super::Failure;
+use super::NotStored;
 use super::checkpoint::{Checkpoint, Recovered, RecoveryError};
 use super::dedup::DedupIndex;
 use crate::config::DEFAULT_TENANT;
@@ -49,7 +49,7 @@ pub trait Stream: Send {
 
     /// Stores the events durably, one result per event in order; `Ok` only once the
     /// event is on disk (or acknowledged by the broker).
-    fn store(&mut self, events: &[Outgoing<'_>]) -> Vec<Result<(), Failure>>;
+    fn store(&mut self, events: &[Outgoing<'_>]) -> Vec<Result<(), NotStored>>;
 
     /// Upkeep while no group is waiting: retries, probes, catching up with other writers.
     fn idle(&mut self, index: &mut DedupIndex) -> Upkeep;

@@ -16,7 +16,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::binding;
 use super::config::KafkaSettings;
-use crate::sink::Failure;
+use crate::sink::NotStored;
 use crate::sink::dedup::DedupIndex;
 use crate::sink::stream::Outgoing;
 
@@ -185,8 +185,8 @@ impl KafkaStream {
     ///
     /// Call [`Self::retry_scan`] first: while a read is pending, the index may lack
     /// events a failed delivery stored.
-    pub fn produce(&mut self, events: &[Outgoing<'_>]) -> Vec<Result<(), Failure>> {
-        let mut results: Vec<Option<Result<(), Failure>>> = vec![None; events.len()];
+    pub fn produce(&mut self, events: &[Outgoing<'_>]) -> Vec<Result<(), NotStored>> {
+        let mut results: Vec<Option<Result<(), NotStored>>> = vec![None; events.len()];
         let deadline = Instant::now() + self.settings.delivery_timeout + Duration::from_secs(5);
         let mut pending = 0usize;
         let base = self.next_record;
@@ -195,7 +195,7 @@ impl KafkaStream {
             let rec = match binding::record(ev.line) {
                 Ok(r) => r,
                 Err(e) => {
-                    results[i] = Some(Err(Failure::Rejected(format!(
+                    results[i] = Some(Err(NotStored::Rejected(format!(
                         "cannot be put in the Kafka binary mode: {e}"
                     ))));
                     continue;
@@ -208,7 +208,7 @@ impl KafkaStream {
             let topic = match self.settings.topic.render(tenant, &rec.event_type) {
                 Ok(t) => t,
                 Err(e) => {
-                    results[i] = Some(Err(Failure::Rejected(e)));
+                    results[i] = Some(Err(NotStored::Rejected(e)));
                     continue;
                 }
             };
@@ -287,11 +287,11 @@ impl KafkaStream {
                 Err(e) => Err(classify(&e)),
             });
         }
-        let out: Vec<Result<(), Failure>> = results
+        let out: Vec<Result<(), NotStored>> = results
             .into_iter()
             .map(|r| {
                 r.unwrap_or_else(|| {
-                    Err(Failure::Unavailable(format!(
+                    Err(NotStored::Unavailable(format!(
                         "no answer from Kafka ({}) within the delivery timeout",
                         self.settings.brokers
                     )))
@@ -300,7 +300,7 @@ impl KafkaStream {
             .collect();
         if out
             .iter()
-            .any(|r| matches!(r, Err(Failure::Unavailable(_))))
+            .any(|r| matches!(r, Err(NotStored::Unavailable(_))))
         {
             self.rescan = true;
             // An idempotent producer whose records timed out or were refused can be left
@@ -471,20 +471,20 @@ impl KafkaStream {
 }
 
 /// Whether the event can never be stored, or a retry may succeed.
-fn classify(e: &KafkaError) -> Failure {
+fn classify(e: &KafkaError) -> NotStored {
     use RDKafkaErrorCode as C;
     let code = e.rdkafka_error_code();
     match code {
         Some(C::MessageSizeTooLarge | C::InvalidMessageSize | C::InvalidMessage) => {
-            Failure::Rejected(format!("Kafka refused the record: {e}"))
+            NotStored::Rejected(format!("Kafka refused the record: {e}"))
         }
-        Some(C::UnknownTopic | C::UnknownTopicOrPartition) => Failure::Unavailable(format!(
+        Some(C::UnknownTopic | C::UnknownTopicOrPartition) => NotStored::Unavailable(format!(
             "{e}: the topic does not exist; create it (the relay does not create topics)"
         )),
         Some(C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed) => {
-            Failure::Unavailable(format!("{e}: the relay's Kafka user may not write there"))
+            NotStored::Unavailable(format!("{e}: the relay's Kafka user may not write there"))
         }
-        _ => Failure::Unavailable(e.to_string()),
+        _ => NotStored::Unavailable(e.to_string()),
     }
 }
 

@@ -8,7 +8,7 @@ use pigeon_shared::ce::GatewayId;
 
 use super::client::KafkaStream;
 use super::config::KafkaSettings;
-use crate::sink::Failure;
+use crate::sink::NotStored;
 use crate::sink::checkpoint::{Checkpoint, Recovered};
 use crate::sink::dedup::DedupIndex;
 use crate::sink::stream::files::FORGET_FILES_AFTER;
@@ -162,7 +162,7 @@ impl Stream for Kafka {
     }
 
     /// Produces the events and waits for the broker's answer to each.
-    fn store(&mut self, events: &[Outgoing<'_>]) -> Vec<Result<(), Failure>> {
+    fn store(&mut self, events: &[Outgoing<'_>]) -> Vec<Result<(), NotStored>> {
         self.client.produce(events)
     }
 
