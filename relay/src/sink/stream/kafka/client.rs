@@ -188,64 +188,88 @@ impl KafkaStream {
     pub fn produce(&mut self, events: &[Outgoing<'_>]) -> Vec<Result<(), NotStored>> {
         let mut results: Vec<Option<Result<(), NotStored>>> = vec![None; events.len()];
         let deadline = Instant::now() + self.settings.delivery_timeout + Duration::from_secs(5);
-        let mut pending = 0usize;
         let base = self.next_record;
         self.next_record += events.len() as u64;
+        let mut pending = 0usize;
         for (i, ev) in events.iter().enumerate() {
-            let rec = match binding::record(ev.line) {
-                Ok(r) => r,
-                Err(e) => {
-                    results[i] = Some(Err(NotStored::Rejected(format!(
-                        "cannot be put in the Kafka binary mode: {e}"
-                    ))));
-                    continue;
-                }
-            };
-            let tenant = self
-                .tenants
-                .get(ev.gateway)
-                .map_or(self.default_tenant.as_str(), String::as_str);
-            let topic = match self.settings.topic.render(tenant, &rec.event_type) {
-                Ok(t) => t,
-                Err(e) => {
-                    results[i] = Some(Err(NotStored::Rejected(e)));
-                    continue;
-                }
-            };
-            let mut headers = OwnedHeaders::new_with_capacity(rec.headers.len());
-            for (k, v) in &rec.headers {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: Some(v),
-                });
-            }
-            let mut record = BaseRecord::with_opaque_to(&topic, Box::new(base + i as u64))
-                .key(&rec.key[..])
-                .headers(headers);
-            if let Some(v) = &rec.value {
-                record = record.payload(&v[..]);
-            }
-            loop {
-                match self.producer.send(record) {
-                    Ok(()) => {
-                        pending += 1;
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
-                        if Instant::now() < deadline =>
-                    {
-                        record = r;
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err((e, _)) => {
-                        results[i] = Some(Err(classify(&e)));
-                        break;
-                    }
-                }
+            match self.send(ev, base + i as u64, deadline) {
+                Ok(()) => pending += 1,
+                Err(e) => results[i] = Some(Err(e)),
             }
         }
+        for (i, r) in self.delivery_reports(base, pending, deadline) {
+            results[i] = Some(r.map(|stored| self.advance_frontier(stored)));
+        }
+        let out: Vec<Result<(), NotStored>> = results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(NotStored::Unavailable(format!(
+                        "no answer from Kafka ({}) within the delivery timeout",
+                        self.settings.brokers
+                    )))
+                })
+            })
+            .collect();
+        if out
+            .iter()
+            .any(|r| matches!(r, Err(NotStored::Unavailable(_))))
+        {
+            self.start_afresh();
+        }
+        out
+    }
 
-        // Wait for the delivery reports (the producer's polling thread hands them over).
+    /// Hands one event to the producer as record number `n`, waiting (until `deadline`)
+    /// while its queue is full.
+    fn send(&self, ev: &Outgoing<'_>, n: u64, deadline: Instant) -> Result<(), NotStored> {
+        let rec = binding::record(ev.line).map_err(|e| {
+            NotStored::Rejected(format!("cannot be put in the Kafka binary mode: {e}"))
+        })?;
+        let tenant = self
+            .tenants
+            .get(ev.gateway)
+            .map_or(self.default_tenant.as_str(), String::as_str);
+        let topic = self
+            .settings
+            .topic
+            .render(tenant, &rec.event_type)
+            .map_err(NotStored::Rejected)?;
+        let mut headers = OwnedHeaders::new_with_capacity(rec.headers.len());
+        for (k, v) in &rec.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        let mut record = BaseRecord::with_opaque_to(&topic, Box::new(n))
+            .key(&rec.key[..])
+            .headers(headers);
+        if let Some(v) = &rec.value {
+            record = record.payload(&v[..]);
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
+                    if Instant::now() < deadline =>
+                {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(classify(&e)),
+            }
+        }
+    }
+
+    /// Waits (until `deadline`) for the delivery reports of the `pending` records numbered
+    /// from `base`; each with its event's place in the group.
+    fn delivery_reports(
+        &self,
+        base: u64,
+        mut pending: usize,
+        deadline: Instant,
+    ) -> Vec<(usize, Result<Stored, NotStored>)> {
         let mut reports = Vec::new();
         let ctx = self.producer.context();
         let mut got = ctx.reports.lock().unwrap_or_else(|p| p.into_inner());
@@ -270,193 +294,57 @@ impl KafkaStream {
                 .0;
         }
         drop(got);
-        for (i, r) in reports {
-            results[i] = Some(match r {
-                Ok((topic, partition, offset)) => {
-                    let f = self.frontiers.entry(topic).or_default();
-                    // Contiguous with what is known: the frontier moves past it. A gap
-                    // (another writer, or a failed delivery that was stored) leaves the
-                    // frontier where it is, so a later read covers the gap.
-                    match f.get_mut(&partition) {
-                        Some(front) if *front == offset => *front = offset + 1,
-                        Some(front) if *front > offset => {}
-                        _ => self.lagging = true,
-                    }
-                    Ok(())
-                }
-                Err(e) => Err(classify(&e)),
-            });
-        }
-        let out: Vec<Result<(), NotStored>> = results
+        reports
             .into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| {
-                    Err(NotStored::Unavailable(format!(
-                        "no answer from Kafka ({}) within the delivery timeout",
-                        self.settings.brokers
-                    )))
-                })
-            })
-            .collect();
-        if out
-            .iter()
-            .any(|r| matches!(r, Err(NotStored::Unavailable(_))))
-        {
-            self.rescan = true;
-            // An idempotent producer whose records timed out or were refused can be left
-            // in a state it does not leave (an epoch the broker fences, a fatal error):
-            // start afresh. What the old one still had in flight is purged; what of it
-            // reached the broker, the read-back before the next write finds.
-            if let Some((code, reason)) = self.producer.client().fatal_error() {
-                tracing::warn!(code = ?code, reason = %reason, "The Kafka producer hit a fatal error.");
-            }
-            match producer(&self.settings) {
-                Ok(p) => {
-                    self.producer = p;
-                    tracing::info!("Started a new Kafka producer after failed deliveries.");
-                }
-                Err(e) => tracing::error!(error = %e, "Could not start a new Kafka producer."),
-            }
+            .map(|(i, r)| (i, r.map_err(|e| classify(&e))))
+            .collect()
+    }
+
+    /// A record stored at (topic, partition, offset): contiguous with what is known, the
+    /// frontier moves past it. A gap (another writer, or a failed delivery that was
+    /// stored) leaves the frontier where it is, so a later read covers the gap.
+    fn advance_frontier(&mut self, (topic, partition, offset): Stored) {
+        let f = self.frontiers.entry(topic).or_default();
+        match f.get_mut(&partition) {
+            Some(front) if *front == offset => *front = offset + 1,
+            Some(front) if *front > offset => {}
+            _ => self.lagging = true,
         }
-        out
+    }
+
+    /// After failed deliveries: read the partitions again before the next write, and
+    /// start a new producer.
+    fn start_afresh(&mut self) {
+        self.rescan = true;
+        // An idempotent producer whose records timed out or were refused can be left
+        // in a state it does not leave (an epoch the broker fences, a fatal error):
+        // start afresh. What the old one still had in flight is purged; what of it
+        // reached the broker, the read-back before the next write finds.
+        if let Some((code, reason)) = self.producer.client().fatal_error() {
+            tracing::warn!(code = ?code, reason = %reason, "The Kafka producer hit a fatal error.");
+        }
+        match producer(&self.settings) {
+            Ok(p) => {
+                self.producer = p;
+                tracing::info!("Started a new Kafka producer after failed deliveries.");
+            }
+            Err(e) => tracing::error!(error = %e, "Could not start a new Kafka producer."),
+        }
     }
 
     /// Reads every partition of the relay's topics from its frontier to its end,
     /// adding what it finds to the index; the frontiers then stand at the ends.
     fn scan(&mut self, index: &mut DedupIndex) -> Result<ScanReport, String> {
         let consumer = consumer(&self.settings)?;
-        let metadata = consumer
-            .fetch_metadata(None, ADMIN_TIMEOUT)
-            .map_err(|e| format!("cannot read the topics of {}: {e}", self.settings.brokers))?;
-        let since_ms = self
-            .known_since
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-
-        // Where to start in each partition: its frontier, or by time.
-        let mut starts: Vec<(String, i32, i64, i64)> = Vec::new(); // topic, partition, start, high
-        let mut unknown = TopicPartitionList::new();
         let mut report = ScanReport::default();
-        for t in metadata.topics() {
-            if !self.settings.topic.matches(t.name()) && !self.frontiers.contains_key(t.name()) {
-                continue;
-            }
-            for p in t.partitions() {
-                let (low, high) = consumer
-                    .fetch_watermarks(t.name(), p.id(), ADMIN_TIMEOUT)
-                    .map_err(|e| {
-                        format!("cannot read the offsets of {}/{}: {e}", t.name(), p.id())
-                    })?;
-                report.partitions += 1;
-                match self.frontiers.get(t.name()).and_then(|f| f.get(&p.id())) {
-                    Some(&front) => {
-                        starts.push((t.name().to_owned(), p.id(), front.max(low), high))
-                    }
-                    None => {
-                        unknown
-                            .add_partition_offset(t.name(), p.id(), Offset::Offset(since_ms))
-                            .map_err(|e| e.to_string())?;
-                        starts.push((t.name().to_owned(), p.id(), -1, high));
-                    }
-                }
-            }
-        }
-        if unknown.count() > 0 {
-            // A broker that cannot answer by time gets the partitions read whole.
-            let by_time = consumer.offsets_for_times(unknown, ADMIN_TIMEOUT).ok();
-            for (topic, partition, start, high) in &mut starts {
-                if *start >= 0 {
-                    continue;
-                }
-                *start = match by_time
-                    .as_ref()
-                    .and_then(|l| l.find_partition(topic, *partition))
-                    .map(|x| x.offset())
-                {
-                    Some(Offset::Offset(o)) => o,
-                    Some(Offset::End) => *high,
-                    _ => 0,
-                };
-            }
-        }
-
-        // Every partition is assigned, even one whose watermark says there is nothing
-        // past the start: some brokers (tansu 0.6) report a high watermark short of the
-        // last batch's records, so reading goes on past the watermarks until nothing has
-        // come for a while.
-        let mut assignment = TopicPartitionList::new();
-        let mut ends: HashMap<(String, i32), i64> = HashMap::new();
-        let mut remaining: HashMap<(String, i32), i64> = HashMap::new();
-        for (topic, partition, start, high) in starts {
-            assignment
-                .add_partition_offset(&topic, partition, Offset::Offset(start))
-                .map_err(|e| e.to_string())?;
-            ends.insert((topic.clone(), partition), start.max(high));
-            if start < high {
-                remaining.insert((topic, partition), high);
-            }
-        }
-        if assignment.count() > 0 {
-            consumer
-                .assign(&assignment)
-                .map_err(|e| format!("cannot read the topics: {e}"))?;
-            let deadline = Instant::now() + self.settings.recovery_timeout;
-            let mut quiet_since: Option<Instant> = None;
-            loop {
-                if Instant::now() >= deadline {
-                    return Err(format!(
-                        "reading the relay's topics back did not finish within {:?} ({} partitions left)",
-                        self.settings.recovery_timeout,
-                        remaining.len()
-                    ));
-                }
-                let Some(msg) = consumer.poll(Duration::from_millis(100)) else {
-                    if remaining.is_empty() {
-                        let since = *quiet_since.get_or_insert_with(Instant::now);
-                        if since.elapsed() >= READ_BACK_QUIET {
-                            break;
-                        }
-                        continue;
-                    }
-                    // Compaction or transaction markers can leave offsets without records:
-                    // the position says where a partition really is.
-                    if let Ok(pos) = consumer.position() {
-                        for e in pos.elements() {
-                            if let Offset::Offset(o) = e.offset() {
-                                let k = (e.topic().to_owned(), e.partition());
-                                if remaining.get(&k).is_some_and(|&end| o >= end) {
-                                    remaining.remove(&k);
-                                }
-                            }
-                        }
-                    }
-                    continue;
-                };
-                quiet_since = None;
-                let msg = msg.map_err(|e| format!("reading the relay's topics: {e}"))?;
-                report.records += 1;
-                if let Some(h) = msg.headers()
-                    && let Some((source, producer, seq)) =
-                        binding::identity(h.iter().map(|h| (h.key, h.value)))
-                    && let Some(gw) = ce::source_gateway(source)
-                    && let Ok(seq) = ce::parse_sequence(seq)
-                {
-                    index.insert(gw, producer, seq);
-                    index.compact(gw, producer);
-                    report.identities += 1;
-                }
-                let k = (msg.topic().to_owned(), msg.partition());
-                if let Some(end) = ends.get_mut(&k) {
-                    *end = (*end).max(msg.offset() + 1);
-                }
-                if remaining
-                    .get(&k)
-                    .is_some_and(|&end| msg.offset() + 1 >= end)
-                {
-                    remaining.remove(&k);
-                }
-            }
-        }
+        let starts = self.starts(&consumer, &mut report)?;
+        let ends = read_partitions(
+            &consumer,
+            starts,
+            index,
+            &mut report,
+            self.settings.recovery_timeout,
+        )?;
         for ((topic, partition), end) in ends {
             self.frontiers
                 .entry(topic)
@@ -468,6 +356,173 @@ impl KafkaStream {
         self.lagging = false;
         Ok(report)
     }
+
+    /// Where to start reading each partition of the relay's topics: its frontier, or,
+    /// for a partition the frontiers do not know, the first offset since `known_since`.
+    fn starts(
+        &self,
+        consumer: &BaseConsumer,
+        report: &mut ScanReport,
+    ) -> Result<Vec<PartitionStart>, String> {
+        let metadata = consumer
+            .fetch_metadata(None, ADMIN_TIMEOUT)
+            .map_err(|e| format!("cannot read the topics of {}: {e}", self.settings.brokers))?;
+        let since_ms = self
+            .known_since
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let mut starts: Vec<PartitionStart> = Vec::new();
+        let mut unknown = TopicPartitionList::new();
+        for t in metadata.topics() {
+            if !self.settings.topic.matches(t.name()) && !self.frontiers.contains_key(t.name()) {
+                continue;
+            }
+            for p in t.partitions() {
+                let (low, high) = consumer
+                    .fetch_watermarks(t.name(), p.id(), ADMIN_TIMEOUT)
+                    .map_err(|e| {
+                        format!("cannot read the offsets of {}/{}: {e}", t.name(), p.id())
+                    })?;
+                report.partitions += 1;
+                let start = match self.frontiers.get(t.name()).and_then(|f| f.get(&p.id())) {
+                    Some(&front) => front.max(low),
+                    None => {
+                        unknown
+                            .add_partition_offset(t.name(), p.id(), Offset::Offset(since_ms))
+                            .map_err(|e| e.to_string())?;
+                        -1
+                    }
+                };
+                starts.push(PartitionStart {
+                    topic: t.name().to_owned(),
+                    partition: p.id(),
+                    start,
+                    high,
+                });
+            }
+        }
+        if unknown.count() > 0 {
+            // A broker that cannot answer by time gets the partitions read whole.
+            let by_time = consumer.offsets_for_times(unknown, ADMIN_TIMEOUT).ok();
+            for s in starts.iter_mut().filter(|s| s.start < 0) {
+                s.start = match by_time
+                    .as_ref()
+                    .and_then(|l| l.find_partition(&s.topic, s.partition))
+                    .map(|x| x.offset())
+                {
+                    Some(Offset::Offset(o)) => o,
+                    Some(Offset::End) => s.high,
+                    _ => 0,
+                };
+            }
+        }
+        Ok(starts)
+    }
+}
+
+/// Where reading one partition back starts, and its high watermark then.
+struct PartitionStart {
+    topic: String,
+    partition: i32,
+    /// -1 until known.
+    start: i64,
+    high: i64,
+}
+
+/// Reads every partition from its start to its end (past the watermarks, until nothing
+/// more comes for [`READ_BACK_QUIET`]), adding each record's identity to `index`.
+/// Returns where each partition ends: the new frontiers.
+fn read_partitions(
+    consumer: &BaseConsumer,
+    starts: Vec<PartitionStart>,
+    index: &mut DedupIndex,
+    report: &mut ScanReport,
+    timeout: Duration,
+) -> Result<HashMap<(String, i32), i64>, String> {
+    // Every partition is assigned, even one whose watermark says there is nothing
+    // past the start: some brokers (tansu 0.6) report a high watermark short of the
+    // last batch's records, so reading goes on past the watermarks until nothing has
+    // come for a while.
+    let mut assignment = TopicPartitionList::new();
+    let mut ends: HashMap<(String, i32), i64> = HashMap::new();
+    let mut remaining: HashMap<(String, i32), i64> = HashMap::new();
+    for PartitionStart {
+        topic,
+        partition,
+        start,
+        high,
+    } in starts
+    {
+        assignment
+            .add_partition_offset(&topic, partition, Offset::Offset(start))
+            .map_err(|e| e.to_string())?;
+        ends.insert((topic.clone(), partition), start.max(high));
+        if start < high {
+            remaining.insert((topic, partition), high);
+        }
+    }
+    if assignment.count() > 0 {
+        consumer
+            .assign(&assignment)
+            .map_err(|e| format!("cannot read the topics: {e}"))?;
+        let deadline = Instant::now() + timeout;
+        let mut quiet_since: Option<Instant> = None;
+        loop {
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "reading the relay's topics back did not finish within {:?} ({} partitions left)",
+                    timeout,
+                    remaining.len()
+                ));
+            }
+            let Some(msg) = consumer.poll(Duration::from_millis(100)) else {
+                if remaining.is_empty() {
+                    let since = *quiet_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= READ_BACK_QUIET {
+                        break;
+                    }
+                    continue;
+                }
+                // Compaction or transaction markers can leave offsets without records:
+                // the position says where a partition really is.
+                if let Ok(pos) = consumer.position() {
+                    for e in pos.elements() {
+                        if let Offset::Offset(o) = e.offset() {
+                            let k = (e.topic().to_owned(), e.partition());
+                            if remaining.get(&k).is_some_and(|&end| o >= end) {
+                                remaining.remove(&k);
+                            }
+                        }
+                    }
+                }
+                continue;
+            };
+            quiet_since = None;
+            let msg = msg.map_err(|e| format!("reading the relay's topics: {e}"))?;
+            report.records += 1;
+            if let Some(h) = msg.headers()
+                && let Some((source, producer, seq)) =
+                    binding::identity(h.iter().map(|h| (h.key, h.value)))
+                && let Some(gw) = ce::source_gateway(source)
+                && let Ok(seq) = ce::parse_sequence(seq)
+            {
+                index.insert(gw, producer, seq);
+                index.compact(gw, producer);
+                report.identities += 1;
+            }
+            let k = (msg.topic().to_owned(), msg.partition());
+            if let Some(end) = ends.get_mut(&k) {
+                *end = (*end).max(msg.offset() + 1);
+            }
+            if remaining
+                .get(&k)
+                .is_some_and(|&end| msg.offset() + 1 >= end)
+            {
+                remaining.remove(&k);
+            }
+        }
+    }
+    Ok(ends)
 }
 
 /// Whether the event can never be stored, or a retry may succeed.
