@@ -288,6 +288,209 @@ pub(crate) enum ConfigError {
     },
 }
 
+/// A configuration error: the key at fault and what is wrong with it.
+type Invalid = (&'static str, String);
+
+impl RelayConfig {
+    /// Checks `[relay]`, key by key in the order of the default configuration.
+    fn validate(&self) -> Result<(), Invalid> {
+        self.check_url()?;
+        self.check_token()?;
+        self.check_tls()?;
+        self.check_batches()?;
+        self.check_upload_rate()?;
+        self.check_requests()
+    }
+
+    /// `relay.url`: http or https, with a host.
+    fn check_url(&self) -> Result<(), Invalid> {
+        match reqwest::Url::parse(&self.url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+            Ok(u) => {
+                return Err((
+                    "relay.url",
+                    format!(
+                        "{:?} must be an http:// or https:// URL with a host (got scheme {:?})",
+                        self.url,
+                        u.scheme()
+                    ),
+                ));
+            }
+            Err(e) => return Err(("relay.url", format!("{:?} is not a URL: {e}", self.url))),
+        }
+        Ok(())
+    }
+
+    /// `relay.token` (or `token_file`): one of them, usable in a header, not the placeholder.
+    fn check_token(&self) -> Result<(), Invalid> {
+        match (&self.token, &self.token_file) {
+            (Some(_), Some(_)) => {
+                return Err((
+                    "relay.token",
+                    "set either token or token_file, not both".into(),
+                ));
+            }
+            (Some(t), None) if t.trim().is_empty() => {
+                return Err(("relay.token", "is empty".into()));
+            }
+            (Some(t), None) if t.trim() == PLACEHOLDER_TOKEN => {
+                return Err((
+                    "relay.token",
+                    format!(
+                        "is still the placeholder {PLACEHOLDER_TOKEN:?} of the default configuration; \
+                         set the token the relay's operator issued for this gateway (or use token_file)"
+                    ),
+                ));
+            }
+            (Some(t), None) => {
+                // It goes into an HTTP header: one that cannot would fail every request.
+                pigeon_shared::wire::check_bearer_token(t.trim())
+                    .map_err(|e| ("relay.token", e))?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// `relay.client_cert`, `client_key` and `ca_file`: together, and only over https.
+    fn check_tls(&self) -> Result<(), Invalid> {
+        let https = self.url.starts_with("https:");
+        match (&self.client_cert, &self.client_key) {
+            (Some(_), None) => {
+                return Err((
+                    "relay.client_key",
+                    "is missing: client_cert needs its key".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err((
+                    "relay.client_cert",
+                    "is missing: client_key needs its certificate".into(),
+                ));
+            }
+            (Some(_), Some(_)) if !https => {
+                return Err((
+                    "relay.client_cert",
+                    "is only presented over TLS: relay.url must be https://".into(),
+                ));
+            }
+            _ => {}
+        }
+        if self.ca_file.is_some() && !https {
+            return Err((
+                "relay.ca_file",
+                "is only used over TLS: relay.url must be https://".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `relay.batch_max_events`, `batch_max_bytes` and `batch_linger`.
+    fn check_batches(&self) -> Result<(), Invalid> {
+        if self.batch_max_events == 0 || self.batch_max_events > 100_000 {
+            return Err((
+                "relay.batch_max_events",
+                "must be between 1 and 100000".into(),
+            ));
+        }
+        if self.batch_max_bytes.get() < 1024 {
+            return Err(("relay.batch_max_bytes", "must be at least 1KiB".into()));
+        }
+        if self.batch_linger.get() > std::time::Duration::from_secs(60) {
+            return Err((
+                "relay.batch_linger",
+                "must be at most 60s (0s sends every event at once)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `relay.upload_schedule` and `relay.max_upload_rate`.
+    fn check_upload_rate(&self) -> Result<(), Invalid> {
+        for w in &self.upload_schedule {
+            for t in [&w.from, &w.to] {
+                if minutes_of_day(t).is_none() {
+                    return Err((
+                        "relay.upload_schedule",
+                        format!("{t:?} is not a time of day like \"22:00\""),
+                    ));
+                }
+            }
+            if w.from == w.to {
+                return Err((
+                    "relay.upload_schedule",
+                    format!(
+                        "from and to are both {:?}; a window needs two different times",
+                        w.from
+                    ),
+                ));
+            }
+            if w.max_upload_rate.is_some_and(|b| b.get() < 1024) {
+                return Err((
+                    "relay.upload_schedule.max_upload_rate",
+                    "must be at least 1KiB (per second); leave it out for no limit".into(),
+                ));
+            }
+        }
+        if self.max_upload_rate.is_some_and(|b| b.get() < 1024) {
+            return Err((
+                "relay.max_upload_rate",
+                "must be at least 1KiB (per second); leave it out for no limit".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `relay.max_attempts`, `max_event_bytes`, `max_file_uploads`, `request_timeout`,
+    /// `backoff_initial` and `backoff_max`.
+    fn check_requests(&self) -> Result<(), Invalid> {
+        if self.max_attempts.is_some_and(|n| n < 2) {
+            return Err((
+                "relay.max_attempts",
+                "must be at least 2; leave it out to retry for ever".into(),
+            ));
+        }
+        if self.max_event_bytes.get() < 1024 {
+            return Err((
+                "relay.max_event_bytes",
+                "must be at least 1KiB (the relay's limits.max_event_bytes)".into(),
+            ));
+        }
+        if !(1..=16).contains(&self.max_file_uploads) {
+            return Err(("relay.max_file_uploads", "must be between 1 and 16".into()));
+        }
+        if self.request_timeout.get().is_zero() {
+            return Err(("relay.request_timeout", "must be more than 0".into()));
+        }
+        if self.backoff_initial.get().is_zero() || self.backoff_initial > self.backoff_max {
+            return Err((
+                "relay.backoff_initial",
+                "must be more than 0 and at most relay.backoff_max".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl OutboxConfig {
+    /// `outbox.commit_max_records` and `outbox.max_bytes`.
+    fn validate(&self) -> Result<(), Invalid> {
+        if self.commit_max_records == 0 {
+            return Err(("outbox.commit_max_records", "must be at least 1".into()));
+        }
+        if self
+            .max_bytes
+            .is_some_and(|b| b.get() < ByteSize::mib(16).get())
+        {
+            return Err((
+                "outbox.max_bytes",
+                "must be at least 16MiB (the write-ahead log alone may take that)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Reads, parses and validates the file at `path`.
     pub(crate) fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -315,162 +518,12 @@ impl Config {
     }
 
     /// Checks what the types alone cannot, naming the key at fault.
-    fn validate(&self) -> Result<(), (&'static str, String)> {
-        let r = &self.relay;
-        match reqwest::Url::parse(&r.url) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
-            Ok(u) => {
-                return Err((
-                    "relay.url",
-                    format!(
-                        "{:?} must be an http:// or https:// URL with a host (got scheme {:?})",
-                        r.url,
-                        u.scheme()
-                    ),
-                ));
-            }
-            Err(e) => return Err(("relay.url", format!("{:?} is not a URL: {e}", r.url))),
-        }
-        match (&r.token, &r.token_file) {
-            (Some(_), Some(_)) => {
-                return Err((
-                    "relay.token",
-                    "set either token or token_file, not both".into(),
-                ));
-            }
-            (Some(t), None) if t.trim().is_empty() => {
-                return Err(("relay.token", "is empty".into()));
-            }
-            (Some(t), None) if t.trim() == PLACEHOLDER_TOKEN => {
-                return Err((
-                    "relay.token",
-                    format!(
-                        "is still the placeholder {PLACEHOLDER_TOKEN:?} of the default configuration; \
-                         set the token the relay's operator issued for this gateway (or use token_file)"
-                    ),
-                ));
-            }
-            (Some(t), None) => {
-                // It goes into an HTTP header: one that cannot would fail every request.
-                pigeon_shared::wire::check_bearer_token(t.trim())
-                    .map_err(|e| ("relay.token", e))?;
-            }
-            _ => {}
-        }
-        let https = r.url.starts_with("https:");
-        match (&r.client_cert, &r.client_key) {
-            (Some(_), None) => {
-                return Err((
-                    "relay.client_key",
-                    "is missing: client_cert needs its key".into(),
-                ));
-            }
-            (None, Some(_)) => {
-                return Err((
-                    "relay.client_cert",
-                    "is missing: client_key needs its certificate".into(),
-                ));
-            }
-            (Some(_), Some(_)) if !https => {
-                return Err((
-                    "relay.client_cert",
-                    "is only presented over TLS: relay.url must be https://".into(),
-                ));
-            }
-            _ => {}
-        }
-        if r.ca_file.is_some() && !https {
-            return Err((
-                "relay.ca_file",
-                "is only used over TLS: relay.url must be https://".into(),
-            ));
-        }
-        if r.batch_max_events == 0 || r.batch_max_events > 100_000 {
-            return Err((
-                "relay.batch_max_events",
-                "must be between 1 and 100000".into(),
-            ));
-        }
-        if r.batch_max_bytes.get() < 1024 {
-            return Err(("relay.batch_max_bytes", "must be at least 1KiB".into()));
-        }
-        if r.batch_linger.get() > std::time::Duration::from_secs(60) {
-            return Err((
-                "relay.batch_linger",
-                "must be at most 60s (0s sends every event at once)".into(),
-            ));
-        }
-        for w in &r.upload_schedule {
-            for t in [&w.from, &w.to] {
-                if minutes_of_day(t).is_none() {
-                    return Err((
-                        "relay.upload_schedule",
-                        format!("{t:?} is not a time of day like \"22:00\""),
-                    ));
-                }
-            }
-            if w.from == w.to {
-                return Err((
-                    "relay.upload_schedule",
-                    format!(
-                        "from and to are both {:?}; a window needs two different times",
-                        w.from
-                    ),
-                ));
-            }
-            if w.max_upload_rate.is_some_and(|b| b.get() < 1024) {
-                return Err((
-                    "relay.upload_schedule.max_upload_rate",
-                    "must be at least 1KiB (per second); leave it out for no limit".into(),
-                ));
-            }
-        }
-        if r.max_upload_rate.is_some_and(|b| b.get() < 1024) {
-            return Err((
-                "relay.max_upload_rate",
-                "must be at least 1KiB (per second); leave it out for no limit".into(),
-            ));
-        }
-        if r.max_attempts.is_some_and(|n| n < 2) {
-            return Err((
-                "relay.max_attempts",
-                "must be at least 2; leave it out to retry for ever".into(),
-            ));
-        }
-        if r.max_event_bytes.get() < 1024 {
-            return Err((
-                "relay.max_event_bytes",
-                "must be at least 1KiB (the relay's limits.max_event_bytes)".into(),
-            ));
-        }
-        if !(1..=16).contains(&r.max_file_uploads) {
-            return Err(("relay.max_file_uploads", "must be between 1 and 16".into()));
-        }
-        if r.request_timeout.get().is_zero() {
-            return Err(("relay.request_timeout", "must be more than 0".into()));
-        }
-        if r.backoff_initial.get().is_zero() || r.backoff_initial > r.backoff_max {
-            return Err((
-                "relay.backoff_initial",
-                "must be more than 0 and at most relay.backoff_max".into(),
-            ));
-        }
-        if self.outbox.commit_max_records == 0 {
-            return Err(("outbox.commit_max_records", "must be at least 1".into()));
-        }
-        if self
-            .outbox
-            .max_bytes
-            .is_some_and(|b| b.get() < ByteSize::mib(16).get())
-        {
-            return Err((
-                "outbox.max_bytes",
-                "must be at least 16MiB (the write-ahead log alone may take that)".into(),
-            ));
-        }
+    fn validate(&self) -> Result<(), Invalid> {
+        self.relay.validate()?;
+        self.outbox.validate()?;
         if let Some(mqtt) = &self.mqtt {
             mqtt.validate()?;
-            mqtt.check_relay_limit(&self.gateway.id.source("mqtt"), r.max_event_bytes)?;
+            mqtt.check_relay_limit(&self.gateway.id.source("mqtt"), self.relay.max_event_bytes)?;
         }
         if let Some(files) = &self.files {
             files.validate()?;

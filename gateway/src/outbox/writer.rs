@@ -330,6 +330,77 @@ impl DropLog {
     }
 }
 
+/// What a round's transaction did, for the answers once it committed.
+struct Round {
+    next_seq: u64,
+    /// One per append, in order.
+    appended: Vec<Result<Appended, OutboxError>>,
+    /// Per expiry, the records deleted, by type.
+    expired: Vec<Vec<(String, u64)>>,
+    /// Per claims command, which claims were taken.
+    claimed: Vec<Vec<bool>>,
+    /// What a full outbox dropped to make room.
+    dropped: Drops,
+    /// Bytes the spool grew (negative: shrank) by.
+    spool_delta: i64,
+}
+
+impl Round {
+    fn new(next_seq: u64, commands: usize) -> Round {
+        Round {
+            next_seq,
+            appended: Vec::with_capacity(commands),
+            expired: Vec::new(),
+            claimed: Vec::new(),
+            dropped: Drops::default(),
+            spool_delta: 0,
+        }
+    }
+}
+
+/// Which waiters a round that stored records wakes: the batch lane (events), the file
+/// lane (files), and the batch lane's linger (events above the default priority).
+struct Wakes {
+    others: bool,
+    files: bool,
+    urgent: bool,
+}
+
+impl Wakes {
+    fn of(batch: &[Command]) -> Wakes {
+        let (files, others) = batch.iter().fold((false, false), |(f, o), c| match c {
+            Command::Append(rec, _) if rec.file.is_some() => (true, o),
+            Command::Append(..) => (f, true),
+            _ => (f, o),
+        });
+        let urgent = batch.iter().any(|c| {
+            matches!(c, Command::Append(rec, _)
+                if rec.file.is_none() && rec.policy.priority > super::DEFAULT_PRIORITY)
+        });
+        Wakes {
+            others,
+            files,
+            urgent,
+        }
+    }
+}
+
+/// Deletes the dictionaries no record uses any more, when the outbox spans few enough
+/// sequences for that to be cheap to find out.
+fn delete_unused_dictionaries(
+    tx: &Transaction<'_>,
+    packer: &mut Packer,
+) -> Result<(), OutboxError> {
+    let span: i64 = tx.prepare_cached(SEQ_SPAN)?.query_row([], |r| r.get(0))?;
+    if span <= GC_SPAN {
+        let n = packer.delete_unused(tx)?;
+        if n > 0 {
+            tracing::debug!(dictionaries = n, "Deleted replaced dictionaries.");
+        }
+    }
+    Ok(())
+}
+
 const INSERT_RECORD: &str = "INSERT INTO records
     (seq, id, source, type, subject, time_us, content_type, data, expires_us,
      file, file_size, file_sha256, file_move_to, priority, evictable, packed)
@@ -407,125 +478,12 @@ impl WriterState {
     }
 
     fn commit_round(&mut self, batch: &mut Vec<Command>) {
-        let mut next_seq = self.next_seq;
-        let mut appended: Vec<Result<Appended, OutboxError>> = Vec::with_capacity(batch.len());
-        let mut expired = Vec::new();
-        let mut claimed = Vec::new();
-        let mut dropped = Drops::default();
-        let mut spool_delta = 0i64;
-        let appends = batch.iter().any(|c| matches!(c, Command::Append(..)));
-        let quota = &mut self.quota;
-        let result = (|| -> Result<bool, OutboxError> {
-            // IMMEDIATE: take the write lock first, so the sequence read below cannot be
-            // overtaken by another connection (`pigeon-gateway dead-letter retry` assigns
-            // sequences from another process while the gateway runs).
-            let tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)?;
-            if appends {
-                next_seq = next_seq.max(db::next_seq(&tx)?);
-            }
-            // Room for this round's new records, made by dropping what may be dropped.
-            let verdicts = match quota.as_mut() {
-                Some(q) if appends => admit(q, &tx, batch, &mut dropped)?,
-                _ => vec![None; batch.len()],
-            };
-            for (cmd, verdict) in batch.iter().zip(verdicts) {
-                match cmd {
-                    Command::Append(rec, _) => appended.push(match verdict {
-                        Some(v) => v,
-                        None => Ok(append_one(
-                            &tx,
-                            rec,
-                            &mut next_seq,
-                            &mut self.marks,
-                            &mut self.packer,
-                            &self.producer,
-                        )?),
-                    }),
-                    Command::Settle {
-                        delivered,
-                        rejected,
-                        ..
-                    } => {
-                        spool_delta -=
-                            settle(&tx, delivered, rejected, &mut self.packer, &self.producer)?
-                                as i64
-                    }
-                    Command::Ping(_) => {}
-                    Command::Expire { now_us, .. } => expired.push(expire(&tx, *now_us)?),
-                    Command::Claims { add, remove, .. } => {
-                        let (taken, delta) =
-                            claims(&tx, quota.as_mut(), add, remove, spool_delta, &mut dropped)?;
-                        spool_delta += delta;
-                        claimed.push(taken);
-                    }
-                    Command::ForgetKept { paths, .. } => {
-                        let mut del = tx.prepare_cached(DELETE_KEPT)?;
-                        for p in paths {
-                            del.execute([path_bytes(p)])?;
-                        }
-                    }
-                }
-            }
-            let stored_any = appended
-                .iter()
-                .any(|a| matches!(a, Ok(Appended::Stored { .. })));
-            // The next sequence is kept in `meta` only by rounds that delete records: until
-            // then the highest record holds it (see `db::next_seq`). A round of appends
-            // alone thus writes one page less — most rounds, at a few readings a second.
-            let deletes = !dropped.is_empty()
-                || batch
-                    .iter()
-                    .any(|c| matches!(c, Command::Settle { .. } | Command::Expire { .. }));
-            if deletes {
-                tx.prepare_cached(SET_NEXT_SEQ)?
-                    .execute(params![db::META_NEXT_SEQ, next_seq as i64])?;
-                if self.gc_at.elapsed() >= GC_EVERY {
-                    self.gc_at = std::time::Instant::now();
-                    let span: i64 = tx.prepare_cached(SEQ_SPAN)?.query_row([], |r| r.get(0))?;
-                    if span <= GC_SPAN {
-                        let n = self.packer.delete_unused(&tx)?;
-                        if n > 0 {
-                            tracing::debug!(dictionaries = n, "Deleted replaced dictionaries.");
-                        }
-                    }
-                }
-            }
-            tx.commit()?;
-            Ok(stored_any)
-        })();
-        let (files, others) = batch.iter().fold((false, false), |(f, o), c| match c {
-            Command::Append(rec, _) if rec.file.is_some() => (true, o),
-            Command::Append(..) => (f, true),
-            _ => (f, o),
-        });
-        let urgent = batch.iter().any(|c| {
-            matches!(c, Command::Append(rec, _)
-                if rec.file.is_none() && rec.policy.priority > super::DEFAULT_PRIORITY)
-        });
-        if let Some(q) = self.quota.as_mut() {
-            // Files evictions removed from the spool are gone whether the transaction
-            // committed or not; the rest counts only if it did. The resync every minute
-            // mends what this misses.
-            if result.is_ok() {
-                q.add_spool(spool_delta);
-            } else {
-                q.round_failed();
-            }
-            q.maybe_resync(&self.conn);
-            if self.used_at.elapsed() >= std::time::Duration::from_secs(1) || !dropped.is_empty() {
-                self.used_at = std::time::Instant::now();
-                self.stats
-                    .outbox_used_bytes
-                    .store(q.used(&self.conn), Relaxed);
-            }
-        }
-        if result.is_ok() && !dropped.is_empty() {
-            let (n, bytes) = dropped.totals();
-            self.stats.outbox_dropped.fetch_add(n, Relaxed);
-            self.stats.outbox_dropped_bytes.fetch_add(bytes, Relaxed);
-            self.drops.add(dropped);
+        let mut round = Round::new(self.next_seq, batch.len());
+        let result = self.transact(batch, &mut round);
+        let wakes = Wakes::of(batch);
+        self.account_space(round.spool_delta, result.is_ok(), !round.dropped.is_empty());
+        if result.is_ok() && !round.dropped.is_empty() {
+            self.count_drops(std::mem::take(&mut round.dropped));
         }
         self.drops.flush(false);
         match &result {
@@ -540,83 +498,211 @@ impl WriterState {
         }
         match result {
             Ok(stored_any) => {
-                self.next_seq = next_seq;
+                self.next_seq = round.next_seq;
                 self.stats.outbox_commits.fetch_add(1, Relaxed);
                 self.stats.outbox_failing.store(false, Relaxed);
-                let mut appended = appended.into_iter();
-                let mut expired = expired.into_iter();
-                let mut claimed = claimed.into_iter();
-                for cmd in batch.drain(..) {
-                    match cmd {
-                        Command::Append(rec, reply) => {
-                            if let Some(a) = appended.next() {
-                                match &a {
-                                    Ok(Appended::Stored { .. }) => self.stats.count_stored(&rec),
-                                    Err(OutboxError::Full) => {
-                                        self.stats.outbox_refused.fetch_add(1, Relaxed);
-                                    }
-                                    _ => {}
-                                }
-                                let _ = reply.send(a);
+                self.answer_committed(batch, round);
+                if stored_any {
+                    self.wake(wakes);
+                }
+            }
+            Err(e) => self.answer_failed(batch, e),
+        }
+    }
+
+    /// The round's one transaction: every command in `batch`, in order. Returns whether
+    /// any record was stored.
+    fn transact(&mut self, batch: &[Command], round: &mut Round) -> Result<bool, OutboxError> {
+        let appends = batch.iter().any(|c| matches!(c, Command::Append(..)));
+        // IMMEDIATE: take the write lock first, so the sequence read below cannot be
+        // overtaken by another connection (`pigeon-gateway dead-letter retry` assigns
+        // sequences from another process while the gateway runs).
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if appends {
+            round.next_seq = round.next_seq.max(db::next_seq(&tx)?);
+        }
+        // Room for this round's new records, made by dropping what may be dropped.
+        let verdicts = match self.quota.as_mut() {
+            Some(q) if appends => admit(q, &tx, batch, &mut round.dropped)?,
+            _ => vec![None; batch.len()],
+        };
+        for (cmd, verdict) in batch.iter().zip(verdicts) {
+            match cmd {
+                Command::Append(rec, _) => round.appended.push(match verdict {
+                    Some(v) => v,
+                    None => Ok(append_one(
+                        &tx,
+                        rec,
+                        &mut round.next_seq,
+                        &mut self.marks,
+                        &mut self.packer,
+                        &self.producer,
+                    )?),
+                }),
+                Command::Settle {
+                    delivered,
+                    rejected,
+                    ..
+                } => {
+                    round.spool_delta -=
+                        settle(&tx, delivered, rejected, &mut self.packer, &self.producer)? as i64
+                }
+                Command::Ping(_) => {}
+                Command::Expire { now_us, .. } => round.expired.push(expire(&tx, *now_us)?),
+                Command::Claims { add, remove, .. } => {
+                    let (taken, delta) = claims(
+                        &tx,
+                        self.quota.as_mut(),
+                        add,
+                        remove,
+                        round.spool_delta,
+                        &mut round.dropped,
+                    )?;
+                    round.spool_delta += delta;
+                    round.claimed.push(taken);
+                }
+                Command::ForgetKept { paths, .. } => {
+                    let mut del = tx.prepare_cached(DELETE_KEPT)?;
+                    for p in paths {
+                        del.execute([path_bytes(p)])?;
+                    }
+                }
+            }
+        }
+        let stored_any = round
+            .appended
+            .iter()
+            .any(|a| matches!(a, Ok(Appended::Stored { .. })));
+        // The next sequence is kept in `meta` only by rounds that delete records: until
+        // then the highest record holds it (see `db::next_seq`). A round of appends
+        // alone thus writes one page less — most rounds, at a few readings a second.
+        let deletes = !round.dropped.is_empty()
+            || batch
+                .iter()
+                .any(|c| matches!(c, Command::Settle { .. } | Command::Expire { .. }));
+        if deletes {
+            tx.prepare_cached(SET_NEXT_SEQ)?
+                .execute(params![db::META_NEXT_SEQ, round.next_seq as i64])?;
+            if self.gc_at.elapsed() >= GC_EVERY {
+                self.gc_at = std::time::Instant::now();
+                delete_unused_dictionaries(&tx, &mut self.packer)?;
+            }
+        }
+        tx.commit()?;
+        Ok(stored_any)
+    }
+
+    /// Keeps the quota's count of the spool and the used-bytes gauge up to date.
+    fn account_space(&mut self, spool_delta: i64, committed: bool, dropped_any: bool) {
+        let Some(q) = self.quota.as_mut() else {
+            return;
+        };
+        // Files evictions removed from the spool are gone whether the transaction
+        // committed or not; the rest counts only if it did. The resync every minute
+        // mends what this misses.
+        if committed {
+            q.add_spool(spool_delta);
+        } else {
+            q.round_failed();
+        }
+        q.maybe_resync(&self.conn);
+        if self.used_at.elapsed() >= std::time::Duration::from_secs(1) || dropped_any {
+            self.used_at = std::time::Instant::now();
+            self.stats
+                .outbox_used_bytes
+                .store(q.used(&self.conn), Relaxed);
+        }
+    }
+
+    /// Counts what a full outbox dropped in a committed round, and queues it for the log.
+    fn count_drops(&mut self, dropped: Drops) {
+        let (n, bytes) = dropped.totals();
+        self.stats.outbox_dropped.fetch_add(n, Relaxed);
+        self.stats.outbox_dropped_bytes.fetch_add(bytes, Relaxed);
+        self.drops.add(dropped);
+    }
+
+    /// Answers every command of a committed round, counting what the stats count.
+    fn answer_committed(&mut self, batch: &mut Vec<Command>, round: Round) {
+        let mut appended = round.appended.into_iter();
+        let mut expired = round.expired.into_iter();
+        let mut claimed = round.claimed.into_iter();
+        for cmd in batch.drain(..) {
+            match cmd {
+                Command::Append(rec, reply) => {
+                    if let Some(a) = appended.next() {
+                        match &a {
+                            Ok(Appended::Stored { .. }) => self.stats.count_stored(&rec),
+                            Err(OutboxError::Full) => {
+                                self.stats.outbox_refused.fetch_add(1, Relaxed);
                             }
+                            _ => {}
                         }
-                        Command::Claims { reply, .. } => {
-                            let taken = claimed.next().unwrap_or_default();
-                            let refused = taken.iter().filter(|t| !**t).count() as u64;
-                            self.stats.outbox_refused.fetch_add(refused, Relaxed);
-                            let _ = reply.send(Ok(taken));
-                        }
-                        Command::Settle { reply, .. } | Command::ForgetKept { reply, .. } => {
-                            let _ = reply.send(Ok(()));
-                        }
-                        Command::Ping(reply) => {
-                            let _ = reply.send(());
-                        }
-                        Command::Expire { reply, .. } => {
-                            let counts: Vec<(String, u64)> = expired.next().unwrap_or_default();
-                            let n: u64 = counts.iter().map(|(_, c)| c).sum();
-                            self.stats.outbox_expired.fetch_add(n, Relaxed);
-                            let _ = reply.send(Ok(counts));
-                        }
+                        let _ = reply.send(a);
                     }
                 }
-                if stored_any && others {
-                    self.committed.notify_one();
+                Command::Claims { reply, .. } => {
+                    let taken = claimed.next().unwrap_or_default();
+                    let refused = taken.iter().filter(|t| !**t).count() as u64;
+                    self.stats.outbox_refused.fetch_add(refused, Relaxed);
+                    let _ = reply.send(Ok(taken));
                 }
-                if stored_any && files {
-                    self.files_committed.notify_one();
+                Command::Settle { reply, .. } | Command::ForgetKept { reply, .. } => {
+                    let _ = reply.send(Ok(()));
                 }
-                if stored_any && urgent {
-                    self.urgent.notify_one();
+                Command::Ping(reply) => {
+                    let _ = reply.send(());
                 }
-            }
-            Err(e) => {
-                // The transaction rolled back and the in-memory state was not touched, so
-                // the next round starts clean. Nothing in this round is acknowledged.
-                let err = e;
-                self.stats.outbox_commit_failures.fetch_add(1, Relaxed);
-                self.stats.outbox_failing.store(true, Relaxed);
-                tracing::error!(error = %err, records = batch.len(), "An outbox commit failed; its data was not acknowledged.");
-                for cmd in batch.drain(..) {
-                    match cmd {
-                        Command::Append(_, reply) => {
-                            let _ = reply.send(Err(err.clone()));
-                        }
-                        Command::Claims { reply, .. } => {
-                            let _ = reply.send(Err(err.clone()));
-                        }
-                        Command::Settle { reply, .. } | Command::ForgetKept { reply, .. } => {
-                            let _ = reply.send(Err(err.clone()));
-                        }
-                        Command::Ping(reply) => {
-                            let _ = reply.send(());
-                        }
-                        Command::Expire { reply, .. } => {
-                            let _ = reply.send(Err(err.clone()));
-                        }
-                    }
+                Command::Expire { reply, .. } => {
+                    let counts: Vec<(String, u64)> = expired.next().unwrap_or_default();
+                    let n: u64 = counts.iter().map(|(_, c)| c).sum();
+                    self.stats.outbox_expired.fetch_add(n, Relaxed);
+                    let _ = reply.send(Ok(counts));
                 }
             }
+        }
+    }
+
+    /// Answers every command of a round whose transaction failed and rolled back. The
+    /// in-memory state was not touched, so the next round starts clean. Nothing in this
+    /// round is acknowledged.
+    fn answer_failed(&mut self, batch: &mut Vec<Command>, err: OutboxError) {
+        self.stats.outbox_commit_failures.fetch_add(1, Relaxed);
+        self.stats.outbox_failing.store(true, Relaxed);
+        tracing::error!(error = %err, records = batch.len(), "An outbox commit failed; its data was not acknowledged.");
+        for cmd in batch.drain(..) {
+            match cmd {
+                Command::Append(_, reply) => {
+                    let _ = reply.send(Err(err.clone()));
+                }
+                Command::Claims { reply, .. } => {
+                    let _ = reply.send(Err(err.clone()));
+                }
+                Command::Settle { reply, .. } | Command::ForgetKept { reply, .. } => {
+                    let _ = reply.send(Err(err.clone()));
+                }
+                Command::Ping(reply) => {
+                    let _ = reply.send(());
+                }
+                Command::Expire { reply, .. } => {
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+
+    /// Wakes whoever waits for records of the kinds a round stored.
+    fn wake(&self, wakes: Wakes) {
+        if wakes.others {
+            self.committed.notify_one();
+        }
+        if wakes.files {
+            self.files_committed.notify_one();
+        }
+        if wakes.urgent {
+            self.urgent.notify_one();
         }
     }
 }

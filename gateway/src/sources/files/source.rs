@@ -23,7 +23,7 @@ use notify::{Event, EventKind, RecursiveMode, Watcher};
 use pigeon_shared::ce::GatewayId;
 use pigeon_shared::shutdown::Shutdown;
 use pigeon_shared::wire::sha256_hex;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use super::config::{AfterUpload, FilesConfig, Finished, RECOVERED_WATCH, WatchConfig};
@@ -31,7 +31,8 @@ use super::patterns::lossy;
 use super::rules::Rules;
 use super::tracker::{Candidate, Seen, Stamp, Tracker, WatchId};
 use crate::outbox::{
-    FileClaim, FileRef, KeptFile, NewFile, NewRecord, OutboxError, OutboxReader, OutboxWriter,
+    Appended, FileClaim, FileRef, KeptFile, NewFile, NewRecord, OutboxError, OutboxReader,
+    OutboxWriter,
 };
 use crate::spool::{PickupError, Prepared, Spool, Taken, sync_dirs};
 use crate::stats::Stats;
@@ -102,6 +103,21 @@ pub(crate) struct FilesSource {
 /// How long after a new directory appears it is scanned a second time (its watch is in
 /// place by then).
 const NEW_DIR_RESCAN: Duration = Duration::from_secs(1);
+
+/// A file moved or copied into the spool (or not: `taken` says why).
+struct TakenFile {
+    watch: WatchId,
+    claim: FileClaim,
+    taken: Result<Taken, PickupError>,
+}
+
+/// A taken file whose record the outbox writer is committing.
+struct Committing {
+    watch: WatchId,
+    claim: FileClaim,
+    taken: Taken,
+    committed: oneshot::Receiver<Result<Appended, OutboxError>>,
+}
 
 /// A path of a watch to look at again at a given time.
 #[derive(Debug)]
@@ -565,11 +581,27 @@ impl FilesSource {
     }
 
     /// Claims, takes and commits a batch of finished files.
-    async fn pickup(&mut self, mut batch: Vec<Candidate>) {
-        let now_us = chrono::Utc::now().timestamp_micros();
+    async fn pickup(&mut self, batch: Vec<Candidate>) {
+        let batch = self.not_kept(batch).await;
+        let prepared = self.prepare(batch).await;
+        if prepared.is_empty() {
+            return;
+        }
+        let claimed = self.claim(prepared).await;
+        if claimed.is_empty() {
+            return;
+        }
+        let Some(taken) = self.take_into_spool(claimed).await else {
+            return;
+        };
+        self.commit(taken).await;
+    }
+
+    /// `batch` without duplicates, and without kept files (after_upload = "keep") that
+    /// were sent and have not changed since.
+    async fn not_kept(&self, mut batch: Vec<Candidate>) -> Vec<Candidate> {
         let mut unique = HashSet::new();
         batch.retain(|c| unique.insert(c.path.clone()));
-        // Kept files (after_upload = "keep") that were sent and have not changed since.
         let mut fresh = Vec::with_capacity(batch.len());
         for c in batch {
             if self.watches[c.watch].cfg.after_upload == AfterUpload::Keep
@@ -579,8 +611,13 @@ impl FilesSource {
             }
             fresh.push(c);
         }
-        let batch = fresh;
-        // 1. Open and check each, and give it its spool name.
+        fresh
+    }
+
+    /// Step 1: opens and checks each file, and gives it its spool name. Files that
+    /// cannot be taken are logged and counted ([`Self::failed`]).
+    async fn prepare(&mut self, batch: Vec<Candidate>) -> Vec<(WatchId, Prepared)> {
+        let now_us = chrono::Utc::now().timestamp_micros();
         let spool = self.spool.clone();
         let jobs: Vec<_> = batch
             .into_iter()
@@ -614,10 +651,12 @@ impl FilesSource {
                 Err(e) => self.failed(w, &path, e),
             }
         }
-        if ok.is_empty() {
-            return;
-        }
-        // 2. Claim them all in one transaction (a full outbox refuses what does not fit).
+        ok
+    }
+
+    /// Step 2: claims them all in one transaction; returns the claimed ones (a full
+    /// outbox refuses what does not fit).
+    async fn claim(&mut self, ok: Vec<(WatchId, Prepared)>) -> Vec<(WatchId, Prepared)> {
         let claims: Vec<FileClaim> = ok.iter().map(|(_, p)| p.claim.clone()).collect();
         let taken = match self.writer.claims(claims, Vec::new()).await {
             Ok(t) => t,
@@ -627,7 +666,7 @@ impl FilesSource {
                     watch: w,
                 });
                 self.outbox_failed(&e, files);
-                return;
+                return Vec::new();
             }
         };
         let (ok, refused): (Vec<_>, Vec<_>) =
@@ -635,24 +674,30 @@ impl FilesSource {
         for ((w, p), _) in refused {
             self.failed(w, &p.claim.original, PickupError::OutboxFull);
         }
-        let ok: Vec<(WatchId, Prepared)> = ok.into_iter().map(|(x, _)| x).collect();
-        if ok.is_empty() {
-            return;
-        }
-        // 3. Move or copy them into the spool, sync, hash.
+        ok.into_iter().map(|(x, _)| x).collect()
+    }
+
+    /// Step 3: moves or copies them into the spool, syncs, hashes. `None` if the files'
+    /// place in the spool is not durable yet (their claims finish them later).
+    async fn take_into_spool(&mut self, ok: Vec<(WatchId, Prepared)>) -> Option<Vec<TakenFile>> {
         let spool = self.spool.clone();
         let taken = tokio::task::spawn_blocking(move || {
             let mut dirs: Vec<PathBuf> = vec![spool.dir().to_owned()];
             let out: Vec<_> = ok
                 .into_iter()
-                .map(|(w, p)| {
+                .map(|(watch, p)| {
                     let claim = p.claim.clone();
                     if !claim.copy
                         && let Some(d) = claim.original.parent()
                     {
                         dirs.push(d.to_owned());
                     }
-                    (w, claim, spool.take(p))
+                    let taken = spool.take(p);
+                    TakenFile {
+                        watch,
+                        claim,
+                        taken,
+                    }
                 })
                 .collect();
             let synced = sync_dirs(dirs.iter().map(PathBuf::as_path));
@@ -664,27 +709,60 @@ impl FilesSource {
                 "A file pickup task failed unexpectedly; its files are finished at the next start."
             );
             self.claims_pending = true;
-            return;
+            return None;
         };
         if let Err(e) = synced {
             // The files are in the spool but their directory entries may not survive a
             // power cut yet: keep the claims (the recovery syncs again), commit nothing.
             error!(error = %e, "Could not sync the spool directory; the files are committed once it works.");
             self.claims_pending = true;
-            return;
+            return None;
         }
-        // 4. Commit a record for each taken file; forget the claims of the others.
+        Some(taken)
+    }
+
+    /// Step 4: commits a record for each taken file, forgets the claims of the others,
+    /// and lets the originals of copied files go.
+    async fn commit(&mut self, taken: Vec<TakenFile>) {
+        let Some((waits, unclaim)) = self.append_records(taken).await else {
+            return;
+        };
+        let release = self.await_commits(waits).await;
+        if !unclaim.is_empty()
+            && let Err(e) = self.writer.claims(Vec::new(), unclaim).await
+        {
+            warn!(error = %e, "Could not forget abandoned claims; they are cleaned up at the next start.");
+        }
+        self.release_originals(release).await;
+    }
+
+    /// Hands a record of each taken file to the outbox writer; returns the commits to
+    /// wait for and the claims of the files not taken. `None` if the writer stopped.
+    async fn append_records(
+        &mut self,
+        taken: Vec<TakenFile>,
+    ) -> Option<(Vec<Committing>, Vec<String>)> {
         let mut unclaim = Vec::new();
         let mut waits = Vec::new();
-        for (w, claim, r) in taken {
+        for TakenFile {
+            watch: w,
+            claim,
+            taken: r,
+        } in taken
+        {
             match r {
                 Ok(t) => {
                     let rec = self.record(Some(w), &claim, &t);
                     match self.writer.append(rec).await {
-                        Ok(rx) => waits.push((w, claim, t, rx)),
+                        Ok(rx) => waits.push(Committing {
+                            watch: w,
+                            claim,
+                            taken: t,
+                            committed: rx,
+                        }),
                         Err(e) => {
                             error!(error = %e, "The outbox writer stopped; the file is committed at the next start.");
-                            return;
+                            return None;
                         }
                     }
                 }
@@ -700,8 +778,20 @@ impl FilesSource {
                 }
             }
         }
+        Some((waits, unclaim))
+    }
+
+    /// Waits for each record's commit and logs the picked-up file; returns the claims of
+    /// copied files whose originals may go now.
+    async fn await_commits(&mut self, waits: Vec<Committing>) -> Vec<FileClaim> {
         let mut release = Vec::new();
-        for (w, claim, t, rx) in waits {
+        for Committing {
+            watch: w,
+            claim,
+            taken: t,
+            committed: rx,
+        } in waits
+        {
             let copied_away =
                 (t.copied || claim.copy) && self.watches[w].cfg.after_upload != AfterUpload::Keep;
             match rx.await {
@@ -729,12 +819,7 @@ impl FilesSource {
                 }
             }
         }
-        if !unclaim.is_empty()
-            && let Err(e) = self.writer.claims(Vec::new(), unclaim).await
-        {
-            warn!(error = %e, "Could not forget abandoned claims; they are cleaned up at the next start.");
-        }
-        self.release_originals(release).await;
+        release
     }
 
     /// Deletes the originals of files copied into the spool whose records are committed,
