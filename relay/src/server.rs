@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use axum::Json;
 use axum::Router;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, State};
 use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -174,10 +174,53 @@ async fn handle_ingest(st: &AppState, peer: &Peer, headers: &HeaderMap, body: Bo
         }
     };
 
-    // Decode, parse and check: CPU work, off the reactor when large.
-    let limits = st.limits;
+    let checked =
+        match prepare_off_reactor(mode, encoding, headers, raw, &principal, st.limits).await {
+            Ok(c) => c,
+            Err(answer) => return answer,
+        };
+    let settle = settle_promise(settled, &principal, &checked);
+    let (mut results, events, slots) = sort_checked(checked);
+    if !events.is_empty() || settle.is_some() {
+        match st.sink.write(events, settle).await {
+            Ok(outcomes) => apply_outcomes(&mut results, slots, outcomes),
+            Err(e) => {
+                return Failure::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+                    .retry_after(st.retry_after.as_secs().max(1))
+                    .into_response();
+            }
+        }
+    }
+
+    let response = IngestResponse::from_results(results);
+    let m = &st.metrics;
+    m.events_accepted.fetch_add(response.accepted, Relaxed);
+    m.events_duplicate.fetch_add(response.duplicates, Relaxed);
+    m.events_rejected.fetch_add(response.rejected, Relaxed);
+    (StatusCode::OK, Json(response)).into_response()
+}
+
+fn too_large(limit: u64) -> Failure {
+    Failure::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "the request body is larger than {limit} bytes (max_request_bytes); send smaller batches"
+        ),
+    )
+}
+
+/// The checked events of a request: [`prepare`]d on the reactor, or on the blocking pool
+/// when the body is large (CPU work). A failure is the answer to give.
+async fn prepare_off_reactor(
+    mode: ingest::Mode,
+    encoding: ingest::Encoding,
+    headers: &HeaderMap,
+    raw: Bytes,
+    principal: &Principal,
+    limits: Limits,
+) -> Result<Vec<Result<CheckedEvent, Rejection>>, Response> {
     let prepared = if raw.len() <= PARSE_INLINE_MAX {
-        prepare(mode, encoding, headers, &raw, &principal, &limits)
+        prepare(mode, encoding, headers, &raw, principal, &limits)
     } else {
         let headers = headers.clone();
         let principal = principal.clone();
@@ -189,32 +232,41 @@ async fn handle_ingest(st: &AppState, peer: &Peer, headers: &HeaderMap, body: Bo
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "Parsing a request failed unexpectedly.");
-                return Failure::new(
+                return Err(Failure::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal error while parsing the request",
                 )
-                .into_response();
+                .into_response());
             }
         }
     };
-    let checked = match prepared {
-        Ok(c) => c,
-        Err(e) => return Failure::from(e).into_response(),
+    prepared.map_err(|e| Failure::from(e).into_response())
+}
+
+/// The settled-below promise of the request, for its gateway: the authenticated one, or
+/// without authentication the one gateway all its events name.
+fn settle_promise(
+    settled: Option<ingest::SettledBelow>,
+    principal: &Principal,
+    checked: &[Result<CheckedEvent, Rejection>],
+) -> Option<Settle> {
+    let s = settled?;
+    let gateway = match principal {
+        Principal::Gateway(gw) => gw.clone(),
+        Principal::Anonymous => single_gateway(checked)?,
     };
+    Some(Settle {
+        gateway,
+        producer: s.producer,
+        below: s.below,
+    })
+}
 
-    let settle = settled.and_then(|s| {
-        let gateway = match &principal {
-            Principal::Gateway(gw) => gw.clone(),
-            Principal::Anonymous => single_gateway(&checked)?,
-        };
-        Some(Settle {
-            gateway,
-            producer: s.producer,
-            below: s.below,
-        })
-    });
-
-    // Hand the good events to the sink, remembering where each result goes.
+/// One result per event, in order (accepted until the sink says otherwise, or rejected
+/// by the checks); the events for the sink; and for each of those, its result's place.
+fn sort_checked(
+    checked: Vec<Result<CheckedEvent, Rejection>>,
+) -> (Vec<EventResult>, Vec<SinkEvent>, Vec<usize>) {
     let mut results: Vec<EventResult> = Vec::with_capacity(checked.len());
     let mut events: Vec<SinkEvent> = Vec::with_capacity(checked.len());
     let mut slots: Vec<usize> = Vec::with_capacity(checked.len());
@@ -244,44 +296,22 @@ async fn handle_ingest(st: &AppState, peer: &Peer, headers: &HeaderMap, body: Bo
             }
         }
     }
-    if !events.is_empty() || settle.is_some() {
-        match st.sink.write(events, settle).await {
-            Ok(outcomes) => {
-                for (slot, outcome) in slots.into_iter().zip(outcomes) {
-                    match outcome {
-                        Outcome::Accepted => {}
-                        Outcome::Duplicate => results[slot].status = EventStatus::Duplicate,
-                        Outcome::Rejected(reason) => {
-                            tracing::debug!(id = ?results[slot].id, reason = ?reason, "The stream refused an event.");
-                            results[slot].status = EventStatus::Rejected;
-                            results[slot].reason = Some(reason);
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                return Failure::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
-                    .retry_after(st.retry_after.as_secs().max(1))
-                    .into_response();
+    (results, events, slots)
+}
+
+/// Puts the sink's outcome of each event into its result.
+fn apply_outcomes(results: &mut [EventResult], slots: Vec<usize>, outcomes: Vec<Outcome>) {
+    for (slot, outcome) in slots.into_iter().zip(outcomes) {
+        match outcome {
+            Outcome::Accepted => {}
+            Outcome::Duplicate => results[slot].status = EventStatus::Duplicate,
+            Outcome::Rejected(reason) => {
+                tracing::debug!(id = ?results[slot].id, reason = ?reason, "The stream refused an event.");
+                results[slot].status = EventStatus::Rejected;
+                results[slot].reason = Some(reason);
             }
         }
     }
-
-    let response = IngestResponse::from_results(results);
-    let m = &st.metrics;
-    m.events_accepted.fetch_add(response.accepted, Relaxed);
-    m.events_duplicate.fetch_add(response.duplicates, Relaxed);
-    m.events_rejected.fetch_add(response.rejected, Relaxed);
-    (StatusCode::OK, Json(response)).into_response()
-}
-
-fn too_large(limit: u64) -> Failure {
-    Failure::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        format!(
-            "the request body is larger than {limit} bytes (max_request_bytes); send smaller batches"
-        ),
-    )
 }
 
 /// Decodes, parses and checks a body: one result per event.
