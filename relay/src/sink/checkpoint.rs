@@ -143,7 +143,7 @@ pub enum RecoveryError {
     #[error("the deduplication checkpoint {path} is unusable: {problem}")]
     BadCheckpoint { path: PathBuf, problem: String },
     #[error("cannot use the Kafka stream: {0}")]
-    Kafka(String),
+    Kafka(super::stream::kafka::KafkaStreamError),
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RecoveryError + '_ {

@@ -360,7 +360,7 @@ impl Writer {
             }
             Err(e) => {
                 self.metrics.sink_healthy.store(false, Relaxed);
-                Err(e)
+                Err(e.to_string())
             }
         }
     }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use pigeon_shared::ce::GatewayId;
 
-use super::{Outgoing, Stream, Upkeep};
+use super::{Outgoing, Stream, StreamError, Upkeep};
 use crate::data_dir::{STREAM_DIR, ensure_dir, sync_dir};
 use crate::sink::NotStored;
 use crate::sink::checkpoint::Checkpoint;
@@ -259,7 +259,7 @@ impl StreamFiles {
 }
 
 impl Stream for StreamFiles {
-    fn ready(&mut self, _index: &mut DedupIndex) -> Result<bool, String> {
+    fn ready(&mut self, _index: &mut DedupIndex) -> Result<bool, StreamError> {
         // Recovery read every file into the index before the writer started.
         Ok(false)
     }

@@ -29,6 +29,10 @@ pub struct Outgoing<'a> {
     pub line: &'a [u8],
 }
 
+/// Why a stream cannot take writes now; its message goes into the 503 answer. Each
+/// stream has its own error type behind it.
+pub type StreamError = Box<dyn std::error::Error + Send + Sync>;
+
 /// What a stream did while the writer was idle.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Upkeep {
@@ -45,7 +49,7 @@ pub trait Stream: Send {
     /// everything the stream already has (with Kafka, a read-back after a failed delivery
     /// or an unreachable broker at startup). `Ok(true)` if it read into the index, and
     /// the stream then counts as healthy; an error (logged here) fails the whole group.
-    fn ready(&mut self, index: &mut DedupIndex) -> Result<bool, String>;
+    fn ready(&mut self, index: &mut DedupIndex) -> Result<bool, StreamError>;
 
     /// Stores the events durably, one result per event in order; `Ok` only once the
     /// event is on disk (or acknowledged by the broker).

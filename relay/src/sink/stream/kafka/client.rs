@@ -20,6 +20,38 @@ use crate::sink::NotStored;
 use crate::sink::dedup::DedupIndex;
 use crate::sink::stream::Outgoing;
 
+/// Why Kafka could not be used: a configuration librdkafka refuses, or an answer that
+/// did not come.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum KafkaStreamError {
+    #[error("cannot configure the Kafka {client}: {source}")]
+    Configure {
+        client: &'static str,
+        source: KafkaError,
+    },
+    #[error("no metadata from {brokers}: {source}")]
+    NoMetadata { brokers: String, source: KafkaError },
+    #[error("cannot read the topics of {brokers}: {source}")]
+    Topics { brokers: String, source: KafkaError },
+    #[error("cannot read the offsets of {topic}/{partition}: {source}")]
+    Offsets {
+        topic: String,
+        partition: i32,
+        source: KafkaError,
+    },
+    /// A partition list librdkafka would not build.
+    #[error("{0}")]
+    PartitionList(KafkaError),
+    #[error("cannot read the topics: {0}")]
+    Assign(KafkaError),
+    #[error("reading the relay's topics: {0}")]
+    Read(KafkaError),
+    #[error(
+        "reading the relay's topics back did not finish within {timeout:?} ({left} partitions left)"
+    )]
+    TimedOut { timeout: Duration, left: usize },
+}
+
 /// Topic → partition → frontier offset, as the checkpoint stores it.
 pub type Frontiers = BTreeMap<String, BTreeMap<i32, i64>>;
 
@@ -99,7 +131,7 @@ impl KafkaStream {
         frontiers: Frontiers,
         checkpoint_at: Option<SystemTime>,
         index: &mut DedupIndex,
-    ) -> Result<(Self, Option<ScanReport>), String> {
+    ) -> Result<(Self, Option<ScanReport>), KafkaStreamError> {
         let producer = producer(&settings)?;
         let known_since = checkpoint_at
             .map(|t| {
@@ -145,13 +177,16 @@ impl KafkaStream {
     /// Whether the brokers answer a metadata request (within 2 s).
     /// Asks about one topic the relay knows, not the whole cluster's: on a large cluster
     /// the full metadata every few seconds would be wasted work.
-    pub fn probe(&self) -> Result<(), String> {
+    pub fn probe(&self) -> Result<(), KafkaStreamError> {
         let topic = self.frontiers.keys().next().map(String::as_str);
         self.producer
             .client()
             .fetch_metadata(topic, Duration::from_secs(2))
             .map(|_| ())
-            .map_err(|e| format!("no metadata from {}: {e}", self.settings.brokers))
+            .map_err(|source| KafkaStreamError::NoMetadata {
+                brokers: self.settings.brokers.clone(),
+                source,
+            })
     }
 
     /// Whether some partition's frontier stays behind what this relay wrote there.
@@ -160,12 +195,15 @@ impl KafkaStream {
     }
 
     /// Reads the partitions from their frontiers to their ends (see [`Self::lagging`]).
-    pub fn catch_up(&mut self, index: &mut DedupIndex) -> Result<ScanReport, String> {
+    pub fn catch_up(&mut self, index: &mut DedupIndex) -> Result<ScanReport, KafkaStreamError> {
         self.scan(index)
     }
 
     /// Reads the topics back now if a read is pending; whether the index is whole.
-    pub fn retry_scan(&mut self, index: &mut DedupIndex) -> Result<Option<ScanReport>, String> {
+    pub fn retry_scan(
+        &mut self,
+        index: &mut DedupIndex,
+    ) -> Result<Option<ScanReport>, KafkaStreamError> {
         if !self.rescan {
             return Ok(None);
         }
@@ -334,7 +372,7 @@ impl KafkaStream {
 
     /// Reads every partition of the relay's topics from its frontier to its end,
     /// adding what it finds to the index; the frontiers then stand at the ends.
-    fn scan(&mut self, index: &mut DedupIndex) -> Result<ScanReport, String> {
+    fn scan(&mut self, index: &mut DedupIndex) -> Result<ScanReport, KafkaStreamError> {
         let consumer = consumer(&self.settings)?;
         let mut report = ScanReport::default();
         let starts = self.starts(&consumer, &mut report)?;
@@ -363,10 +401,13 @@ impl KafkaStream {
         &self,
         consumer: &BaseConsumer,
         report: &mut ScanReport,
-    ) -> Result<Vec<PartitionStart>, String> {
+    ) -> Result<Vec<PartitionStart>, KafkaStreamError> {
         let metadata = consumer
             .fetch_metadata(None, ADMIN_TIMEOUT)
-            .map_err(|e| format!("cannot read the topics of {}: {e}", self.settings.brokers))?;
+            .map_err(|source| KafkaStreamError::Topics {
+                brokers: self.settings.brokers.clone(),
+                source,
+            })?;
         let since_ms = self
             .known_since
             .duration_since(UNIX_EPOCH)
@@ -380,8 +421,10 @@ impl KafkaStream {
             for p in t.partitions() {
                 let (low, high) = consumer
                     .fetch_watermarks(t.name(), p.id(), ADMIN_TIMEOUT)
-                    .map_err(|e| {
-                        format!("cannot read the offsets of {}/{}: {e}", t.name(), p.id())
+                    .map_err(|source| KafkaStreamError::Offsets {
+                        topic: t.name().to_owned(),
+                        partition: p.id(),
+                        source,
                     })?;
                 report.partitions += 1;
                 let start = match self.frontiers.get(t.name()).and_then(|f| f.get(&p.id())) {
@@ -389,7 +432,7 @@ impl KafkaStream {
                     None => {
                         unknown
                             .add_partition_offset(t.name(), p.id(), Offset::Offset(since_ms))
-                            .map_err(|e| e.to_string())?;
+                            .map_err(KafkaStreamError::PartitionList)?;
                         -1
                     }
                 };
@@ -438,7 +481,7 @@ fn read_partitions(
     index: &mut DedupIndex,
     report: &mut ScanReport,
     timeout: Duration,
-) -> Result<HashMap<(String, i32), i64>, String> {
+) -> Result<HashMap<(String, i32), i64>, KafkaStreamError> {
     // Every partition is assigned, even one whose watermark says there is nothing
     // past the start: some brokers (tansu 0.6) report a high watermark short of the
     // last batch's records, so reading goes on past the watermarks until nothing has
@@ -455,7 +498,7 @@ fn read_partitions(
     {
         assignment
             .add_partition_offset(&topic, partition, Offset::Offset(start))
-            .map_err(|e| e.to_string())?;
+            .map_err(KafkaStreamError::PartitionList)?;
         ends.insert((topic.clone(), partition), start.max(high));
         if start < high {
             remaining.insert((topic, partition), high);
@@ -464,16 +507,15 @@ fn read_partitions(
     if assignment.count() > 0 {
         consumer
             .assign(&assignment)
-            .map_err(|e| format!("cannot read the topics: {e}"))?;
+            .map_err(KafkaStreamError::Assign)?;
         let deadline = Instant::now() + timeout;
         let mut quiet_since: Option<Instant> = None;
         loop {
             if Instant::now() >= deadline {
-                return Err(format!(
-                    "reading the relay's topics back did not finish within {:?} ({} partitions left)",
+                return Err(KafkaStreamError::TimedOut {
                     timeout,
-                    remaining.len()
-                ));
+                    left: remaining.len(),
+                });
             }
             let Some(msg) = consumer.poll(Duration::from_millis(100)) else {
                 if remaining.is_empty() {
@@ -498,7 +540,7 @@ fn read_partitions(
                 continue;
             };
             quiet_since = None;
-            let msg = msg.map_err(|e| format!("reading the relay's topics: {e}"))?;
+            let msg = msg.map_err(KafkaStreamError::Read)?;
             report.records += 1;
             if let Some(h) = msg.headers()
                 && let Some((source, producer, seq)) =
@@ -552,7 +594,9 @@ fn base_config(settings: &KafkaSettings) -> ClientConfig {
     c
 }
 
-fn producer(settings: &KafkaSettings) -> Result<ThreadedProducer<DeliveryContext>, String> {
+fn producer(
+    settings: &KafkaSettings,
+) -> Result<ThreadedProducer<DeliveryContext>, KafkaStreamError> {
     let mut c = base_config(settings);
     c.set("acks", "all")
         .set(
@@ -573,16 +617,23 @@ fn producer(settings: &KafkaSettings) -> Result<ThreadedProducer<DeliveryContext
         reports: Mutex::new(Vec::new()),
         arrived: Condvar::new(),
     })
-    .map_err(|e| format!("cannot configure the Kafka producer: {e}"))
+    .map_err(|source| KafkaStreamError::Configure {
+        client: "producer",
+        source,
+    })
 }
 
-fn consumer(settings: &KafkaSettings) -> Result<BaseConsumer<DefaultConsumerContext>, String> {
+fn consumer(
+    settings: &KafkaSettings,
+) -> Result<BaseConsumer<DefaultConsumerContext>, KafkaStreamError> {
     let mut c = base_config(settings);
     c.set("group.id", "pigeon-relay-readback")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
         .set("fetch.wait.max.ms", "50");
-    c.create()
-        .map_err(|e| format!("cannot configure the Kafka consumer: {e}"))
+    c.create().map_err(|source| KafkaStreamError::Configure {
+        client: "consumer",
+        source,
+    })
 }

@@ -20,5 +20,5 @@ mod client;
 pub mod config;
 mod stream;
 
-pub use client::{Frontiers, KafkaStream, ScanReport};
+pub use client::{Frontiers, KafkaStream, KafkaStreamError, ScanReport};
 pub use stream::Kafka;

@@ -6,13 +6,13 @@ use std::time::{Duration, Instant};
 
 use pigeon_shared::ce::GatewayId;
 
-use super::client::KafkaStream;
+use super::client::{KafkaStream, KafkaStreamError};
 use super::config::KafkaSettings;
 use crate::sink::NotStored;
 use crate::sink::checkpoint::{Checkpoint, Recovered};
 use crate::sink::dedup::DedupIndex;
 use crate::sink::stream::files::FORGET_FILES_AFTER;
-use crate::sink::stream::{Outgoing, Stream, Upkeep};
+use crate::sink::stream::{Outgoing, Stream, StreamError, Upkeep};
 
 /// With no traffic, how often the writer asks Kafka whether it is there (so `/ready`
 /// tells the truth before the next request fails).
@@ -48,7 +48,7 @@ impl Kafka {
         retry_after: Duration,
         files: BTreeMap<String, u64>,
         recovered: &mut Recovered,
-    ) -> Result<(Self, bool), String> {
+    ) -> Result<(Self, bool), KafkaStreamError> {
         let started = Instant::now();
         let (client, report) = KafkaStream::start(
             settings,
@@ -82,7 +82,7 @@ impl Kafka {
 
     /// Reads the topics back if a read is pending (a failed delivery, or Kafka down at
     /// startup); `Ok(true)` if it read them.
-    fn read_back(&mut self, index: &mut DedupIndex) -> Result<bool, String> {
+    fn read_back(&mut self, index: &mut DedupIndex) -> Result<bool, KafkaStreamError> {
         if !self.client.scan_pending() {
             return Ok(false);
         }
@@ -151,14 +151,16 @@ impl Kafka {
 }
 
 impl Stream for Kafka {
-    fn ready(&mut self, index: &mut DedupIndex) -> Result<bool, String> {
+    fn ready(&mut self, index: &mut DedupIndex) -> Result<bool, StreamError> {
         self.last_contact = Instant::now();
-        self.read_back(index).inspect_err(|e| {
-            tracing::error!(
-                error = %e,
-                "Cannot read the Kafka topics back; the requests are answered 503 and their gateways keep the events."
-            );
-        })
+        self.read_back(index)
+            .inspect_err(|e| {
+                tracing::error!(
+                    error = %e,
+                    "Cannot read the Kafka topics back; the requests are answered 503 and their gateways keep the events."
+                );
+            })
+            .map_err(StreamError::from)
     }
 
     /// Produces the events and waits for the broker's answer to each.
