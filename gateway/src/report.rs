@@ -236,9 +236,25 @@ impl Live {
 
     /// A snapshot now. Reads the outbox (cached, off the reactor) and the disk.
     pub(crate) async fn report(&self) -> StatusReport {
-        let s = &self.stats;
         let now_us = chrono::Utc::now().timestamp_micros();
-        let (outbox, outbox_error) = match self.depth.get().await {
+        let (outbox, outbox_error) = self.outbox_status(now_us).await;
+        StatusReport {
+            gateway: self.gateway.clone(),
+            state: RunState::Running,
+            state_detail: None,
+            at_unix: now_us.div_euclid(1_000_000),
+            relay_url: self.relay_url.clone(),
+            mqtt_broker: self.mqtt_broker.clone(),
+            outbox,
+            outbox_error,
+            disk: self.disk_status().await,
+            live: Some(self.live_status()),
+        }
+    }
+
+    /// What waits in the outbox, or why it cannot be read.
+    async fn outbox_status(&self, now_us: i64) -> (Option<OutboxStatus>, Option<String>) {
+        match self.depth.get().await {
             Ok(d) => (
                 Some(OutboxStatus {
                     path: db::path_in(&self.data_dir).display().to_string(),
@@ -253,19 +269,28 @@ impl Live {
                 None,
             ),
             Err(e) => (None, Some(e.to_string())),
-        };
+        }
+    }
+
+    /// Space on the data directory's filesystem (statvfs, off the reactor).
+    async fn disk_status(&self) -> Option<DiskStatus> {
         let dir = self.data_dir.clone();
-        let disk = tokio::task::spawn_blocking(move || host::disk_space(&dir))
+        tokio::task::spawn_blocking(move || host::disk_space(&dir))
             .await
             .ok()
             .and_then(Result::ok)
             .map(|d| DiskStatus {
                 free_bytes: d.free_bytes,
                 total_bytes: d.total_bytes,
-            });
+            })
+    }
+
+    /// The running process's counters and connections.
+    fn live_status(&self) -> LiveStatus {
+        let s = &self.stats;
         let readiness = self.readiness();
         let last_upload = s.last_upload_unix.load(Relaxed);
-        let live = LiveStatus {
+        LiveStatus {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").into(),
             started_unix: self.started_unix,
@@ -332,18 +357,6 @@ impl Live {
                 level: e.level.into(),
                 message: e.message,
             }),
-        };
-        StatusReport {
-            gateway: self.gateway.clone(),
-            state: RunState::Running,
-            state_detail: None,
-            at_unix: now_us.div_euclid(1_000_000),
-            relay_url: self.relay_url.clone(),
-            mqtt_broker: self.mqtt_broker.clone(),
-            outbox,
-            outbox_error,
-            disk,
-            live: Some(live),
         }
     }
 }

@@ -1015,14 +1015,29 @@ impl FilesSource {
         })
         .await
         .map_err(|_| OutboxError::Closed)??;
-        let mut finish: Vec<(Option<WatchId>, FileClaim)> = Vec::new();
-        let mut redo: Vec<Candidate> = Vec::new();
-        let mut drop = Vec::new();
-        let mut release = Vec::new();
+        let sorted = self.sort_claims(claims);
+        if !sorted.drop.is_empty() {
+            self.writer.claims(Vec::new(), sorted.drop).await?;
+        }
+        self.release_originals(sorted.release).await;
+        self.finish_spooled(sorted.finish).await?;
+        self.send_orphans(listed, &known).await?;
+        self.remove_stray_copies(&known);
+        if !sorted.redo.is_empty() {
+            self.pickup(sorted.redo).await;
+        }
+        Ok(())
+    }
+
+    /// What each claim left by the last run needs: its original deleted (committed), its
+    /// spooled file hashed and committed (in the spool), its pickup done again (not in
+    /// the spool, original unchanged) or nothing but the claim dropped.
+    fn sort_claims(&self, claims: Vec<FileClaim>) -> SortedClaims {
+        let mut sorted = SortedClaims::default();
         for c in claims {
             if c.committed {
                 // Sent to the outbox; only the copied original is left to delete.
-                release.push(c);
+                sorted.release.push(c);
                 continue;
             }
             let w = self
@@ -1030,36 +1045,39 @@ impl FilesSource {
                 .iter()
                 .position(|w| w.cfg.name == c.watch)
                 .map(WatchId);
-            let in_spool = self.spool.path(&c.spool).exists();
+            if self.spool.path(&c.spool).exists() {
+                sorted.finish.push((w, c));
+                continue;
+            }
             let original = std::fs::symlink_metadata(&c.original)
                 .ok()
                 .map(|m| crate::spool::FileStat::of(&m));
             let same_original = original.is_some_and(|s| s.dev == c.dev && s.ino == c.ino);
-            if in_spool {
-                finish.push((w, c));
-            } else {
-                let _ = std::fs::remove_file(self.spool.path(&format!(
-                    "{}{}",
-                    c.spool,
-                    crate::spool::TMP_SUFFIX
-                )));
-                if same_original && let Some(w) = w {
-                    info!(file = ?c.original, "A file was being picked up when the gateway stopped; picking it up again.");
-                    redo.push(Candidate {
-                        path: c.original.clone(),
-                        watch: w,
-                    });
-                } else if !same_original {
-                    warn!(file = ?c.original, "A file was being picked up when the gateway stopped and is gone since; nothing to send.");
-                }
-                drop.push(c.spool);
+            let _ = std::fs::remove_file(self.spool.path(&format!(
+                "{}{}",
+                c.spool,
+                crate::spool::TMP_SUFFIX
+            )));
+            if same_original && let Some(w) = w {
+                info!(file = ?c.original, "A file was being picked up when the gateway stopped; picking it up again.");
+                sorted.redo.push(Candidate {
+                    path: c.original.clone(),
+                    watch: w,
+                });
+            } else if !same_original {
+                warn!(file = ?c.original, "A file was being picked up when the gateway stopped and is gone since; nothing to send.");
             }
+            sorted.drop.push(c.spool);
         }
-        if !drop.is_empty() {
-            self.writer.claims(Vec::new(), drop).await?;
-        }
-        self.release_originals(release).await;
-        // Claims whose file reached the spool: sync, hash, commit.
+        sorted
+    }
+
+    /// Claims whose file reached the spool: sync, hash, commit, then delete the copied
+    /// originals.
+    async fn finish_spooled(
+        &mut self,
+        finish: Vec<(Option<WatchId>, FileClaim)>,
+    ) -> Result<(), OutboxError> {
         let spool = self.spool.clone();
         let names: Vec<String> = finish.iter().map(|(_, c)| c.spool.clone()).collect();
         let hashed = tokio::task::spawn_blocking(move || {
@@ -1087,13 +1105,21 @@ impl FilesSource {
             }
         }
         self.release_originals(copied).await;
-        // Spool files nothing refers to: the outbox lost them (it was damaged and replaced).
-        let orphans: Vec<String> = listed
+        Ok(())
+    }
+
+    /// Spool files nothing refers to: the outbox lost them (it was damaged and
+    /// replaced). Each is sent as a recovered file.
+    async fn send_orphans(
+        &mut self,
+        listed: Vec<String>,
+        known: &HashSet<String>,
+    ) -> Result<(), OutboxError> {
+        let orphans = listed
             .into_iter()
             .filter(|n| !known.contains(n))
-            .filter(|n| !n.ends_with(crate::spool::TMP_SUFFIX))
-            .collect();
-        for name in &orphans {
+            .filter(|n| !n.ends_with(crate::spool::TMP_SUFFIX));
+        for name in orphans {
             warn!(spool = ?name, "A spooled file is not in the outbox (was the outbox replaced after damage?); sending it as a recovered file.");
             let spool = self.spool.clone();
             let n = name.clone();
@@ -1103,8 +1129,8 @@ impl FilesSource {
             let claim = FileClaim {
                 spool: name.clone(),
                 watch: RECOVERED_WATCH.into(),
-                original: self.spool.path(name),
-                rel: PathBuf::from(name),
+                original: self.spool.path(&name),
+                rel: PathBuf::from(&name),
                 dev: 0,
                 ino: 0,
                 copy: false,
@@ -1117,7 +1143,11 @@ impl FilesSource {
             let rec = self.record(None, &claim, &t);
             self.writer.append_and_wait(rec).await?;
         }
-        // Leftover copies in progress without a claim.
+        Ok(())
+    }
+
+    /// Copies in progress (`.tmp`) that no claim refers to.
+    fn remove_stray_copies(&self, known: &HashSet<String>) {
         for name in self.spool.list().unwrap_or_default() {
             if name.ends_with(crate::spool::TMP_SUFFIX)
                 && !known.contains(name.trim_end_matches(crate::spool::TMP_SUFFIX))
@@ -1125,11 +1155,16 @@ impl FilesSource {
                 let _ = std::fs::remove_file(self.spool.path(&name));
             }
         }
-        if !redo.is_empty() {
-            self.pickup(redo).await;
-        }
-        Ok(())
     }
+}
+
+/// The claims of the last run, by what they need ([`FilesSource::recover`]).
+#[derive(Default)]
+struct SortedClaims {
+    finish: Vec<(Option<WatchId>, FileClaim)>,
+    redo: Vec<Candidate>,
+    drop: Vec<String>,
+    release: Vec<FileClaim>,
 }
 
 /// Size and modification time of `path`, `None` if it is gone.
