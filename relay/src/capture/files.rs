@@ -26,7 +26,7 @@ use super::keys::{StreamFileRef, roll_objects};
 use crate::config::DEFAULT_TENANT;
 use crate::data_dir::{STATE_DIR, STREAM_DIR, write_atomic};
 use crate::metrics::Metrics;
-use crate::s3::Bucket;
+use crate::s3::{Bucket, S3Error};
 use crate::sink::checkpoint::Checkpoint;
 use crate::sink::stream::files::complete_prefix_len;
 
@@ -102,6 +102,25 @@ impl StreamFile {
             hour: hour.to_owned(),
         })
     }
+}
+
+/// Why a pass of the files capture stopped; it tries again a second later.
+#[derive(Debug, thiserror::Error)]
+pub enum RollError {
+    /// A blocking task failed (it panicked).
+    #[error("{0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("cannot read the stream files: {0}")]
+    List(io::Error),
+    #[error("cannot read {file}: {source}")]
+    Read { file: String, source: io::Error },
+    /// The bucket refused an object or did not answer.
+    #[error("{0}")]
+    Bucket(#[from] S3Error),
+    #[error("{0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("cannot write state/capture.json: {0}")]
+    Save(io::Error),
 }
 
 /// The capture task's state and what it needs.
@@ -197,7 +216,7 @@ impl FilesCapture {
     }
 
     /// One pass: the pending roll, then every file with something due, in order.
-    async fn step(&mut self) -> Result<(), String> {
+    async fn step(&mut self) -> Result<(), RollError> {
         if let Some(roll) = self.state.roll.clone() {
             if !self.failing {
                 tracing::info!(file = %roll.file, from = roll.from, to = roll.to, "Writing the capture roll a stop interrupted again, with the same range and keys.");
@@ -206,9 +225,8 @@ impl FilesCapture {
         }
         let dir = self.data_dir.clone();
         let durable = tokio::task::spawn_blocking(move || durable_lengths(&dir))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("cannot read the stream files: {e}"))?;
+            .await?
+            .map_err(RollError::List)?;
         let now = Instant::now();
         let durable: Vec<(String, u64)> = durable
             .into_iter()
@@ -288,7 +306,7 @@ impl FilesCapture {
 
     /// Where a roll from `from` ends: at most `roll_bytes` later, at a line's end, at
     /// most `len` (a line longer than `roll_bytes` makes a roll of its own).
-    async fn roll_end(&self, rel: &str, from: u64, len: u64) -> Result<u64, String> {
+    async fn roll_end(&self, rel: &str, from: u64, len: u64) -> Result<u64, RollError> {
         let cap = from.saturating_add(self.settings.roll_bytes);
         if cap >= len {
             return Ok(len);
@@ -315,13 +333,15 @@ impl FilesCapture {
                 at += n as u64;
             }
         })
-        .await
-        .map_err(|e| e.to_string())?;
-        r.map_err(|e| format!("cannot read {rel}: {e}"))
+        .await?;
+        r.map_err(|source| RollError::Read {
+            file: rel.to_owned(),
+            source,
+        })
     }
 
     /// Writes the objects of `roll`, then records it done.
-    async fn write_roll(&mut self, roll: &Roll) -> Result<(), String> {
+    async fn write_roll(&mut self, roll: &Roll) -> Result<(), RollError> {
         let Some(f) = StreamFile::parse(&roll.file) else {
             // Not a stream file (a damaged state): drop the roll.
             tracing::warn!(file = %roll.file, "The capture roll in progress names no stream file; it was dropped.");
@@ -337,9 +357,11 @@ impl FilesCapture {
             file.read_exact(&mut buf)?;
             Ok(buf)
         })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("cannot read {}: {e}", roll.file))?;
+        .await?
+        .map_err(|source| RollError::Read {
+            file: roll.file.clone(),
+            source,
+        })?;
         let tenant = GatewayId::new(&f.gateway)
             .ok()
             .and_then(|g| self.tenants.get(&g).cloned())
@@ -363,7 +385,7 @@ impl FilesCapture {
                 .put_bytes(key, body.clone(), "application/gzip")
                 .await;
             self.metrics.object_store_seconds.observe(started.elapsed());
-            r.map_err(|e| e.to_string())?;
+            r?;
             self.metrics
                 .capture_bytes
                 .fetch_add(body.len() as u64, Relaxed);
@@ -379,13 +401,12 @@ impl FilesCapture {
         Ok(())
     }
 
-    async fn save(&self) -> Result<(), String> {
+    async fn save(&self) -> Result<(), RollError> {
         let state_dir = self.data_dir.join(STATE_DIR);
-        let json = serde_json::to_vec(&self.state).map_err(|e| e.to_string())?;
+        let json = serde_json::to_vec(&self.state)?;
         tokio::task::spawn_blocking(move || write_atomic(&state_dir, STATE_FILE, &json))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("cannot write state/{STATE_FILE}: {e}"))
+            .await?
+            .map_err(RollError::Save)
     }
 }
 

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
@@ -36,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use super::config::CaptureSettings;
 use super::keys::{gzip, line_type, object_key};
 use crate::metrics::Metrics;
-use crate::s3::Bucket;
+use crate::s3::{Bucket, S3Error};
 use crate::sink::stream::kafka::binding;
 use crate::sink::stream::kafka::config::KafkaSettings;
 
@@ -58,6 +59,47 @@ pub struct RollRange {
 }
 
 type Tp = (String, i32);
+
+/// Why the Kafka capture could not start, or a step of it stopped (it tries again).
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaCaptureError {
+    #[error("cannot configure the Kafka capture consumer: {0}")]
+    Configure(KafkaError),
+    #[error("cannot subscribe to {pattern:?}: {source}")]
+    Subscribe { pattern: String, source: KafkaError },
+    #[error("cannot read the capture group's offset of {topic}/{partition}: {source}")]
+    Committed {
+        topic: String,
+        partition: i32,
+        source: KafkaError,
+    },
+    #[error("cannot move to {offset:?} in {topic}/{partition}: {source}")]
+    Seek {
+        offset: Offset,
+        topic: String,
+        partition: i32,
+        source: KafkaError,
+    },
+    #[error("cannot resume {topic}/{partition}: {source}")]
+    Resume {
+        topic: String,
+        partition: i32,
+        source: KafkaError,
+    },
+    #[error("cannot commit the capture offset {offset} of {topic}/{partition}: {source}")]
+    Commit {
+        offset: i64,
+        topic: String,
+        partition: i32,
+        source: KafkaError,
+    },
+    #[error("cannot read {key}: {source}")]
+    ReadRange { key: String, source: S3Error },
+    #[error("cannot write {key}: {source}")]
+    Write { key: String, source: S3Error },
+    #[error("{0}")]
+    Encode(#[from] serde_json::Error),
+}
 
 /// One roll of a partition in memory.
 #[derive(Debug)]
@@ -186,7 +228,7 @@ impl KafkaCapture {
         bucket: Arc<Bucket>,
         tenants: HashSet<String>,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, KafkaCaptureError> {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &kafka.brokers)
             // A relay that stops without leaving the group (killed, crashed) holds its
@@ -208,11 +250,14 @@ impl KafkaCapture {
             .create_with_context(CaptureContext {
                 changes: Mutex::new(Changes::default()),
             })
-            .map_err(|e| format!("cannot configure the Kafka capture consumer: {e}"))?;
+            .map_err(KafkaCaptureError::Configure)?;
         let pattern = kafka.topic.subscription();
         consumer
             .subscribe(&[&pattern])
-            .map_err(|e| format!("cannot subscribe to {pattern:?}: {e}"))?;
+            .map_err(|source| KafkaCaptureError::Subscribe {
+                pattern: pattern.clone(),
+                source,
+            })?;
         Ok(Self {
             consumer: Arc::new(consumer),
             bucket,
@@ -391,7 +436,7 @@ impl KafkaCapture {
 
     /// Resolves new partitions, seals rolls that are old enough, and writes every sealed
     /// roll that holds all its records. Stops at the first error.
-    fn work(&mut self, rt: &tokio::runtime::Handle) -> Result<(), String> {
+    fn work(&mut self, rt: &tokio::runtime::Handle) -> Result<(), KafkaCaptureError> {
         let unresolved: Vec<Tp> = self
             .parts
             .iter()
@@ -436,24 +481,26 @@ impl KafkaCapture {
 
     /// Finds where to read the partition from (see the module docs), moves the consumer
     /// there and resumes it.
-    fn resolve(&mut self, rt: &tokio::runtime::Handle, tp: &Tp) -> Result<(), String> {
+    fn resolve(&mut self, rt: &tokio::runtime::Handle, tp: &Tp) -> Result<(), KafkaCaptureError> {
         let committed = self
             .consumer
             .committed_offsets(one(tp, None), KAFKA_TIMEOUT)
-            .map_err(|e| {
-                format!(
-                    "cannot read the capture group's offset of {}/{}: {e}",
-                    tp.0, tp.1
-                )
+            .map_err(|source| KafkaCaptureError::Committed {
+                topic: tp.0.clone(),
+                partition: tp.1,
+                source,
             })?;
         let committed = match committed.find_partition(&tp.0, tp.1).map(|e| e.offset()) {
             Some(Offset::Offset(o)) => Some(o),
             _ => None,
         };
         let key = self.range_key(tp);
-        let range = rt
-            .block_on(self.bucket.get_bytes(&key))
-            .map_err(|e| format!("cannot read {key}: {e}"))?;
+        let range = rt.block_on(self.bucket.get_bytes(&key)).map_err(|source| {
+            KafkaCaptureError::ReadRange {
+                key: key.clone(),
+                source,
+            }
+        })?;
         let range = match range {
             None => None,
             Some(bytes) => match serde_json::from_slice::<RollRange>(&bytes) {
@@ -472,7 +519,12 @@ impl KafkaCapture {
         };
         self.consumer
             .seek(&tp.0, tp.1, start, KAFKA_TIMEOUT)
-            .map_err(|e| format!("cannot move to {start:?} in {}/{}: {e}", tp.0, tp.1))?;
+            .map_err(|source| KafkaCaptureError::Seek {
+                offset: start,
+                topic: tp.0.clone(),
+                partition: tp.1,
+                source,
+            })?;
         tracing::info!(topic = %tp.0, partition = tp.1, start = ?start, committed = ?committed, range = ?range, "Capture resumes a partition.");
         let Some(part) = self.parts.get_mut(tp) else {
             return Ok(());
@@ -485,7 +537,11 @@ impl KafkaCapture {
         if !self.failing {
             self.consumer
                 .resume(&one(tp, None))
-                .map_err(|e| format!("cannot resume {}/{}: {e}", tp.0, tp.1))?;
+                .map_err(|source| KafkaCaptureError::Resume {
+                    topic: tp.0.clone(),
+                    partition: tp.1,
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -514,7 +570,11 @@ impl KafkaCapture {
     }
 
     /// Writes the partition's sealed rolls that hold all their records, in order.
-    fn write_ready(&mut self, rt: &tokio::runtime::Handle, tp: &Tp) -> Result<(), String> {
+    fn write_ready(
+        &mut self,
+        rt: &tokio::runtime::Handle,
+        tp: &Tp,
+    ) -> Result<(), KafkaCaptureError> {
         loop {
             let position = self.position(tp);
             let tenant = self.tenant_of(&tp.0);
@@ -537,10 +597,12 @@ impl KafkaCapture {
                 let body = serde_json::to_vec(&RollRange {
                     from: roll.from,
                     to,
-                })
-                .map_err(|e| e.to_string())?;
+                })?;
                 rt.block_on(self.bucket.put_bytes(&range_key, body, "application/json"))
-                    .map_err(|e| format!("cannot write {range_key}: {e}"))?;
+                    .map_err(|source| KafkaCaptureError::Write {
+                        key: range_key.clone(),
+                        source,
+                    })?;
                 roll.range_stored = true;
             }
             if !roll.objects_written {
@@ -552,7 +614,10 @@ impl KafkaCapture {
                     let started = Instant::now();
                     let r = rt.block_on(self.bucket.put_bytes(&key, body, "application/gzip"));
                     self.metrics.object_store_seconds.observe(started.elapsed());
-                    r.map_err(|e| format!("cannot write {key}: {e}"))?;
+                    r.map_err(|source| KafkaCaptureError::Write {
+                        key: key.clone(),
+                        source,
+                    })?;
                     self.metrics.capture_bytes.fetch_add(len, Relaxed);
                 }
                 roll.objects_written = true;
@@ -574,10 +639,12 @@ impl KafkaCapture {
                     .assignment()
                     .is_ok_and(|a| a.find_partition(&tp.0, tp.1).is_some());
                 if still_ours {
-                    return Err(format!(
-                        "cannot commit the capture offset {to} of {}/{}: {e}",
-                        tp.0, tp.1
-                    ));
+                    return Err(KafkaCaptureError::Commit {
+                        offset: to,
+                        topic: tp.0.clone(),
+                        partition: tp.1,
+                        source: e,
+                    });
                 }
             }
             let done = part.rolls.pop_front().map_or(0, |r| r.bytes);

@@ -40,7 +40,7 @@ use crate::sink::stream::config::StreamSettings;
 pub enum CaptureError {
     /// The Kafka consumer could not be configured.
     #[error("{0}")]
-    Kafka(String),
+    Kafka(kafka::KafkaCaptureError),
     #[error("cannot start the capture thread: {0}")]
     Thread(std::io::Error),
     #[error("startup task failed: {0}")]
