@@ -679,13 +679,13 @@ fn string_extension<'e>(event: &'e Event, name: &str) -> Result<Option<&'e str>,
 
 /// The gateway's promise carried by `pigeon-settled-below` / `pigeon-producer-id`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SettledBelow {
+pub struct SettledBelowHeader {
     pub producer: String,
     pub below: u64,
 }
 
 /// Reads the settled-below headers. Both or neither must be present.
-pub fn settled_below(headers: &HeaderMap) -> Result<Option<SettledBelow>, RequestError> {
+pub fn settled_below(headers: &HeaderMap) -> Result<Option<SettledBelowHeader>, RequestError> {
     let below = header_str(headers, HEADER_SETTLED_BELOW)?;
     let producer = header_str(headers, HEADER_PRODUCER_ID)?;
     match (below, producer) {
@@ -714,7 +714,7 @@ pub fn settled_below(headers: &HeaderMap) -> Result<Option<SettledBelow>, Reques
                     "header {HEADER_PRODUCER_ID} must be 1 to {MAX_PRODUCER_ID_LEN} bytes long"
                 )));
             }
-            Ok(Some(SettledBelow {
+            Ok(Some(SettledBelowHeader {
                 producer: producer.to_owned(),
                 below,
             }))
@@ -1235,7 +1235,7 @@ mod tests {
                 ("pigeon-settled-below", "120"),
                 ("pigeon-producer-id", "p-1")
             ])),
-            Ok(Some(SettledBelow {
+            Ok(Some(SettledBelowHeader {
                 producer: "p-1".into(),
                 below: 120
             }))

@@ -31,7 +31,7 @@ use crate::auth::Principal;
 use crate::ingest::{self, CheckedEvent, Rejection, RequestError};
 use crate::metrics::GaugeGuard;
 use crate::request::{AppState, Failure, admit_client, drain, drain_cap, read_body};
-use crate::sink::{Outcome, Settle, SinkEvent};
+use crate::sink::{Outcome, SettledBelow, SinkEvent};
 use crate::tls::Peer;
 use crate::upload::routes as upload_routes;
 
@@ -111,7 +111,7 @@ struct Admitted {
     /// Held until the answer: the client's request slot and the body bytes reserved.
     ticket: Ticket,
     principal: Principal,
-    settled: Option<ingest::SettledBelow>,
+    settled: Option<ingest::SettledBelowHeader>,
     encoding: ingest::Encoding,
     mode: ingest::Mode,
 }
@@ -179,10 +179,10 @@ async fn handle_ingest(st: &AppState, peer: &Peer, headers: &HeaderMap, body: Bo
             Ok(c) => c,
             Err(answer) => return answer,
         };
-    let settle = settle_promise(settled, &principal, &checked);
+    let settled_below = settled_below_for(settled, &principal, &checked);
     let (mut results, events, slots) = sort_checked(checked);
-    if !events.is_empty() || settle.is_some() {
-        match st.sink.write(events, settle).await {
+    if !events.is_empty() || settled_below.is_some() {
+        match st.sink.write(events, settled_below).await {
             Ok(outcomes) => apply_outcomes(&mut results, slots, outcomes),
             Err(e) => {
                 return Failure::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
@@ -245,17 +245,17 @@ async fn prepare_off_reactor(
 
 /// The settled-below promise of the request, for its gateway: the authenticated one, or
 /// without authentication the one gateway all its events name.
-fn settle_promise(
-    settled: Option<ingest::SettledBelow>,
+fn settled_below_for(
+    settled: Option<ingest::SettledBelowHeader>,
     principal: &Principal,
     checked: &[Result<CheckedEvent, Rejection>],
-) -> Option<Settle> {
+) -> Option<SettledBelow> {
     let s = settled?;
     let gateway = match principal {
         Principal::Gateway(gw) => gw.clone(),
         Principal::Anonymous => single_gateway(checked)?,
     };
-    Some(Settle {
+    Some(SettledBelow {
         gateway,
         producer: s.producer,
         below: s.below,

@@ -456,7 +456,7 @@ mod tests {
 
         // Checkpoint at this point, with a settled floor that the file does not show.
         let mut index = rec.index.clone();
-        index.settle("pi-1", "old-producer", 500);
+        index.raise_floor("pi-1", "old-producer", 500);
         let mut cp = Checkpoint::capture(&index);
         cp.files = rec.files.clone();
         cp.store(&dir.path().join(STATE_DIR)).unwrap();

@@ -5,7 +5,7 @@
 //! floor, or in the set, is a duplicate. The floor rises two ways:
 //!
 //! * the gateway promises (header `pigeon-settled-below`) never to send anything lower
-//!   again, see [`DedupIndex::settle`];
+//!   again, see [`DedupIndex::raise_floor`];
 //! * [`DedupIndex::compact`] folds a run of written sequences that starts at the floor into
 //!   the floor, so a producer that sends in order costs a few bytes however long it runs.
 //!
@@ -112,7 +112,7 @@ impl ProducerState {
 
     /// Raises the floor to `below` (never lowers it) and forgets what is under it.
     /// Returns whether anything changed.
-    pub fn settle(&mut self, below: u64) -> bool {
+    pub fn raise_floor(&mut self, below: u64) -> bool {
         if below <= self.floor {
             return false;
         }
@@ -197,8 +197,8 @@ impl DedupIndex {
     }
 
     /// Applies a gateway's settled-below promise. Returns whether anything changed.
-    pub fn settle(&mut self, gateway: &str, producer: &str, below: u64) -> bool {
-        self.state_mut(gateway, producer).settle(below)
+    pub fn raise_floor(&mut self, gateway: &str, producer: &str, below: u64) -> bool {
+        self.state_mut(gateway, producer).raise_floor(below)
     }
 
     /// Folds runs that start at the floor into the floor, for one producer.
@@ -279,7 +279,7 @@ mod tests {
         assert!(!s.contains(1));
         assert!(s.contains(250));
         // The gateway settles everything below 300: the floor jumps over the run.
-        assert!(s.settle(300));
+        assert!(s.raise_floor(300));
         assert_eq!(s.floor(), 500);
         assert_eq!(s.range_count(), 0);
         assert!(
@@ -303,15 +303,15 @@ mod tests {
     }
 
     #[test]
-    fn settle_never_lowers_and_prunes() {
+    fn raise_floor_never_lowers_and_prunes() {
         let mut s = ProducerState::default();
         for seq in [5, 6, 7, 40, 41, 90] {
             s.insert(seq);
         }
-        assert!(s.settle(41));
+        assert!(s.raise_floor(41));
         assert_eq!(s.floor(), 42, "41 was written, so the floor moves past it");
         assert_eq!(ranges(&s), vec![(90, 90)]);
-        assert!(!s.settle(10));
+        assert!(!s.raise_floor(10));
         assert_eq!(s.floor(), 42);
         assert!(s.contains(6) && s.contains(20) && !s.contains(50));
     }
@@ -322,7 +322,7 @@ mod tests {
         assert!(s.insert(u64::MAX));
         assert!(s.insert(u64::MAX - 1));
         assert!(!s.insert(u64::MAX));
-        s.settle(u64::MAX - 1);
+        s.raise_floor(u64::MAX - 1);
         s.compact();
         assert!(s.contains(u64::MAX) && s.contains(0));
         s.remove(u64::MAX);
@@ -335,7 +335,7 @@ mod tests {
         for seq in [3, 4, 9, 10, 11, 30] {
             s.insert(seq);
         }
-        s.settle(2);
+        s.raise_floor(2);
         let back = ProducerState::from_parts(s.floor(), s.ranges());
         assert_eq!(back, s);
     }
@@ -357,7 +357,7 @@ mod tests {
         assert!(!idx.contains("pi-3", "p", 1));
         idx.remove("pi-1", "p", 1);
         assert!(!idx.contains("pi-1", "p", 1));
-        assert!(idx.settle("pi-1", "p", 100));
+        assert!(idx.raise_floor("pi-1", "p", 100));
         assert!(idx.contains("pi-1", "p", 99));
         assert_eq!(idx.producer_count(), 3);
         let order: Vec<_> = idx.iter().map(|(g, p, _)| (g, p)).collect();

@@ -15,7 +15,7 @@ pub mod stream;
 pub mod writer;
 
 pub use checkpoint::RecoveryError;
-pub use writer::{Outcome, Settle, SinkError, SinkEvent, SinkHandle, start};
+pub use writer::{Outcome, SettledBelow, SinkError, SinkEvent, SinkHandle, start};
 
 /// Why the sink did not store one event.
 #[derive(Debug, Clone, PartialEq, Eq)]

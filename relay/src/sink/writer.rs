@@ -50,7 +50,7 @@ pub struct SinkEvent {
 
 /// A gateway's promise never to send sequences below `below` under `producer` again.
 #[derive(Debug, Clone)]
-pub struct Settle {
+pub struct SettledBelow {
     pub gateway: GatewayId,
     pub producer: String,
     pub below: u64,
@@ -78,7 +78,7 @@ pub enum SinkError {
 
 struct WriteRequest {
     events: Vec<SinkEvent>,
-    settle: Option<Settle>,
+    settled_below: Option<SettledBelow>,
     reply: oneshot::Sender<Result<Vec<Outcome>, SinkError>>,
 }
 
@@ -117,13 +117,13 @@ impl SinkHandle {
     pub async fn write(
         &self,
         events: Vec<SinkEvent>,
-        settle: Option<Settle>,
+        settled_below: Option<SettledBelow>,
     ) -> Result<Vec<Outcome>, SinkError> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(Command::Write(WriteRequest {
                 events,
-                settle,
+                settled_below,
                 reply,
             }))
             .await
@@ -396,8 +396,10 @@ impl Writer {
         let mut inserted: Vec<(usize, usize)> = Vec::new();
         let mut outcomes: Vec<Vec<Outcome>> = Vec::with_capacity(group.len());
         for (ri, req) in group.iter().enumerate() {
-            if let Some(s) = &req.settle
-                && self.index.settle(s.gateway.as_str(), &s.producer, s.below)
+            if let Some(s) = &req.settled_below
+                && self
+                    .index
+                    .raise_floor(s.gateway.as_str(), &s.producer, s.below)
             {
                 self.dirty = true;
             }
@@ -685,7 +687,7 @@ mod tests {
     async fn settled_below_makes_old_sequences_duplicates() {
         let dir = tempfile::tempdir().unwrap();
         let (sink, thread) = start_files(dir.path(), Arc::new(Metrics::new())).unwrap();
-        let settle = Settle {
+        let settled_below = SettledBelow {
             gateway: GatewayId::new("pi-1").unwrap(),
             producer: "p".to_owned(),
             below: 100,
@@ -693,7 +695,7 @@ mod tests {
         let out = sink
             .write(
                 vec![ev("pi-1", "p", 99), ev("pi-1", "p", 100)],
-                Some(settle),
+                Some(settled_below),
             )
             .await
             .unwrap();
