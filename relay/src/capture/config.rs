@@ -80,3 +80,50 @@ impl CaptureConfig {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn on(rest: &str) -> String {
+        format!("enabled = true\n{rest}")
+    }
+
+    fn message(toml: &str, s3: bool) -> String {
+        toml::from_str::<CaptureConfig>(toml)
+            .unwrap()
+            .validate(s3)
+            .map(drop)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn capture_needs_s3_and_a_valid_group() {
+        let c: CaptureConfig =
+            toml::from_str(&on("roll_bytes = \"1MiB\"\nroll_age = \"30s\"\n")).unwrap();
+        assert_eq!(
+            c.validate(true).unwrap(),
+            Some(CaptureSettings {
+                roll_bytes: 1 << 20,
+                roll_age: std::time::Duration::from_secs(30),
+                group: "pigeon-relay-capture".to_owned(),
+            })
+        );
+        assert_eq!(CaptureConfig::default().validate(true).unwrap(), None);
+        // With Kafka, capture reads the topics with this consumer group.
+        let c: CaptureConfig = toml::from_str(&on("group = \"lake.bronze\"\n")).unwrap();
+        assert_eq!(c.validate(true).unwrap().unwrap().group, "lake.bronze");
+        let e = message(&on(""), false);
+        assert!(e.contains("objects.kind"), "{e}");
+        for (toml, want) in [
+            (on("group = \"a/b\"\n"), "capture.group"),
+            (on("group = \"\"\n"), "capture.group"),
+            (on("roll_bytes = \"1KiB\"\n"), "capture.roll_bytes"),
+            (on("roll_age = \"0s\"\n"), "capture.roll_age"),
+        ] {
+            let e = message(&toml, true);
+            assert!(e.contains(want), "{toml:?} -> {e}");
+        }
+    }
+}

@@ -92,3 +92,42 @@ impl TlsConfig {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::error::ConfigError;
+
+    fn parse(toml: &str) -> TlsConfig {
+        toml::from_str(toml).unwrap()
+    }
+
+    fn invalid_key(toml: &str) -> String {
+        match parse(toml).validate() {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected an invalid key, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn tls_needs_both_files_and_client_auth_needs_a_ca() {
+        assert_eq!(invalid_key("cert = \"c.pem\"\n"), "tls.key");
+        assert_eq!(invalid_key("key = \"k.pem\"\n"), "tls.cert");
+        assert_eq!(invalid_key("client_ca = \"ca.pem\"\n"), "tls.client_ca");
+        let both = "cert = \"c.pem\"\nkey = \"k.pem\"\n";
+        assert_eq!(
+            invalid_key(&format!("{both}client_auth = \"required\"\n")),
+            "tls.client_auth"
+        );
+        assert_eq!(
+            invalid_key(&format!("{both}reload_check = \"100ms\"\n")),
+            "tls.reload_check"
+        );
+        assert!(
+            toml::from_str::<TlsConfig>(&format!("{both}client_auth = \"sometimes\"\n")).is_err()
+        );
+        let t = parse(both).validate().unwrap().unwrap();
+        assert_eq!((t.client_ca, t.client_auth_required), (None, false));
+        assert!(TlsConfig::default().validate().unwrap().is_none());
+    }
+}
