@@ -247,6 +247,94 @@ impl ObjectsConfig {
 mod tests {
     use super::*;
 
+    /// `limits.max_object_bytes` by default.
+    const MAX_OBJECT_BYTES: u64 = 4 << 30;
+
+    fn check(toml: &str, max_object_bytes: u64) -> Result<ObjectSettings, String> {
+        let c: ObjectsConfig = toml::from_str(toml).map_err(|e| e.to_string())?;
+        c.validate(Path::new("/srv/relay"), max_object_bytes)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn objects_in_s3() {
+        let c = check(
+            r#"
+            kind = "s3"
+            [s3]
+            bucket = "pigeon-files"
+            endpoint = "http://127.0.0.1:3900"
+            path_style = true
+            prefix = "site-1/"
+            access_key_id = "GK1"
+            secret_access_key = "secret"
+            part_size = "16MiB"
+            "#,
+            MAX_OBJECT_BYTES,
+        )
+        .unwrap();
+        let s = c.s3.clone().unwrap();
+        assert_eq!(s.bucket, "pigeon-files");
+        assert_eq!(s.part_size, 16 << 20);
+        assert_eq!(s.static_keys, Some(("GK1".into(), "secret".into())));
+        assert_eq!(s.region, None);
+        // The default base URL names the bucket's objects/.
+        assert_eq!(c.base_url, "s3://pigeon-files/site-1/objects/");
+        // Files by default, whatever [objects.s3] says.
+        let files = check("[s3]\nbucket = \"b\"\n", MAX_OBJECT_BYTES).unwrap();
+        assert_eq!(files.s3, None);
+        assert_eq!(files.base_url, "file:///srv/relay/objects/");
+
+        let s3 = |rest: &str| format!("kind = \"s3\"\n[s3]\n{rest}\n");
+        for (toml, key) in [
+            (s3(""), "objects.s3.bucket"),
+            (s3("bucket = \"Upper_Case\""), "objects.s3.bucket"),
+            (s3("bucket = \"ab\""), "objects.s3.bucket"),
+            (
+                s3("bucket = \"b-1\"\nendpoint = \"127.0.0.1:3900\""),
+                "objects.s3.endpoint",
+            ),
+            (
+                s3("bucket = \"b-1\"\nprefix = \"no-slash\""),
+                "objects.s3.prefix",
+            ),
+            (
+                s3("bucket = \"b-1\"\nprefix = \"/abs/\""),
+                "objects.s3.prefix",
+            ),
+            (
+                s3("bucket = \"b-1\"\nprefix = \"a//b/\""),
+                "objects.s3.prefix",
+            ),
+            (
+                s3("bucket = \"b-1\"\naccess_key_id = \"k\""),
+                "objects.s3.access_key_id",
+            ),
+            (
+                s3("bucket = \"b-1\"\npart_size = \"4MiB\""),
+                "objects.s3.part_size",
+            ),
+            (
+                s3("bucket = \"b-1\"\npart_size = \"5000000\""),
+                "objects.s3.part_size",
+            ),
+            (
+                s3("bucket = \"b-1\"\ntimeout = \"0s\""),
+                "objects.s3.timeout",
+            ),
+            (s3("bucket = \"b-1\"\nregion = 3"), "region = 3"),
+            (s3("bucket = \"b-1\"\nbukket = \"x\""), "bukket"),
+        ] {
+            let e = check(&toml, MAX_OBJECT_BYTES).map(drop).unwrap_err();
+            assert!(e.contains(key), "{toml:?} -> {e}");
+        }
+        // 4 GiB in 5 MiB parts needs 820 parts: fine; S3 takes 10,000 parts at most.
+        let five = s3("bucket = \"b-1\"\npart_size = \"5MiB\"");
+        assert!(check(&five, MAX_OBJECT_BYTES).is_ok());
+        let e = check(&five, 100 << 30).map(drop).unwrap_err();
+        assert!(e.contains("10000 parts"), "{e}");
+    }
+
     #[test]
     fn file_urls_encode_what_is_not_plain() {
         assert_eq!(
