@@ -236,3 +236,63 @@ impl LimitsConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::error::ConfigError;
+
+    fn parse(toml: &str) -> LimitsConfig {
+        toml::from_str(toml).unwrap()
+    }
+
+    fn invalid_key(toml: &str) -> String {
+        match parse(toml).validate() {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected an invalid key, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_gateways_share_is_checked_against_the_largest_body() {
+        let limits = LimitsConfig::default().validate().unwrap();
+        assert_eq!(limits.max_requests_per_gateway, 8);
+        assert_eq!(limits.max_buffered_bytes_per_gateway, 32 << 20);
+        assert_eq!(limits.max_buffered_bytes, 512 << 20);
+        assert_eq!(limits.body_idle_timeout.as_secs(), 15);
+        assert_eq!(limits.body_timeout.as_secs(), 60);
+        assert_eq!(limits.header_timeout.as_secs(), 30);
+        assert_eq!(limits.max_connections, 16_384);
+        for (toml, key) in [
+            (
+                "max_requests_per_gateway = 0",
+                "limits.max_requests_per_gateway",
+            ),
+            // Smaller than one full batch (16 MiB): that gateway could never send one.
+            (
+                "max_buffered_bytes_per_gateway = \"8MiB\"",
+                "limits.max_buffered_bytes_per_gateway",
+            ),
+            (
+                "max_buffered_bytes = \"16MiB\"",
+                "limits.max_buffered_bytes",
+            ),
+            ("body_idle_timeout = \"0s\"", "limits.body_idle_timeout"),
+            ("header_timeout = \"0s\"", "limits.header_timeout"),
+            // Fewer connections than requests at once: the request limit could never bite.
+            ("max_connections = 100", "limits.max_connections"),
+            ("max_connections = 2000000", "limits.max_connections"),
+            (
+                "body_idle_timeout = \"30s\"\nbody_timeout = \"20s\"",
+                "limits.body_timeout",
+            ),
+        ] {
+            assert_eq!(invalid_key(&format!("{toml}\n")), key, "{toml}");
+        }
+        let e = parse("max_buffered_bytes_per_gateway = \"8MiB\"\n")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("(8MiB)") && e.contains("16MiB"), "{e}");
+    }
+}

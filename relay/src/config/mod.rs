@@ -412,50 +412,6 @@ mod tests {
     }
 
     #[test]
-    fn each_gateways_share_is_checked_against_the_largest_body() {
-        let c = RelayConfig::default().validate().unwrap();
-        assert_eq!(c.limits.max_requests_per_gateway, 8);
-        assert_eq!(c.limits.max_buffered_bytes_per_gateway, 32 << 20);
-        assert_eq!(c.limits.max_buffered_bytes, 512 << 20);
-        assert_eq!(c.limits.body_idle_timeout.as_secs(), 15);
-        assert_eq!(c.limits.body_timeout.as_secs(), 60);
-        assert_eq!(c.limits.header_timeout.as_secs(), 30);
-        assert_eq!(c.limits.max_connections, 16_384);
-        for (toml, key) in [
-            (
-                "max_requests_per_gateway = 0",
-                "limits.max_requests_per_gateway",
-            ),
-            // Smaller than one full batch (16 MiB): that gateway could never send one.
-            (
-                "max_buffered_bytes_per_gateway = \"8MiB\"",
-                "limits.max_buffered_bytes_per_gateway",
-            ),
-            (
-                "max_buffered_bytes = \"16MiB\"",
-                "limits.max_buffered_bytes",
-            ),
-            ("body_idle_timeout = \"0s\"", "limits.body_idle_timeout"),
-            ("header_timeout = \"0s\"", "limits.header_timeout"),
-            // Fewer connections than requests at once: the request limit could never bite.
-            ("max_connections = 100", "limits.max_connections"),
-            ("max_connections = 2000000", "limits.max_connections"),
-            (
-                "body_idle_timeout = \"30s\"\nbody_timeout = \"20s\"",
-                "limits.body_timeout",
-            ),
-        ] {
-            assert_eq!(invalid_key(&format!("[limits]\n{toml}\n")), key, "{toml}");
-        }
-        let e = RelayConfig::parse("[limits]\nmax_buffered_bytes_per_gateway = \"8MiB\"\n")
-            .unwrap()
-            .validate()
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("(8MiB)") && e.contains("16MiB"), "{e}");
-    }
-
-    #[test]
     fn issue_24_a_token_no_header_can_carry_is_refused() {
         let e = RelayConfig::parse("[[gateways]]\nid = \"a\"\ntoken = \"abc\\ndef0123456789\"\n")
             .unwrap()
