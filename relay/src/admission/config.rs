@@ -240,17 +240,10 @@ impl LimitsConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::error::ConfigError;
-
-    fn parse(toml: &str) -> LimitsConfig {
-        toml::from_str(toml).unwrap()
-    }
+    use crate::config::error::refused_key;
 
     fn invalid_key(toml: &str) -> String {
-        match parse(toml).validate() {
-            Err(ConfigError::Invalid { key, .. }) => key,
-            other => panic!("expected an invalid key, got {other:?}"),
-        }
+        refused_key(toml, LimitsConfig::validate)
     }
 
     #[test]
@@ -289,7 +282,8 @@ mod tests {
         ] {
             assert_eq!(invalid_key(&format!("{toml}\n")), key, "{toml}");
         }
-        let e = parse("max_buffered_bytes_per_gateway = \"8MiB\"\n")
+        let e = toml::from_str::<LimitsConfig>("max_buffered_bytes_per_gateway = \"8MiB\"\n")
+            .unwrap()
             .validate()
             .unwrap_err()
             .to_string();

@@ -26,3 +26,16 @@ pub fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigErro
         problem: problem.into(),
     }
 }
+
+/// In tests: the key a section's check refuses the section's TOML for.
+#[cfg(test)]
+pub fn refused_key<C: serde::de::DeserializeOwned, S: std::fmt::Debug>(
+    toml: &str,
+    validate: impl FnOnce(&C) -> Result<S, ConfigError>,
+) -> String {
+    let section: C = toml::from_str(toml).unwrap();
+    match validate(&section) {
+        Err(ConfigError::Invalid { key, .. }) => key,
+        other => panic!("expected an invalid key, got {other:?}"),
+    }
+}

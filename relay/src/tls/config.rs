@@ -96,17 +96,14 @@ impl TlsConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::error::ConfigError;
+    use crate::config::error::refused_key;
 
     fn parse(toml: &str) -> TlsConfig {
         toml::from_str(toml).unwrap()
     }
 
     fn invalid_key(toml: &str) -> String {
-        match parse(toml).validate() {
-            Err(ConfigError::Invalid { key, .. }) => key,
-            other => panic!("expected an invalid key, got {other:?}"),
-        }
+        refused_key(toml, TlsConfig::validate)
     }
 
     #[test]
