@@ -230,19 +230,21 @@ impl Metrics {
         self.requests[i].fetch_add(1, Relaxed);
     }
 
-    /// The Prometheus text exposition.
+    /// The Prometheus text exposition, section by section.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
-        };
-        let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        };
+        self.render_ingest(&mut out);
+        self.render_sink(&mut out);
+        self.render_uploads(&mut out);
+        self.render_objects(&mut out);
+        self.render_capture(&mut out);
+        self.render_tls(&mut out);
+        self.render_admission(&mut out);
+        out
+    }
 
+    /// Requests, events, in flight, latency.
+    fn render_ingest(&self, out: &mut String) {
         let name = "pigeon_relay_ingest_requests_total";
         let _ = writeln!(
             out,
@@ -270,78 +272,85 @@ impl Metrics {
         }
 
         gauge(
-            &mut out,
+            out,
             "pigeon_relay_ingest_requests_in_flight",
             "Ingest requests being handled now.",
             self.requests_in_flight.load(Relaxed),
         );
         self.request_seconds.render(
-            &mut out,
+            out,
             "pigeon_relay_ingest_request_seconds",
             "Time from reading an ingest request's headers to the answer.",
         );
+    }
+
+    /// Group commits, stream bytes, checkpoints, the dedup index.
+    fn render_sink(&self, out: &mut String) {
         self.sink_commit_seconds.render(
-            &mut out,
+            out,
             "pigeon_relay_sink_write_seconds",
             "Time of one group commit of the stream sink: append, fsync, index update.",
         );
         counter(
-            &mut out,
+            out,
             "pigeon_relay_sink_commits_total",
             "Group commits of the stream sink.",
             self.sink_commits.load(Relaxed),
         );
         counter(
-            &mut out,
+            out,
             "pigeon_relay_sink_errors_total",
             "Stream files whose append or fsync failed.",
             self.sink_errors.load(Relaxed),
         );
         counter(
-            &mut out,
+            out,
             "pigeon_relay_stream_bytes_written_total",
             "Bytes appended durably to stream files.",
             self.stream_bytes_written.load(Relaxed),
         );
         counter(
-            &mut out,
+            out,
             "pigeon_relay_checkpoints_written_total",
             "Deduplication checkpoints written.",
             self.checkpoints_written.load(Relaxed),
         );
         counter(
-            &mut out,
+            out,
             "pigeon_relay_checkpoint_errors_total",
             "Deduplication checkpoints that could not be written.",
             self.checkpoint_errors.load(Relaxed),
         );
         gauge(
-            &mut out,
+            out,
             "pigeon_relay_dedup_producers",
             "(gateway, producer) pairs in the deduplication index.",
             self.dedup_producers.load(Relaxed),
         );
         gauge(
-            &mut out,
+            out,
             "pigeon_relay_sink_healthy",
             "1 while the stream sink's last write succeeded, 0 after a failure.",
             u64::from(self.sink_healthy.load(Relaxed)),
         );
+    }
 
+    /// File uploads: created, resumed, bytes, completed, abandoned.
+    fn render_uploads(&self, out: &mut String) {
         counter(
-            &mut out,
+            out,
             "pigeon_relay_uploads_created_total",
             "File uploads created (answered 201).",
             self.uploads_created.load(Relaxed),
         );
         counter(
-            &mut out,
+            out,
             "pigeon_relay_uploads_resumed_total",
             "File uploads continued from bytes the relay already held (a PATCH from an offset above 0, or a create that finished the job).",
             self.uploads_resumed.load(Relaxed),
         );
         counter(
-            &mut out,
+            out,
             "pigeon_relay_upload_bytes_received_total",
             "File bytes received and appended to unfinished uploads.",
             self.upload_bytes_received.load(Relaxed),
@@ -359,52 +368,60 @@ impl Metrics {
             let _ = writeln!(out, "{name}{{result=\"{result}\"}} {}", c.load(Relaxed));
         }
         counter(
-            &mut out,
+            out,
             "pigeon_relay_upload_digest_mismatches_total",
             "Uploaded files whose SHA-256 was not the one announced (their bytes were discarded).",
             self.upload_digest_mismatches.load(Relaxed),
         );
         gauge(
-            &mut out,
+            out,
             "pigeon_relay_uploads_in_progress",
             "Upload PATCH requests being handled now.",
             self.uploads_in_progress.load(Relaxed),
         );
         counter(
-            &mut out,
+            out,
             "pigeon_relay_uploads_abandoned_total",
             "Unfinished uploads deleted after uploads.abandon_after without a touch.",
             self.uploads_abandoned.load(Relaxed),
         );
+    }
+
+    /// The object store: bytes, requests, health, parts.
+    fn render_objects(&self, out: &mut String) {
         counter(
-            &mut out,
+            out,
             "pigeon_relay_object_bytes_written_total",
             "Bytes of files stored as objects.",
             self.object_bytes_written.load(Relaxed),
         );
         self.object_store_seconds.render(
-            &mut out,
+            out,
             "pigeon_relay_object_store_request_seconds",
             "Duration of each request to the object store (S3), successful or not.",
         );
         counter(
-            &mut out,
+            out,
             "pigeon_relay_object_store_errors_total",
             "Requests to the object store (S3) that failed.",
             self.object_store_errors.load(Relaxed),
         );
         gauge(
-            &mut out,
+            out,
             "pigeon_relay_object_store_healthy",
             "1 if the last request to the object store succeeded (always 1 for files).",
             u64::from(self.object_store_healthy.load(Relaxed)),
         );
         counter(
-            &mut out,
+            out,
             "pigeon_relay_object_parts_sent_total",
             "Parts of files sent to S3 multipart uploads.",
             self.object_parts_sent.load(Relaxed),
         );
+    }
+
+    /// Capture objects and the capture consumer.
+    fn render_capture(&self, out: &mut String) {
         for (name, help, v) in [
             (
                 "pigeon_relay_capture_events_total",
@@ -427,20 +444,24 @@ impl Metrics {
                 &self.capture_errors,
             ),
         ] {
-            counter(&mut out, name, help, v.load(Relaxed));
+            counter(out, name, help, v.load(Relaxed));
         }
         gauge(
-            &mut out,
+            out,
             "pigeon_relay_capture_partitions",
             "Kafka partitions this relay captures (its share of the capture consumer group).",
             self.capture_partitions.load(Relaxed),
         );
         gauge(
-            &mut out,
+            out,
             "pigeon_relay_capture_buffered_bytes",
             "Event bytes read from Kafka and not yet in a capture object.",
             self.capture_buffered_bytes.load(Relaxed),
         );
+    }
+
+    /// Handshakes, reloads, certificate expiry.
+    fn render_tls(&self, out: &mut String) {
         for (name, help, v) in [
             (
                 "pigeon_relay_tls_handshake_errors_total",
@@ -458,54 +479,68 @@ impl Metrics {
                 &self.tls_reload_errors,
             ),
         ] {
-            counter(&mut out, name, help, v.load(Relaxed));
+            counter(out, name, help, v.load(Relaxed));
         }
         gauge(
-            &mut out,
+            out,
             "pigeon_relay_tls_certificate_expiry_timestamp_seconds",
             "notAfter of the certificate the relay serves, in Unix seconds (0 without [tls]).",
             self.tls_cert_not_after.load(Relaxed),
         );
+    }
+
+    /// Admission, body deadlines, connections, malformed requests.
+    fn render_admission(&self, out: &mut String) {
         labelled(
-            &mut out,
+            out,
             "pigeon_relay_admission_refused_total",
             "Requests refused before their body was read, by the limit that was reached: the relay's (requests, uploads, buffered_bytes: 503) or one gateway's share (requests_per_gateway, buffered_bytes_per_gateway: 429).",
             "limit",
             ADMISSION_LIMITS.iter().zip(&self.admission_refused),
         );
         gauge(
-            &mut out,
+            out,
             "pigeon_relay_buffered_body_bytes",
             "Bytes of request bodies held in memory now (limits.max_buffered_bytes).",
             self.buffered_body_bytes.load(Relaxed),
         );
         labelled(
-            &mut out,
+            out,
             "pigeon_relay_request_body_timeouts_total",
             "Request bodies stopped (answered 408) because no byte came for limits.body_idle_timeout (idle) or the whole body took longer than limits.body_timeout (total).",
             "deadline",
             BODY_DEADLINES.iter().zip(&self.body_timeouts),
         );
         gauge(
-            &mut out,
+            out,
             "pigeon_relay_open_connections",
             "Client connections open now (limits.max_connections).",
             self.open_connections.load(Relaxed),
         );
         counter(
-            &mut out,
+            out,
             "pigeon_relay_connection_limit_reached_total",
             "Times every connection slot (limits.max_connections) was taken and new connections waited in the listen queue.",
             self.connection_limit_reached.load(Relaxed),
         );
         counter(
-            &mut out,
+            out,
             "pigeon_relay_malformed_requests_total",
             "Requests that were not valid HTTP/1.1 (a malformed request line or header, headers too large), answered 400 or 431 and the connection closed; the debug log names the peer and the fault.",
             self.malformed_requests.load(Relaxed),
         );
-        out
     }
+}
+
+fn counter(out: &mut String, name: &str, help: &str, v: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+    );
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
 }
 
 /// A counter with one label, a sample per value.
