@@ -9,7 +9,7 @@
 //! with a math error).
 
 use crate::error::{Error, ErrorKind};
-use crate::functions;
+use crate::functions::{self, Param};
 use crate::parser::{BinOp, Expr};
 use crate::value::{Type, Value};
 
@@ -76,7 +76,7 @@ impl<'a> Evaluator<'a> {
                 set,
                 negated,
             } => self.is_in(value, set, *negated),
-            Expr::Call { name, args } => functions::call(self, name, args),
+            Expr::Call { name, args } => self.call(name, args),
         }
     }
 
@@ -183,6 +183,29 @@ impl<'a> Evaluator<'a> {
             BinOp::Div => self.math(a.checked_div(b), overflow),
             BinOp::Rem => self.math(a.checked_rem(b), overflow),
             _ => unreachable!("logic and equality are handled by binary"),
+        }
+    }
+
+    /// A function call: every argument evaluated and cast to its parameter's type (all
+    /// of them, so the error list has each one's errors), then the body; the zero value
+    /// of the function's type if an argument failed, `false` if there is no such
+    /// function.
+    fn call(&mut self, name: &str, args: &[Expr]) -> Value {
+        let Some(f) = functions::find(name, args.len()) else {
+            self.errors.push(functions::missing(name, args.len()));
+            return Value::Bool(false);
+        };
+        let values: Vec<Operand> = args
+            .iter()
+            .enumerate()
+            .map(|(k, arg)| match f.param(k) {
+                Param::Of(t) => self.operand(arg, t),
+                Param::Any => self.any(arg),
+            })
+            .collect();
+        match values.into_iter().collect::<Option<Vec<Value>>>() {
+            Some(values) => (f.body)(&mut self.errors, values),
+            None => f.returns.zero(),
         }
     }
 

@@ -2,25 +2,36 @@
 //! arguments cast to the parameter types, a value of the function's type whatever
 //! happens.
 
-use crate::error::ErrorKind;
-use crate::eval::Evaluator;
-use crate::parser::Expr;
+use crate::error::{Error, ErrorKind};
 use crate::value::{Type, Value};
 
 /// A parameter: a type its argument is cast to, or any value as it is.
 #[derive(Clone, Copy)]
-enum Param {
+pub(crate) enum Param {
     Of(Type),
     Any,
 }
 
-struct Function {
-    name: &'static str,
+/// Errors a function's body raises go here; it returns a value of its type anyway.
+pub(crate) type Errors = Vec<Error>;
+
+pub(crate) struct Function {
+    pub(crate) name: &'static str,
     params: &'static [Param],
     /// More arguments of this type may follow the fixed ones.
     variadic: Option<Type>,
-    returns: Type,
-    body: fn(&mut Evaluator<'_>, Vec<Value>) -> Value,
+    pub(crate) returns: Type,
+    pub(crate) body: fn(&mut Errors, Vec<Value>) -> Value,
+}
+
+impl Function {
+    /// What the `k`-th argument is cast to.
+    pub(crate) fn param(&self, k: usize) -> Param {
+        self.params
+            .get(k)
+            .copied()
+            .unwrap_or(Param::Of(self.variadic.unwrap_or(Type::String)))
+    }
 }
 
 const S: Param = Param::Of(Type::String);
@@ -73,7 +84,8 @@ const FUNCTIONS: &[Function] = &[
     fixed("ABS", &[I], Type::Integer, |ev, a| {
         let i = integer(&a[0]);
         Value::Integer(i.checked_abs().unwrap_or_else(|| {
-            ev.error(
+            error(
+                ev,
                 ErrorKind::Math,
                 format!("ABS({i}) is outside the 32-bit range"),
             );
@@ -96,7 +108,7 @@ const fn fixed(
     name: &'static str,
     params: &'static [Param],
     returns: Type,
-    body: fn(&mut Evaluator<'_>, Vec<Value>) -> Value,
+    body: fn(&mut Errors, Vec<Value>) -> Value,
 ) -> Function {
     Function {
         name,
@@ -107,7 +119,8 @@ const fn fixed(
     }
 }
 
-fn find(name: &str, arity: usize) -> Option<&'static Function> {
+/// The function `name` (upper case) with `arity` arguments, if there is one.
+pub(crate) fn find(name: &str, arity: usize) -> Option<&'static Function> {
     let mut candidates = FUNCTIONS.iter().filter(|f| f.name == name);
     candidates
         .clone()
@@ -120,37 +133,18 @@ pub(crate) fn exists(name: &str, arity: usize) -> bool {
     find(name, arity).is_some()
 }
 
-pub(crate) fn call(ev: &mut Evaluator<'_>, name: &str, args: &[Expr]) -> Value {
-    let Some(f) = find(name, args.len()) else {
-        let known = FUNCTIONS.iter().any(|f| f.name == name);
-        let message = if known {
-            format!("{name} does not take {} arguments", args.len())
-        } else {
-            format!("there is no function {name}")
-        };
-        ev.error(ErrorKind::MissingFunction, message);
-        return Value::Bool(false);
+/// Why `name` with `arity` arguments cannot be called.
+pub(crate) fn missing(name: &str, arity: usize) -> Error {
+    let message = if FUNCTIONS.iter().any(|f| f.name == name) {
+        format!("{name} does not take {arity} arguments")
+    } else {
+        format!("there is no function {name}")
     };
-    // Every argument is evaluated (complete mode collects all their errors).
-    let values: Vec<Option<Value>> = args
-        .iter()
-        .enumerate()
-        .map(|(k, arg)| {
-            let param = f
-                .params
-                .get(k)
-                .copied()
-                .unwrap_or(Param::Of(f.variadic.unwrap_or(Type::String)));
-            match param {
-                Param::Of(t) => ev.operand(arg, t),
-                Param::Any => ev.any(arg),
-            }
-        })
-        .collect();
-    match values.into_iter().collect::<Option<Vec<Value>>>() {
-        Some(values) => (f.body)(ev, values),
-        None => f.returns.zero(),
-    }
+    Error::new(ErrorKind::MissingFunction, message)
+}
+
+fn error(errors: &mut Errors, kind: ErrorKind, message: String) {
+    errors.push(Error::new(kind, message));
 }
 
 fn string(v: &Value) -> &str {
@@ -168,9 +162,10 @@ fn integer(v: &Value) -> i32 {
 }
 
 /// LEFT and RIGHT: the first or last `n` characters.
-fn side(ev: &mut Evaluator<'_>, name: &str, s: &str, n: i32, left: bool) -> Value {
+fn side(ev: &mut Errors, name: &str, s: &str, n: i32, left: bool) -> Value {
     let Ok(n) = usize::try_from(n) else {
-        ev.error(
+        error(
+            ev,
             ErrorKind::FunctionEvaluation,
             format!("{name} was given a negative length ({n})"),
         );
@@ -186,18 +181,20 @@ fn side(ev: &mut Evaluator<'_>, name: &str, s: &str, n: i32, left: bool) -> Valu
 }
 
 /// SUBSTRING(s, pos[, len]): from the 1-based `pos` (from the end when negative).
-fn substring(ev: &mut Evaluator<'_>, s: &str, pos: i32, len: Option<i32>) -> Value {
+fn substring(ev: &mut Errors, s: &str, pos: i32, len: Option<i32>) -> Value {
     let count = i64::try_from(s.chars().count()).unwrap_or(i64::MAX);
     let p = i64::from(pos);
     if p > count || p < -count {
-        ev.error(
+        error(
+            ev,
             ErrorKind::FunctionEvaluation,
             format!("SUBSTRING position {pos} is outside a string of {count} characters"),
         );
         return Type::String.zero();
     }
     if len.is_some_and(|l| l < 0) {
-        ev.error(
+        error(
+            ev,
             ErrorKind::FunctionEvaluation,
             format!(
                 "SUBSTRING was given a negative length ({})",

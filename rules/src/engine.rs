@@ -325,6 +325,35 @@ impl Engine {
         }
     }
 
+    /// Makes room for a group the rule has not seen (dropping the stalest at
+    /// `max_groups`) and gives it a fresh state.
+    fn admit_group(&mut self, i: usize, group: &str, now: i64) {
+        let run = &mut self.rules[i];
+        if run.groups.contains_key(group) {
+            return;
+        }
+        if run.groups.len() >= run.rule.max_groups
+            && let Some(stalest) = run
+                .groups
+                .iter()
+                .min_by_key(|(_, g)| g.touched)
+                .map(|(k, _)| k.clone())
+        {
+            run.groups.remove(&stalest);
+            run.stats.evicted += 1;
+            self.dirty.push((i, stalest));
+        }
+        let run = &mut self.rules[i];
+        let state = fresh_state(&run.rule.kind, now);
+        run.groups.insert(
+            group.to_owned(),
+            Group {
+                state,
+                touched: self.clock,
+            },
+        );
+    }
+
     /// One reading in one rule's group: the derived events and whether it is suppressed.
     fn apply(
         &mut self,
@@ -335,119 +364,51 @@ impl Engine {
         id: &str,
         now: i64,
     ) -> (Vec<Derived>, bool) {
+        self.admit_group(i, &group, now);
         let clock = self.clock;
         let run = &mut self.rules[i];
-        if !run.groups.contains_key(&group) {
-            if run.groups.len() >= run.rule.max_groups
-                && let Some(stalest) = run
-                    .groups
-                    .iter()
-                    .min_by_key(|(_, g)| g.touched)
-                    .map(|(k, _)| k.clone())
-            {
-                run.groups.remove(&stalest);
-                run.stats.evicted += 1;
-                self.dirty.push((i, stalest));
-            }
-            let run = &mut self.rules[i];
-            run.groups.insert(
-                group.clone(),
-                Group {
-                    state: fresh_state(&run.rule.kind, now),
-                    touched: clock,
-                },
-            );
-        }
-        let run = &mut self.rules[i];
-        let g = run.groups.get_mut(&group).expect("inserted above");
+        let g = run.groups.get_mut(&group).expect("admitted above");
         g.touched = clock;
         let rule = &run.rule;
-        let mut derived = Vec::new();
-        let mut suppress = rule.suppress;
-        let mut late = false;
-        match (&rule.kind, &mut g.state) {
+        let step = match (&rule.kind, &mut g.state) {
             (Kind::Threshold(th), GroupState::Alarm { alarm, run: ids }) => {
-                let v = value.expect("threshold rules have a value");
-                let transition = th.observe(alarm, t, v);
-                if alarm.run.is_some() {
-                    ids.push(id.to_owned());
-                    if ids.len() > MAX_RUN_IDS {
-                        ids.remove(0);
-                    }
-                }
-                if let Some(tr) = transition {
-                    ids.push(id.to_owned());
-                    derived.push(alarm_event(rule, &group, tr, t, v, id, ids));
-                }
-                if alarm.run.is_none() {
-                    ids.clear();
-                }
+                threshold_step(rule, th, alarm, ids, &group, t, value, id)
             }
             (Kind::Window { windowing, .. }, GroupState::Windows { open }) => {
-                let v = value.expect("window rules have a value");
-                for Bounds { start, end } in windowing.windows_of(t) {
-                    if end.saturating_add(rule.allowed_lateness_ms) <= now {
-                        late = true;
-                        continue;
-                    }
-                    let at = open.partition_point(|w| w.start < start);
-                    if open.get(at).is_none_or(|w| w.start != start) {
-                        open.insert(
-                            at,
-                            WindowState {
-                                start,
-                                end,
-                                acc: Accumulator::default(),
-                                first_id: id.to_owned(),
-                                last_id: id.to_owned(),
-                            },
-                        );
-                    }
-                    let w = &mut open[at];
-                    if t < w.acc.first.0 || w.acc.count == 0 {
-                        w.first_id = id.to_owned();
-                    }
-                    if t >= w.acc.last.0 || w.acc.count == 0 {
-                        w.last_id = id.to_owned();
-                    }
-                    w.acc.add(t, v);
-                }
+                window_step(rule, *windowing, open, t, value, id, now)
             }
-            (Kind::Window { windowing, when }, GroupState::Sliding { readings }) => {
-                let v = value.expect("window rules have a value");
-                let size = windowing.size_ms();
-                let newest = readings.back().map_or(i64::MIN, |r| r.0);
-                if t < newest.saturating_sub(rule.allowed_lateness_ms) {
-                    late = true;
-                } else {
-                    let at = readings.partition_point(|r| r.0 <= t);
-                    readings.insert(at, (t, v, id.to_owned()));
-                    let newest = readings.back().map_or(t, |r| r.0);
-                    while readings.front().is_some_and(|r| r.0 <= newest - size)
-                        || readings.len() > MAX_SLIDING_READINGS
-                    {
-                        readings.pop_front();
-                    }
-                    let mut acc = Accumulator::default();
-                    readings.iter().for_each(|r| acc.add(r.0, r.1));
-                    if when.as_ref().is_none_or(|c| c.holds(&acc.figures())) {
-                        derived.push(sliding_event(rule, &group, t, id, &acc, readings));
-                    }
-                }
-            }
-            (Kind::Exception(ex), GroupState::Exception { last }) => {
-                let v = value.expect("exception rules have a value");
-                suppress = !ex.observe(last, t, v);
-            }
+            (Kind::Window { windowing, when }, GroupState::Sliding { readings }) => sliding_step(
+                rule,
+                windowing.size_ms(),
+                when.as_ref(),
+                readings,
+                &group,
+                t,
+                value,
+                id,
+            ),
+            (Kind::Exception(ex), GroupState::Exception { last }) => Step {
+                suppress: Some(!ex.observe(last, t, value.expect("exception rules have a value"))),
+                ..Step::default()
+            },
             (Kind::Absence { .. }, GroupState::Absence { last_seen, silent }) => {
+                let mut step = Step::default();
                 if *silent {
-                    derived.push(absence_event(rule, &group, *last_seen, now, false));
+                    step.derived
+                        .push(absence_event(rule, &group, *last_seen, now, false));
                     *silent = false;
                 }
                 *last_seen = (*last_seen).max(now);
+                step
             }
             _ => unreachable!("a group's state is made for its rule's kind"),
-        }
+        };
+        let Step {
+            derived,
+            suppress,
+            late,
+        } = step;
+        let suppress = suppress.unwrap_or(rule.suppress);
         if late {
             run.stats.late += 1;
         }
@@ -460,6 +421,127 @@ impl Engine {
         self.count_emitted(&derived);
         (derived, suppress)
     }
+}
+
+/// What one reading did in one rule: the events it derived, whether it is suppressed
+/// (`None`: as the rule's `suppress` says) and whether it came too late.
+#[derive(Default)]
+struct Step {
+    derived: Vec<Derived>,
+    suppress: Option<bool>,
+    late: bool,
+}
+
+/// A threshold rule: the alarm's state, and the ids of the run towards the other state.
+#[allow(clippy::too_many_arguments)]
+fn threshold_step(
+    rule: &Rule,
+    th: &crate::threshold::Threshold,
+    alarm: &mut AlarmState,
+    ids: &mut Vec<String>,
+    group: &str,
+    t: i64,
+    value: Option<f64>,
+    id: &str,
+) -> Step {
+    let v = value.expect("threshold rules have a value");
+    let mut step = Step::default();
+    let transition = th.observe(alarm, t, v);
+    if alarm.run.is_some() {
+        ids.push(id.to_owned());
+        if ids.len() > MAX_RUN_IDS {
+            ids.remove(0);
+        }
+    }
+    if let Some(tr) = transition {
+        ids.push(id.to_owned());
+        step.derived
+            .push(alarm_event(rule, group, tr, t, v, id, ids));
+    }
+    if alarm.run.is_none() {
+        ids.clear();
+    }
+    step
+}
+
+/// A tumbling or hopping window rule: the reading into each of its open windows, or
+/// counted late for a window already closed.
+fn window_step(
+    rule: &Rule,
+    windowing: Windowing,
+    open: &mut Vec<WindowState>,
+    t: i64,
+    value: Option<f64>,
+    id: &str,
+    now: i64,
+) -> Step {
+    let v = value.expect("window rules have a value");
+    let mut step = Step::default();
+    for Bounds { start, end } in windowing.windows_of(t) {
+        if end.saturating_add(rule.allowed_lateness_ms) <= now {
+            step.late = true;
+            continue;
+        }
+        let at = open.partition_point(|w| w.start < start);
+        if open.get(at).is_none_or(|w| w.start != start) {
+            open.insert(
+                at,
+                WindowState {
+                    start,
+                    end,
+                    acc: Accumulator::default(),
+                    first_id: id.to_owned(),
+                    last_id: id.to_owned(),
+                },
+            );
+        }
+        let w = &mut open[at];
+        if t < w.acc.first.0 || w.acc.count == 0 {
+            w.first_id = id.to_owned();
+        }
+        if t >= w.acc.last.0 || w.acc.count == 0 {
+            w.last_id = id.to_owned();
+        }
+        w.acc.add(t, v);
+    }
+    step
+}
+
+/// A sliding window rule: the reading into the window of the `size` before the newest
+/// reading, and an event if the condition holds over it.
+#[allow(clippy::too_many_arguments)]
+fn sliding_step(
+    rule: &Rule,
+    size: i64,
+    when: Option<&crate::condition::Condition>,
+    readings: &mut VecDeque<(i64, f64, String)>,
+    group: &str,
+    t: i64,
+    value: Option<f64>,
+    id: &str,
+) -> Step {
+    let v = value.expect("window rules have a value");
+    let mut step = Step::default();
+    let newest = readings.back().map_or(i64::MIN, |r| r.0);
+    if t < newest.saturating_sub(rule.allowed_lateness_ms) {
+        step.late = true;
+        return step;
+    }
+    let at = readings.partition_point(|r| r.0 <= t);
+    readings.insert(at, (t, v, id.to_owned()));
+    let newest = readings.back().map_or(t, |r| r.0);
+    while readings.front().is_some_and(|r| r.0 <= newest - size)
+        || readings.len() > MAX_SLIDING_READINGS
+    {
+        readings.pop_front();
+    }
+    let mut acc = Accumulator::default();
+    readings.iter().for_each(|r| acc.add(r.0, r.1));
+    if when.is_none_or(|c| c.holds(&acc.figures())) {
+        step.derived
+            .push(sliding_event(rule, group, t, id, &acc, readings));
+    }
+    step
 }
 
 fn fresh_state(kind: &Kind, now: i64) -> GroupState {
