@@ -197,10 +197,15 @@ impl StreamFiles {
     ///
     /// Returns one result per buffer. A file whose write or fsync failed is cut back to
     /// its committed length and closed, so the next attempt starts clean.
-    pub fn append(&mut self, buffers: &[(GatewayId, String, Vec<u8>)]) -> Vec<AppendResult> {
+    pub fn append(&mut self, buffers: &[FileAppend]) -> Vec<AppendResult> {
         let mut results: Vec<AppendResult> = Vec::with_capacity(buffers.len());
         // Phase 1: open and write (into the page cache; fast).
-        for (gateway, rel, buf) in buffers {
+        for FileAppend {
+            gateway,
+            path: rel,
+            lines: buf,
+        } in buffers
+        {
             let r = self.open(gateway, rel).and_then(|()| {
                 let entry = self
                     .files
@@ -219,9 +224,9 @@ impl StreamFiles {
             .iter()
             .enumerate()
             .filter(|(i, _)| results[*i].is_ok())
-            .filter_map(|(i, (_, rel, _))| {
+            .filter_map(|(i, b)| {
                 self.files
-                    .get(rel)
+                    .get(&b.path)
                     .and_then(|e| e.handle.clone())
                     .map(|f| (i, f))
             })
@@ -231,13 +236,13 @@ impl StreamFiles {
         }
         // Phase 3: commit lengths, or roll back.
         let now = Instant::now();
-        for ((_, rel, buf), r) in buffers.iter().zip(results.iter()) {
-            let Some(entry) = self.files.get_mut(rel) else {
+        for (b, r) in buffers.iter().zip(results.iter()) {
+            let Some(entry) = self.files.get_mut(&b.path) else {
                 continue;
             };
             match r {
                 Ok(()) => {
-                    entry.len += buf.len() as u64;
+                    entry.len += b.lines.len() as u64;
                     entry.last_write = now;
                 }
                 Err(_) => {
@@ -245,7 +250,7 @@ impl StreamFiles {
                         let cut = f.set_len(entry.len).and_then(|()| f.sync_all());
                         if let Err(e) = cut {
                             tracing::error!(
-                                file = %rel,
+                                file = %b.path,
                                 error = %e,
                                 "Could not cut a failed write off a stream file; it will be cut when the file is next opened."
                             );
@@ -271,21 +276,21 @@ impl Stream for StreamFiles {
             return Vec::new();
         }
         let hour = self.advance_hour(Utc::now());
-        let mut buffers: Vec<(GatewayId, String, Vec<u8>)> = Vec::new();
+        let mut buffers: Vec<FileAppend> = Vec::new();
         let mut buffer_of: HashMap<&GatewayId, usize> = HashMap::new();
         let mut slot = Vec::with_capacity(events.len());
         for ev in events {
             let bi = *buffer_of.entry(ev.gateway).or_insert_with(|| {
-                buffers.push((
-                    ev.gateway.clone(),
-                    relative_path(ev.gateway, hour),
-                    Vec::new(),
-                ));
+                buffers.push(FileAppend {
+                    gateway: ev.gateway.clone(),
+                    path: relative_path(ev.gateway, hour),
+                    lines: Vec::new(),
+                });
                 buffers.len() - 1
             });
-            let buf = &mut buffers[bi].2;
-            buf.extend_from_slice(ev.line);
-            buf.push(b'\n');
+            let lines = &mut buffers[bi].lines;
+            lines.extend_from_slice(ev.line);
+            lines.push(b'\n');
             slot.push(bi);
         }
         let results = self.append(&buffers);
@@ -294,7 +299,7 @@ impl Stream for StreamFiles {
                 results[bi]
                     .as_ref()
                     .map(|_| ())
-                    .map_err(|e| NotStored::Unavailable(format!("{}: {e}", buffers[bi].1)))
+                    .map_err(|e| NotStored::Unavailable(format!("{}: {e}", buffers[bi].path)))
             })
             .collect()
     }
@@ -313,6 +318,16 @@ impl Stream for StreamFiles {
             .map(|(rel, len)| (rel.to_owned(), len))
             .collect();
     }
+}
+
+/// One stream file's share of a group commit: the lines to append to it.
+#[derive(Debug)]
+pub struct FileAppend {
+    pub gateway: GatewayId,
+    /// The file, relative to the data dir.
+    pub path: String,
+    /// Whole lines, each ending in a newline.
+    pub lines: Vec<u8>,
 }
 
 /// Threads that fsync the files of one group commit at the same time: each fsync waits
@@ -412,6 +427,14 @@ mod tests {
     use super::*;
     use std::fs;
 
+    fn file_append(gateway: GatewayId, path: String, lines: Vec<u8>) -> FileAppend {
+        FileAppend {
+            gateway,
+            path,
+            lines,
+        }
+    }
+
     fn gw(s: &str) -> GatewayId {
         GatewayId::new(s).unwrap()
     }
@@ -449,11 +472,15 @@ mod tests {
         let rel = relative_path(&gw("pi-1"), 475_000);
         let rel2 = relative_path(&gw("pi-2"), 475_000);
         let r = files.append(&[
-            (gw("pi-1"), rel.clone(), b"{\"a\":1}\n".to_vec()),
-            (gw("pi-2"), rel2.clone(), b"{\"b\":2}\n".to_vec()),
+            file_append(gw("pi-1"), rel.clone(), b"{\"a\":1}\n".to_vec()),
+            file_append(gw("pi-2"), rel2.clone(), b"{\"b\":2}\n".to_vec()),
         ]);
         assert!(r.iter().all(Result::is_ok), "{r:?}");
-        let r = files.append(&[(gw("pi-1"), rel.clone(), b"{\"a\":3}\n".to_vec())]);
+        let r = files.append(&[file_append(
+            gw("pi-1"),
+            rel.clone(),
+            b"{\"a\":3}\n".to_vec(),
+        )]);
         assert!(r[0].is_ok());
         assert_eq!(
             fs::read_to_string(dir.path().join(&rel)).unwrap(),
@@ -474,13 +501,21 @@ mod tests {
 
         // Known at 8 bytes: everything after is cut, complete or not.
         let mut files = StreamFiles::new(dir.path().to_owned(), [(rel.clone(), 8)]);
-        files.append(&[(gw("pi-1"), rel.clone(), b"{\"a\":9}\n".to_vec())]);
+        files.append(&[file_append(
+            gw("pi-1"),
+            rel.clone(),
+            b"{\"a\":9}\n".to_vec(),
+        )]);
         assert_eq!(fs::read_to_string(&path).unwrap(), "{\"a\":1}\n{\"a\":9}\n");
 
         // Unknown: only the torn tail is cut.
         fs::write(&path, b"{\"a\":1}\n{\"a\":2}\n{\"tor").unwrap();
         let mut files = StreamFiles::new(dir.path().to_owned(), []);
-        files.append(&[(gw("pi-1"), rel.clone(), b"{\"a\":9}\n".to_vec())]);
+        files.append(&[file_append(
+            gw("pi-1"),
+            rel.clone(),
+            b"{\"a\":9}\n".to_vec(),
+        )]);
         assert_eq!(
             fs::read_to_string(&path).unwrap(),
             "{\"a\":1}\n{\"a\":2}\n{\"a\":9}\n"
@@ -514,16 +549,16 @@ mod tests {
             .map(|i| {
                 let g = gw(&format!("gw-{i}"));
                 let rel = relative_path(&g, 475_000);
-                (g, rel, format!("{{\"n\":{i}}}\n").into_bytes())
+                file_append(g, rel, format!("{{\"n\":{i}}}\n").into_bytes())
             })
             .collect();
         let r = files.append(&buffers);
         assert_eq!(r.len(), 150);
         assert!(r.iter().all(Result::is_ok), "{r:?}");
         let lengths: HashMap<_, _> = files.lengths().collect();
-        for (_, rel, buf) in &buffers {
-            assert_eq!(lengths[rel.as_str()], buf.len() as u64);
-            assert_eq!(fs::read(dir.path().join(rel)).unwrap(), *buf);
+        for b in &buffers {
+            assert_eq!(lengths[b.path.as_str()], b.lines.len() as u64);
+            assert_eq!(fs::read(dir.path().join(&b.path)).unwrap(), b.lines);
         }
     }
 
@@ -535,8 +570,8 @@ mod tests {
         fs::write(dir.path().join(STREAM_DIR).join("pi-2"), b"").unwrap();
         let mut files = StreamFiles::new(dir.path().to_owned(), []);
         let r = files.append(&[
-            (gw("pi-1"), relative_path(&gw("pi-1"), 1), b"1\n".to_vec()),
-            (gw("pi-2"), relative_path(&gw("pi-2"), 1), b"2\n".to_vec()),
+            file_append(gw("pi-1"), relative_path(&gw("pi-1"), 1), b"1\n".to_vec()),
+            file_append(gw("pi-2"), relative_path(&gw("pi-2"), 1), b"2\n".to_vec()),
         ]);
         assert!(r[0].is_ok());
         assert!(r[1].is_err());
