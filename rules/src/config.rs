@@ -350,17 +350,21 @@ impl RuleConfig {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    #[derive(Deserialize)]
-    struct File {
-        rules: Vec<RuleConfig>,
+    /// The `[[rules]]` of a TOML text (the engine's tests use it too).
+    pub(crate) fn parse_rules(toml_text: &str) -> Vec<RuleConfig> {
+        #[derive(Deserialize)]
+        struct File {
+            rules: Vec<RuleConfig>,
+        }
+        let f: File = toml::from_str(toml_text).expect("TOML");
+        f.rules
     }
 
     fn check(toml_text: &str) -> Result<Rule, RuleError> {
-        let f: File = toml::from_str(toml_text).expect("TOML");
-        f.rules[0].check()
+        parse_rules(toml_text)[0].check()
     }
 
     #[test]

@@ -744,7 +744,7 @@ fn absence_event(rule: &Rule, group: &str, last_seen: i64, now: i64, silent: boo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RuleConfig;
+    use crate::config::tests::parse_rules;
 
     struct Attrs {
         subject: String,
@@ -761,12 +761,10 @@ mod tests {
     }
 
     fn rules(toml_text: &str) -> Vec<Rule> {
-        #[derive(Deserialize)]
-        struct File {
-            rules: Vec<RuleConfig>,
-        }
-        let f: File = toml::from_str(toml_text).unwrap();
-        f.rules.iter().map(|r| r.check().unwrap()).collect()
+        parse_rules(toml_text)
+            .iter()
+            .map(|r| r.check().unwrap())
+            .collect()
     }
 
     /// A reading: (arrival ms, subject, data JSON, id).
