@@ -32,6 +32,9 @@ pub(crate) struct Config {
     pub(crate) health: HealthConfig,
     #[serde(default)]
     pub(crate) http: HttpConfig,
+    /// Edge rules (docs/rules.md): alarms, windows, report by exception, silent sensors.
+    #[serde(default)]
+    pub(crate) rules: Vec<pigeon_rules::RuleConfig>,
 }
 
 /// The local HTTP endpoint: `/live`, `/ready`, `/metrics`, `/status`.
@@ -530,7 +533,23 @@ impl Config {
         }
         self.health.validate()?;
         self.http.listen_addr().map_err(|m| ("http.listen", m))?;
+        self.checked_rules().map_err(|m| ("rules", m))?;
         Ok(())
+    }
+
+    /// The `[[rules]]`, checked: the first that cannot run is named with what is wrong
+    /// (a CESQL syntax error with its column), as is a name given twice.
+    pub(crate) fn checked_rules(&self) -> Result<Vec<pigeon_rules::Rule>, String> {
+        let mut seen = std::collections::HashSet::new();
+        self.rules
+            .iter()
+            .map(|r| {
+                if !seen.insert(r.name.as_str()) {
+                    return Err(format!("rule {:?}: the name is given twice", r.name));
+                }
+                r.check().map_err(|e| e.to_string())
+            })
+            .collect()
     }
 
     /// Where picked-up files wait for upload (also when `[files]` was removed since: dead

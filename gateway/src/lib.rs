@@ -27,6 +27,7 @@ pub(crate) mod http;
 pub(crate) mod metrics;
 pub(crate) mod outbox;
 pub(crate) mod report;
+pub(crate) mod rules;
 mod running;
 pub(crate) mod sources;
 pub(crate) mod spool;

@@ -155,6 +155,11 @@ pub struct Rule {
     pub priority: u8,
     pub suppress: bool,
     pub max_groups: usize,
+    /// A digest of what the groups' states depend on (value, grouping, time, kind and
+    /// its settings, condition): saved states of a rule whose fingerprint changed are
+    /// not restored. The filter, type, priority and suppression are left out: changing
+    /// them keeps the states.
+    pub fingerprint: String,
 }
 
 /// The default cap on a rule's groups.
@@ -256,7 +261,28 @@ impl RuleConfig {
             priority,
             suppress: self.suppress,
             max_groups: self.max_groups.unwrap_or(DEFAULT_MAX_GROUPS).max(1),
+            fingerprint: self.fingerprint(),
         })
+    }
+
+    fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let what = format!(
+            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+            self.value,
+            self.group_by,
+            self.time,
+            self.allowed_lateness,
+            self.threshold,
+            self.window,
+            self.when,
+            self.exception,
+            self.absence,
+        );
+        Sha256::digest(what.as_bytes())[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     fn group_by(&self) -> Result<GroupBy, String> {

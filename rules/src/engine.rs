@@ -78,6 +78,9 @@ pub struct RuleStats {
     /// Groups dropped because the rule had `max_groups` of them.
     pub evicted: u64,
     pub groups: u64,
+    /// Time spent on the rule's readings, in nanoseconds (measured on one reading in
+    /// eight and scaled up).
+    pub eval_ns: u64,
 }
 
 /// One group's state, by rule kind.
@@ -136,7 +139,16 @@ pub struct Engine {
     rules: Vec<RuleRun>,
     clock: u64,
     dirty: Vec<(usize, String)>,
+    /// The time of the last tick: a window it closed stays closed for a reading that
+    /// arrived a moment before the tick but reaches the engine after it. It follows the
+    /// clock back when the clock jumps back.
+    last_tick: i64,
+    /// Counts evaluations, to time one in [`TIME_ONE_IN`].
+    evaluations: u64,
 }
+
+/// Evaluation time is measured on one reading in this many, and scaled up.
+const TIME_ONE_IN: u64 = 8;
 
 impl Engine {
     pub fn new(rules: Vec<Rule>) -> Engine {
@@ -151,11 +163,36 @@ impl Engine {
                 .collect(),
             clock: 0,
             dirty: Vec::new(),
+            last_tick: i64::MIN,
+            evaluations: 0,
         }
     }
 
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
+    }
+
+    /// The configured rules, in order.
+    pub fn rules(&self) -> impl Iterator<Item = &Rule> {
+        self.rules.iter().map(|r| &r.rule)
+    }
+
+    /// Forgets every group (their states and the unsaved changes), keeping the counters:
+    /// the caller restores the states of its last commit after a commit failed.
+    pub fn forget_groups(&mut self) {
+        for run in &mut self.rules {
+            run.groups.clear();
+            run.stats.groups = 0;
+        }
+        self.dirty.clear();
+    }
+
+    /// Whether any rule acts on the clock alone (windows that close, sensors that go
+    /// silent): only then does [`Engine::tick`] have anything to do.
+    pub fn ticks(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| matches!(r.rule.kind, Kind::Window { .. } | Kind::Absence { .. }))
     }
 
     /// Puts back a group's saved state. `Ok(false)` if no configured rule has that name
@@ -215,57 +252,77 @@ impl Engine {
     pub fn on_reading(&mut self, reading: &Reading<'_>, now: i64) -> Outcome {
         let mut outcome = Outcome::default();
         let mut data: Option<Option<Value>> = None;
+        self.evaluations += 1;
+        let timed = self.evaluations.is_multiple_of(TIME_ONE_IN);
         for i in 0..self.rules.len() {
-            let run = &mut self.rules[i];
-            run.stats.evaluated += 1;
-            if let Some(f) = &run.rule.filter
-                && !f.matches(reading.attributes)
-            {
-                continue;
+            let started = timed.then(std::time::Instant::now);
+            self.on_reading_in(i, reading, now, &mut data, &mut outcome);
+            if let Some(started) = started {
+                let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                let stats = &mut self.rules[i].stats;
+                stats.eval_ns = stats.eval_ns.saturating_add(ns.saturating_mul(TIME_ONE_IN));
             }
-            run.stats.matched += 1;
-            let Some(group) = group_key(&run.rule.group_by, reading.attributes) else {
-                run.stats.unreadable += 1;
-                continue;
-            };
-            let parsed = data.get_or_insert_with(|| {
-                reading
-                    .data
-                    .and_then(|d| serde_json::from_str::<Value>(d).ok())
-            });
-            let value = match &run.rule.value {
-                None => None,
-                Some(pointer) => match parsed.as_ref().and_then(|v| number_at(v, pointer)) {
-                    Some(v) => Some(v),
-                    None => {
-                        run.stats.unreadable += 1;
-                        continue;
-                    }
-                },
-            };
-            let t = match &run.rule.time {
-                TimeSource::Arrival => now,
-                TimeSource::Data(pointer) => {
-                    match parsed.as_ref().and_then(|v| time_at(v, pointer)) {
-                        Some(t) => t,
-                        None => {
-                            run.stats.unreadable += 1;
-                            continue;
-                        }
-                    }
-                }
-            };
-            self.clock += 1;
-            let (derived, suppress) = self.apply(i, group, t, value, reading.id, now);
-            outcome.suppress |= suppress;
-            outcome.derived.extend(derived);
         }
         outcome
+    }
+
+    /// One reading through rule `i`: `data` is the reading's data parsed once, by the
+    /// first rule that needs it.
+    fn on_reading_in(
+        &mut self,
+        i: usize,
+        reading: &Reading<'_>,
+        now: i64,
+        data: &mut Option<Option<Value>>,
+        outcome: &mut Outcome,
+    ) {
+        let run = &mut self.rules[i];
+        run.stats.evaluated += 1;
+        if let Some(f) = &run.rule.filter
+            && !f.matches(reading.attributes)
+        {
+            return;
+        }
+        run.stats.matched += 1;
+        let Some(group) = group_key(&run.rule.group_by, reading.attributes) else {
+            run.stats.unreadable += 1;
+            return;
+        };
+        let parsed = data.get_or_insert_with(|| {
+            reading
+                .data
+                .and_then(|d| serde_json::from_str::<Value>(d).ok())
+        });
+        let value = match &run.rule.value {
+            None => None,
+            Some(pointer) => match parsed.as_ref().and_then(|v| number_at(v, pointer)) {
+                Some(v) => Some(v),
+                None => {
+                    run.stats.unreadable += 1;
+                    return;
+                }
+            },
+        };
+        let t = match &run.rule.time {
+            TimeSource::Arrival => now,
+            TimeSource::Data(pointer) => match parsed.as_ref().and_then(|v| time_at(v, pointer)) {
+                Some(t) => t,
+                None => {
+                    run.stats.unreadable += 1;
+                    return;
+                }
+            },
+        };
+        self.clock += 1;
+        let (derived, suppress) = self.apply(i, group, t, value, reading.id, now);
+        outcome.suppress |= suppress;
+        outcome.derived.extend(derived);
     }
 
     /// Closes the windows whose end plus allowed lateness is past, and finds the groups
     /// silent for longer than their absence rule allows. Call it every second or so.
     pub fn tick(&mut self, now: i64) -> Vec<Derived> {
+        self.last_tick = now;
         let mut out = Vec::new();
         for i in 0..self.rules.len() {
             let run = &mut self.rules[i];
@@ -374,9 +431,15 @@ impl Engine {
             (Kind::Threshold(th), GroupState::Alarm { alarm, run: ids }) => {
                 threshold_step(rule, th, alarm, ids, &group, t, value, id)
             }
-            (Kind::Window { windowing, .. }, GroupState::Windows { open }) => {
-                window_step(rule, *windowing, open, t, value, id, now)
-            }
+            (Kind::Window { windowing, .. }, GroupState::Windows { open }) => window_step(
+                rule,
+                *windowing,
+                open,
+                t,
+                value,
+                id,
+                now.max(self.last_tick),
+            ),
             (Kind::Window { windowing, when }, GroupState::Sliding { readings }) => sliding_step(
                 rule,
                 windowing.size_ms(),
@@ -455,8 +518,7 @@ fn threshold_step(
     }
     if let Some(tr) = transition {
         ids.push(id.to_owned());
-        step.derived
-            .push(alarm_event(rule, group, tr, t, v, id, ids));
+        step.derived.push(alarm_event(rule, group, tr, t, v, ids));
     }
     if alarm.run.is_none() {
         ids.clear();
@@ -628,16 +690,29 @@ fn rfc3339(ms: i64) -> String {
     )
 }
 
-/// A derived event's id: the rule, a digest of the group and what happened, so it is the
-/// same whenever the same thing happens to the same group.
+/// A derived event's id: a UUID (version 8, RFC 9562) from a digest of the rule, the
+/// group and what happened, so it is the same whenever the same thing happens to the
+/// same group, in this gateway or any other with the same rule.
 fn derived_id(rule: &str, group: &str, what: &str) -> String {
     let mut h = Sha256::new();
-    h.update(group.as_bytes());
-    h.update([0]);
-    h.update(what.as_bytes());
+    for part in [rule, group, what] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
     let digest = h.finalize();
-    let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
-    format!("rule-{rule}-{hex}")
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&digest[..16]);
+    b[6] = (b[6] & 0x0f) | 0x80;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
 }
 
 fn event(rule: &Rule, group: &str, what: &str, time_ms: i64, data: Value) -> Derived {
@@ -658,7 +733,6 @@ fn alarm_event(
     tr: Transition,
     t: i64,
     v: f64,
-    id: &str,
     readings: &[String],
 ) -> Derived {
     let state = match tr {
@@ -668,7 +742,7 @@ fn alarm_event(
     event(
         rule,
         group,
-        &format!("{state}/{id}"),
+        &format!("{state}/{t}"),
         t,
         json!({
             "rule": rule.name,
@@ -723,7 +797,7 @@ fn sliding_event(
             json!(value)
         };
     }
-    event(rule, group, &format!("sliding/{id}"), t, data)
+    event(rule, group, &format!("sliding/{t}/{}", acc.last.1), t, data)
 }
 
 fn absence_event(rule: &Rule, group: &str, last_seen: i64, now: i64, silent: bool) -> Derived {
@@ -978,6 +1052,101 @@ absence = { after = "10m" }
             let (after_crash, _) = run(&inputs, Some(crash_at));
             assert_eq!(after_crash, undisturbed, "crash before reading {crash_at}");
         }
+    }
+
+    /// Arrival-time windows against the gateway's clock: a reading stamped a moment
+    /// before the tick that closed its window but reaching the engine after it, a jump
+    /// forward, a jump back, and a restart from saved states in the middle of a window.
+    #[test]
+    fn ticks_clock_jumps_and_restarts() {
+        const ONE: &str = r#"
+[[rules]]
+name = "w"
+value = "/v"
+window = { size = "1m" }
+allowed_lateness = "5s"
+"#;
+        let reading = |engine: &mut Engine, v: i64, now: i64| {
+            let data = format!(r#"{{"v": {v}}}"#);
+            let a = Attrs {
+                subject: "s".into(),
+            };
+            engine.on_reading(
+                &Reading {
+                    id: "x",
+                    attributes: &a,
+                    data: Some(&data),
+                },
+                now,
+            )
+        };
+        let count = |d: &Derived| d.data["count"].as_u64().unwrap();
+        let t0 = 1_800_000_000_000_i64; // on a minute
+        // Event time: a reading of [t0, t0 + 60 s) stamped at +64.9 s (inside the
+        // lateness) but taken after the +65 s tick that closed the window is late, not a
+        // second event for the same window.
+        let mut timed = Engine::new(rules(&ONE.replace("allowed", "time = \"/ts\"\nallowed")));
+        let at = |engine: &mut Engine, ts: i64, now: i64| {
+            let data = format!(r#"{{"v": 1, "ts": {ts}}}"#);
+            let a = Attrs {
+                subject: "s".into(),
+            };
+            let r = Reading {
+                id: "x",
+                attributes: &a,
+                data: Some(&data),
+            };
+            engine.on_reading(&r, now)
+        };
+        at(&mut timed, t0 + 1_000, t0 + 1_000);
+        assert_eq!(
+            timed
+                .tick(t0 + 65_000)
+                .iter()
+                .map(count)
+                .collect::<Vec<_>>(),
+            [1]
+        );
+        at(&mut timed, t0 + 59_000, t0 + 64_900);
+        assert_eq!(timed.stats().next().unwrap().1.late, 1);
+        assert!(timed.tick(t0 + 200_000).is_empty());
+
+        let mut engine = Engine::new(rules(ONE));
+        // A jump forward closes the open window at the next tick, with what it holds.
+        reading(&mut engine, 3, t0 + 250_000);
+        let jumped = engine.tick(t0 + 3_600_000);
+        assert_eq!(jumped.len(), 1);
+        assert_eq!(jumped[0].data["window"]["start"], rfc3339(t0 + 240_000));
+        // A jump back: the clock's new minutes are windows again (the tick follows it).
+        assert!(engine.tick(t0 + 120_000).is_empty());
+        reading(&mut engine, 4, t0 + 121_000);
+        let again = engine.tick(t0 + 186_000);
+        assert_eq!(again.iter().map(count).collect::<Vec<_>>(), [1]);
+
+        // A restart in the middle of a window: the saved state goes on where it stopped,
+        // and the window is emitted once, as without the restart.
+        let run = |restart: bool| {
+            let mut engine = Engine::new(rules(ONE));
+            reading(&mut engine, 10, t0 + 1_000);
+            reading(&mut engine, 20, t0 + 2_000);
+            if restart {
+                let saved = engine.take_changes();
+                engine = Engine::new(rules(ONE));
+                for c in saved {
+                    assert!(
+                        engine
+                            .restore(&c.rule, &c.group, &c.state.unwrap())
+                            .unwrap()
+                    );
+                }
+            }
+            reading(&mut engine, 30, t0 + 50_000);
+            engine.tick(t0 + 65_000)
+        };
+        let (undisturbed, restarted) = (run(false), run(true));
+        assert_eq!(undisturbed.len(), 1);
+        assert_eq!(undisturbed, restarted);
+        assert_eq!(restarted[0].data["avg"], 20.0);
     }
 
     #[test]

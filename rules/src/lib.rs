@@ -20,3 +20,6 @@ pub mod engine;
 pub mod exception;
 pub mod threshold;
 pub mod window;
+
+pub use config::{Rule, RuleConfig, RuleError};
+pub use engine::{Derived, Engine, Outcome, Reading, RuleStats, StateChange};
