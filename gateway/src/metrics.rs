@@ -70,6 +70,9 @@ pub(crate) fn render(r: &StatusReport) -> String {
         if let Some(f) = &l.files {
             files(&mut e, f);
         }
+        if !l.rules.is_empty() {
+            rules(&mut e, l);
+        }
     }
     if let Some(o) = &r.outbox {
         outbox_depth(&mut e, o);
@@ -152,6 +155,82 @@ fn mqtt(e: &mut Exposition, l: &LiveStatus, connected: bool) {
         C,
         "MQTT records committed whose topic no configured filter matches.",
         l.mqtt_unmatched,
+    );
+}
+
+/// The edge rules (only when some are configured), labelled by rule name.
+fn rules(e: &mut Exposition, l: &LiveStatus) {
+    type Figure = fn(&crate::report::RuleStatus) -> u64;
+    let families: [(&str, &str, &str, Figure); 8] = [
+        (
+            "pigeon_gateway_rule_readings_evaluated_total",
+            C,
+            "Readings the rule's filter was evaluated on.",
+            |r| r.evaluated,
+        ),
+        (
+            "pigeon_gateway_rule_readings_matched_total",
+            C,
+            "Readings that passed the rule's filter.",
+            |r| r.matched,
+        ),
+        (
+            "pigeon_gateway_rule_events_total",
+            C,
+            "Events the rule derived (committed with the readings behind them).",
+            |r| r.emitted,
+        ),
+        (
+            "pigeon_gateway_rule_readings_unreadable_total",
+            C,
+            "Matching readings without a usable value or time (value, time).",
+            |r| r.unreadable,
+        ),
+        (
+            "pigeon_gateway_rule_readings_late_total",
+            C,
+            "Readings that came after their window closed (allowed_lateness).",
+            |r| r.late,
+        ),
+        (
+            "pigeon_gateway_rule_groups_evicted_total",
+            C,
+            "Groups dropped, the least recently updated first, because the rule had max_groups of them.",
+            |r| r.evicted,
+        ),
+        (
+            "pigeon_gateway_rule_groups",
+            G,
+            "Groups the rule keeps a state for.",
+            |r| r.groups,
+        ),
+        (
+            "pigeon_gateway_rule_active_groups",
+            G,
+            "Groups whose alarm is raised (threshold) or that are silent (absence).",
+            |r| r.active,
+        ),
+    ];
+    for (name, kind, help, figure) in families {
+        e.family(name, kind, help);
+        for r in &l.rules {
+            e.sample(name, &[("rule", &r.name)], figure(r));
+        }
+    }
+    let name = "pigeon_gateway_rule_evaluation_seconds_total";
+    e.family(
+        name,
+        C,
+        "Time spent evaluating the rule (measured on one reading in eight).",
+    );
+    for r in &l.rules {
+        e.sample(name, &[("rule", &r.name)], r.evaluation_seconds);
+    }
+    e.one(
+        "pigeon_gateway_rules_suppressed_readings_total",
+        C,
+        "Readings the rules kept from the relay (suppress, report by exception): acknowledged, not stored.",
+        l.rules_suppressed,
     );
 }
 
@@ -424,6 +503,12 @@ mod tests {
             "pigeon_gateway_source_records_total{source=\"health\"} 125",
             "pigeon_gateway_mqtt_subscription_records_total{filter=\"weird\\\"filter\",type=\"com.example.alarm\"} 46",
             "pigeon_gateway_mqtt_subscription_records_total{filter=\"org/#\",type=\"com.example.reading\"} 10200",
+            "pigeon_gateway_rule_readings_matched_total{rule=\"fire\"} 4100",
+            "pigeon_gateway_rule_events_total{rule=\"hvac-drift\"} 31",
+            "pigeon_gateway_rule_readings_late_total{rule=\"hvac-drift\"} 7",
+            "pigeon_gateway_rule_active_groups{rule=\"fire\"} 1",
+            "pigeon_gateway_rule_evaluation_seconds_total{rule=\"hvac-drift\"} 0.5",
+            "pigeon_gateway_rules_suppressed_readings_total 5000",
             "pigeon_gateway_mqtt_connected 1",
             "pigeon_gateway_outbox_records 12",
             "pigeon_gateway_outbox_bytes 3004300",

@@ -133,7 +133,35 @@ pub(crate) struct LiveStatus {
     /// `None` when no drop directories are watched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) files: Option<FilesStatus>,
+    /// The edge rules, in configuration order (empty: none configured).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) rules: Vec<RuleStatus>,
+    /// Readings the rules kept from the relay (acknowledged, not stored).
+    #[serde(default)]
+    pub(crate) rules_suppressed: u64,
     pub(crate) last_error: Option<ErrorStatus>,
+}
+
+/// One edge rule since the start (docs/rules.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct RuleStatus {
+    pub(crate) name: String,
+    /// Readings its filter was evaluated on, and those that passed it.
+    pub(crate) evaluated: u64,
+    pub(crate) matched: u64,
+    /// Events it derived.
+    pub(crate) emitted: u64,
+    /// Matching readings without a usable value or time.
+    pub(crate) unreadable: u64,
+    /// Readings too late for their window.
+    pub(crate) late: u64,
+    /// Groups dropped because the rule had `max_groups` of them.
+    pub(crate) evicted: u64,
+    /// Groups it keeps a state for now, and of those, alarms raised or sensors silent.
+    pub(crate) groups: u64,
+    pub(crate) active: u64,
+    /// Time spent evaluating it (sampled).
+    pub(crate) evaluation_seconds: f64,
 }
 
 /// Camera files since the start.
@@ -352,6 +380,24 @@ impl Live {
                 resumed: s.file_upload_resumes.load(Relaxed),
                 uploading: s.file_uploads_active.load(Relaxed),
             }),
+            rules: s
+                .rules
+                .get()
+                .into_iter()
+                .map(|r| RuleStatus {
+                    name: r.name,
+                    evaluated: r.stats.evaluated,
+                    matched: r.stats.matched,
+                    emitted: r.stats.emitted,
+                    unreadable: r.stats.unreadable,
+                    late: r.stats.late,
+                    evicted: r.stats.evicted,
+                    groups: r.stats.groups,
+                    active: r.stats.active,
+                    evaluation_seconds: r.stats.eval_ns as f64 / 1e9,
+                })
+                .collect(),
+            rules_suppressed: s.rules_suppressed.load(Relaxed),
             last_error: s.last_error().map(|e| ErrorStatus {
                 unix: e.unix,
                 level: e.level.into(),
@@ -448,6 +494,7 @@ pub(crate) fn render_text(r: &StatusReport) -> String {
     if let Some(l) = &r.live {
         t.last_error_and_heartbeats(l);
         t.subscriptions(l);
+        t.rules(l);
     }
     if r.state == RunState::Stopped {
         t.out.push_str(
@@ -704,6 +751,43 @@ impl Text {
     }
 }
 
+impl Text {
+    fn rules(&mut self, l: &LiveStatus) {
+        if l.rules.is_empty() {
+            return;
+        }
+        let out = &mut self.out;
+        let _ = writeln!(
+            out,
+            "\nEdge rules (since the start; {} kept from the relay):",
+            counted(l.rules_suppressed, "reading", "readings")
+        );
+        let width = l.rules.iter().map(|r| r.name.len()).max().unwrap_or(0);
+        for r in &l.rules {
+            let mut line = format!(
+                "  {:<width$}  {} matched, {} derived, {}",
+                r.name,
+                count(r.matched),
+                count(r.emitted),
+                counted(r.groups, "group", "groups"),
+            );
+            if r.active > 0 {
+                let _ = write!(line, " ({} active)", count(r.active));
+            }
+            for (n, what) in [
+                (r.late, "late"),
+                (r.unreadable, "unreadable"),
+                (r.evicted, "groups dropped at max_groups"),
+            ] {
+                if n > 0 {
+                    let _ = write!(line, ", {} {what}", count(n));
+                }
+            }
+            let _ = writeln!(out, "{line}");
+        }
+    }
+}
+
 /// The outbox's use of its budget, and what a full outbox dropped or refused.
 fn outbox_budget(l: &LiveStatus) -> String {
     let mut text = match l.outbox_max_bytes {
@@ -898,6 +982,33 @@ pub(crate) mod tests {
                     resumed: 1,
                     uploading: 1,
                 }),
+                rules: vec![
+                    RuleStatus {
+                        name: "fire".into(),
+                        evaluated: 10_200,
+                        matched: 4_100,
+                        emitted: 2,
+                        unreadable: 0,
+                        late: 0,
+                        evicted: 0,
+                        groups: 12,
+                        active: 1,
+                        evaluation_seconds: 0.25,
+                    },
+                    RuleStatus {
+                        name: "hvac-drift".into(),
+                        evaluated: 10_200,
+                        matched: 6_000,
+                        emitted: 31,
+                        unreadable: 3,
+                        late: 7,
+                        evicted: 0,
+                        groups: 40,
+                        active: 0,
+                        evaluation_seconds: 0.5,
+                    },
+                ],
+                rules_suppressed: 5_000,
                 last_error: Some(ErrorStatus {
                     unix: 1_799_999_000,
                     level: "warn".into(),
@@ -924,6 +1035,9 @@ pub(crate) mod tests {
             "Last error     16 min 40 s ago (warn): Cannot deliver",
             "  org/+/alarms/#      46  com.example.alarm",
             "  org/#           10,200  com.example.reading",
+            "Edge rules (since the start; 5,000 readings kept from the relay):",
+            "  fire        4,100 matched, 2 derived, 12 groups (1 active)\n",
+            "  hvac-drift  6,000 matched, 31 derived, 40 groups, 7 late, 3 unreadable\n",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }

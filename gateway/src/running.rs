@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
+use crate::outbox::rule_state::RulesSetup;
 use crate::outbox::{self, DepthCache, OutboxReader, OutboxWriter, db};
 use crate::report::Live;
 use crate::stats::{LastErrorSlot, Stats};
@@ -50,6 +51,8 @@ struct Tasks {
     health: Option<JoinHandle<()>>,
     /// Drops records past their route's TTL (only if a route has one).
     expiry: Option<JoinHandle<()>>,
+    /// The edge rules' clock (only if rules are configured).
+    rules_clock: Option<JoinHandle<()>>,
     http: Option<JoinHandle<()>>,
 }
 
@@ -132,7 +135,7 @@ impl Running {
         if let Some(t) = watchdog {
             t.abort();
         }
-        if let Some(t) = &tasks.expiry {
+        for t in [&tasks.expiry, &tasks.rules_clock].into_iter().flatten() {
             t.abort();
         }
         systemd::notify(
@@ -234,6 +237,10 @@ impl Tasks {
                 Duration::from_secs(1),
             ))
         });
+        // The rules' clock closes windows, finds silent sensors and keeps the rules'
+        // figures fresh.
+        let rules_clock = (!config.rules.is_empty())
+            .then(|| tokio::spawn(outbox::rule_state::clock_loop(parts.writer.clone())));
         let http = http_listener.map(|l| {
             let live = parts.live.clone();
             tokio::spawn(async move {
@@ -249,6 +256,7 @@ impl Tasks {
             mqtt,
             health,
             expiry,
+            rules_clock,
             http,
         })
     }
@@ -365,6 +373,10 @@ async fn start_outbox(
         config.outbox.commit_max_records,
         stats.clone(),
         Some(quota),
+        Some(RulesSetup {
+            rules: config.checked_rules().map_err(anyhow::Error::msg)?,
+            gateway: config.gateway.id.clone(),
+        }),
     )?;
     let reader = Arc::new(OutboxReader::open(&db::path_in(data_dir))?);
     let depth = Arc::new(DepthCache::new(reader.clone()));

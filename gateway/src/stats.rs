@@ -79,6 +79,10 @@ pub(crate) struct Stats {
     pub(crate) mqtt_unmatched: AtomicU64,
     /// Shared with the [`LastErrorLayer`] set up before the configuration was read.
     pub(crate) last_error: Arc<LastErrorSlot>,
+    /// Readings the edge rules kept from the relay (acknowledged, not stored).
+    pub(crate) rules_suppressed: AtomicU64,
+    /// Each edge rule's figures as of the outbox writer's last round.
+    pub(crate) rules: crate::outbox::rule_state::RulesFigures,
 }
 
 /// Committed records of one source.

@@ -162,6 +162,14 @@ pub struct Rule {
     pub fingerprint: String,
 }
 
+impl Rule {
+    /// Whether the rule acts on the clock alone (windows that close, groups that go
+    /// silent), so that [`crate::Engine::tick`] has something to do for it.
+    pub fn ticks(&self) -> bool {
+        matches!(self.kind, Kind::Window { .. } | Kind::Absence { .. })
+    }
+}
+
 /// The default cap on a rule's groups.
 pub const DEFAULT_MAX_GROUPS: usize = 10_000;
 

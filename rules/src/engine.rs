@@ -78,6 +78,9 @@ pub struct RuleStats {
     /// Groups dropped because the rule had `max_groups` of them.
     pub evicted: u64,
     pub groups: u64,
+    /// Groups whose alarm is raised (threshold rules) or that are silent (absence rules)
+    /// now.
+    pub active: u64,
     /// Time spent on the rule's readings, in nanoseconds (measured on one reading in
     /// eight and scaled up).
     pub eval_ns: u64,
@@ -222,6 +225,11 @@ impl Engine {
         Ok(true)
     }
 
+    /// Whether a state changed since [`Engine::take_changes`] was last called.
+    pub fn has_changes(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
     /// The changed states since the last call, for the caller to save with the
     /// readings and derived events of the same commit.
     pub fn take_changes(&mut self) -> Vec<StateChange> {
@@ -244,8 +252,21 @@ impl Engine {
             .collect()
     }
 
+    /// Each rule's counters. Counting the active groups walks a threshold or absence
+    /// rule's groups: call it about once a second, not per reading.
     pub fn stats(&self) -> impl Iterator<Item = (&str, RuleStats)> {
-        self.rules.iter().map(|r| (r.rule.name.as_str(), r.stats))
+        self.rules.iter().map(|r| {
+            let active = r
+                .groups
+                .values()
+                .filter(|g| match &g.state {
+                    GroupState::Alarm { alarm, .. } => alarm.active,
+                    GroupState::Absence { silent, .. } => *silent,
+                    _ => false,
+                })
+                .count() as u64;
+            (r.rule.name.as_str(), RuleStats { active, ..r.stats })
+        })
     }
 
     /// Runs a reading that arrived at `now` (ms since the epoch) through every rule.
@@ -326,6 +347,9 @@ impl Engine {
         let mut out = Vec::new();
         for i in 0..self.rules.len() {
             let run = &mut self.rules[i];
+            if !run.rule.ticks() {
+                continue;
+            }
             let first_of_rule = out.len();
             let lateness = run.rule.allowed_lateness_ms;
             let mut changed = Vec::new();

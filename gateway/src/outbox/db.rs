@@ -147,6 +147,21 @@ const MIGRATIONS: &[&str] = &[
         WHERE d.pkid BETWEEN 0 AND 65535;
     DROP TABLE mqtt_deliveries;
     "#,
+    // 7: edge rules (see outbox::rule_state): each rule's groups' states (JSON), saved
+    // in the transaction of the readings that changed them, and what each rule's states
+    // depend on. A rowid table: a sliding window's state can be large.
+    r#"
+    CREATE TABLE rule_states (
+        rule  TEXT NOT NULL,
+        grp   TEXT NOT NULL,
+        state TEXT NOT NULL,
+        UNIQUE (rule, grp)
+    );
+    CREATE TABLE rule_defs (
+        rule        TEXT PRIMARY KEY,
+        fingerprint TEXT NOT NULL
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 pub(crate) const META_PRODUCER_ID: &str = "producer_id";

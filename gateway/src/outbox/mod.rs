@@ -14,6 +14,8 @@
 //! * [`marks`] remembers the last committed PUBLISH per MQTT session and packet id, to
 //!   recognise a broker's re-delivery after a lost PUBACK.
 //! * [`depth`] caches how much is waiting, for metrics, status and heartbeats.
+//! * [`rule_state`] runs the edge rules in the writer: the groups' states saved with
+//!   the readings that changed them, the derived events stored with them.
 //! * [`quota`] keeps the outbox and the spool within their disk budget, dropping the
 //!   oldest data of the lowest priority where its route allows.
 
@@ -31,6 +33,7 @@ pub(crate) mod marks;
 pub(crate) mod pack;
 pub(crate) mod quota;
 pub(crate) mod reader;
+pub(crate) mod rule_state;
 pub(crate) mod writer;
 
 use std::sync::Arc;

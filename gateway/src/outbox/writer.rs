@@ -15,6 +15,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use super::marks::Marks;
 use super::pack::{Kind, Packer};
 use super::quota::{Drops, Incoming, Quota, QuotaSettings, ROW_OVERHEAD};
+use super::rule_state::{RulesRun, RulesSetup};
 use super::{FileClaim, NewRecord, OutboxError, WhenFull, db, path_bytes};
 use crate::stats::Stats;
 
@@ -31,6 +32,10 @@ pub(crate) enum Appended {
     /// The outbox is full and nothing of its priority or lower was left to drop: this
     /// record (of a `when_full = "drop_oldest"` route) was dropped itself, and counted.
     Dropped,
+    /// An edge rule kept it from the relay (`suppress = true`, or report by exception
+    /// did not forward it): it is not stored, but what the rules made of it is
+    /// committed, so it is acknowledged like a stored record. It used up sequence `seq`.
+    Suppressed { seq: u64 },
 }
 
 type Reply<T> = oneshot::Sender<Result<T, OutboxError>>;
@@ -65,6 +70,11 @@ enum Command {
         paths: Vec<std::path::PathBuf>,
         reply: Reply<()>,
     },
+    /// The clock for the edge rules (ms since the epoch): closes the windows that are
+    /// due and finds silent sensors. Nothing waits for it.
+    Tick {
+        now_ms: i64,
+    },
 }
 
 impl Command {
@@ -75,6 +85,7 @@ impl Command {
             Command::Expire { .. } => 1,
             Command::Claims { add, remove, .. } => add.len() + remove.len(),
             Command::ForgetKept { paths, .. } => paths.len(),
+            Command::Tick { .. } => 0,
             Command::Settle {
                 delivered,
                 rejected,
@@ -104,17 +115,29 @@ impl OutboxWriter {
         conn: Connection,
         commit_max_records: usize,
     ) -> Result<(Self, std::thread::JoinHandle<()>), OutboxError> {
-        Self::start_with(conn, commit_max_records, Arc::new(Stats::default()), None)
+        Self::start_with(
+            conn,
+            commit_max_records,
+            Arc::new(Stats::default()),
+            None,
+            None,
+        )
     }
 
-    /// [`OutboxWriter::start`], counting commits and committed records in `stats`, and
-    /// keeping the outbox and the spool within `quota` when given.
+    /// [`OutboxWriter::start`], counting commits and committed records in `stats`,
+    /// keeping the outbox and the spool within `quota` when given, and running the edge
+    /// `rules` when given.
     pub(crate) fn start_with(
-        conn: Connection,
+        mut conn: Connection,
         commit_max_records: usize,
         stats: Arc<Stats>,
         quota: Option<QuotaSettings>,
+        rules: Option<RulesSetup>,
     ) -> Result<(Self, std::thread::JoinHandle<()>), OutboxError> {
+        let rules = rules
+            .filter(|r| !r.rules.is_empty())
+            .map(|r| RulesRun::start(r, &mut conn, stats.clone()))
+            .transpose()?;
         let next_seq = db::next_seq(&conn)?;
         let marks = Marks::load(&conn)?;
         let packer = Packer::load(&conn)?;
@@ -141,6 +164,7 @@ impl OutboxWriter {
             used_at: std::time::Instant::now(),
             packer,
             producer,
+            rules,
             // The first look a minute after the start.
             gc_at: std::time::Instant::now() - GC_EVERY + std::time::Duration::from_secs(60),
         };
@@ -241,6 +265,12 @@ impl OutboxWriter {
         rx.await.map_err(|_| OutboxError::Closed)?
     }
 
+    /// Tells the edge rules the time, if the writer is not busy (a busy writer gets the
+    /// next one): they close the windows that are due and find silent sensors.
+    pub(crate) fn tick(&self, now_ms: i64) {
+        let _ = self.tx.try_send(Command::Tick { now_ms });
+    }
+
     /// Resolves once the writer thread took a ping from its queue: it is alive and got
     /// through what was queued before. An error if it has stopped.
     pub(crate) async fn ping(&self) -> Result<(), OutboxError> {
@@ -290,6 +320,8 @@ struct WriterState {
     packer: Packer,
     /// The producer id (packed events' ids derive from it).
     producer: String,
+    /// The edge rules, when any are configured.
+    rules: Option<RulesRun>,
     /// When replaced dictionaries were last looked for.
     gc_at: std::time::Instant,
 }
@@ -343,6 +375,13 @@ struct Round {
     dropped: Drops,
     /// Bytes the spool grew (negative: shrank) by.
     spool_delta: i64,
+    /// The highest priority of the events the rules derived, if they derived any.
+    derived: Option<u8>,
+    /// Readings the rules kept from the relay (their sequences are used up).
+    suppressed: bool,
+    /// What a round of ticks alone derived (computed before deciding it needs a
+    /// transaction at all).
+    ticked: Vec<pigeon_rules::Derived>,
 }
 
 impl Round {
@@ -354,6 +393,9 @@ impl Round {
             claimed: Vec::new(),
             dropped: Drops::default(),
             spool_delta: 0,
+            derived: None,
+            suppressed: false,
+            ticked: Vec::new(),
         }
     }
 }
@@ -367,7 +409,7 @@ struct Wakes {
 }
 
 impl Wakes {
-    fn of(batch: &[Command]) -> Wakes {
+    fn of(batch: &[Command], derived: Option<u8>) -> Wakes {
         let (files, others) = batch.iter().fold((false, false), |(f, o), c| match c {
             Command::Append(rec, _) if rec.file.is_some() => (true, o),
             Command::Append(..) => (f, true),
@@ -378,9 +420,9 @@ impl Wakes {
                 if rec.file.is_none() && rec.policy.priority > super::DEFAULT_PRIORITY)
         });
         Wakes {
-            others,
+            others: others || derived.is_some(),
             files,
-            urgent,
+            urgent: urgent || derived.is_some_and(|p| p > super::DEFAULT_PRIORITY),
         }
     }
 }
@@ -479,8 +521,23 @@ impl WriterState {
 
     fn commit_round(&mut self, batch: &mut Vec<Command>) {
         let mut round = Round::new(self.next_seq, batch.len());
-        let result = self.transact(batch, &mut round);
-        let wakes = Wakes::of(batch);
+        let ticks = tick_time(batch);
+        if batch.iter().all(|c| matches!(c, Command::Tick { .. })) {
+            // A round of ticks alone needs no transaction unless it derived or changed
+            // something: most seconds, nothing is written.
+            let Some(rules) = self.rules.as_mut() else {
+                batch.clear();
+                return;
+            };
+            round.ticked = ticks.map(|now| rules.tick(now)).unwrap_or_default();
+            if round.ticked.is_empty() && !rules.has_changes() {
+                rules.publish();
+                batch.clear();
+                return;
+            }
+        }
+        let result = self.transact(batch, &mut round, ticks);
+        let wakes = Wakes::of(batch, round.derived);
         self.account_space(round.spool_delta, result.is_ok(), !round.dropped.is_empty());
         if result.is_ok() && !round.dropped.is_empty() {
             self.count_drops(std::mem::take(&mut round.dropped));
@@ -494,7 +551,13 @@ impl WriterState {
             Err(_) => {
                 self.packer.rolled_back();
                 self.marks.rolled_back();
+                if let Some(rules) = self.rules.as_mut() {
+                    rules.rolled_back(&self.conn);
+                }
             }
+        }
+        if let Some(rules) = self.rules.as_mut() {
+            rules.publish();
         }
         match result {
             Ok(stored_any) => {
@@ -512,8 +575,15 @@ impl WriterState {
 
     /// The round's one transaction: every command in `batch`, in order. Returns whether
     /// any record was stored.
-    fn transact(&mut self, batch: &[Command], round: &mut Round) -> Result<bool, OutboxError> {
-        let appends = batch.iter().any(|c| matches!(c, Command::Append(..)));
+    fn transact(
+        &mut self,
+        batch: &[Command],
+        round: &mut Round,
+        ticks: Option<i64>,
+    ) -> Result<bool, OutboxError> {
+        let appends = batch.iter().any(|c| matches!(c, Command::Append(..)))
+            || !round.ticked.is_empty()
+            || (ticks.is_some() && self.rules.is_some());
         // IMMEDIATE: take the write lock first, so the sequence read below cannot be
         // overtaken by another connection (`pigeon-gateway dead-letter retry` assigns
         // sequences from another process while the gateway runs).
@@ -530,17 +600,21 @@ impl WriterState {
         };
         for (cmd, verdict) in batch.iter().zip(verdicts) {
             match cmd {
-                Command::Append(rec, _) => round.appended.push(match verdict {
-                    Some(v) => v,
-                    None => Ok(append_one(
-                        &tx,
-                        rec,
-                        &mut round.next_seq,
-                        &mut self.marks,
-                        &mut self.packer,
-                        &self.producer,
-                    )?),
-                }),
+                Command::Append(rec, _) => {
+                    let appended = match verdict {
+                        Some(v) => v,
+                        None => Ok(append_ruled(
+                            &tx,
+                            rec,
+                            round,
+                            &mut self.marks,
+                            &mut self.packer,
+                            &self.producer,
+                            self.rules.as_mut(),
+                        )?),
+                    };
+                    round.appended.push(appended);
+                }
                 Command::Settle {
                     delivered,
                     rejected,
@@ -549,7 +623,7 @@ impl WriterState {
                     round.spool_delta -=
                         settle(&tx, delivered, rejected, &mut self.packer, &self.producer)? as i64
                 }
-                Command::Ping(_) => {}
+                Command::Ping(_) | Command::Tick { .. } => {}
                 Command::Expire { now_us, .. } => round.expired.push(expire(&tx, *now_us)?),
                 Command::Claims { add, remove, .. } => {
                     let (taken, delta) = claims(
@@ -571,14 +645,28 @@ impl WriterState {
                 }
             }
         }
-        let stored_any = round
-            .appended
-            .iter()
-            .any(|a| matches!(a, Ok(Appended::Stored { .. })));
+        if let Some(rules) = self.rules.as_mut() {
+            // The clock after the round's readings: a reading taken with the tick is
+            // in its window before the tick closes it.
+            let ticked = match ticks {
+                Some(now) if round.ticked.is_empty() => rules.tick(now),
+                _ => std::mem::take(&mut round.ticked),
+            };
+            let top = rules.store(&tx, &ticked, &mut round.next_seq)?;
+            round.derived = round.derived.max(top);
+            rules.save(&tx)?;
+        }
+        let stored_any = round.derived.is_some()
+            || round
+                .appended
+                .iter()
+                .any(|a| matches!(a, Ok(Appended::Stored { .. })));
         // The next sequence is kept in `meta` only by rounds that delete records: until
         // then the highest record holds it (see `db::next_seq`). A round of appends
-        // alone thus writes one page less — most rounds, at a few readings a second.
+        // alone thus writes one page less — most rounds, at a few readings a second. (A
+        // suppressed reading uses up a sequence no record holds, so it is kept too.)
         let deletes = !round.dropped.is_empty()
+            || round.suppressed
             || batch
                 .iter()
                 .any(|c| matches!(c, Command::Settle { .. } | Command::Expire { .. }));
@@ -635,6 +723,9 @@ impl WriterState {
                     if let Some(a) = appended.next() {
                         match &a {
                             Ok(Appended::Stored { .. }) => self.stats.count_stored(&rec),
+                            Ok(Appended::Suppressed { .. }) => {
+                                self.stats.rules_suppressed.fetch_add(1, Relaxed);
+                            }
                             Err(OutboxError::Full) => {
                                 self.stats.outbox_refused.fetch_add(1, Relaxed);
                             }
@@ -655,6 +746,7 @@ impl WriterState {
                 Command::Ping(reply) => {
                     let _ = reply.send(());
                 }
+                Command::Tick { .. } => {}
                 Command::Expire { reply, .. } => {
                     let counts: Vec<(String, u64)> = expired.next().unwrap_or_default();
                     let n: u64 = counts.iter().map(|(_, c)| c).sum();
@@ -686,6 +778,7 @@ impl WriterState {
                 Command::Ping(reply) => {
                     let _ = reply.send(());
                 }
+                Command::Tick { .. } => {}
                 Command::Expire { reply, .. } => {
                     let _ = reply.send(Err(err.clone()));
                 }
@@ -851,6 +944,52 @@ struct RowNames<'a> {
     content_type: Option<&'a str>,
 }
 
+/// The latest time of the round's ticks, if it has any.
+fn tick_time(batch: &[Command]) -> Option<i64> {
+    batch
+        .iter()
+        .filter_map(|c| match c {
+            Command::Tick { now_ms } => Some(*now_ms),
+            _ => None,
+        })
+        .max()
+}
+
+/// [`append_one`] through the edge rules: a reading they suppress is not stored (its
+/// sequence is used up, so that the id the derived events name it by stays its own);
+/// the events they derived are stored after it.
+#[allow(clippy::too_many_arguments)]
+fn append_ruled(
+    tx: &Transaction<'_>,
+    rec: &NewRecord,
+    round: &mut Round,
+    marks: &mut Marks,
+    packer: &mut Packer,
+    producer: &str,
+    rules: Option<&mut RulesRun>,
+) -> Result<Appended, OutboxError> {
+    let Some(rules) = rules else {
+        return append_one(tx, rec, &mut round.next_seq, marks, packer, producer);
+    };
+    if let Some(mark) = &rec.delivery
+        && marks.check_and_record(tx, mark)?
+    {
+        return Ok(Appended::Redelivery);
+    }
+    let seq = round.next_seq;
+    let (suppress, derived) = rules.on_record(rec, producer, seq);
+    let appended = if suppress {
+        round.next_seq += 1;
+        round.suppressed = true;
+        Appended::Suppressed { seq }
+    } else {
+        store_one(tx, rec, &mut round.next_seq, packer, producer)?
+    };
+    let top = rules.store(tx, &derived, &mut round.next_seq)?;
+    round.derived = round.derived.max(top);
+    Ok(appended)
+}
+
 fn append_one(
     tx: &Transaction<'_>,
     rec: &NewRecord,
@@ -864,6 +1003,17 @@ fn append_one(
     {
         return Ok(Appended::Redelivery);
     }
+    store_one(tx, rec, next_seq, packer, producer)
+}
+
+/// Stores a record (whose delivery mark, if any, was checked) with sequence `*next_seq`.
+fn store_one(
+    tx: &Transaction<'_>,
+    rec: &NewRecord,
+    next_seq: &mut u64,
+    packer: &mut Packer,
+    producer: &str,
+) -> Result<Appended, OutboxError> {
     let seq = *next_seq;
     let file = rec.file.as_ref().map(|f| &f.file);
     let packed = match file {
@@ -1082,7 +1232,7 @@ mod tests {
         let used = Quota::new(settings(0), &conn).unwrap().used(&conn);
         let stats = Arc::new(Stats::default());
         let (w, h) =
-            OutboxWriter::start_with(conn, 100, stats.clone(), Some(settings(used + room)))
+            OutboxWriter::start_with(conn, 100, stats.clone(), Some(settings(used + room)), None)
                 .unwrap();
         (w, h, OutboxReader::open(&path).unwrap(), stats)
     }
