@@ -1,5 +1,5 @@
 //! Tokens of a CESQL expression: keywords (any case), identifiers, integer and string
-//! literals, punctuation. Every token keeps its byte offset for error messages.
+//! literals, punctuation. Every token keeps its column (from 1, in characters) for error messages.
 
 use crate::error::{Error, ErrorKind};
 
@@ -39,7 +39,14 @@ pub(crate) enum Token {
 #[derive(Debug, Clone)]
 pub(crate) struct Spanned {
     pub(crate) token: Token,
+    /// The column the token starts at: 1 for the first character (characters, not
+    /// bytes, so that a message points where an editor does).
     pub(crate) at: usize,
+}
+
+/// The 1-based column of byte `at` of `text` (a character boundary).
+pub(crate) fn column(text: &str, at: usize) -> usize {
+    text.get(..at).map_or(at, |t| t.chars().count()) + 1
 }
 
 /// The tokens of `text`, or a parse error naming the first character that starts none.
@@ -102,11 +109,14 @@ pub(crate) fn tokens(text: &str) -> Result<Vec<Spanned>, Error> {
                 let ch = text[i..].chars().next().unwrap_or('?');
                 return Err(Error::new(
                     ErrorKind::Parse,
-                    format!("unexpected character {ch:?} at offset {i}"),
+                    format!("unexpected character {ch:?} at column {}", column(text, i)),
                 ));
             }
         };
-        out.push(Spanned { token, at });
+        out.push(Spanned {
+            token,
+            at: column(text, at),
+        });
     }
     Ok(out)
 }
@@ -176,7 +186,10 @@ fn string(text: &str, start: usize) -> Result<(String, usize), Error> {
     }
     Err(Error::new(
         ErrorKind::Parse,
-        format!("the string starting at offset {start} is not closed (a {quote} is missing)"),
+        format!(
+            "the string starting at column {} is not closed (a {quote} is missing)",
+            column(text, start)
+        ),
     ))
 }
 
@@ -231,6 +244,6 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Parse);
         assert!(e.to_string().contains("not closed"), "{e}");
         let e = tokens("a # b").unwrap_err();
-        assert!(e.to_string().contains("'#' at offset 2"), "{e}");
+        assert!(e.to_string().contains("'#' at column 3"), "{e}");
     }
 }

@@ -192,7 +192,7 @@ mod tests {
             ("(a = 1", "expected ), but the expression ends"),
             (
                 "a = 1 b",
-                "expected the end of the expression at offset 6, found \"b\"",
+                "expected the end of the expression at column 7, found \"b\"",
             ),
             ("a LIKE b", "a string literal as the LIKE pattern"),
             ("a IN ()", "the set after IN is empty"),

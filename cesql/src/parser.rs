@@ -69,7 +69,7 @@ pub(crate) fn parse(text: &str) -> Result<Expr, Error> {
         tokens,
         pos: 0,
         depth: 0,
-        len: text.len(),
+        len: text.chars().count() + 1,
     };
     if p.tokens.is_empty() {
         return Err(parse_error("the expression is empty"));
@@ -114,7 +114,7 @@ impl Parser {
     fn unexpected(&self, wanted: &str) -> Error {
         match self.tokens.get(self.pos) {
             Some(s) => parse_error(format!(
-                "expected {wanted} at offset {}, found {}",
+                "expected {wanted} at column {}, found {}",
                 s.at,
                 describe(&s.token)
             )),
@@ -262,7 +262,7 @@ impl Parser {
             Token::Word(w) if self.peek() == Some(&Token::LParen) => {
                 if !is_function_name(&w) {
                     return Err(parse_error(format!(
-                        "{w:?} at offset {at} is not a function name (letters and _)"
+                        "{w:?} at column {at} is not a function name (letters and _)"
                     )));
                 }
                 self.pos += 1;
@@ -275,7 +275,7 @@ impl Parser {
             Token::Word(w) if is_attribute_name(&w) => Expr::Attribute(w),
             Token::Word(w) => {
                 return Err(parse_error(format!(
-                    "{w:?} at offset {at} is not an attribute name (letters and digits)"
+                    "{w:?} at column {at} is not an attribute name (letters and digits)"
                 )));
             }
             _ => {
@@ -294,7 +294,7 @@ fn integer(digits: &str, negative: bool, at: usize) -> Result<i32, Error> {
     };
     text.parse::<i32>().map_err(|_| {
         parse_error(format!(
-            "the integer {text} at offset {at} is outside the 32-bit range"
+            "the integer {text} at column {at} is outside the 32-bit range"
         ))
     })
 }
