@@ -238,6 +238,20 @@ impl RuleConfig {
                 "value: {p:?} is not a JSON pointer (it starts with '/', e.g. \"/temp\")"
             )));
         }
+        if self.exception.is_some() && self.suppress {
+            return Err(fail(
+                "suppress: an exception rule always keeps back the readings it does not \
+                 forward; leave suppress out"
+                    .into(),
+            ));
+        }
+        if self.absence.is_some() && (self.value.is_some() || self.time.is_some()) {
+            return Err(fail(
+                "value, time: an absence rule looks only at when readings arrive; leave \
+                 them out"
+                    .into(),
+            ));
+        }
         if self.when.is_some() && self.window.is_none() {
             return Err(fail("when: only a window rule has a condition".into()));
         }
@@ -456,6 +470,18 @@ group_by = "segment:6"
         bad(
             "value = \"/t\"\nfilter = \"NOPE(subject)\"\nwindow = { size = \"1m\" }",
             "no CESQL function NOPE/1",
+        );
+        bad(
+            "value = \"/t\"\nfilter = \"subject = 'a' ANDD type = 'b'\"\nwindow = { size = \"1m\" }",
+            "filter: parse error: expected the end of the expression at column 15",
+        );
+        bad(
+            "value = \"/t\"\nexception = { deadband = 1.0 }\nsuppress = true",
+            "suppress: an exception rule always keeps back",
+        );
+        bad(
+            "value = \"/t\"\nabsence = { after = \"1m\" }",
+            "value, time: an absence rule looks only at when readings arrive",
         );
         bad("value = \"/t\"", "exactly one of threshold");
         bad("window = { size = \"1m\" }", "value: a JSON pointer");

@@ -295,7 +295,6 @@ name = "rbe"
 filter = "subject LIKE '%/hvac'"
 value = "/temp"
 exception = { deadband = 0.5 }
-suppress = true
 "#;
 
     const T0: i64 = 1_800_000_000_000; // ms, on a minute
