@@ -1,9 +1,10 @@
 //! The command line:
 //! `pigeon-gateway [--config PATH] [run|check-config|print-default-config|status [--json]|
-//! dead-letter list|retry|purge]`.
+//! dead-letter list|retry|purge|rules test [--input FILE]]`.
 //!
-//! Exit codes: 0 success, 64 bad configuration (the message names the key) or arguments,
-//! 1 failure while starting or running. `status`: 0 running, 3 not running, 4 unknown.
+//! Exit codes: 0 success, 64 bad configuration (the message names the key) or arguments
+//! (for `rules test`, also a bad input line), 1 failure while starting or running.
+//! `status`: 0 running, 3 not running, 4 unknown.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -20,6 +21,7 @@ use crate::config::{Config, DEFAULT_CONFIG};
 use crate::dead_letter_cli::DeadLetterCommand;
 use crate::exit;
 use crate::report::{RunState, StatusReport};
+use crate::rules_cli::RulesCommand;
 use crate::stats::{LastErrorLayer, LastErrorSlot};
 
 #[derive(Debug, Parser)]
@@ -59,6 +61,12 @@ enum Command {
         #[command(subcommand)]
         command: DeadLetterCommand,
     },
+    /// The edge rules: `rules test` runs the config's [[rules]] over sample readings and
+    /// prints the events they derive, before the rules are deployed.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
 }
 
 /// Entry point of the binary.
@@ -93,6 +101,7 @@ pub fn main() -> ExitCode {
         },
         Command::Status { json } => status(&cli.config, json),
         Command::DeadLetter { command } => crate::dead_letter_cli::run(&cli.config, command),
+        Command::Rules { command } => crate::rules_cli::run(&cli.config, command),
         Command::Run => {
             limit_malloc_arenas();
             let last_error = Arc::new(LastErrorSlot::default());

@@ -28,6 +28,7 @@ pub(crate) mod metrics;
 pub(crate) mod outbox;
 pub(crate) mod report;
 pub(crate) mod rules;
+pub(crate) mod rules_cli;
 mod running;
 pub(crate) mod sources;
 pub(crate) mod spool;

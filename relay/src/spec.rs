@@ -43,9 +43,12 @@ fn check_name(name: &str) -> Result<(), String> {
 
 fn check_value(name: &str, value: &Value) -> Result<(), String> {
     let string = || {
-        value
-            .as_str()
-            .ok_or_else(|| format!("attribute {name:?} must be a string, not {}", kind(value)))
+        value.as_str().ok_or_else(|| {
+            format!(
+                "attribute {name:?} must be a string, not {}",
+                pigeon_shared::json::kind(value)
+            )
+        })
     };
     match name {
         "specversion" => {
@@ -126,19 +129,8 @@ fn check_extension_value(name: &str, value: &Value) -> Result<(), String> {
         },
         other => Err(format!(
             "extension attribute {name:?} must be a string, a boolean or an integer, not {}",
-            kind(other)
+            pigeon_shared::json::kind(other)
         )),
-    }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

@@ -11,6 +11,19 @@ use std::borrow::Cow;
 use serde::de::{Deserializer as _, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
+/// What kind of JSON value `v` is, for messages ("a string", "an object", "null").
+pub fn kind(v: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 /// `text` without the whitespace between JSON tokens; everything else (numbers, string
 /// escapes, key order, duplicate keys) byte for byte. `text` must be valid JSON.
 ///
