@@ -73,7 +73,14 @@ pub(crate) struct RulesRun {
     stats: Arc<Stats>,
     /// When they were last published.
     published: Option<std::time::Instant>,
+    /// Per rule, the groups dropped at `max_groups` that were logged, and when the last
+    /// such line was.
+    evictions_logged: Vec<u64>,
+    evictions_logged_at: Option<std::time::Instant>,
 }
+
+/// A rule dropping groups at its cap says so at most this often.
+const EVICTIONS_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How often the figures are published (counting the active groups walks them).
 const PUBLISH_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
@@ -116,6 +123,8 @@ impl RulesRun {
             gateway: setup.gateway,
             stats,
             published: None,
+            evictions_logged: Vec::new(),
+            evictions_logged_at: None,
         };
         let restored = run.restore(conn)?;
         if restored > 0 {
@@ -250,6 +259,37 @@ impl RulesRun {
         }
         self.published = Some(std::time::Instant::now());
         self.stats.rules.set(&self.engine);
+        self.log_evictions();
+    }
+
+    /// Says which rules dropped groups at their cap since the last time it said so.
+    fn log_evictions(&mut self) {
+        if self
+            .evictions_logged_at
+            .is_some_and(|t| t.elapsed() < EVICTIONS_LOG_EVERY)
+        {
+            return;
+        }
+        let figures = self.stats.rules.get();
+        self.evictions_logged.resize(figures.len(), 0);
+        for (f, logged) in figures.iter().zip(self.evictions_logged.iter_mut()) {
+            if f.stats.evicted > *logged {
+                let max_groups = self
+                    .rules
+                    .iter()
+                    .find(|r| r.name == f.name)
+                    .map_or(0, |r| r.max_groups);
+                tracing::warn!(
+                    rule = %f.name,
+                    dropped = f.stats.evicted - *logged,
+                    max_groups,
+                    "Rule {:?} has more groups than its max_groups: it dropped the least recently updated ones (their windows, alarms and silence clocks start afresh if they come back). Raise max_groups, or group by something with fewer values.",
+                    f.name
+                );
+                *logged = f.stats.evicted;
+                self.evictions_logged_at = Some(std::time::Instant::now());
+            }
+        }
     }
 }
 
@@ -519,5 +559,32 @@ exception = { deadband = 0.5 }
             "the window changed: afresh"
         );
         assert_eq!(count_states(dir.path(), "rbe"), 0, "removed");
+    }
+
+    /// A rule at its `max_groups` drops the least recently updated group (its saved
+    /// state too) and counts it; the process and the other groups go on.
+    #[tokio::test]
+    async fn a_rule_past_max_groups_drops_the_stalest_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let capped = "[[rules]]\nname = \"w\"\nvalue = \"/temp\"\nwindow = { size = \"1m\" }\nmax_groups = 2\n";
+        let (w, _h, _r, stats) = open(dir.path(), capped);
+        for (i, room) in ["a", "b", "c"].into_iter().enumerate() {
+            let rec = reading(room, T0 + i as i64, r#"{"temp":20}"#.into());
+            w.append_and_wait(rec).await.unwrap();
+        }
+        tokio::time::sleep(PUBLISH_EVERY).await;
+        w.tick(T0 + 10);
+        flush(&w).await;
+        let f = stats.rules.get()[0].stats;
+        assert_eq!((f.groups, f.evicted), (2, 1));
+        let conn = rusqlite::Connection::open(db::path_in(dir.path())).unwrap();
+        let groups: Vec<String> = conn
+            .prepare("SELECT grp FROM rule_states ORDER BY grp")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(groups, ["b", "c"]);
     }
 }
