@@ -1,6 +1,6 @@
 //! LIKE patterns: `%` any run of characters, `_` one character, `\%` `\_` `\\` themselves,
-//! everything else itself (case-sensitive). Matched in O(pattern × value) time, never
-//! exponentially, whatever the pattern.
+//! everything else itself (case-sensitive). Matched without allocating, in O(pattern ×
+//! value) time at worst, never exponentially, whatever the pattern.
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Piece {
@@ -41,40 +41,48 @@ impl Pattern {
         Pattern { pieces }
     }
 
+    /// Whether `value` matches, with no allocation. Greedy, remembering the last `%`:
+    /// on a mismatch the run after that `%` starts one character later. That is
+    /// O(pattern × value) at worst, and linear for the usual `prefix/%/suffix` shapes.
     pub(crate) fn matches(&self, value: &str) -> bool {
-        let value: Vec<char> = value.chars().collect();
-        // reachable[j]: the pieces so far can match value[..j].
-        let mut reachable = vec![false; value.len() + 1];
-        reachable[0] = true;
-        for piece in &self.pieces {
-            let mut next = vec![false; value.len() + 1];
-            match piece {
-                Piece::Any => {
-                    let mut seen = false;
-                    for j in 0..=value.len() {
-                        seen |= reachable[j];
-                        next[j] = seen;
-                    }
+        let pieces = &self.pieces;
+        let (mut p, mut i) = (0, 0);
+        // The last `%` seen, and where in `value` its run started.
+        let mut star: Option<(usize, usize)> = None;
+        while i < value.len() {
+            let here = value[i..].chars().next().map_or(1, char::len_utf8);
+            match pieces.get(p) {
+                Some(Piece::Char(c)) if value[i..].starts_with(*c) => {
+                    p += 1;
+                    i += here;
                 }
-                Piece::One => next[1..].copy_from_slice(&reachable[..value.len()]),
-                Piece::Char(c) => {
-                    for j in 0..value.len() {
-                        next[j + 1] = reachable[j] && value[j] == *c;
-                    }
+                Some(Piece::One) => {
+                    p += 1;
+                    i += here;
                 }
-            }
-            reachable = next;
-            if !reachable.contains(&true) {
-                return false;
+                Some(Piece::Any) => {
+                    star = Some((p, i));
+                    p += 1;
+                }
+                _ => match star {
+                    Some((sp, si)) => {
+                        // The `%` takes one more character.
+                        let step = value[si..].chars().next().map_or(1, char::len_utf8);
+                        star = Some((sp, si + step));
+                        p = sp + 1;
+                        i = si + step;
+                    }
+                    None => return false,
+                },
             }
         }
-        reachable[value.len()]
+        pieces[p..].iter().all(|piece| *piece == Piece::Any)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::Pattern;
+    use super::{Pattern, Piece};
 
     #[test]
     fn wildcards_escapes_and_case() {
@@ -87,6 +95,51 @@ mod tests {
         assert!(m("%", "") && m("", "") && !m("", "a") && !m("_", ""));
         assert!(m("org/%/hvac/%", "org/site1/hvac/t1"));
         assert!(m("%☃_", "snow☃man☃!"));
+    }
+
+    /// The matcher against the plain dynamic program over (pieces, characters).
+    #[test]
+    fn the_greedy_matcher_agrees_with_the_dynamic_program() {
+        fn dp(p: &Pattern, value: &str) -> bool {
+            let v: Vec<char> = value.chars().collect();
+            let mut reachable = vec![false; v.len() + 1];
+            reachable[0] = true;
+            for piece in &p.pieces {
+                let mut next = vec![false; v.len() + 1];
+                for j in 0..=v.len() {
+                    next[j] = match piece {
+                        Piece::Any => reachable[..=j].contains(&true),
+                        Piece::One => j > 0 && reachable[j - 1],
+                        Piece::Char(c) => j > 0 && reachable[j - 1] && v[j - 1] == *c,
+                    };
+                }
+                reachable = next;
+            }
+            reachable[v.len()]
+        }
+        let alphabet = ['a', 'b', '☃', '%', '_'];
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..20_000 {
+            let word = |n: u64, r: &mut dyn FnMut() -> u64, with_wild: bool| -> String {
+                (0..n)
+                    .map(|_| alphabet[(r() % if with_wild { 5 } else { 3 }) as usize])
+                    .collect()
+            };
+            let pattern = word(next() % 7, &mut next, true);
+            let value = word(next() % 8, &mut next, false);
+            let p = Pattern::new(&pattern);
+            assert_eq!(
+                p.matches(&value),
+                dp(&p, &value),
+                "{pattern:?} on {value:?}"
+            );
+        }
     }
 
     #[test]
