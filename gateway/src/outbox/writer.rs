@@ -381,7 +381,7 @@ struct Round {
     suppressed: bool,
     /// What a round of ticks alone derived (computed before deciding it needs a
     /// transaction at all).
-    ticked: Vec<pigeon_rules::Derived>,
+    ticked: Option<Vec<pigeon_rules::Derived>>,
 }
 
 impl Round {
@@ -395,7 +395,7 @@ impl Round {
             spool_delta: 0,
             derived: None,
             suppressed: false,
-            ticked: Vec::new(),
+            ticked: None,
         }
     }
 }
@@ -529,12 +529,13 @@ impl WriterState {
                 batch.clear();
                 return;
             };
-            round.ticked = ticks.map(|now| rules.tick(now)).unwrap_or_default();
-            if round.ticked.is_empty() && !rules.has_changes() {
+            let ticked = ticks.map(|now| rules.tick(now)).unwrap_or_default();
+            if ticked.is_empty() && !rules.has_changes() {
                 rules.publish();
                 batch.clear();
                 return;
             }
+            round.ticked = Some(ticked);
         }
         let result = self.transact(batch, &mut round, ticks);
         let wakes = Wakes::of(batch, round.derived);
@@ -582,7 +583,7 @@ impl WriterState {
         ticks: Option<i64>,
     ) -> Result<bool, OutboxError> {
         let appends = batch.iter().any(|c| matches!(c, Command::Append(..)))
-            || !round.ticked.is_empty()
+            || round.ticked.is_some()
             || (ticks.is_some() && self.rules.is_some());
         // IMMEDIATE: take the write lock first, so the sequence read below cannot be
         // overtaken by another connection (`pigeon-gateway dead-letter retry` assigns
@@ -648,9 +649,10 @@ impl WriterState {
         if let Some(rules) = self.rules.as_mut() {
             // The clock after the round's readings: a reading taken with the tick is
             // in its window before the tick closes it.
-            let ticked = match ticks {
-                Some(now) if round.ticked.is_empty() => rules.tick(now),
-                _ => std::mem::take(&mut round.ticked),
+            let ticked = match (round.ticked.take(), ticks) {
+                (Some(ticked), _) => ticked,
+                (None, Some(now)) => rules.tick(now),
+                (None, None) => Vec::new(),
             };
             let top = rules.store(&tx, &ticked, &mut round.next_seq)?;
             round.derived = round.derived.max(top);
