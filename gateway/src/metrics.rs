@@ -177,13 +177,13 @@ fn rules(e: &mut Exposition, l: &LiveStatus) {
         (
             "pigeon_gateway_rule_events_total",
             C,
-            "Events the rule derived (committed with the readings behind them).",
+            "Events the rule derived.",
             |r| r.emitted,
         ),
         (
             "pigeon_gateway_rule_readings_unreadable_total",
             C,
-            "Matching readings without a usable value or time (value, time).",
+            "Matching readings without a usable value, time or group (value, time, group_by).",
             |r| r.unreadable,
         ),
         (

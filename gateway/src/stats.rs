@@ -82,7 +82,7 @@ pub(crate) struct Stats {
     /// Readings the edge rules kept from the relay (acknowledged, not stored).
     pub(crate) rules_suppressed: AtomicU64,
     /// Each edge rule's figures as of the outbox writer's last round.
-    pub(crate) rules: crate::outbox::rule_state::RulesFigures,
+    pub(crate) rules: RulesFigures,
 }
 
 /// Committed records of one source.
@@ -268,6 +268,33 @@ impl tracing::field::Visit for MessageVisitor {
             &mut self.fields
         };
         let _ = pigeon_shared::escape::log_field(out, field.name(), value);
+    }
+}
+
+/// One rule's figures, for status and /metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RuleFigures {
+    pub(crate) name: String,
+    pub(crate) stats: pigeon_rules::RuleStats,
+}
+
+/// The rules' figures as of the writer's last round.
+#[derive(Debug, Default)]
+pub(crate) struct RulesFigures(Mutex<Vec<RuleFigures>>);
+
+impl RulesFigures {
+    pub(crate) fn get(&self) -> Vec<RuleFigures> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn set<'a>(&self, stats: impl Iterator<Item = (&'a str, pigeon_rules::RuleStats)>) {
+        let figures = stats
+            .map(|(name, stats)| RuleFigures {
+                name: name.to_owned(),
+                stats,
+            })
+            .collect();
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = figures;
     }
 }
 

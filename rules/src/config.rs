@@ -193,15 +193,28 @@ impl RuleConfig {
             rule: self.name.clone(),
             message,
         };
-        if self.name.is_empty()
+        // It is a segment of the derived events' source (`/gateways/<id>/rules/<name>`):
+        // starting with a letter or digit, it is never `.` or `..`.
+        if !self.name.starts_with(|c: char| c.is_ascii_alphanumeric())
             || !self
                 .name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         {
             return Err(fail(
-                "name: letters, digits, '-', '_' and '.' only, not empty".into(),
+                "name: letters, digits, '-', '_' and '.' only, starting with a letter or digit"
+                    .into(),
             ));
+        }
+        if let Some(t) = &self.event_type
+            && (t.is_empty() || t.chars().any(char::is_control))
+        {
+            return Err(fail(format!(
+                "type: {t:?} is not a CloudEvents type (not empty, no control characters)"
+            )));
+        }
+        if self.max_groups == Some(0) {
+            return Err(fail("max_groups: at least 1".into()));
         }
         let filter = self
             .filter
@@ -282,7 +295,7 @@ impl RuleConfig {
                 .unwrap_or_else(|| format!("io.pigeon.rule.{}", self.name)),
             priority,
             suppress: self.suppress,
-            max_groups: self.max_groups.unwrap_or(DEFAULT_MAX_GROUPS).max(1),
+            max_groups: self.max_groups.unwrap_or(DEFAULT_MAX_GROUPS),
             fingerprint: self.fingerprint(),
         })
     }
@@ -478,6 +491,21 @@ group_by = "segment:6"
         bad(
             "value = \"/t\"\nexception = { deadband = 1.0 }\nsuppress = true",
             "suppress: an exception rule always keeps back",
+        );
+        for name in ["..", ".", "-x", ""] {
+            let e = check(&format!(
+                "[[rules]]\nname = {name:?}\nvalue = \"/t\"\nthreshold = {{ above = 1.0 }}"
+            ))
+            .unwrap_err();
+            assert!(e.message.starts_with("name: "), "{name:?}: {e}");
+        }
+        bad(
+            "value = \"/t\"\nthreshold = { above = 1.0 }\ntype = \"\"",
+            "type: \"\" is not a CloudEvents type",
+        );
+        bad(
+            "value = \"/t\"\nthreshold = { above = 1.0 }\nmax_groups = 0",
+            "max_groups: at least 1",
         );
         bad(
             "value = \"/t\"\nabsence = { after = \"1m\" }",

@@ -122,7 +122,7 @@ pub struct WindowState {
 }
 
 /// At most this many readings are kept in a sliding window; older ones go first.
-pub const MAX_SLIDING_READINGS: usize = 10_000;
+pub const MAX_SLIDING_READINGS: usize = 1_000;
 const MAX_RUN_IDS: usize = 10;
 
 struct Group {
@@ -198,8 +198,8 @@ impl Engine {
             .any(|r| matches!(r.rule.kind, Kind::Window { .. } | Kind::Absence { .. }))
     }
 
-    /// Puts back a group's saved state. `Ok(false)` if no configured rule has that name
-    /// (the caller deletes it); an error if the state cannot be read or is of another
+    /// Puts back a group's saved state. `Ok(false)` if no configured rule has that name,
+    /// or the rule has `max_groups` groups already (the caller deletes it); an error if the state cannot be read or is of another
     /// kind than the rule (the rule changed: it starts afresh for that group).
     pub fn restore(&mut self, rule: &str, group: &str, state: &str) -> Result<bool, String> {
         let Some(run) = self.rules.iter_mut().find(|r| r.rule.name == rule) else {
@@ -212,6 +212,12 @@ impl Engine {
             return Err(format!(
                 "rule {rule:?}, group {group:?}: the saved state is of another kind of rule"
             ));
+        }
+        if run.groups.len() >= run.rule.max_groups {
+            // max_groups was lowered: the groups past it are not restored (the caller
+            // deletes their states).
+            run.stats.evicted += 1;
+            return Ok(false);
         }
         self.clock += 1;
         run.groups.insert(

@@ -6,9 +6,9 @@
 //! on), so that a rule whose definition changed starts afresh instead of misreading
 //! states saved for another definition.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use pigeon_rules::{Derived, Engine, Reading, Rule, RuleStats, StateChange};
+use pigeon_rules::{Derived, Engine, Reading, Rule, StateChange};
 use pigeon_shared::ce::GatewayId;
 use rusqlite::{Connection, Transaction, params};
 
@@ -27,35 +27,7 @@ const UPSERT_STATE: &str = "INSERT INTO rule_states (rule, grp, state) VALUES (?
 const DELETE_STATE: &str = "DELETE FROM rule_states WHERE rule = ?1 AND grp = ?2";
 const INSERT_DERIVED: &str = "INSERT INTO records
     (seq, id, source, type, subject, time_us, content_type, data, priority, evictable)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'application/json', ?7, ?8, 1)";
-
-/// One rule's figures, for status and /metrics.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct RuleFigures {
-    pub(crate) name: String,
-    pub(crate) stats: RuleStats,
-}
-
-/// The rules' figures as of the writer's last round.
-#[derive(Debug, Default)]
-pub(crate) struct RulesFigures(Mutex<Vec<RuleFigures>>);
-
-impl RulesFigures {
-    pub(crate) fn get(&self) -> Vec<RuleFigures> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn set(&self, engine: &Engine) {
-        let figures = engine
-            .stats()
-            .map(|(name, stats)| RuleFigures {
-                name: name.to_owned(),
-                stats,
-            })
-            .collect();
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = figures;
-    }
-}
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'application/json', ?7, ?8, 0)";
 
 /// What the writer needs to run the rules.
 pub(crate) struct RulesSetup {
@@ -145,7 +117,10 @@ impl RulesRun {
         for (rule, group, state) in rows {
             match self.engine.restore(&rule, &group, &state) {
                 Ok(true) => restored += 1,
-                Ok(false) => {}
+                // Past the rule's max_groups (it was lowered).
+                Ok(false) => {
+                    conn.execute(DELETE_STATE, params![rule, group])?;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "A rule's saved state is unreadable; that group starts afresh.");
                     conn.execute(DELETE_STATE, params![rule, group])?;
@@ -258,7 +233,7 @@ impl RulesRun {
             return;
         }
         self.published = Some(std::time::Instant::now());
-        self.stats.rules.set(&self.engine);
+        self.stats.rules.set(self.engine.stats());
         self.log_evictions();
     }
 

@@ -647,16 +647,7 @@ impl WriterState {
             }
         }
         if let Some(rules) = self.rules.as_mut() {
-            // The clock after the round's readings: a reading taken with the tick is
-            // in its window before the tick closes it.
-            let ticked = match (round.ticked.take(), ticks) {
-                (Some(ticked), _) => ticked,
-                (None, Some(now)) => rules.tick(now),
-                (None, None) => Vec::new(),
-            };
-            let top = rules.store(&tx, &ticked, &mut round.next_seq)?;
-            round.derived = round.derived.max(top);
-            rules.save(&tx)?;
+            rules_after_round(rules, &tx, round, ticks)?;
         }
         let stored_any = round.derived.is_some()
             || round
@@ -944,6 +935,25 @@ struct RowNames<'a> {
     event_type: &'a str,
     subject: Option<&'a str>,
     content_type: Option<&'a str>,
+}
+
+/// The rules' part of a round, after its readings: the clock (a reading taken with the
+/// tick is in its window before the tick closes it), the events it derived, and every
+/// state the round changed.
+fn rules_after_round(
+    rules: &mut RulesRun,
+    tx: &Transaction<'_>,
+    round: &mut Round,
+    ticks: Option<i64>,
+) -> Result<(), OutboxError> {
+    let ticked = match (round.ticked.take(), ticks) {
+        (Some(ticked), _) => ticked,
+        (None, Some(now)) => rules.tick(now),
+        (None, None) => Vec::new(),
+    };
+    let top = rules.store(tx, &ticked, &mut round.next_seq)?;
+    round.derived = round.derived.max(top);
+    rules.save(tx)
 }
 
 /// The latest time of the round's ticks, if it has any.
