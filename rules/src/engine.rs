@@ -1261,5 +1261,18 @@ max_groups = 2
                 .unwrap_err()
                 .contains("unreadable")
         );
+        // max_groups lowered since the states were saved: the ones past it stay out.
+        let mut capped = Engine::new(rules(&SEED.replacen(
+            "type = \"io.pigeon.alarm.fire\"",
+            "type = \"io.pigeon.alarm.fire\"\nmax_groups = 2",
+            1,
+        )));
+        let restored: Vec<bool> = ["a", "b", "c"]
+            .iter()
+            .map(|g| capped.restore("fire", g, alarm).unwrap())
+            .collect();
+        assert_eq!(restored, [true, true, false]);
+        let fire = capped.stats().next().unwrap().1;
+        assert_eq!((fire.groups, fire.evicted, fire.active), (2, 1, 2));
     }
 }
