@@ -354,31 +354,7 @@ fn parse_line(
     timing: Timing,
     previous: Option<(usize, i64)>,
 ) -> Result<(Sample, bool), String> {
-    let value: Value = serde_json::from_str(text).map_err(|e| {
-        let what = e.to_string();
-        let what = what
-            .rsplit_once(" at line ")
-            .map_or(what.as_str(), |(w, _)| w);
-        format!("not JSON: {what} (column {})", e.column())
-    })?;
-    if !value.is_object() {
-        return Err(format!(
-            "not a JSON object but {}: a reading is {{\"topic\": …, \"data\": …}}",
-            pigeon_shared::json::kind(&value)
-        ));
-    }
-    // Say which key has the wrong type (serde's message does not).
-    for key in ["topic", "subject", "payload", "type", "source", "id"] {
-        if let Some(v) = value.get(key)
-            && !v.is_string()
-        {
-            return Err(format!(
-                "{key}: {} is not a string",
-                pigeon_shared::json::kind(v)
-            ));
-        }
-    }
-    let line: Line = serde_json::from_value(value).map_err(|e| e.to_string())?;
+    let line = line_of(text)?;
     let subject = match (line.topic, line.subject) {
         (Some(_), Some(_)) => return Err("give \"topic\" or \"subject\", not both".into()),
         (None, None) => {
@@ -457,6 +433,35 @@ fn parse_line(
         },
         routed,
     ))
+}
+
+/// One line's JSON object, with the key at fault named when one has the wrong type
+/// (serde's message does not).
+fn line_of(text: &str) -> Result<Line, String> {
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        let what = e.to_string();
+        let what = what
+            .rsplit_once(" at line ")
+            .map_or(what.as_str(), |(w, _)| w);
+        format!("not JSON: {what} (column {})", e.column())
+    })?;
+    if !value.is_object() {
+        return Err(format!(
+            "not a JSON object but {}: a reading is {{\"topic\": …, \"data\": …}}",
+            pigeon_shared::json::kind(&value)
+        ));
+    }
+    for key in ["topic", "subject", "payload", "type", "source", "id"] {
+        if let Some(v) = value.get(key)
+            && !v.is_string()
+        {
+            return Err(format!(
+                "{key}: {} is not a string",
+                pigeon_shared::json::kind(v)
+            ));
+        }
+    }
+    serde_json::from_value(value).map_err(|e| e.to_string())
 }
 
 /// A time as RFC 3339 text or a whole number of milliseconds since the epoch.
@@ -862,6 +867,24 @@ fn render_summary(outcome: &Outcome, samples: &[Sample]) -> String {
         ),
         None => {}
     }
+    out.push('\n');
+    out.push_str(&rules_table(outcome));
+    let hints: Vec<String> = outcome
+        .stats
+        .iter()
+        .flat_map(|(r, s)| hints(r, s))
+        .collect();
+    if !hints.is_empty() {
+        out.push('\n');
+        for h in hints {
+            out.push_str(&format!("note: {h}\n"));
+        }
+    }
+    out
+}
+
+/// The per-rule table of the summary.
+fn rules_table(outcome: &Outcome) -> String {
     let header = [
         "RULE",
         "EVALUATED",
@@ -898,21 +921,9 @@ fn render_summary(outcome: &Outcome, samples: &[Sample]) -> String {
         l.push('\n');
         l
     };
-    out.push('\n');
-    out.push_str(&line(&header));
+    let mut out = line(&header);
     for row in &rows {
         out.push_str(&line(&row.each_ref().map(String::as_str)));
-    }
-    let hints: Vec<String> = outcome
-        .stats
-        .iter()
-        .flat_map(|(r, s)| hints(r, s))
-        .collect();
-    if !hints.is_empty() {
-        out.push('\n');
-        for h in hints {
-            out.push_str(&format!("note: {h}\n"));
-        }
     }
     out
 }

@@ -193,40 +193,8 @@ impl RuleConfig {
             rule: self.name.clone(),
             message,
         };
-        // It is a segment of the derived events' source (`/gateways/<id>/rules/<name>`):
-        // starting with a letter or digit, it is never `.` or `..`.
-        if !self.name.starts_with(|c: char| c.is_ascii_alphanumeric())
-            || !self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        {
-            return Err(fail(
-                "name: letters, digits, '-', '_' and '.' only, starting with a letter or digit"
-                    .into(),
-            ));
-        }
-        if let Some(t) = &self.event_type
-            && (t.is_empty() || t.chars().any(char::is_control))
-        {
-            return Err(fail(format!(
-                "type: {t:?} is not a CloudEvents type (not empty, no control characters)"
-            )));
-        }
-        if self.max_groups == Some(0) {
-            return Err(fail("max_groups: at least 1".into()));
-        }
-        let filter = self
-            .filter
-            .as_deref()
-            .map(|f| {
-                let e = Expression::parse(f).map_err(|e| fail(format!("filter: {e}")))?;
-                match e.unknown_functions().first() {
-                    Some(u) => Err(fail(format!("filter: there is no CESQL function {u}"))),
-                    None => Ok(e),
-                }
-            })
-            .transpose()?;
+        self.check_names().map_err(fail)?;
+        let filter = self.filter().map_err(fail)?;
         let kinds = [
             self.threshold.is_some(),
             self.window.is_some(),
@@ -298,6 +266,49 @@ impl RuleConfig {
             max_groups: self.max_groups.unwrap_or(DEFAULT_MAX_GROUPS),
             fingerprint: self.fingerprint(),
         })
+    }
+
+    /// The rule's name (a segment of its derived events' source, `/gateways/<id>/rules/
+    /// <name>`: never `.` or `..`), its events' type and its cap.
+    fn check_names(&self) -> Result<(), String> {
+        // It is a segment of the derived events' source (`/gateways/<id>/rules/<name>`):
+        // starting with a letter or digit, it is never `.` or `..`.
+        if !self.name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            || !self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return Err(
+                "name: letters, digits, '-', '_' and '.' only, starting with a letter or digit"
+                    .into(),
+            );
+        }
+        if let Some(t) = &self.event_type
+            && (t.is_empty() || t.chars().any(char::is_control))
+        {
+            return Err(format!(
+                "type: {t:?} is not a CloudEvents type (not empty, no control characters)"
+            ));
+        }
+        if self.max_groups == Some(0) {
+            return Err("max_groups: at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The CESQL filter, parsed, with every function it calls known.
+    fn filter(&self) -> Result<Option<Expression>, String> {
+        self.filter
+            .as_deref()
+            .map(|f| {
+                let e = Expression::parse(f).map_err(|e| format!("filter: {e}"))?;
+                match e.unknown_functions().first() {
+                    Some(u) => Err(format!("filter: there is no CESQL function {u}")),
+                    None => Ok(e),
+                }
+            })
+            .transpose()
     }
 
     fn fingerprint(&self) -> String {
