@@ -44,7 +44,7 @@ impl TokenDigest {
     }
 
     /// Equality that takes the same time wherever the digests differ.
-    fn ct_eq(&self, other: &Self) -> bool {
+    pub(crate) fn ct_eq(&self, other: &Self) -> bool {
         let diff = self
             .0
             .iter()
@@ -191,7 +191,7 @@ impl Authenticator {
 }
 
 /// The bearer token of the `Authorization` header, if there is one.
-fn bearer(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
     let mut all = headers.get_all(AUTHORIZATION).iter();
     let Some(value) = all.next() else {
         return Ok(None);

@@ -28,6 +28,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::auth::Principal;
+use crate::fleet::heartbeat::{Heartbeat, heartbeat_of};
 use crate::spec;
 
 /// Longest `producerid` accepted.
@@ -582,7 +583,7 @@ fn percent_decode(s: &str) -> Result<String, ()> {
 }
 
 /// An event that passed every check, ready for the sink.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CheckedEvent {
     pub id: String,
     pub gateway: GatewayId,
@@ -590,6 +591,8 @@ pub struct CheckedEvent {
     pub sequence: u64,
     /// The event as structured JSON, without a trailing newline.
     pub line: Vec<u8>,
+    /// The gateway's heartbeat, if the event is one (for the fleet view).
+    pub heartbeat: Option<Box<Heartbeat>>,
 }
 
 /// Applies Pigeon's rules to one parsed event and renders its stream line.
@@ -659,12 +662,18 @@ pub fn check_event(
         )));
     }
 
+    let data = match &parsed.data {
+        Some(Data::Json(text)) => Some(text.as_str()),
+        _ => None,
+    };
+    let heartbeat = heartbeat_of(event, data, &gateway).map(Box::new);
     Ok(CheckedEvent {
         id: id.to_owned(),
         gateway,
         producer,
         sequence,
         line,
+        heartbeat,
     })
 }
 

@@ -14,8 +14,8 @@
 //!   certificate reloaded without a restart;
 //! * [`serve`] — the connection loop: hyper with a deadline for request headers and a cap
 //!   on open connections;
-//! * [`server`] — the axum routes: the ingest endpoint, the upload endpoint, `/live`,
-//!   `/ready`, `/metrics`;
+//! * [`server`] — the axum routes: the ingest endpoint, the upload endpoint, the fleet
+//!   view, `/live`, `/ready`, `/metrics`;
 //! * [`request`] — what the handlers share: state, admission, reading and draining
 //!   bodies, the failure answer;
 //! * [`data_dir`] — the data dir's layout and its durable file operations;
@@ -28,6 +28,9 @@
 //!   sorted into "try again later" and "gone";
 //! * [`capture`] — every accepted event also into the bucket as gzip'd JSON lines under
 //!   Hive-style keys, from the stream files or from Kafka;
+//! * [`fleet`] — every known gateway's record (last request, last heartbeat and its
+//!   figures, counts today and in total, silence), for operators at `/v1/gateways` and as
+//!   per-gateway series on `/metrics`;
 //! * [`metrics`] — counters and histograms in the Prometheus text format;
 //! * [`systemd`] — what systemd is told: ready, watchdog pings, status, stopping.
 //!
@@ -41,6 +44,7 @@ pub mod auth;
 pub mod capture;
 pub mod config;
 pub mod data_dir;
+pub mod fleet;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;

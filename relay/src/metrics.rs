@@ -17,6 +17,10 @@ pub const ADMISSION_LIMITS: [&str; 5] = [
     "buffered_bytes",
 ];
 
+/// Status codes the fleet view answers with (`pigeon_relay_fleet_requests_total`); 0 is
+/// any other.
+const FLEET_CODES: [u16; 9] = [200, 400, 401, 404, 405, 413, 414, 503, 0];
+
 /// Which deadline stopped a request body (`pigeon_relay_request_body_timeouts_total`).
 pub const BODY_DEADLINES: [&str; 2] = ["idle", "total"];
 
@@ -142,6 +146,7 @@ pub struct Metrics {
     pub connection_limit_reached: AtomicU64,
     /// Requests that were not valid HTTP/1.1, answered by hyper itself.
     pub malformed_requests: AtomicU64,
+    fleet_requests: [AtomicU64; FLEET_CODES.len()],
 }
 
 impl Default for Metrics {
@@ -196,7 +201,17 @@ impl Metrics {
             open_connections: AtomicU64::new(0),
             connection_limit_reached: AtomicU64::new(0),
             malformed_requests: AtomicU64::new(0),
+            fleet_requests: Default::default(),
         }
+    }
+
+    /// Counts one answered request to the fleet view.
+    pub fn count_fleet_request(&self, code: u16) {
+        let i = FLEET_CODES
+            .iter()
+            .position(|&c| c == code)
+            .unwrap_or(FLEET_CODES.len() - 1);
+        self.fleet_requests[i].fetch_add(1, Relaxed);
     }
 
     /// Counts a request refused by one of [`ADMISSION_LIMITS`].
@@ -240,7 +255,26 @@ impl Metrics {
         self.render_capture(&mut out);
         self.render_tls(&mut out);
         self.render_admission(&mut out);
+        self.render_fleet(&mut out);
         out
+    }
+
+    /// Requests to the fleet view (its per-gateway series are rendered by
+    /// [`crate::fleet::view::render_metrics`]).
+    fn render_fleet(&self, out: &mut String) {
+        let name = "pigeon_relay_fleet_requests_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Requests to the fleet view (/v1/gateways) answered, by HTTP status code (401: no operator token, or a wrong one).\n# TYPE {name} counter"
+        );
+        for (code, c) in FLEET_CODES.iter().zip(&self.fleet_requests) {
+            let label = if *code == 0 {
+                "other".to_owned()
+            } else {
+                code.to_string()
+            };
+            let _ = writeln!(out, "{name}{{code=\"{label}\"}} {}", c.load(Relaxed));
+        }
     }
 
     /// Requests, events, in flight, latency.

@@ -18,6 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::admission::config::Limits;
 use crate::admission::{Admission, Client, Refused, Ticket};
 use crate::auth::{AuthError, Authenticator, Principal};
+use crate::fleet::{Fleet, Operators};
 use crate::ingest::RequestError;
 use crate::metrics::Metrics;
 use crate::sink::SinkHandle;
@@ -46,9 +47,14 @@ pub struct AppState {
     pub uploads: Arc<Uploads>,
     /// `limits.max_concurrent_uploads`: upload `PATCH`es.
     pub upload_permits: Arc<Semaphore>,
+    /// Every known gateway's record.
+    pub fleet: Arc<Fleet>,
+    /// Who may read the fleet view.
+    pub operators: Operators,
 }
 
 /// A whole-request failure, answered with an [`ErrorBody`].
+#[derive(Debug)]
 pub(crate) struct Failure {
     status: StatusCode,
     message: String,

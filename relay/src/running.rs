@@ -18,10 +18,15 @@ use tokio::task::JoinHandle;
 
 use crate::capture::Capture;
 use crate::config::Config;
+use crate::data_dir::STATE_DIR;
+use crate::fleet::Fleet;
+use crate::fleet::store::Saver;
 use crate::metrics::Metrics;
 use crate::sink::SinkHandle;
 use crate::upload::{DirObjects, ObjectStore, S3Objects, UploadStore, Uploads};
-use crate::{RelayError, admission, auth, request, s3, serve, server, sink, systemd, tls, upload};
+use crate::{
+    RelayError, admission, auth, fleet, request, s3, serve, server, sink, systemd, tls, upload,
+};
 
 /// The HTTP server while it runs (until the trigger is pulled and its connections are done).
 type Serving = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
@@ -36,6 +41,8 @@ pub struct Running {
     capture: Option<Capture>,
     sink: SinkHandle,
     writer: std::thread::JoinHandle<()>,
+    /// Saves the fleet view a last time once the requests are done.
+    fleet_saver: Arc<Saver>,
     /// `shutdown_timeout`: how long the requests in flight get once it stops.
     shutdown_timeout: Duration,
 }
@@ -46,6 +53,7 @@ struct Background {
     sweeper: JoinHandle<()>,
     reloader: JoinHandle<()>,
     prober: Option<JoinHandle<()>>,
+    fleet_saver: JoinHandle<()>,
     /// Aborted last: after the sink writer's final checkpoint.
     ticker: JoinHandle<()>,
 }
@@ -87,7 +95,10 @@ impl Running {
         ));
         let sweeper = uploads.spawn_sweeper();
         warn_about_access(&config);
-        let app = server::router(app_state(&config, &sink, &metrics, uploads));
+        let fleet = start_fleet(&config).await?;
+        let fleet_saver = Arc::new(Saver::new(fleet.clone(), config.data_dir.join(STATE_DIR)));
+        let saving = fleet_saver.clone().spawn();
+        let app = server::router(app_state(&config, &sink, &metrics, uploads, fleet));
 
         let addr = listener.local_addr().map_err(RelayError::Serve)?;
         let reloader = match &tls {
@@ -134,11 +145,13 @@ impl Running {
                 sweeper,
                 reloader,
                 prober: objects.prober,
+                fleet_saver: saving,
                 ticker,
             },
             capture,
             sink,
             writer,
+            fleet_saver,
             shutdown_timeout: config.shutdown_timeout,
         })
     }
@@ -175,6 +188,7 @@ impl Running {
             capture,
             sink,
             writer,
+            fleet_saver,
             ..
         } = self;
         let waited = async {
@@ -192,6 +206,7 @@ impl Running {
             ),
         }
         let ticker = background.abort();
+        fleet_saver.save().await;
         if let Some(c) = capture {
             c.stop()
                 .await
@@ -219,6 +234,7 @@ impl Background {
         if let Some(p) = self.prober {
             p.abort();
         }
+        self.fleet_saver.abort();
         self.ticker
     }
 }
@@ -255,6 +271,27 @@ async fn start_sink(
     let tenants = config.tenants.clone();
     let metrics = metrics.clone();
     Ok(blocking(move || sink::start(&data_dir, settings, stream, tenants, metrics)).await??)
+}
+
+/// The fleet view of the configured gateways, with what `state/fleet.json` kept.
+async fn start_fleet(config: &Config) -> Result<Arc<Fleet>, RelayError> {
+    let state_dir = config.data_dir.join(STATE_DIR);
+    let saved = blocking(move || fleet::store::load(&state_dir)).await?;
+    let gateways: Vec<_> = config
+        .gateways
+        .iter()
+        .map(|c| {
+            let tenant = config.tenants.get(&c.gateway).cloned().unwrap_or_default();
+            (c.gateway.clone(), tenant)
+        })
+        .collect();
+    Ok(Arc::new(Fleet::new(
+        &gateways,
+        config.allow_unauthenticated,
+        config.fleet,
+        fleet::registry::now_ms(),
+        saved,
+    )))
 }
 
 /// The configured object store: the data dir's `objects/`, or the bucket (and its prober).
@@ -337,6 +374,7 @@ fn app_state(
     sink: &SinkHandle,
     metrics: &Arc<Metrics>,
     uploads: Arc<Uploads>,
+    fleet: Arc<Fleet>,
 ) -> Arc<request::AppState> {
     Arc::new(request::AppState {
         auth: auth::Authenticator::new(config.gateways.clone(), config.allow_unauthenticated),
@@ -355,6 +393,8 @@ fn app_state(
         )),
         uploads,
         upload_permits: Arc::new(Semaphore::new(config.limits.max_concurrent_uploads)),
+        fleet,
+        operators: fleet::Operators::new(config.operators.clone()),
     })
 }
 

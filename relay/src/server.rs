@@ -1,12 +1,13 @@
-//! The HTTP server: the ingest endpoint, the upload endpoint, `/live`, `/ready` and
-//! `/metrics`.
+//! The HTTP server: the ingest endpoint, the upload endpoint, the fleet view, `/live`,
+//! `/ready` and `/metrics`.
 //!
 //! The ingest handler is glue: it checks the token, the client's share and the relay's
 //! request permit (in that order, see [`crate::request`]), reads the
 //! body within its limit, hands the bytes to [`crate::ingest`] (pure parsing and checks),
 //! gives the surviving events to the [sink writer](crate::sink::writer) and answers with
-//! the per-event results once they are durable. The upload handlers are in
-//! [`crate::upload::routes`]; what both share (state, admission, reading bodies, the
+//! the per-event results once they are durable, and tells the [fleet view](crate::fleet)
+//! what it saw. The upload handlers are in [`crate::upload::routes`], the fleet view's in
+//! [`crate::fleet::routes`]; what they share (state, admission, reading bodies, the
 //! failure answer) is in [`crate::request`].
 
 use std::sync::Arc;
@@ -28,6 +29,10 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::admission::Ticket;
 use crate::admission::config::Limits;
 use crate::auth::Principal;
+use crate::fleet::heartbeat::Heartbeat;
+use crate::fleet::registry::now_ms;
+use crate::fleet::routes as fleet_routes;
+use crate::fleet::{Seen, Tally};
 use crate::ingest::{self, CheckedEvent, Rejection, RequestError};
 use crate::metrics::GaugeGuard;
 use crate::request::{AppState, Failure, admit_client, drain, drain_cap, read_body};
@@ -51,6 +56,9 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .patch(upload_routes::patch)
                 .delete(upload_routes::delete),
         )
+        .route(fleet_routes::GATEWAYS_PATH, get(fleet_routes::list))
+        .route("/v1/gateways/", get(fleet_routes::one))
+        .route("/v1/gateways/{*rest}", get(fleet_routes::one))
         .route("/live", get(live))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -80,12 +88,14 @@ async fn ready(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    let mut text = st.metrics.render();
+    crate::fleet::view::render_metrics(&st.fleet, &st.fleet.clock(now_ms()), &mut text);
     (
         [(
             CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         )],
-        st.metrics.render(),
+        text,
     )
         .into_response()
 }
@@ -98,9 +108,12 @@ async fn ingest(
 ) -> Response {
     let started = Instant::now();
     let _in_flight = GaugeGuard::new(&st.metrics.requests_in_flight);
-    let response = handle_ingest(&st, &peer, &headers, body).await;
-    st.metrics.count_request(response.status().as_u16());
+    let mut seen = Seen::default();
+    let response = handle_ingest(&st, &peer, &headers, body, &mut seen).await;
+    let status = response.status().as_u16();
+    st.metrics.count_request(status);
     st.metrics.request_seconds.observe(started.elapsed());
+    seen.note(&st.fleet, status, None);
     response
 }
 
@@ -111,18 +124,30 @@ struct Admitted {
     /// Held until the answer: the client's request slot and the body bytes reserved.
     ticket: Ticket,
     principal: Principal,
+    /// The token's gateway's tally in the request's [`Seen`].
+    own: Option<usize>,
     settled: Option<ingest::SettledBelowHeader>,
     encoding: ingest::Encoding,
     mode: ingest::Mode,
 }
 
 /// The checks that need only the headers: concurrency, token, Pigeon headers, content
-/// type and encoding, declared length.
-fn admit(st: &AppState, peer: &Peer, headers: &HeaderMap) -> Result<Admitted, Failure> {
+/// type and encoding, declared length. A gateway that authenticated is in `seen` from
+/// then on, whatever the answer.
+fn admit(
+    st: &AppState,
+    peer: &Peer,
+    headers: &HeaderMap,
+    seen: &mut Seen,
+) -> Result<Admitted, Failure> {
     let principal = st
         .auth
         .authenticate(headers, peer.client.as_deref())
         .map_err(|e| Failure::unauthorized(&e))?;
+    let own = match &principal {
+        Principal::Gateway(gw) => Some(seen.index(gw)),
+        Principal::Anonymous => None,
+    };
     let (mut ticket, permit) = admit_client(st, peer, &principal)?;
     let settled = ingest::settled_below(headers)?;
     let encoding = ingest::content_encoding(headers)?;
@@ -141,21 +166,30 @@ fn admit(st: &AppState, peer: &Peer, headers: &HeaderMap) -> Result<Admitted, Fa
         _permit: permit,
         ticket,
         principal,
+        own,
         settled,
         encoding,
         mode,
     })
 }
 
-async fn handle_ingest(st: &AppState, peer: &Peer, headers: &HeaderMap, body: Body) -> Response {
+/// Answers an ingest request, and fills `seen` with what the fleet view learns from it.
+async fn handle_ingest(
+    st: &AppState,
+    peer: &Peer,
+    headers: &HeaderMap,
+    body: Body,
+    seen: &mut Seen,
+) -> Response {
     let Admitted {
         _permit,
         mut ticket,
         principal,
+        own,
         settled,
         encoding,
         mode,
-    } = match admit(st, peer, headers) {
+    } = match admit(st, peer, headers, seen) {
         Ok(a) => a,
         Err(f) => {
             drain(headers, body.into_data_stream(), drain_cap(&st.limits)).await;
@@ -180,10 +214,10 @@ async fn handle_ingest(st: &AppState, peer: &Peer, headers: &HeaderMap, body: Bo
             Err(answer) => return answer,
         };
     let settled_below = settled_below_for(settled, &principal, &checked);
-    let (mut results, events, slots) = sort_checked(checked);
+    let (mut results, events, slots) = sort_checked(checked, seen, own);
     if !events.is_empty() || settled_below.is_some() {
         match st.sink.write(events, settled_below).await {
-            Ok(outcomes) => apply_outcomes(&mut results, slots, outcomes),
+            Ok(outcomes) => apply_outcomes(&mut results, slots, outcomes, seen),
             Err(e) => {
                 return Failure::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
                     .retry_after(st.retry_after.as_secs().max(1))
@@ -262,18 +296,36 @@ fn settled_below_for(
     })
 }
 
+/// Where an event for the sink goes once the sink has answered: its result's place, and
+/// what the fleet view counts of it.
+struct Slot {
+    result: usize,
+    /// Its gateway's tally in the request's [`Seen`].
+    tally: usize,
+    bytes: u64,
+    heartbeat: Option<Box<Heartbeat>>,
+}
+
 /// One result per event, in order (accepted until the sink says otherwise, or rejected
-/// by the checks); the events for the sink; and for each of those, its result's place.
+/// by the checks); the events for the sink; and for each of those, its [`Slot`]. A
+/// rejection is counted for `own`, the gateway of the token, if there is one.
 fn sort_checked(
     checked: Vec<Result<CheckedEvent, Rejection>>,
-) -> (Vec<EventResult>, Vec<SinkEvent>, Vec<usize>) {
+    seen: &mut Seen,
+    own: Option<usize>,
+) -> (Vec<EventResult>, Vec<SinkEvent>, Vec<Slot>) {
     let mut results: Vec<EventResult> = Vec::with_capacity(checked.len());
     let mut events: Vec<SinkEvent> = Vec::with_capacity(checked.len());
-    let mut slots: Vec<usize> = Vec::with_capacity(checked.len());
+    let mut slots: Vec<Slot> = Vec::with_capacity(checked.len());
     for c in checked {
         match c {
             Ok(ev) => {
-                slots.push(results.len());
+                slots.push(Slot {
+                    result: results.len(),
+                    tally: seen.index(&ev.gateway),
+                    bytes: ev.line.len() as u64,
+                    heartbeat: ev.heartbeat,
+                });
                 results.push(EventResult {
                     id: Some(ev.id),
                     status: EventStatus::Accepted,
@@ -288,6 +340,11 @@ fn sort_checked(
             }
             Err(Rejection { id, reason }) => {
                 tracing::debug!(id = ?id, reason = ?reason, "Rejected an event.");
+                if let Some(t) = own {
+                    let t = seen.at(t);
+                    t.rejected += 1;
+                    t.others += 1;
+                }
                 results.push(EventResult {
                     id,
                     status: EventStatus::Rejected,
@@ -299,18 +356,43 @@ fn sort_checked(
     (results, events, slots)
 }
 
-/// Puts the sink's outcome of each event into its result.
-fn apply_outcomes(results: &mut [EventResult], slots: Vec<usize>, outcomes: Vec<Outcome>) {
+/// Puts the sink's outcome of each event into its result, and counts it in `seen`.
+fn apply_outcomes(
+    results: &mut [EventResult],
+    slots: Vec<Slot>,
+    outcomes: Vec<Outcome>,
+    seen: &mut Seen,
+) {
     for (slot, outcome) in slots.into_iter().zip(outcomes) {
+        let (i, t) = (slot.result, seen.at(slot.tally));
         match outcome {
-            Outcome::Accepted => {}
-            Outcome::Duplicate => results[slot].status = EventStatus::Duplicate,
+            Outcome::Accepted => {
+                t.events += 1;
+                t.bytes += slot.bytes;
+                count_kind(t, slot.heartbeat);
+            }
+            Outcome::Duplicate => {
+                results[i].status = EventStatus::Duplicate;
+                t.duplicates += 1;
+                // A heartbeat sent again still has its figures (the newest one wins).
+                count_kind(t, slot.heartbeat);
+            }
             Outcome::Rejected(reason) => {
-                tracing::debug!(id = ?results[slot].id, reason = ?reason, "The stream refused an event.");
-                results[slot].status = EventStatus::Rejected;
-                results[slot].reason = Some(reason);
+                tracing::debug!(id = ?results[i].id, reason = ?reason, "The stream refused an event.");
+                results[i].status = EventStatus::Rejected;
+                results[i].reason = Some(reason);
+                t.rejected += 1;
+                t.others += 1;
             }
         }
+    }
+}
+
+/// A heartbeat for the fleet view, or one more event that is not one.
+fn count_kind(t: &mut Tally, heartbeat: Option<Box<Heartbeat>>) {
+    match heartbeat {
+        Some(hb) => t.heartbeat(*hb),
+        None => t.others += 1,
     }
 }
 

@@ -10,7 +10,8 @@
 //! [`crate::sink::config`], `[stream]` in [`crate::sink::stream::config`] and
 //! [`crate::sink::stream::kafka::config`], `[objects]` in
 //! [`crate::upload::objects::config`], `[uploads]` in [`crate::upload::config`],
-//! `[capture]` in [`crate::capture::config`], `[tls]` in [`crate::tls::config`]. This
+//! `[capture]` in [`crate::capture::config`], `[tls]` in [`crate::tls::config`],
+//! `[fleet]` and `[[operators]]` in [`crate::fleet::config`]. This
 //! module holds the file as a whole, its loading, `[[gateways]]`, and the order in which
 //! the sections are checked.
 
@@ -30,6 +31,8 @@ use error::invalid;
 use crate::admission::config::{Limits, LimitsConfig};
 use crate::auth::{Credential, TokenDigest};
 use crate::capture::config::{CaptureConfig, CaptureSettings};
+use crate::fleet::config::{FleetConfig, FleetSettings, OperatorConfig, check_operators};
+use crate::fleet::operators::OperatorCredential;
 use crate::sink::config::{SinkConfig, SinkSettings};
 use crate::sink::stream::config::{StreamConfig, StreamSettings};
 use crate::tls::config::TlsConfig;
@@ -54,7 +57,9 @@ pub struct RelayConfig {
     pub capture: CaptureConfig,
     pub uploads: UploadsConfig,
     pub tls: TlsConfig,
+    pub fleet: FleetConfig,
     pub gateways: Vec<GatewayConfig>,
+    pub operators: Vec<OperatorConfig>,
 }
 
 impl Default for RelayConfig {
@@ -71,7 +76,9 @@ impl Default for RelayConfig {
             capture: CaptureConfig::default(),
             uploads: UploadsConfig::default(),
             tls: TlsConfig::default(),
+            fleet: FleetConfig::default(),
             gateways: Vec::new(),
+            operators: Vec::new(),
         }
     }
 }
@@ -109,6 +116,9 @@ pub struct Config {
     pub gateways: Vec<Credential>,
     /// Each configured gateway's tenant.
     pub tenants: HashMap<GatewayId, String>,
+    pub fleet: FleetSettings,
+    /// Who may read the fleet view.
+    pub operators: Vec<OperatorCredential>,
 }
 
 /// The tenant of gateways that name none, and of every event in unauthenticated mode.
@@ -152,6 +162,8 @@ impl RelayConfig {
         let (gateways, tenants) = check_gateways(&self.gateways, tls.as_ref())?;
         let stream = self.stream.validate(limits.max_event_bytes)?;
         let capture = self.capture.validate(objects.s3.is_some())?;
+        let fleet = self.fleet.validate()?;
+        let operators = check_operators(&self.operators, &gateways, &tenants)?;
 
         Ok(Config {
             listen: self.listen,
@@ -167,6 +179,8 @@ impl RelayConfig {
             tls,
             gateways,
             tenants,
+            fleet,
+            operators,
         })
     }
 }
@@ -341,14 +355,23 @@ mod tests {
     }
 
     #[test]
-    fn commented_gateway_examples_are_valid() {
+    fn commented_gateway_and_operator_examples_are_valid() {
         // The examples in the default file, uncommented, must work as written.
         let uncommented: String = DEFAULT_CONFIG
             .lines()
             .map(|l| {
                 let t = l.trim_start_matches("# ");
-                if t.starts_with("[[gateways]]") || t.starts_with("id =") || t.starts_with("token")
-                {
+                let example = [
+                    "[[gateways]]",
+                    "[[operators]]",
+                    "id =",
+                    "name =",
+                    "token =",
+                    "token_sha256 =",
+                    "tenant =",
+                    "tenants =",
+                ];
+                if example.iter().any(|e| t.starts_with(e)) {
                     t
                 } else {
                     l
@@ -362,6 +385,54 @@ mod tests {
             .unwrap();
         assert_eq!(c.gateways.len(), 2);
         assert_eq!(c.gateways[1].gateway.as_str(), "pi-2");
+        assert_eq!(c.tenants[&c.gateways[0].gateway], "acme");
+        assert_eq!(c.operators.len(), 2);
+        assert_eq!(c.operators[1].name, "acme-support");
+        assert_eq!(
+            c.operators[1].tenants,
+            Some(HashSet::from(["acme".to_owned()]))
+        );
+    }
+
+    #[test]
+    fn fleet_and_operators_in_the_file() {
+        let c = RelayConfig::parse(
+            r#"
+            [fleet]
+            heartbeat_interval = "30s"
+            max_gateway_series = 50
+            [[gateways]]
+            id = "pi-1"
+            token = "gateway-secret-0123"
+            [[operators]]
+            name = "noc"
+            token = "operator-secret-0123"
+            "#,
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(
+            c.fleet.heartbeat_interval,
+            std::time::Duration::from_secs(30)
+        );
+        assert_eq!(c.fleet.max_gateway_series, 50);
+        assert_eq!(
+            c.operators[0].digest,
+            TokenDigest::of_token("operator-secret-0123")
+        );
+        assert_eq!(
+            invalid_key("[fleet]\nheartbeat_interval = \"0s\"\n"),
+            "fleet.heartbeat_interval"
+        );
+        assert_eq!(
+            invalid_key(
+                "[[gateways]]\nid = \"pi-1\"\ntoken = \"same-secret-012345\"\n[[operators]]\nname = \"noc\"\ntoken = \"same-secret-012345\"\n"
+            ),
+            "operators[0].token"
+        );
+        let e = RelayConfig::parse("[[operators]]\nname = \"noc\"\ntokn = \"x\"\n").unwrap_err();
+        assert!(e.to_string().contains("tokn"), "{e}");
     }
 
     #[test]

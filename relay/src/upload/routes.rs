@@ -14,7 +14,7 @@ use axum::http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use pigeon_shared::ce::GatewayId;
-use pigeon_shared::wire::{self, CreateUpload, UploadState};
+use pigeon_shared::wire::{self, CreateUpload, EventStatus, UploadState};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::CREATE_OVERHEAD;
@@ -23,6 +23,7 @@ use super::key::is_upload_id;
 use super::service::{Created, PatchRequest, Patched, not_found};
 use crate::admission::Ticket;
 use crate::auth::{AuthError, Principal};
+use crate::fleet::{RequestKind, Seen, Tally};
 use crate::ingest::media_type;
 use crate::request::{AppState, Failure, admit_client, client_ticket, drain, read_body};
 use crate::tls::Peer;
@@ -35,12 +36,57 @@ const PATCH_DRAIN_CAP: u64 = 8 << 20;
 const UPLOAD_OFFSET: HeaderName = HeaderName::from_static(wire::HEADER_UPLOAD_OFFSET);
 const UPLOAD_LENGTH: HeaderName = HeaderName::from_static(wire::HEADER_UPLOAD_LENGTH);
 
-/// Uploads always need a token, even with `allow_unauthenticated`.
-fn gateway(st: &AppState, peer: &Peer, headers: &HeaderMap) -> Result<GatewayId, Failure> {
+/// Uploads always need a token, even with `allow_unauthenticated`. The gateway is also
+/// put in `who`, for the fleet view.
+fn gateway(
+    st: &AppState,
+    peer: &Peer,
+    headers: &HeaderMap,
+    who: &mut Option<GatewayId>,
+) -> Result<GatewayId, Failure> {
     match st.auth.authenticate(headers, peer.client.as_deref()) {
-        Ok(Principal::Gateway(g)) => Ok(g),
+        Ok(Principal::Gateway(g)) => {
+            *who = Some(g.clone());
+            Ok(g)
+        }
         Ok(Principal::Anonymous) => Err(Failure::unauthorized(&AuthError::Missing)),
         Err(e) => Err(Failure::unauthorized(&e)),
+    }
+}
+
+/// Tells the fleet view of an upload request of `who` answered with `response`; `file`
+/// is what it counts of the file the request finished, if it did.
+fn noted(st: &AppState, who: Option<GatewayId>, response: Response, file: Tally) -> Response {
+    if let Some(gw) = who {
+        let mut seen = Seen::default();
+        let i = seen.index(&gw);
+        *seen.at(i) = file;
+        seen.note(
+            &st.fleet,
+            response.status().as_u16(),
+            Some(RequestKind::Files),
+        );
+    }
+    response
+}
+
+/// What the fleet view counts of a finished upload.
+fn finished(s: &UploadState) -> Tally {
+    match s.result.as_ref().map(|r| r.status) {
+        Some(EventStatus::Accepted) => Tally {
+            files: 1,
+            file_bytes: s.length,
+            ..Tally::default()
+        },
+        Some(EventStatus::Duplicate) => Tally {
+            duplicates: 1,
+            ..Tally::default()
+        },
+        Some(EventStatus::Rejected) => Tally {
+            rejected: 1,
+            ..Tally::default()
+        },
+        None => Tally::default(),
     }
 }
 
@@ -49,8 +95,9 @@ fn admit_gateway(
     st: &AppState,
     peer: &Peer,
     headers: &HeaderMap,
+    who: &mut Option<GatewayId>,
 ) -> Result<(GatewayId, Ticket, OwnedSemaphorePermit), Failure> {
-    let gw = gateway(st, peer, headers)?;
+    let gw = gateway(st, peer, headers, who)?;
     let (ticket, permit) = admit_client(st, peer, &Principal::Gateway(gw.clone()))?;
     Ok((gw, ticket, permit))
 }
@@ -141,16 +188,10 @@ pub async fn create(
 ) -> Response {
     let stream = body.into_data_stream();
     let limit = st.limits.max_event_bytes.saturating_add(CREATE_OVERHEAD);
-    let too_large = || {
-        Failure::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "the body is larger than {limit} bytes: an upload's event may be at most limits.max_event_bytes"
-            ),
-        )
-    };
-    let admitted = (|| {
-        let (gw, mut ticket, permit) = admit_gateway(&st, &peer, &headers)?;
+    let too_large = || create_too_large(limit);
+    let mut who = None;
+    let mut admitted = || {
+        let (gw, mut ticket, permit) = admit_gateway(&st, &peer, &headers, &mut who)?;
         let ct = headers
             .get(CONTENT_TYPE)
             .map(|v| v.to_str().map(media_type).unwrap_or_default());
@@ -171,38 +212,70 @@ pub async fn create(
             ticket.reserve(n)?;
         }
         Ok((permit, ticket, gw))
-    })();
-    let (_permit, mut ticket, gw) = match admitted {
+    };
+    let admitted = admitted();
+    let (permit, ticket, gw) = match admitted {
         Ok(a) => a,
         Err(f) => {
             drain(&headers, stream, limit).await;
-            return f.into_response();
+            return noted(&st, who, f.into_response(), Tally::default());
         }
     };
-    let raw = match read_body(&st, stream, limit, &mut ticket).await {
+    let (response, file) =
+        create_admitted(&st, &headers, stream, (permit, ticket), &gw, limit).await;
+    noted(&st, who, response, file)
+}
+
+/// The 413 of a create whose body is over `limit`.
+fn create_too_large(limit: u64) -> Failure {
+    Failure::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "the body is larger than {limit} bytes: an upload's event may be at most limits.max_event_bytes"
+        ),
+    )
+}
+
+/// The rest of a create, once admitted (holding its permit and ticket): the answer,
+/// and the file if it finished one.
+async fn create_admitted(
+    st: &AppState,
+    headers: &HeaderMap,
+    stream: axum::body::BodyDataStream,
+    (permit, mut ticket): (OwnedSemaphorePermit, Ticket),
+    gw: &GatewayId,
+    limit: u64,
+) -> (Response, Tally) {
+    let too_large = || create_too_large(limit);
+    let raw = match read_body(st, stream, limit, &mut ticket).await {
         Ok(b) => b,
         Err(e) => {
             // Nothing is held while the rest of the body is drained.
-            drop((ticket, _permit));
-            return e.answer(&st, &headers, too_large).await;
+            drop((ticket, permit));
+            return (e.answer(st, headers, too_large).await, Tally::default());
         }
     };
     let req: CreateUpload = match serde_json::from_slice(&raw) {
         Ok(r) => r,
         Err(e) => {
-            return Failure::new(
+            let f = Failure::new(
                 StatusCode::BAD_REQUEST,
                 format!(
                     "the body is not a CreateUpload ({{\"event\", \"length\", \"sha256\", \"extension\"}}): {e}"
                 ),
-            )
-            .into_response();
+            );
+            return (f.into_response(), Tally::default());
         }
     };
-    match st.uploads.create(&gw, req).await {
-        Ok(Created::New(s)) => state_response(StatusCode::CREATED, s),
-        Ok(Created::Existing(s) | Created::Done(s)) => state_response(StatusCode::OK, s),
-        Err(e) => failure(&st, e).into_response(),
+    let created = st.uploads.create(gw, req).await;
+    drop((ticket, permit));
+    match created {
+        Ok(Created::New(s)) => (state_response(StatusCode::CREATED, s), Tally::default()),
+        Ok(Created::Existing(s) | Created::Done(s)) => {
+            let file = finished(&s);
+            (state_response(StatusCode::OK, s), file)
+        }
+        Err(e) => (failure(st, e).into_response(), Tally::default()),
     }
 }
 
@@ -212,8 +285,9 @@ fn admit_patch(
     peer: &Peer,
     headers: &HeaderMap,
     id: &str,
+    who: &mut Option<GatewayId>,
 ) -> Result<(OwnedSemaphorePermit, Ticket, PatchRequest), Failure> {
-    let gateway = gateway(st, peer, headers)?;
+    let gateway = gateway(st, peer, headers, who)?;
     let ticket = client_ticket(st, peer, &Principal::Gateway(gateway.clone()))?;
     let permit = st.upload_permits.clone().try_acquire_owned().map_err(|_| {
         st.metrics.count_admission_refused("uploads");
@@ -267,11 +341,12 @@ pub async fn patch(
     body: Body,
 ) -> Response {
     let stream = body.into_data_stream();
-    let (permit, ticket, req) = match admit_patch(&st, &peer, &headers, &id) {
+    let mut who = None;
+    let (permit, ticket, req) = match admit_patch(&st, &peer, &headers, &id, &mut who) {
         Ok(a) => a,
         Err(f) => {
             drain(&headers, stream, PATCH_DRAIN_CAP).await;
-            return f.into_response();
+            return noted(&st, who, f.into_response(), Tally::default());
         }
     };
     // A task of its own: if the client goes away, hyper drops this handler, but the
@@ -285,23 +360,28 @@ pub async fn patch(
     let answer = match task.await {
         Ok(a) => a,
         Err(e) => {
-            return failure(&st, UploadError::Internal(format!("the PATCH failed: {e}")))
-                .into_response();
+            let f = failure(&st, UploadError::Internal(format!("the PATCH failed: {e}")));
+            return noted(&st, who, f.into_response(), Tally::default());
         }
     };
     if let Some(rest) = answer.unread {
         drain(&headers, rest, PATCH_DRAIN_CAP).await;
     }
-    match answer.result {
-        Ok(Patched::Partial { offset, length }) => {
-            with_offsets(StatusCode::NO_CONTENT.into_response(), offset, length)
-        }
+    let (response, file) = match answer.result {
+        Ok(Patched::Partial { offset, length }) => (
+            with_offsets(StatusCode::NO_CONTENT.into_response(), offset, length),
+            Tally::default(),
+        ),
         Ok(Patched::Done(s)) => {
-            let (offset, length) = (s.offset, s.length);
-            with_offsets(state_response(StatusCode::OK, s), offset, length)
+            let (offset, length, file) = (s.offset, s.length, finished(&s));
+            (
+                with_offsets(state_response(StatusCode::OK, s), offset, length),
+                file,
+            )
         }
-        Err(e) => failure(&st, e).into_response(),
-    }
+        Err(e) => (failure(&st, e).into_response(), Tally::default()),
+    };
+    noted(&st, who, response, file)
 }
 
 /// The checks of a `HEAD` or `DELETE`: a request slot, the token, an id that can exist.
@@ -310,8 +390,9 @@ fn admit_short(
     peer: &Peer,
     headers: &HeaderMap,
     id: &str,
+    who: &mut Option<GatewayId>,
 ) -> Result<(OwnedSemaphorePermit, Ticket, GatewayId), Failure> {
-    let (gw, ticket, permit) = admit_gateway(st, peer, headers)?;
+    let (gw, ticket, permit) = admit_gateway(st, peer, headers, who)?;
     check_upload_id(&gw, id)?;
     Ok((permit, ticket, gw))
 }
@@ -323,14 +404,16 @@ pub async fn head(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
+    let mut who = None;
     let answer = async {
-        let (_permit, _ticket, gw) = admit_short(&st, &peer, &headers, &id)?;
+        let (_permit, _ticket, gw) = admit_short(&st, &peer, &headers, &id, &mut who)?;
         st.uploads.head(&gw, &id).await.map_err(|e| failure(&st, e))
     };
-    match answer.await {
+    let response = match answer.await {
         Ok((offset, length)) => with_offsets(StatusCode::OK.into_response(), offset, length),
         Err(f) => f.into_response(),
-    }
+    };
+    noted(&st, who, response, Tally::default())
 }
 
 /// `DELETE /v1/uploads/<id>`.
@@ -340,15 +423,17 @@ pub async fn delete(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
+    let mut who = None;
     let answer = async {
-        let (_permit, _ticket, gw) = admit_short(&st, &peer, &headers, &id)?;
+        let (_permit, _ticket, gw) = admit_short(&st, &peer, &headers, &id, &mut who)?;
         st.uploads
             .delete(&gw, &id)
             .await
             .map_err(|e| failure(&st, e))
     };
-    match answer.await {
+    let response = match answer.await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(f) => f.into_response(),
-    }
+    };
+    noted(&st, who, response, Tally::default())
 }
