@@ -34,6 +34,7 @@
 
 mod dir;
 mod files;
+pub mod fleet;
 mod ftp;
 mod gateway;
 mod http;
