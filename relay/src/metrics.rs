@@ -18,8 +18,8 @@ pub const ADMISSION_LIMITS: [&str; 5] = [
 ];
 
 /// Status codes the fleet view answers with (`pigeon_relay_fleet_requests_total`); 0 is
-/// any other.
-const FLEET_CODES: [u16; 9] = [200, 400, 401, 404, 405, 413, 414, 503, 0];
+/// any other. (A `405` is the router's, before the fleet view's handlers.)
+const FLEET_CODES: [u16; 8] = [200, 400, 401, 404, 413, 414, 503, 0];
 
 /// Which deadline stopped a request body (`pigeon_relay_request_body_timeouts_total`).
 pub const BODY_DEADLINES: [&str; 2] = ["idle", "total"];
