@@ -101,6 +101,23 @@ impl Expression {
     }
 }
 
+impl Expression {
+    /// The attributes the expression reads (`subject`, `type`, an extension…), each
+    /// once, in order of first use. A caller may cache the result of an expression that
+    /// reads only attributes that do not change between the events it caches over.
+    pub fn attributes(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        walk(&self.expr, &mut |e| {
+            if let Expr::Attribute(name) | Expr::Exists(name) = e
+                && !names.contains(name)
+            {
+                names.push(name.clone());
+            }
+        });
+        names
+    }
+}
+
 fn walk(e: &Expr, visit: &mut impl FnMut(&Expr)) {
     visit(e);
     match e {
@@ -145,6 +162,16 @@ mod tests {
             ("subject", Value::String(subject.into())),
             ("sequence", Value::String("42".into())),
         ]))
+    }
+
+    #[test]
+    fn the_attributes_an_expression_reads() {
+        let e = Expression::parse(
+            "subject LIKE 'a/%' AND (EXISTS room OR type IN ('x', subject)) AND LENGTH(source) > 1",
+        )
+        .unwrap();
+        assert_eq!(e.attributes(), ["subject", "room", "type", "source"]);
+        assert!(Expression::parse("TRUE").unwrap().attributes().is_empty());
     }
 
     #[test]

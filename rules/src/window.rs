@@ -31,6 +31,19 @@ impl Windowing {
         }
     }
 
+    /// How many clock-aligned windows a reading belongs to: 1 for tumbling windows,
+    /// size / hop (rounded up) for hopping ones.
+    pub fn windows_per_reading(self) -> usize {
+        match self {
+            Windowing::Hopping { size_ms, hop_ms } if hop_ms > 0 => {
+                usize::try_from((size_ms + hop_ms - 1) / hop_ms)
+                    .unwrap_or(1)
+                    .clamp(1, 64)
+            }
+            _ => 1,
+        }
+    }
+
     /// The clock-aligned windows a reading at `t` belongs to, oldest first (none for
     /// sliding windows, whose bounds follow the readings).
     pub fn windows_of(self, t: i64) -> impl Iterator<Item = Bounds> {
