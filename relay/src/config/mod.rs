@@ -16,6 +16,7 @@
 //! the sections are checked.
 
 pub mod error;
+pub mod tenant;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -27,6 +28,7 @@ use serde::Deserialize;
 
 pub use error::ConfigError;
 use error::invalid;
+pub use tenant::check_tenant;
 
 use crate::admission::config::{Limits, LimitsConfig};
 use crate::auth::{Credential, TokenDigest};
@@ -265,22 +267,6 @@ fn check_gateways(
         tenants.insert(g.id.clone(), tenant);
     }
     Ok((gateways, tenants))
-}
-
-/// Tenants name topics and object prefixes: 1 to 64 of `a-z 0-9 - _`, starting with a
-/// letter or digit.
-pub fn check_tenant(t: &str) -> Result<(), String> {
-    let ok = (1..=64).contains(&t.len())
-        && t.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-        && t.as_bytes()[0].is_ascii_alphanumeric();
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "({t:?}) must be 1 to 64 of a-z 0-9 - _, starting with a letter or digit (it names Kafka topics and object prefixes)"
-        ))
-    }
 }
 
 #[cfg(test)]

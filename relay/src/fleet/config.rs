@@ -9,8 +9,8 @@ use pigeon_shared::units::Duration;
 use serde::Deserialize;
 
 use crate::auth::{Credential, TokenDigest};
-use crate::config::check_tenant;
 use crate::config::error::{ConfigError, invalid};
+use crate::config::tenant::check_tenant;
 
 use super::operators::OperatorCredential;
 

@@ -24,7 +24,6 @@ use serde::{Deserialize, Serialize};
 
 use super::config::FleetSettings;
 use super::record::{Record, RequestKind, Tally};
-use super::view::Clock;
 use crate::config::DEFAULT_TENANT;
 
 /// Gateways that are not configured tracked at most (about 1 KB each).
@@ -140,6 +139,16 @@ impl Seen {
             fleet.note(&gateway, now, kind, status, tally);
         }
     }
+}
+
+/// What the views need besides the records.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    pub now_ms: i64,
+    /// When this relay process started listening.
+    pub listening_since_ms: i64,
+    /// `fleet.heartbeat_interval`.
+    pub default_interval_ms: u64,
 }
 
 /// The time now, Unix milliseconds.

@@ -20,7 +20,7 @@ use pigeon_shared::ce::GatewayId;
 use super::record::SILENT_AFTER_INTERVALS;
 use super::registry::now_ms;
 use super::view::{FleetView, GatewayView, gateway_view, rfc3339};
-use crate::config::check_tenant;
+use crate::config::tenant::check_tenant;
 use crate::request::{AppState, Failure, request_permit};
 
 /// The list.

@@ -14,17 +14,7 @@ use serde::Serialize;
 
 use super::heartbeat::Figures;
 use super::record::{Counts, Record, RequestKind, Silence, day_of};
-use super::registry::{Entry, Fleet, OTHER};
-
-/// What the views need besides the records.
-#[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    pub now_ms: i64,
-    /// When this relay process started listening.
-    pub listening_since_ms: i64,
-    /// `fleet.heartbeat_interval`.
-    pub default_interval_ms: u64,
-}
+use super::registry::{Clock, Entry, Fleet, OTHER};
 
 /// `GET /v1/gateways`.
 #[derive(Debug, Serialize)]
