@@ -38,15 +38,11 @@ use crate::config::Config;
 use crate::exit;
 use crate::report::{count, counted};
 use crate::rules::{Attributes, DerivedRecord};
-use crate::sources::mqtt::MqttConfig;
+use crate::sources::mqtt::{MqttConfig, UNMATCHED_TYPE};
 
 /// The arrival time of the first reading that gives none: fixed, so that two runs over
 /// the same input derive the same events with the same ids.
 const DEFAULT_START: &str = "2026-01-01T00:00:00Z";
-
-/// The type the MQTT source gives a message on a topic no subscription filter matches
-/// (`sources::mqtt::source::UNMATCHED_TYPE`, which that module does not export).
-const UNMATCHED_TYPE: &str = "io.pigeon.mqtt.message";
 
 /// At most this many bad lines are listed; the rest are counted.
 const MAX_LISTED_ERRORS: usize = 20;

@@ -6,6 +6,6 @@ pub(crate) mod conn;
 mod source;
 
 pub(crate) use config::MqttConfig;
-pub(crate) use source::MqttSource;
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) use source::record_from_publish;
+pub(crate) use source::{MqttSource, UNMATCHED_TYPE};
